@@ -1,0 +1,112 @@
+"""The GHCB MSR protocol: GHCBInfo codes and the bit fields of each request/response.
+
+MSR 0xC0010130 carries either a GHCB page GPA (GHCBInfo, bits 11:0, zero) or an MSR
+protocol request (GHCBInfo non-zero, data in bits 63:12). Field helpers take and
+return the whole 64-bit value so that bits a response does not define keep the
+guest's value, as KVM's mask-and-shift helpers do.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+GHCB_MSR_INFO_MASK = 0xFFF
+GHCB_DATA_LOW = 12
+
+
+class GhcbMsr(IntEnum):
+    """GHCBInfo codes (``GHCB_MSR_*``)."""
+
+    SEV_INFO_RESP = 0x001
+    SEV_INFO_REQ = 0x002
+    CPUID_REQ = 0x004
+    CPUID_RESP = 0x005
+    AP_RESET_HOLD_REQ = 0x006
+    AP_RESET_HOLD_RESP = 0x007
+    PREF_GPA_REQ = 0x010
+    PREF_GPA_RESP = 0x011
+    REG_GPA_REQ = 0x012
+    REG_GPA_RESP = 0x013
+    PSC_REQ = 0x014
+    PSC_RESP = 0x015
+    VMPL_REQ = 0x016
+    VMPL_RESP = 0x017
+    HV_FT_REQ = 0x080
+    HV_FT_RESP = 0x081
+    TERM_REQ = 0x100
+
+    @property
+    def linux_name(self) -> str:
+        return f"GHCB_MSR_{self.name}"
+
+
+#: Requests that only an SEV-SNP guest may send; KVM terminates an SEV-ES guest that does.
+SNP_ONLY_REQUESTS = frozenset(
+    {GhcbMsr.PREF_GPA_REQ, GhcbMsr.REG_GPA_REQ, GhcbMsr.PSC_REQ, GhcbMsr.VMPL_REQ}
+)
+
+#: Hypervisor feature bits (``GHCB_HV_FT_*``) newest KVM advertises: SNP | SNP_AP_CREATION.
+GHCB_HV_FT_SNP = 1 << 0
+GHCB_HV_FT_SNP_AP_CREATION = 1 << 1
+GHCB_HV_FT_SUPPORTED = GHCB_HV_FT_SNP | GHCB_HV_FT_SNP_AP_CREATION
+
+
+def bits(value: int, high: int, low: int) -> int:
+    """Bits ``high:low`` of ``value``."""
+    return (value >> low) & ((1 << (high - low + 1)) - 1)
+
+
+def with_bits(value: int, high: int, low: int, field: int) -> int:
+    """``value`` with bits ``high:low`` replaced by ``field`` (which must fit)."""
+    width = high - low + 1
+    if field < 0 or field >> width:
+        raise ValueError(f"{field:#x} does not fit bits {high}:{low}")
+    mask = ((1 << width) - 1) << low
+    return (value & ~mask) | (field << low)
+
+
+def info(value: int) -> int:
+    """GHCBInfo: bits 11:0."""
+    return value & GHCB_MSR_INFO_MASK
+
+
+def data(value: int) -> int:
+    """GHCBData: bits 63:12."""
+    return value >> GHCB_DATA_LOW
+
+
+def sev_info_resp(max_ver: int, min_ver: int, cbit: int) -> int:
+    """SEV_INFO response: max[63:48], min[47:32], C-bit position[31:24], code 0x001."""
+    return (max_ver << 48) | (min_ver << 32) | (cbit << 24) | GhcbMsr.SEV_INFO_RESP
+
+
+def cpuid_req(function: int, register: int) -> int:
+    """CPUID request: function[63:32], register[31:30] (0 EAX, 1 EBX, 2 ECX, 3 EDX)."""
+    return (function << 32) | (register << 30) | GhcbMsr.CPUID_REQ
+
+
+def term_req(reason_set: int, reason_code: int) -> int:
+    """Termination request: reason set[15:12], reason code[23:16], code 0x100."""
+    return (reason_code << 16) | (reason_set << 12) | GhcbMsr.TERM_REQ
+
+
+#: Termination reason names, by (set, code): set 0 general, set 1 Linux.
+TERM_REASONS: dict[tuple[int, int], str] = {
+    (0, 0): "GHCB_SEV_ES_GEN_REQ",
+    (0, 1): "GHCB_SEV_ES_PROT_UNSUPPORTED",
+    (0, 2): "GHCB_SNP_UNSUPPORTED",
+    **{
+        (1, i): name
+        for i, name in enumerate(
+            ["GHCB_TERM_REGISTER", "GHCB_TERM_PSC", "GHCB_TERM_PVALIDATE",
+             "GHCB_TERM_NOT_VMPL0", "GHCB_TERM_CPUID", "GHCB_TERM_CPUID_HV",
+             "GHCB_TERM_SECRETS_PAGE", "GHCB_TERM_NO_SVSM", "GHCB_TERM_SVSM_VMPL0",
+             "GHCB_TERM_SVSM_CAA", "GHCB_TERM_SECURE_TSC", "GHCB_TERM_SVSM_CA_REMAP_FAIL",
+             "GHCB_TERM_SAVIC_FAIL"]
+        )
+    },
+}  # fmt: skip
+
+
+def term_reason_name(reason_set: int, reason_code: int) -> str:
+    return TERM_REASONS.get((reason_set, reason_code), f"set {reason_set} code {reason_code}")

@@ -1,0 +1,131 @@
+"""Byte layouts as data: one table per structure, every accessor derived from it.
+
+A :class:`Layout` is built from ``(name, offset, type)`` rows copied from Linux's
+``arch/x86/include/asm/svm.h``. Types are ``u8``/``u16``/``u32``/``u64`` (read and
+written as little-endian integers), ``u8[N]`` (raw bytes) or the name of another
+layout (a nested struct, raw bytes at this level). Sizes follow from the types, and
+the table refuses gaps and overlaps, so a wrong row fails at import time, not as a
+silently shifted field.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from attrs import field, frozen
+
+from sevsim.errors import LayoutError
+
+_INT_FORMATS = {"u8": "<B", "u16": "<H", "u32": "<I", "u64": "<Q"}
+_ARRAY = re.compile(r"^u8\[(\d+)\]$")
+
+
+@frozen
+class Field:
+    """One field of a layout: where it is, how big, and how to read it."""
+
+    name: str
+    offset: int
+    size: int
+    type: str
+    #: struct format for integer fields, None for byte arrays and nested structs.
+    fmt: str | None = field(default=None, repr=False)
+
+    @property
+    def is_int(self) -> bool:
+        return self.fmt is not None
+
+
+@frozen
+class Layout:
+    """A structure's fields, in offset order, with exactly checked sizes."""
+
+    name: str
+    size: int
+    fields: tuple[Field, ...]
+    _by_name: Mapping[str, Field] = field(repr=False, eq=False)
+
+    @classmethod
+    def build(
+        cls,
+        name: str,
+        size: int,
+        rows: Iterable[tuple[str, int, str]],
+        nested: Mapping[str, Layout] | None = None,
+    ) -> Layout:
+        """Build a layout from ``(name, offset, type)`` rows and check it covers ``size``."""
+        nested = nested or {}
+        fields: list[Field] = []
+        cursor = 0
+        for fname, offset, ftype in rows:
+            if offset != cursor:
+                raise LayoutError(
+                    f"{name}.{fname}: offset {offset:#x} leaves a gap or overlap; "
+                    f"the previous field ends at {cursor:#x}"
+                )
+            if ftype in _INT_FORMATS:
+                fsize, fmt = struct.calcsize(_INT_FORMATS[ftype]), _INT_FORMATS[ftype]
+            elif m := _ARRAY.match(ftype):
+                fsize, fmt = int(m.group(1)), None
+            elif ftype in nested:
+                fsize, fmt = nested[ftype].size, None
+            else:
+                raise LayoutError(f"{name}.{fname}: unknown type {ftype!r}")
+            fields.append(Field(fname, offset, fsize, ftype, fmt))
+            cursor = offset + fsize
+        if cursor != size:
+            raise LayoutError(f"{name}: fields end at {cursor:#x}, expected size {size:#x}")
+        return cls(name, size, tuple(fields), {f.name: f for f in fields})
+
+    def __getitem__(self, name: str) -> Field:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise LayoutError(f"{self.name} has no field {name!r}") from None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._by_name
+
+    def offset(self, name: str) -> int:
+        return self[name].offset
+
+    def get(self, buf: bytes | bytearray | memoryview, name: str, base: int = 0) -> Any:
+        """Read one field from ``buf`` (the structure starting at ``base``)."""
+        f = self[name]
+        if f.fmt is not None:
+            return struct.unpack_from(f.fmt, buf, base + f.offset)[0]
+        return bytes(buf[base + f.offset : base + f.offset + f.size])
+
+    def set(self, buf: bytearray | memoryview, name: str, value: Any, base: int = 0) -> None:
+        """Write one field into ``buf``; integers must fit, byte strings must match the size."""
+        f = self[name]
+        if f.fmt is not None:
+            if not isinstance(value, int) or value < 0 or value >> (8 * f.size):
+                raise LayoutError(
+                    f"{self.name}.{name}: {value!r} does not fit a {f.type} "
+                    f"(0..{(1 << (8 * f.size)) - 1:#x})"
+                )
+            struct.pack_into(f.fmt, buf, base + f.offset, value)
+            return
+        data = bytes(value)
+        if len(data) != f.size:
+            raise LayoutError(f"{self.name}.{name}: expected {f.size} bytes, got {len(data)}")
+        buf[base + f.offset : base + f.offset + f.size] = data
+
+    def pack(self, values: Mapping[str, Any], size: int | None = None) -> bytearray:
+        """A zeroed buffer of ``size`` (default: the layout's size) with ``values`` set."""
+        buf = bytearray(size if size is not None else self.size)
+        for name, value in values.items():
+            self.set(buf, name, value)
+        return buf
+
+    def unpack(self, buf: bytes | bytearray | memoryview, base: int = 0) -> dict[str, Any]:
+        """Every named (non-reserved) field of the structure at ``base``."""
+        return {
+            f.name: self.get(buf, f.name, base)
+            for f in self.fields
+            if not f.name.startswith("reserved")
+        }

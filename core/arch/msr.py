@@ -1,0 +1,48 @@
+"""Model-specific register numbers sevsim names."""
+
+from __future__ import annotations
+
+MSR_EFER = 0xC000_0080
+MSR_STAR = 0xC000_0081
+MSR_LSTAR = 0xC000_0082
+MSR_CSTAR = 0xC000_0083
+MSR_SFMASK = 0xC000_0084
+MSR_FS_BASE = 0xC000_0100
+MSR_GS_BASE = 0xC000_0101
+MSR_KERNEL_GS_BASE = 0xC000_0102
+MSR_TSC_AUX = 0xC000_0103
+MSR_IA32_TSC = 0x10
+MSR_IA32_APICBASE = 0x1B
+MSR_IA32_CR_PAT = 0x277
+MSR_IA32_SYSENTER_CS = 0x174
+MSR_IA32_SYSENTER_ESP = 0x175
+MSR_IA32_SYSENTER_EIP = 0x176
+MSR_IA32_XSS = 0xDA0
+
+#: ``MSR_AMD64_SEV_ES_GHCB``: the GHCB MSR, handled by hardware and copied to ``ghcb_gpa``.
+MSR_AMD64_SEV_ES_GHCB = 0xC001_0130
+#: ``MSR_AMD64_SEV``: read-only SEV status of the running guest.
+MSR_AMD64_SEV = 0xC001_0131
+MSR_AMD64_SEV_ENABLED = 1 << 0
+MSR_AMD64_SEV_ES_ENABLED = 1 << 1
+MSR_AMD64_SEV_SNP_ENABLED = 1 << 2
+
+EFER_SCE = 1 << 0
+EFER_LME = 1 << 8
+EFER_LMA = 1 << 10
+EFER_NX = 1 << 11
+EFER_SVME = 1 << 12
+
+CR0_PE = 1 << 0
+CR0_ET = 1 << 4
+CR0_NE = 1 << 5
+CR0_WP = 1 << 16
+CR0_PG = 1 << 31
+CR4_PSE = 1 << 4
+CR4_PAE = 1 << 5
+CR4_MCE = 1 << 6
+CR4_OSFXSR = 1 << 9
+CR4_OSXMMEXCPT = 1 << 10
+
+#: Power-on PAT value (APM vol. 2, A.3).
+PAT_DEFAULT = 0x0007_0406_0007_0406
