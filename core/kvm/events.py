@@ -1,0 +1,41 @@
+"""Where kvm reports what happens, for tracing and metrics.
+
+kvm emits named events with KVM's tracepoint fields (REFERENCE.md section 10); the
+plugin host's sink forwards each to the matching ``sevsim_<name>`` observer hook.
+``wants`` lets kvm skip building an event nobody listens to, so observers cost
+nothing when none is installed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+
+class EventSink(Protocol):
+    def wants(self, name: str) -> bool: ...
+
+    def emit(self, name: str, **fields: Any) -> None: ...
+
+
+class NullSink:
+    """No observers: every event is skipped."""
+
+    def wants(self, name: str) -> bool:
+        return False
+
+    def emit(self, name: str, **fields: Any) -> None:
+        return None
+
+
+#: Event names kvm emits, with their fields; the hookspecs are ``sevsim_<name>``.
+EVENTS: dict[str, tuple[str, ...]] = {
+    "vm_created": ("vm",),
+    "vm_destroyed": ("vm", "why"),
+    "launch_command": ("vm", "command", "status", "detail"),
+    "vmgexit_enter": ("vcpu_id", "exit_reason", "info1", "info2"),
+    "vmgexit_exit": ("vcpu_id", "exit_reason", "info1", "info2"),
+    "msr_protocol_enter": ("vcpu_id", "ghcb_gpa"),
+    "msr_protocol_exit": ("vcpu_id", "ghcb_gpa", "result"),
+    "vc": ("vcpu_id", "exit_code", "rip"),
+    "vmexit": ("vcpu_id", "exit_code", "info1", "info2"),
+}

@@ -1,0 +1,135 @@
+"""Typed results of ``Vcpu.run()``: what KVM_RUN would leave in ``struct kvm_run``.
+
+Modelled on rust-vmm's ``VcpuExit``: one frozen class per ``KVM_EXIT_*`` reason the
+SEV-ES paths produce, each carrying the fields userspace reads. A KVM_RUN that would
+fail with an errno is the :class:`RunFailed` exit, so that nothing a guest does can
+raise out of the run loop.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+from attrs import field, frozen
+
+
+class KvmExitReason(IntEnum):
+    """``KVM_EXIT_*`` numbers from the uapi header."""
+
+    IO = 2
+    HYPERCALL = 3
+    HLT = 5
+    MMIO = 6
+    SHUTDOWN = 8
+    FAIL_ENTRY = 9
+    INTERNAL_ERROR = 17
+    SYSTEM_EVENT = 24
+    AP_RESET_HOLD = 32
+
+
+class SystemEventType(IntEnum):
+    """``KVM_SYSTEM_EVENT_*``."""
+
+    SHUTDOWN = 1
+    RESET = 2
+    CRASH = 3
+    WAKEUP = 4
+    SUSPEND = 5
+    SEV_TERM = 6
+
+
+class InternalErrorSub(IntEnum):
+    """``KVM_INTERNAL_ERROR_*`` suberrors."""
+
+    EMULATION = 1
+    SIMUL_EX = 2
+    DELIVERY_EV = 3
+    UNEXPECTED_EXIT_REASON = 4
+
+
+@frozen
+class KvmExit:
+    """Base of every exit; ``reason`` is the KVM_EXIT_* number (None for RunFailed)."""
+
+    reason: KvmExitReason | None = field(init=False, default=None)
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+
+@frozen
+class SystemEvent(KvmExit):
+    """KVM_EXIT_SYSTEM_EVENT; SEV_TERM carries the guest's termination request."""
+
+    type: SystemEventType
+    data: tuple[int, ...] = ()
+    reason: KvmExitReason = field(init=False, default=KvmExitReason.SYSTEM_EVENT)
+
+    def describe(self) -> str:
+        data = ", ".join(f"{d:#x}" for d in self.data)
+        return f"system event {self.type.name} [{data}]"
+
+
+@frozen
+class Shutdown(KvmExit):
+    """KVM_EXIT_SHUTDOWN: the guest triple-faulted (or VMRUN found a tampered VMSA)."""
+
+    why: str = ""
+    reason: KvmExitReason = field(init=False, default=KvmExitReason.SHUTDOWN)
+
+    def describe(self) -> str:
+        return f"shutdown ({self.why})" if self.why else "shutdown"
+
+
+@frozen
+class Hlt(KvmExit):
+    """KVM_EXIT_HLT: the guest halted with no event pending (no in-kernel LAPIC)."""
+
+    reason: KvmExitReason = field(init=False, default=KvmExitReason.HLT)
+
+
+@frozen
+class InternalError(KvmExit):
+    """KVM_EXIT_INTERNAL_ERROR with its suberror and data words."""
+
+    suberror: InternalErrorSub
+    data: tuple[int, ...] = ()
+    why: str = ""
+    reason: KvmExitReason = field(init=False, default=KvmExitReason.INTERNAL_ERROR)
+
+    def describe(self) -> str:
+        data = ", ".join(f"{d:#x}" for d in self.data)
+        text = f"internal error {self.suberror.name} [{data}]"
+        return f"{text}: {self.why}" if self.why else text
+
+
+@frozen
+class FailEntry(KvmExit):
+    """KVM_EXIT_FAIL_ENTRY: VMRUN refused the guest state (SVM_EXIT_ERR)."""
+
+    hardware_entry_failure_reason: int
+    why: str = ""
+    reason: KvmExitReason = field(init=False, default=KvmExitReason.FAIL_ENTRY)
+
+
+@frozen
+class ApResetHold(KvmExit):
+    """KVM_EXIT_AP_RESET_HOLD: an AP parked itself until the next SIPI."""
+
+    reason: KvmExitReason = field(init=False, default=KvmExitReason.AP_RESET_HOLD)
+
+
+@frozen
+class RunFailed(KvmExit):
+    """KVM_RUN returned an error (``-errno``) instead of an exit; ``why`` says what failed.
+
+    ``plugin`` names the plugin whose handler raised, when that is the cause.
+    """
+
+    errno: str
+    why: str
+    plugin: str | None = None
+
+    def describe(self) -> str:
+        who = f" [plugin {self.plugin}]" if self.plugin else ""
+        return f"KVM_RUN failed: -{self.errno}: {self.why}{who}"

@@ -1,0 +1,1 @@
+"""The pluggy plugin host: hookspecs, discovery, configuration, conflicts."""
