@@ -83,9 +83,8 @@ class Segment:
     base: int = 0
 
     def pack(self) -> bytes:
-        return bytes(VMCB_SEG.pack(
-            {"selector": self.selector, "attrib": self.attrib, "limit": self.limit, "base": self.base}
-        ))
+        fields = {"selector": self.selector, "attrib": self.attrib, "limit": self.limit}
+        return bytes(VMCB_SEG.pack({**fields, "base": self.base}))
 
     @classmethod
     def unpack(cls, data: bytes) -> Segment:

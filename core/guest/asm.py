@@ -1,0 +1,32 @@
+"""Assembling guest code with keystone, with the fixes keystone needs.
+
+Keystone 0.9.2 assembles ``rep vmmcall`` (VMGEXIT) correctly but emits a 16-bit
+offset for ``ljmp sel:imm32`` in 32-bit code; write such jumps as ``.byte`` data.
+"""
+
+from __future__ import annotations
+
+from keystone import KS_ARCH_X86, KS_MODE_16, KS_MODE_32, KS_MODE_64, Ks, KsError
+
+from sevsim.errors import SevsimError
+
+_MODES = {16: KS_MODE_16, 32: KS_MODE_32, 64: KS_MODE_64}
+_ENGINES: dict[int, Ks] = {}
+
+
+class AssemblyError(SevsimError):
+    """Keystone refused the source; the message names the line it stopped at."""
+
+
+def assemble(source: str, address: int = 0, bits: int = 64) -> bytes:
+    """Assemble ``source`` (Intel syntax; ``;`` or newlines between instructions)."""
+    if bits not in _MODES:
+        raise AssemblyError(f"bits must be 16, 32 or 64, got {bits!r}")
+    ks = _ENGINES.get(bits)
+    if ks is None:
+        ks = _ENGINES[bits] = Ks(KS_ARCH_X86, _MODES[bits])
+    try:
+        encoding, _ = ks.asm(source, address)
+    except KsError as err:
+        raise AssemblyError(f"cannot assemble ({err}) in:\n{source}") from None
+    return bytes(encoding or b"")

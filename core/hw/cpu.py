@@ -1,0 +1,596 @@
+"""One vCPU's silicon: a Unicorn engine running an SEV-ES guest until a #VMEXIT.
+
+The model adds what Unicorn lacks and an SEV-ES guest needs: the page walk with the
+C-bit (``paging.walk`` from a TLB-fill hook), the hardware-handled MSRs (GHCB MSR,
+SEV_STATUS), interception of sensitive instructions before they execute
+(``intercept``), #VC delivery for non-automatic exits, automatic exits (VMGEXIT,
+HLT), and exception delivery through the guest's IDT with escalation to a double
+fault and then SHUTDOWN.
+
+Everything here is hardware: it sees guest plaintext and registers. Only
+``hw.svm`` talks to it; the hypervisor never does.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from attrs import define, field, frozen
+from unicorn import (
+    UC_ARCH_X86,
+    UC_ERR_EXCEPTION,
+    UC_ERR_FETCH_UNMAPPED,
+    UC_ERR_INSN_INVALID,
+    UC_ERR_READ_UNMAPPED,
+    UC_ERR_WRITE_UNMAPPED,
+    UC_HOOK_CODE,
+    UC_HOOK_INSN_INVALID,
+    UC_HOOK_INTR,
+    UC_HOOK_TLB_FILL,
+    UC_MEM_FETCH,
+    UC_MEM_WRITE,
+    UC_MODE_64,
+    UC_PROT_EXEC,
+    UC_PROT_READ,
+    UC_PROT_WRITE,
+    UC_TLB_VIRTUAL,
+    Uc,
+    UcError,
+)
+from unicorn import x86_const as x86
+
+from sevsim.arch import msr as M
+from sevsim.arch.exits import SvmExit
+from sevsim.arch.vmcb import EventInj
+from sevsim.arch.vmsa import Segment
+from sevsim.hw.intercept import MAX_INSN, Action, Sensitive, candidate_offsets, classify
+from sevsim.hw.memory import PAGE_MASK, GuestMemory, PageForm
+from sevsim.hw.paging import (
+    ACCESS_FETCH,
+    ACCESS_READ,
+    ACCESS_WRITE,
+    PageFault,
+    PagingMode,
+    Translation,
+    walk,
+)
+
+VC_VECTOR = 29
+DF_VECTOR = 8
+GP_VECTOR = 13
+PF_VECTOR = 14
+UD_VECTOR = 6
+#: Exceptions whose delivery pushes an error code.
+_ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
+_CONTRIBUTORY = frozenset({0, 10, 11, 12, 13})
+_NO_END = 0xFFFF_FFFF_FFFF_FFFF
+
+_GPR_IDS = {
+    "rax": x86.UC_X86_REG_RAX, "rbx": x86.UC_X86_REG_RBX, "rcx": x86.UC_X86_REG_RCX,
+    "rdx": x86.UC_X86_REG_RDX, "rsp": x86.UC_X86_REG_RSP, "rbp": x86.UC_X86_REG_RBP,
+    "rsi": x86.UC_X86_REG_RSI, "rdi": x86.UC_X86_REG_RDI, "r8": x86.UC_X86_REG_R8,
+    "r9": x86.UC_X86_REG_R9, "r10": x86.UC_X86_REG_R10, "r11": x86.UC_X86_REG_R11,
+    "r12": x86.UC_X86_REG_R12, "r13": x86.UC_X86_REG_R13, "r14": x86.UC_X86_REG_R14,
+    "r15": x86.UC_X86_REG_R15,
+}  # fmt: skip
+_SEG_IDS = {
+    "es": x86.UC_X86_REG_ES, "cs": x86.UC_X86_REG_CS, "ss": x86.UC_X86_REG_SS,
+    "ds": x86.UC_X86_REG_DS, "fs": x86.UC_X86_REG_FS, "gs": x86.UC_X86_REG_GS,
+}  # fmt: skip
+_CR_IDS = {0: x86.UC_X86_REG_CR0, 2: x86.UC_X86_REG_CR2, 3: x86.UC_X86_REG_CR3,
+           4: x86.UC_X86_REG_CR4, 8: x86.UC_X86_REG_CR8}  # fmt: skip
+#: VMSA fields held in MSRs of the Unicorn CPU.
+_MSR_FIELDS = {
+    "efer": M.MSR_EFER, "star": M.MSR_STAR, "lstar": M.MSR_LSTAR, "cstar": M.MSR_CSTAR,
+    "sfmask": M.MSR_SFMASK, "kernel_gs_base": M.MSR_KERNEL_GS_BASE, "g_pat": M.MSR_IA32_CR_PAT,
+    "sysenter_cs": M.MSR_IA32_SYSENTER_CS, "sysenter_esp": M.MSR_IA32_SYSENTER_ESP,
+    "sysenter_eip": M.MSR_IA32_SYSENTER_EIP,
+}  # fmt: skip
+
+
+@frozen
+class HwExit:
+    """A #VMEXIT as the hardware reports it in the VMCB control area."""
+
+    exit_code: int
+    info1: int = 0
+    info2: int = 0
+    why: str = ""
+
+
+@frozen
+class _AtSite:
+    site: Sensitive
+    rip: int
+
+
+@frozen
+class _Exception:
+    vector: int
+    error_code: int | None = None
+    cr2: int | None = None
+
+
+@frozen
+class _Halted:
+    pass
+
+
+@frozen
+class _Npf:
+    """An access to a guest-physical address with no RAM: #VC(NPF), as for MMIO."""
+
+    gpa: int
+    write: bool
+
+
+Stop = _AtSite | _Exception | _Halted | _Npf
+
+
+@define(eq=False)
+class _CodePage:
+    paddr: int
+    hooks: list[int] = field(factory=list)
+
+
+class GuestCpu:
+    """The Unicorn-backed CPU of one vCPU, over its VM's guest memory."""
+
+    def __init__(
+        self,
+        memory: GuestMemory,
+        *,
+        cbit: int,
+        sev_status: int,
+        vcpu_id: int = 0,
+        cpu_model: int = x86.UC_CPU_X86_EPYC,
+    ) -> None:
+        self.memory = memory
+        self.cbit = cbit
+        self.vcpu_id = vcpu_id
+        self.sev_status = sev_status
+        #: MSR 0xC0010130 as the guest last wrote it (hardware state, not in the VMSA).
+        self.ghcb_msr = 0
+        #: Set by VMRUN from the VMCB: exit code -> intercepted?
+        self.intercepted: Callable[[int], bool] = lambda code: True
+        #: Set by VMRUN from the MSR permission map: (msr, write) -> intercepted?
+        self.msr_intercepted: Callable[[int, bool], bool] = lambda msr, write: True
+        self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        self.uc.ctl_set_cpu_model(cpu_model)
+        self.uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
+        # With exits enabled and none set, emu_start's "until" is ignored: otherwise
+        # Unicorn translates that address through our page walk on every start.
+        self.uc.ctl_exits_enabled(True)
+        self.uc.ctl_set_exits([])
+        for region in memory.ram:
+            self.uc.mem_map_ptr(region.gpa, region.size, 7, region.address)
+        self._stop: Stop | None = None
+        self._skip_site: int | None = None
+        self._code_pages: dict[int, _CodePage] = {}
+        self._site_cache: dict[int, Sensitive | None] = {}
+        self.uc.hook_add(UC_HOOK_TLB_FILL, self._tlb_fill)
+        self.uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
+        self.uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid)
+        memory.on_page_changed.append(self._page_changed)
+        self._tb_flush_pending = False
+
+    # -- registers ----------------------------------------------------------------
+
+    def reg(self, name: str) -> int:
+        return self.uc.reg_read(_GPR_IDS[name])
+
+    def set_reg(self, name: str, value: int) -> None:
+        self.uc.reg_write(_GPR_IDS[name], value)
+
+    @property
+    def rip(self) -> int:
+        return self.uc.reg_read(x86.UC_X86_REG_RIP)
+
+    @rip.setter
+    def rip(self, value: int) -> None:
+        self.uc.reg_write(x86.UC_X86_REG_RIP, value)
+
+    def paging_mode(self) -> PagingMode:
+        r = self.uc.reg_read
+        return PagingMode(
+            r(x86.UC_X86_REG_CR0), r(x86.UC_X86_REG_CR3), r(x86.UC_X86_REG_CR4),
+            self.uc.msr_read(M.MSR_EFER), self.cbit,
+        )  # fmt: skip
+
+    @property
+    def cpl(self) -> int:
+        return self.uc.reg_read(x86.UC_X86_REG_CS) & 3
+
+    def bits(self) -> int:
+        """Operand size of the current code segment: 16, 32 or 64."""
+        mode = self.paging_mode()
+        if not mode.cr0 & M.CR0_PE:
+            return 16
+        cs_attr = self._descriptor_attrib(self.uc.reg_read(x86.UC_X86_REG_CS))
+        if mode.efer & M.EFER_LMA and cs_attr & (1 << 9):  # L bit of the packed attributes
+            return 64
+        return 32 if cs_attr & (1 << 10) else 16
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Load VMSA fields into the CPU (VMRUN of a VMSA the CPU has not cached).
+
+        Segment registers are loaded by selector from the guest's GDT, as a far jump
+        would; the VMSA's hidden parts must agree with that GDT.
+        """
+        uc = self.uc
+        uc.msr_write(M.MSR_EFER, state.get("efer", 0) & ~M.EFER_SVME)
+        uc.reg_write(x86.UC_X86_REG_CR4, state.get("cr4", 0))
+        uc.reg_write(x86.UC_X86_REG_CR3, state.get("cr3", 0))
+        uc.reg_write(x86.UC_X86_REG_CR0, state.get("cr0", 0))
+        uc.reg_write(x86.UC_X86_REG_CR2, state.get("cr2", 0))
+        for name in ("gdtr", "idtr"):
+            seg: Segment = state.get(name, Segment())
+            reg = x86.UC_X86_REG_GDTR if name == "gdtr" else x86.UC_X86_REG_IDTR
+            uc.reg_write(reg, (0, seg.base, seg.limit, 0))
+        for name, value in state.items():
+            if name in _GPR_IDS:
+                uc.reg_write(_GPR_IDS[name], value)
+            elif name in _MSR_FIELDS and name != "efer":
+                uc.msr_write(_MSR_FIELDS[name], value)
+        for name, reg in _SEG_IDS.items():
+            seg = state.get(name, Segment())
+            uc.reg_write(reg, seg.selector)
+        for name, reg in (("tr", x86.UC_X86_REG_TR), ("ldtr", x86.UC_X86_REG_LDTR)):
+            seg = state.get(name, Segment())
+            uc.reg_write(reg, (seg.selector, seg.base, seg.limit, _qemu_flags(seg.attrib)))
+        uc.reg_write(x86.UC_X86_REG_FS_BASE, state.get("fs", Segment()).base)
+        uc.reg_write(x86.UC_X86_REG_GS_BASE, state.get("gs", Segment()).base)
+        uc.reg_write(x86.UC_X86_REG_RFLAGS, state.get("rflags", 2))
+        uc.reg_write(x86.UC_X86_REG_RIP, state.get("rip", 0))
+        uc.reg_write(x86.UC_X86_REG_DR7, state.get("dr7", 0x400))
+        self.ghcb_msr = state.get("ghcb_msr", self.ghcb_msr)
+
+    def save_state(self) -> dict[str, Any]:
+        """The register state as VMSA fields (what #VMEXIT writes back to the VMSA)."""
+        uc = self.uc
+        state: dict[str, Any] = {name: uc.reg_read(reg) for name, reg in _GPR_IDS.items()}
+        state.update({name: uc.msr_read(msr) for name, msr in _MSR_FIELDS.items()})
+        state["efer"] |= M.EFER_SVME
+        for name, reg in _SEG_IDS.items():
+            selector = uc.reg_read(reg)
+            base = 0
+            if name == "fs":
+                base = uc.reg_read(x86.UC_X86_REG_FS_BASE)
+            elif name == "gs":
+                base = uc.reg_read(x86.UC_X86_REG_GS_BASE)
+            state[name] = Segment(selector, self._descriptor_attrib(selector), 0xFFFF_FFFF, base)
+        for name, reg in (("gdtr", x86.UC_X86_REG_GDTR), ("idtr", x86.UC_X86_REG_IDTR)):
+            _, base, limit, _ = uc.reg_read(reg)
+            state[name] = Segment(0, 0, limit, base)
+        for cr in (0, 2, 3, 4):
+            state[f"cr{cr}"] = uc.reg_read(_CR_IDS[cr])
+        state["rflags"] = uc.reg_read(x86.UC_X86_REG_RFLAGS)
+        state["rip"] = uc.reg_read(x86.UC_X86_REG_RIP)
+        state["dr7"] = uc.reg_read(x86.UC_X86_REG_DR7)
+        state["cpl"] = self.cpl
+        return state
+
+    def _descriptor_attrib(self, selector: int) -> int:
+        """The packed VMCB attributes of a GDT descriptor (0 if it cannot be read)."""
+        if selector & ~7 == 0 or selector & 4:
+            return 0
+        _, base, limit, _ = self.uc.reg_read(x86.UC_X86_REG_GDTR)
+        if (selector | 7) > limit:
+            return 0
+        try:
+            raw = struct.unpack("<Q", self.virt_read(base + (selector & ~7), 8))[0]
+        except _FaultDuringAccess:
+            return 0
+        return ((raw >> 40) & 0xFF) | ((raw >> 52) & 0xF) << 8
+
+    # -- guest-virtual access by the model (exception delivery, decode) -------------
+
+    def translate(self, vaddr: int, access: int) -> Translation | PageFault:
+        return walk(self.paging_mode(), vaddr, access, 0, self._read_table)
+
+    def _read_table(self, paddr: int, size: int) -> bytes:
+        return self.memory.guest_read(paddr, size, private=True)
+
+    def _virt_access(self, vaddr: int, size: int, access: int, data: bytes | None) -> bytes:
+        out = bytearray()
+        done = 0
+        while done < size:
+            va = vaddr + done
+            t = self.translate(va, access)
+            if isinstance(t, PageFault):
+                raise _FaultDuringAccess(_Exception(PF_VECTOR, t.error_code, va))
+            chunk = min(size - done, 0x1000 - (va & 0xFFF))
+            pa = t.paddr | (va & 0xFFF)
+            if self.memory.ram_at(pa) is None:
+                raise _FaultDuringAccess(_Npf(pa, data is not None))
+            if data is None:
+                out += self.memory.guest_read(pa, chunk, private=t.private)
+            else:
+                self.memory.guest_write(pa, data[done : done + chunk], private=t.private)
+            done += chunk
+        return bytes(out)
+
+    def virt_read(self, vaddr: int, size: int) -> bytes:
+        return self._virt_access(vaddr, size, ACCESS_READ, None)
+
+    def virt_write(self, vaddr: int, data: bytes) -> None:
+        self._virt_access(vaddr, len(data), ACCESS_WRITE, data)
+
+    # -- Unicorn hooks ------------------------------------------------------------
+
+    def _tlb_fill(self, uc: Uc, vaddr: int, access: int, entry: Any, _: Any) -> bool:
+        kind = {UC_MEM_WRITE: ACCESS_WRITE, UC_MEM_FETCH: ACCESS_FETCH}.get(access, ACCESS_READ)
+        t = walk(self.paging_mode(), vaddr, kind, self.cpl, self._read_table)
+        if isinstance(t, PageFault):
+            self._stop = _Exception(PF_VECTOR, t.error_code, vaddr)
+            return False
+        if self.memory.ram_at(t.paddr) is None:
+            self._stop = _Npf(t.paddr | (vaddr & 0xFFF), kind == ACCESS_WRITE)
+            return False
+        # Instruction fetches are always private; data follows the C-bit.
+        private = t.private or kind == ACCESS_FETCH
+        self.memory.convert(t.paddr, PageForm.PRIVATE if private else PageForm.SHARED)
+        perms = UC_PROT_READ | (UC_PROT_WRITE if t.writable else 0)
+        page = vaddr & PAGE_MASK
+        scanned = self._code_pages.get(page)
+        if kind == ACCESS_FETCH:
+            if scanned is None or scanned.paddr != t.paddr:
+                self._scan(page, t.paddr)
+            # W^X for scanned code: a later write re-fills and forces a rescan.
+            perms = UC_PROT_READ | UC_PROT_EXEC
+        elif kind == ACCESS_WRITE and scanned is not None:
+            self._unscan(page)
+        elif scanned is not None and scanned.paddr == t.paddr:
+            perms |= UC_PROT_EXEC
+            perms &= ~UC_PROT_WRITE
+        entry.paddr = t.paddr
+        entry.perms = perms
+        return True
+
+    def _scan(self, page: int, paddr: int) -> None:
+        self._unscan(page)
+        code = self.memory.guest_read(paddr, 0x1000, private=True)
+        nxt = walk(self.paging_mode(), page + 0x1000, ACCESS_READ, 0, self._read_table)
+        if isinstance(nxt, Translation) and self.memory.ram_at(nxt.paddr) is not None:
+            code += self.memory.guest_read(nxt.paddr, MAX_INSN - 1, private=True)
+        record = _CodePage(paddr)
+        for offset in sorted(candidate_offsets(code, 0x1000)):
+            addr = page + offset
+            self._site_cache.pop(addr, None)
+            record.hooks.append(self.uc.hook_add(UC_HOOK_CODE, self._on_site, begin=addr, end=addr))
+        self._code_pages[page] = record
+
+    def _unscan(self, page: int) -> None:
+        record = self._code_pages.pop(page, None)
+        if record is not None:
+            for handle in record.hooks:
+                self.uc.hook_del(handle)
+            for addr in range(page, page + 0x1000):
+                self._site_cache.pop(addr, None)
+
+    def _page_changed(self, paddr: int) -> None:
+        """Guest memory changed behind Unicorn's back: drop translations and code."""
+        for page, record in list(self._code_pages.items()):
+            if record.paddr == paddr:
+                self._unscan(page)
+        self._tb_flush_pending = True
+
+    def _on_site(self, uc: Uc, address: int, size: int, _: Any) -> None:
+        if self._skip_site == address:
+            self._skip_site = None
+            return
+        if address not in self._site_cache:
+            try:
+                code = self.virt_read(address, MAX_INSN)
+            except _FaultDuringAccess:
+                code = self.virt_read(address, 0x1000 - (address & 0xFFF))
+            self._site_cache[address] = classify(code, self.bits())
+        site = self._site_cache[address]
+        if site is None:
+            return
+        if site.action is Action.HARDWARE_MSR and self._msr_is_native(site):
+            return
+        if site.action is Action.NAE and not self.intercepted(site.exit_code):
+            return
+        if site.action is Action.CR_WRITE and not self.intercepted(site.exit_code):
+            return
+        self._stop = _AtSite(site, address)
+        uc.emu_stop()
+
+    def _msr_is_native(self, site: Sensitive) -> bool:
+        ecx = self.uc.reg_read(x86.UC_X86_REG_ECX)
+        if ecx in (M.MSR_AMD64_SEV_ES_GHCB, M.MSR_AMD64_SEV):
+            return False
+        return not self.msr_intercepted(ecx, site.mnemonic == "wrmsr")
+
+    def _on_interrupt(self, uc: Uc, intno: int, _: Any) -> None:
+        if self._stop is None:
+            self._stop = _Exception(intno)
+        uc.emu_stop()
+
+    def _on_invalid(self, uc: Uc, _: Any) -> bool:
+        if self._stop is None:
+            self._stop = _Exception(UD_VECTOR)
+        return False
+
+    # -- running --------------------------------------------------------------------
+
+    def run(self) -> HwExit:
+        """Run the guest until something the hypervisor must see (a #VMEXIT)."""
+        while True:
+            if self._tb_flush_pending:
+                self._tb_flush_pending = False
+                self.uc.ctl_flush_tb()
+                self.uc.ctl_flush_tlb()
+            self._stop = None
+            start = self.rip
+            try:
+                self.uc.emu_start(start, _NO_END)
+            except UcError as err:
+                stop = self._stop or self._stop_for_error(err)
+            else:
+                stop = self._stop or self._natural_stop(start)
+            hw_exit = self._handle(stop)
+            if hw_exit is not None:
+                return hw_exit
+
+    def _stop_for_error(self, err: UcError) -> Stop:
+        if err.errno == UC_ERR_INSN_INVALID:
+            return _Exception(UD_VECTOR)
+        if err.errno in (UC_ERR_READ_UNMAPPED, UC_ERR_WRITE_UNMAPPED, UC_ERR_FETCH_UNMAPPED):
+            return _Exception(GP_VECTOR, 0)
+        if err.errno == UC_ERR_EXCEPTION:
+            return _Exception(GP_VECTOR, 0)
+        return _Exception(UD_VECTOR)
+
+    def _natural_stop(self, start: int) -> Stop:
+        # Unicorn returns by itself only when the guest halted: HLT has executed.
+        return _Halted()
+
+    def _handle(self, stop: Stop) -> HwExit | None:
+        match stop:
+            case _Halted():
+                return HwExit(SvmExit.HLT)
+            case _Exception(vector, error_code, cr2):
+                return self.deliver_exception(vector, error_code, cr2)
+            case _Npf():
+                return self.deliver_exception(VC_VECTOR, SvmExit.NPF)
+            case _AtSite(site, rip):
+                return self._handle_site(site, rip)
+        raise AssertionError(f"unknown stop {stop!r}")
+
+    def _handle_site(self, site: Sensitive, rip: int) -> HwExit | None:
+        if site.action is Action.AUTOMATIC_EXIT:  # VMGEXIT: trap-like, RIP moves on
+            self.rip = rip + site.length
+            return HwExit(site.exit_code)
+        if site.action is Action.HARDWARE_MSR:
+            ecx = self.uc.reg_read(x86.UC_X86_REG_ECX)
+            if ecx in (M.MSR_AMD64_SEV_ES_GHCB, M.MSR_AMD64_SEV):
+                self._hardware_msr(site, ecx)
+                self.rip = rip + site.length
+                return None
+        if site.action is Action.CR_WRITE:
+            return self._cr_write_trap(site, rip)
+        return self.deliver_exception(VC_VECTOR, site.exit_code)
+
+    def _hardware_msr(self, site: Sensitive, ecx: int) -> None:
+        if site.mnemonic == "rdmsr":
+            value = self.ghcb_msr if ecx == M.MSR_AMD64_SEV_ES_GHCB else self.sev_status
+            self.set_reg("rax", value & 0xFFFF_FFFF)
+            self.set_reg("rdx", value >> 32)
+        elif ecx == M.MSR_AMD64_SEV_ES_GHCB:
+            self.ghcb_msr = (self.reg("rdx") & 0xFFFF_FFFF) << 32 | (self.reg("rax") & 0xFFFF_FFFF)
+        # WRMSR to SEV_STATUS is ignored: the register is read-only.
+
+    def _cr_write_trap(self, site: Sensitive, rip: int) -> HwExit:
+        """MOV to CRn retires natively, then the trap exit reports the new value."""
+        self._skip_site = rip
+        self.uc.emu_start(rip, _NO_END, count=1)
+        cr = site.exit_code - SvmExit.CR0_WRITE_TRAP
+        return HwExit(site.exit_code, info1=self.uc.reg_read(_CR_IDS[cr]))
+
+    # -- exception delivery -----------------------------------------------------------
+
+    def deliver_exception(
+        self, vector: int, error_code: int | None = None, cr2: int | None = None
+    ) -> HwExit | None:
+        """Deliver an exception through the IDT; a failed delivery escalates.
+
+        A fault while delivering becomes #DF; a fault while delivering #DF is a triple
+        fault, which the hardware reports as a SHUTDOWN exit.
+        """
+        current = _Exception(vector, error_code, cr2)
+        while True:
+            if current.cr2 is not None:
+                self.uc.reg_write(x86.UC_X86_REG_CR2, current.cr2)
+            code = current.error_code
+            if code is None and current.vector in _ERROR_CODE_VECTORS:
+                code = 0
+            fault = self._push_frame(current.vector, code)
+            if fault is None:
+                return None
+            if current.vector == DF_VECTOR:
+                return HwExit(SvmExit.SHUTDOWN, why=f"triple fault delivering #{vector}")
+            if _is_double_fault(current.vector, fault.vector):
+                current = _Exception(DF_VECTOR, 0)
+            else:
+                current = fault
+
+    def inject(self, event_inj: int, error_code: int) -> HwExit | None:
+        """Deliver an EVENTINJ event on VMRUN (exceptions, NMIs, interrupts)."""
+        if not event_inj & EventInj.VALID:
+            return None
+        vector = event_inj & EventInj.VECTOR_MASK
+        has_error = bool(event_inj & EventInj.EV)
+        return self.deliver_exception(vector, error_code if has_error else None)
+
+    def _push_frame(self, vector: int, error_code: int | None) -> _Exception | None:
+        """Push a 64-bit interrupt frame and enter the handler; the fault if that fails."""
+        uc = self.uc
+        _, idt_base, idt_limit, _ = uc.reg_read(x86.UC_X86_REG_IDTR)
+        idt_error = vector * 8 + 2
+        if vector * 16 + 15 > idt_limit:
+            return _Exception(GP_VECTOR, idt_error)
+        try:
+            low, high = struct.unpack("<QQ", self.virt_read(idt_base + vector * 16, 16))
+            gate_type = (low >> 40) & 0xF
+            if not (low >> 47) & 1 or gate_type not in (0xE, 0xF):
+                return _Exception(GP_VECTOR, idt_error)
+            selector = (low >> 16) & 0xFFFF
+            target = (low & 0xFFFF) | ((low >> 48) & 0xFFFF) << 16 | (high & 0xFFFF_FFFF) << 32
+            ist = (low >> 32) & 7
+            rsp = uc.reg_read(x86.UC_X86_REG_RSP)
+            if ist:
+                _, tss_base, _, _ = uc.reg_read(x86.UC_X86_REG_TR)
+                rsp = struct.unpack("<Q", self.virt_read(tss_base + 0x24 + 8 * (ist - 1), 8))[0]
+            elif self.cpl != 0:
+                _, tss_base, _, _ = uc.reg_read(x86.UC_X86_REG_TR)
+                rsp = struct.unpack("<Q", self.virt_read(tss_base + 4, 8))[0]
+            rsp &= ~0xF
+            rflags = uc.reg_read(x86.UC_X86_REG_RFLAGS)
+            frame = [uc.reg_read(x86.UC_X86_REG_SS), uc.reg_read(x86.UC_X86_REG_RSP), rflags,
+                     uc.reg_read(x86.UC_X86_REG_CS), self.rip]  # fmt: skip
+            if error_code is not None:
+                frame.append(error_code)
+            rsp -= 8 * len(frame)
+            self.virt_write(rsp, struct.pack(f"<{len(frame)}Q", *reversed(frame)))
+        except _FaultDuringAccess as fault:
+            return fault.stop if isinstance(fault.stop, _Exception) else _Exception(GP_VECTOR, 0)
+        if self.cpl != 0:
+            uc.reg_write(x86.UC_X86_REG_SS, 0)
+        uc.reg_write(x86.UC_X86_REG_RSP, rsp)
+        clear = (1 << 8) | (1 << 14) | (1 << 16) | (1 << 17)  # TF NT RF VM
+        if gate_type == 0xE:
+            clear |= 1 << 9  # interrupt gates clear IF
+        uc.reg_write(x86.UC_X86_REG_RFLAGS, rflags & ~clear)
+        try:
+            uc.reg_write(x86.UC_X86_REG_CS, selector)
+        except UcError:
+            return _Exception(GP_VECTOR, selector & ~3)
+        self.rip = target
+        return None
+
+    def close(self) -> None:
+        self.memory.on_page_changed.remove(self._page_changed)
+
+
+def _qemu_flags(attrib: int) -> int:
+    """VMCB packed attributes (type..P in 7:0, AVL..G in 11:8) to QEMU's descriptor flags."""
+    return (attrib & 0xFF) << 8 | ((attrib >> 8) & 0xF) << 20
+
+
+def _is_double_fault(first: int, second: int) -> bool:
+    """APM 8.2.9: contributory after contributory, or #PF/contributory after #PF."""
+    if first == PF_VECTOR:
+        return second == PF_VECTOR or second in _CONTRIBUTORY
+    return first in _CONTRIBUTORY and second in _CONTRIBUTORY
+
+
+class _FaultDuringAccess(Exception):
+    """A model-side guest-virtual access faulted; carries the stop it becomes."""
+
+    def __init__(self, stop: _Exception | _Npf) -> None:
+        super().__init__(repr(stop))
+        self.stop = stop
