@@ -1,1 +1,98 @@
-"""placeholder"""
+"""The silicon and the SEV firmware: what a hypervisor runs on but cannot look inside.
+
+This module is the hardware's whole interface to the hypervisor (``sevsim.kvm``):
+
+- :class:`Platform`: the SEV firmware (``psp``), host pages for VMSAs and MSR maps,
+  and ``vmrun`` — enter a guest through a VMCB, come back with a #VMEXIT in it;
+- :class:`GuestMemoryView`: guest memory as the host sees it (ciphertext for private
+  pages) plus the registration of RAM regions and MMIO holes;
+- :class:`VmsaPage`: a VMSA page, readable and writable by the host as bytes.
+
+Nothing here hands the hypervisor a guest register or a plaintext private page.
+"""
+
+from __future__ import annotations
+
+from attrs import define, field
+
+from sevsim.arch.vmcb import VMCB_CONTROL
+from sevsim.hw.memory import GuestMemory, MmioHole, RamRegion
+from sevsim.hw.psp import LaunchMeasurement, LaunchSession, Psp
+from sevsim.hw.sev_caps import CpuidLeaf, SevCapabilities
+from sevsim.hw.svm import MSRPM_SIZE, HostPages, Svm, VmsaPage, msrpm_bit
+
+__all__ = [
+    "MSRPM_SIZE",
+    "CpuidLeaf",
+    "GuestMemoryView",
+    "LaunchMeasurement",
+    "LaunchSession",
+    "Platform",
+    "SevCapabilities",
+    "VmsaPage",
+    "msrpm_bit",
+]
+
+
+class GuestMemoryView:
+    """One VM's guest memory, as host software (KVM, the VMM) may touch it."""
+
+    def __init__(self) -> None:
+        self._memory = GuestMemory()
+
+    def add_ram(self, gpa: int, size: int, name: str = "ram") -> RamRegion:
+        return self._memory.add_ram(gpa, size, name)
+
+    def add_mmio(self, gpa: int, size: int, name: str) -> MmioHole:
+        return self._memory.add_mmio(gpa, size, name)
+
+    @property
+    def ram(self) -> tuple[RamRegion, ...]:
+        return self._memory.ram
+
+    @property
+    def mmio(self) -> tuple[MmioHole, ...]:
+        return self._memory.mmio
+
+    def read(self, gpa: int, size: int) -> bytes:
+        """Host read: plaintext of shared pages, ciphertext of private ones."""
+        return self._memory.host_read(gpa, size)
+
+    def write(self, gpa: int, data: bytes | bytearray) -> None:
+        """Host write: a private page's guest sees the decryption of what was written."""
+        self._memory.host_write(gpa, data)
+
+    def launch_encrypt(self, gpa: int, length: int, key: bytes) -> bytes:
+        """The firmware's path for LAUNCH_UPDATE_DATA (``hw.psp.LaunchMemory``)."""
+        return self._memory.launch_encrypt(gpa, length, key)
+
+
+@define
+class Platform:
+    """The host: SEV firmware, SVM-capable CPUs, and host memory for the hardware."""
+
+    caps: SevCapabilities = field(factory=SevCapabilities)
+    psp: Psp = field(default=None)
+    pages: HostPages = field(factory=HostPages)
+    svm: Svm = field(default=None)
+
+    def __attrs_post_init__(self) -> None:
+        if self.psp is None:
+            self.psp = Psp(self.caps)
+            # What the ccp driver does at boot: INIT, then flush every ASID.
+            self.psp.init()
+            self.psp.df_flush()
+        if self.svm is None:
+            self.svm = Svm(self.pages, self.caps.c_bit)
+
+    def cpuid_sev(self) -> CpuidLeaf:
+        """CPUID 0x8000001F as reported to guests."""
+        return self.caps.cpuid()
+
+    def vmrun(self, vmcb: bytearray, memory: GuestMemoryView) -> str:
+        """VMRUN with ``memory`` as the nested page tables; returns the hardware's note.
+
+        The memory controller encrypts with the key ACTIVATE bound to the VMCB's ASID.
+        """
+        key = self.psp.key_for_asid(VMCB_CONTROL.get(vmcb, "asid"))
+        return self.svm.vmrun(vmcb, memory._memory, key)

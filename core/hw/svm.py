@@ -1,0 +1,240 @@
+"""SVM as the silicon implements it for SEV-ES: VMSA pages, VMRUN and #VMEXIT.
+
+The VMSA page lives in host memory at ``vmsa_pa``. Until LAUNCH_UPDATE_VMSA it is an
+ordinary page the hypervisor fills in; from then on the hardware owns it: the host
+reads ciphertext and any change it makes is caught by the integrity check on the
+next VMRUN, which then fails with a SHUTDOWN exit.
+
+Performance rule: the decrypted register state stays in the vCPU's CPU model between
+runs; the encrypted page is produced only when the host reads it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from attrs import define, field
+
+from sevsim.arch import msr as M
+from sevsim.arch.exits import SvmExit
+from sevsim.arch.vmcb import VMCB_CONTROL, NestedCtl
+from sevsim.arch.vmsa import SEGMENT_NAMES, VMSA, VMSA_PAGE_SIZE, Segment
+from sevsim.errors import GuestMemoryError
+from sevsim.hw.cpu import GuestCpu, HwExit
+from sevsim.hw.crypto import PageCipher
+from sevsim.hw.memory import GuestMemory
+
+#: Intercept vector bit numbers (APM vol. 2 appendix B; Linux ``INTERCEPT_*``).
+_INTERCEPT_BIT = {
+    SvmExit.READ_DR7: 39, SvmExit.WRITE_DR7: 55, SvmExit.RDTSC: 110, SvmExit.RDPMC: 111,
+    SvmExit.CPUID: 114, SvmExit.INVD: 118, SvmExit.HLT: 120, SvmExit.IOIO: 123,
+    SvmExit.MSR: 124, SvmExit.SHUTDOWN: 127, SvmExit.VMMCALL: 129, SvmExit.RDTSCP: 135,
+    SvmExit.WBINVD: 137, SvmExit.MONITOR: 138, SvmExit.MWAIT: 139, SvmExit.XSETBV: 141,
+    SvmExit.EFER_WRITE_TRAP: 143,
+    **{SvmExit.CR0_WRITE_TRAP + cr: 144 + cr for cr in range(16)},
+}  # fmt: skip
+
+#: MSR permission map ranges: (first MSR, byte offset of its 2-bit entries).
+_MSRPM_RANGES = ((0x0000_0000, 0x000), (0xC000_0000, 0x800), (0xC001_0000, 0x1000))
+MSRPM_SIZE = 0x2000
+
+
+def intercept_bit(exit_code: int) -> int | None:
+    return _INTERCEPT_BIT.get(exit_code)
+
+
+def msrpm_bit(msr: int, write: bool) -> tuple[int, int] | None:
+    """(byte, bit) of an MSR's read or write intercept in the MSR permission map."""
+    for first, base in _MSRPM_RANGES:
+        if first <= msr < first + 0x2000:
+            index = (msr - first) * 2 + (1 if write else 0)
+            return base + index // 8, index % 8
+    return None
+
+
+@define(eq=False)
+class VmsaPage:
+    """A VMSA page in host memory, and the hardware's protected copy of its state."""
+
+    pa: int
+    _plain: bytearray = field(factory=lambda: bytearray(VMSA_PAGE_SIZE), alias="plain")
+    _cipher: PageCipher | None = field(default=None, alias="cipher")
+    #: The launched fields, decoded; the CPU model starts from them.
+    state: dict[str, Any] = field(factory=dict)
+    cpu: GuestCpu | None = None
+    #: Ciphertext the host wrote over the protected page, checked on VMRUN.
+    _host_bytes: bytes | None = field(default=None, alias="host_bytes")
+
+    @property
+    def protected(self) -> bool:
+        return self._cipher is not None
+
+    # -- the host's view --------------------------------------------------------
+
+    def host_read(self, offset: int = 0, size: int = VMSA_PAGE_SIZE) -> bytes:
+        if not self.protected:
+            return bytes(self._plain[offset : offset + size])
+        page = self._host_bytes if self._host_bytes is not None else self._ciphertext()
+        return page[offset : offset + size]
+
+    def host_write(self, offset: int, data: bytes) -> None:
+        if offset < 0 or offset + len(data) > VMSA_PAGE_SIZE:
+            raise GuestMemoryError(
+                f"VMSA write at offset {offset:#x} of {len(data)} bytes leaves the 4 KiB page"
+            )
+        if not self.protected:
+            self._plain[offset : offset + len(data)] = data
+            return
+        page = bytearray(self.host_read())
+        page[offset : offset + len(data)] = data
+        self._host_bytes = bytes(page)
+
+    def _ciphertext(self) -> bytes:
+        assert self._cipher is not None
+        return self._cipher.encrypt(self.pa, self.plaintext())
+
+    def plaintext(self) -> bytes:
+        """The page as the hardware would decrypt it: the current register state."""
+        if self.cpu is None:
+            return bytes(self._plain)
+        state = {**self.state, **self.cpu.save_state()}
+        values = {k: (v.pack() if isinstance(v, Segment) else v) for k, v in state.items()}
+        return bytes(VMSA.pack(values, size=VMSA_PAGE_SIZE))
+
+    # -- the SEV firmware's side --------------------------------------------------
+
+    def launch_protect(self, key: bytes) -> bytes:
+        """LAUNCH_UPDATE_VMSA: decode and seal the page; return what gets measured."""
+        measured = bytes(self._plain)
+        self.state = decode_vmsa(measured)
+        self._cipher = PageCipher(key)
+        return measured
+
+    # -- VMRUN's integrity check ------------------------------------------------------
+
+    def integrity_ok(self) -> bool:
+        """False if the host changed the protected page since the hardware wrote it."""
+        if self._host_bytes is None:
+            return True
+        if self._host_bytes == self._ciphertext():
+            self._host_bytes = None
+            return True
+        return False
+
+
+def decode_vmsa(page: bytes) -> dict[str, Any]:
+    """VMSA fields as values: integers, byte strings, and :class:`Segment` for segments."""
+    fields = VMSA.unpack(page)
+    for name in SEGMENT_NAMES:
+        fields[name] = Segment.unpack(fields[name])
+    return fields
+
+
+class HostPages:
+    """Host physical pages the hypervisor hands to the hardware: VMSAs, MSR maps."""
+
+    #: Host physical addresses handed out start here, far from any guest's view.
+    BASE = 0x1_0000_0000_0000
+
+    def __init__(self) -> None:
+        self._vmsas: dict[int, VmsaPage] = {}
+        self._buffers: dict[int, bytearray] = {}
+        self._next = self.BASE
+
+    def _take(self, size: int) -> int:
+        pa = self._next
+        self._next += (size + 0xFFF) & ~0xFFF
+        return pa
+
+    def alloc_vmsa(self) -> VmsaPage:
+        page = VmsaPage(self._take(VMSA_PAGE_SIZE))
+        self._vmsas[page.pa] = page
+        return page
+
+    def alloc_buffer(self, size: int) -> int:
+        """Zeroed host memory (an MSR permission map); returns its address."""
+        pa = self._take(size)
+        self._buffers[pa] = bytearray(size)
+        return pa
+
+    def buffer(self, pa: int) -> bytearray | None:
+        return self._buffers.get(pa)
+
+    def vmsa_at(self, pa: int) -> VmsaPage | None:
+        return self._vmsas.get(pa)
+
+    def free(self, pa: int) -> None:
+        self._buffers.pop(pa, None)
+        page = self._vmsas.pop(pa, None)
+        if page is not None and page.cpu is not None:
+            page.cpu.close()
+
+
+class Svm:
+    """The SVM unit of a physical CPU: VMRUN an SEV-ES guest, report the #VMEXIT."""
+
+    def __init__(self, pages: HostPages, cbit: int, cpu_model: int | None = None) -> None:
+        self.pages = pages
+        self.cbit = cbit
+        self.cpu_model = cpu_model
+
+    def vmrun(self, vmcb: bytearray, memory: GuestMemory, key: bytes | None) -> str:
+        """Run the guest of ``vmcb`` until the next #VMEXIT, recorded in ``vmcb``.
+
+        ``memory`` stands for the nested page tables (the guest-physical space) and
+        ``key`` for the memory controller's key slot of the VMCB's ASID. The return
+        value is the hardware's diagnostic for the exit ("triple fault delivering
+        #6"): not visible to a real hypervisor, kept for the trace.
+        """
+        get, put = VMCB_CONTROL.get, VMCB_CONTROL.set
+        vmsa = self.pages.vmsa_at(get(vmcb, "vmsa_pa"))
+        nested = get(vmcb, "nested_ctl")
+        es = NestedCtl.SEV_ENABLE | NestedCtl.SEV_ES_ENABLE
+        if vmsa is None or not vmsa.protected or nested & es != es:
+            return self._record(vmcb, HwExit(SvmExit.ERR, why="invalid vmsa_pa or SEV-ES off"))
+        if not vmsa.integrity_ok():
+            return self._record(vmcb, HwExit(SvmExit.SHUTDOWN, why="VMSA integrity check failed"))
+        memory.install_key(key)
+        cpu = vmsa.cpu
+        if cpu is None:
+            cpu = vmsa.cpu = self._new_cpu(memory, vmsa)
+        cpu.ghcb_msr = get(vmcb, "ghcb_gpa")
+        intercepts = int.from_bytes(get(vmcb, "intercepts"), "little")
+        cpu.intercepted = lambda code: _intercepted(intercepts, code)
+        msrpm = self.pages.buffer(get(vmcb, "msrpm_base_pa")) or bytes(MSRPM_SIZE)
+        cpu.msr_intercepted = lambda msr, write: _msr_intercepted(msrpm, msr, write)
+        event_inj = get(vmcb, "event_inj")
+        put(vmcb, "event_inj", 0)
+        hw_exit = cpu.inject(event_inj, get(vmcb, "event_inj_err")) or cpu.run()
+        put(vmcb, "ghcb_gpa", cpu.ghcb_msr)
+        return self._record(vmcb, hw_exit)
+
+    def _new_cpu(self, memory: GuestMemory, vmsa: VmsaPage) -> GuestCpu:
+        kwargs = {} if self.cpu_model is None else {"cpu_model": self.cpu_model}
+        cpu = GuestCpu(
+            memory, cbit=self.cbit, sev_status=M.MSR_AMD64_SEV_ENABLED | M.MSR_AMD64_SEV_ES_ENABLED,
+            **kwargs,
+        )  # fmt: skip
+        cpu.load_state(vmsa.state)
+        return cpu
+
+    @staticmethod
+    def _record(vmcb: bytearray, hw_exit: HwExit) -> str:
+        put = VMCB_CONTROL.set
+        code = hw_exit.exit_code & 0xFFFF_FFFF_FFFF_FFFF
+        put(vmcb, "exit_code", code & 0xFFFF_FFFF)
+        put(vmcb, "exit_code_hi", code >> 32)
+        put(vmcb, "exit_info_1", hw_exit.info1)
+        put(vmcb, "exit_info_2", hw_exit.info2)
+        return hw_exit.why
+
+
+def _msr_intercepted(msrpm: bytes | bytearray, msr: int, write: bool) -> bool:
+    """MSRs outside the map's ranges are always intercepted (APM 15.11)."""
+    where = msrpm_bit(msr, write)
+    return where is None or bool(msrpm[where[0]] >> where[1] & 1)
+
+
+def _intercepted(intercepts: int, exit_code: int) -> bool:
+    bit = intercept_bit(exit_code)
+    return bit is not None and bool(intercepts >> bit & 1)

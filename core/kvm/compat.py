@@ -1,0 +1,70 @@
+"""Where KVM's behaviour changed between eras, as one switch (REFERENCE.md section 2).
+
+The original 5.11 code was fail-stop: malformed GHCB input ended KVM_RUN with an
+error. From 5.16 on, KVM answers the guest with a GHCB error and resumes it. sevsim
+follows the newest behaviour and keeps 5.11 selectable (``[kvm] era = "v5.11"``)
+for studying how guests fared against the first release.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from sevsim.arch.exits import GhcbErr
+from sevsim.arch.ghcb import Ghcb
+from sevsim.errors import ConfigError
+from sevsim.kvm import outcome as O
+from sevsim.kvm.context import ExitContext
+from sevsim.kvm.exits import InternalError, InternalErrorSub
+
+if TYPE_CHECKING:
+    from sevsim.kvm.vcpu import Vcpu
+
+
+class Newest:
+    """KVM from 5.16 on: report bad input to the guest and keep it running."""
+
+    name = "newest"
+
+    def ghcb_unmapped(self, why: str) -> O.Outcome:
+        """GHCB GPA 0 or not mappable: re-enter the guest, write nothing."""
+        return O.RESUME
+
+    def bad_input(self, ctx: ExitContext, error: GhcbErr, snapshot: Ghcb) -> O.Outcome:
+        ctx.bad_input(error)
+        return O.RESUME
+
+    def unknown_msr_request(self, vcpu: Vcpu, value: int) -> O.Outcome:
+        """An MSR-protocol code nobody handles: leave the MSR as it is and resume."""
+        vcpu.vm.emit("msr_protocol_exit", vcpu_id=vcpu.id, ghcb_gpa=value, result=1)
+        return O.RESUME
+
+
+class V5_11(Newest):
+    """The original series: every malformed request stops KVM_RUN."""
+
+    name = "v5.11"
+
+    def ghcb_unmapped(self, why: str) -> O.Outcome:
+        return O.Fail("EINVAL", why)
+
+    def bad_input(self, ctx: ExitContext, error: GhcbErr, snapshot: Ghcb) -> O.Outcome:
+        # data[0] is the exit code, except for a bad usage, caught before it was read.
+        code = 0 if error is GhcbErr.INVALID_USAGE else snapshot["sw_exit_code"]
+        return O.ExitToUser(InternalError(
+            InternalErrorSub.UNEXPECTED_EXIT_REASON, (code, ctx.vcpu.id),
+            f"GHCB validation failed: {error.name} (v5.11 fail-stop)",
+        ))  # fmt: skip
+
+    def unknown_msr_request(self, vcpu: Vcpu, value: int) -> O.Outcome:
+        return O.Fail("EINVAL", f"unknown GHCB MSR protocol request {value:#x}")
+
+
+ERAS = {era.name: era for era in (Newest(), V5_11())}
+
+
+def era(name: str) -> Newest:
+    try:
+        return ERAS[name]
+    except KeyError:
+        raise ConfigError(f"KVM era {name!r} is not one of {sorted(ERAS)}") from None

@@ -1,0 +1,62 @@
+"""The GHCB scratch area (``setup_vmgexit_scratch``): bulk data for MMIO and string IO.
+
+The guest names a buffer in ``sw_scratch``. Inside its GHCB page it must lie within
+the shared buffer (0x800..0xff0) and KVM works on it in place; anywhere else it may
+be up to 64 KiB, KVM copies it in, and writes it back to the guest at the next VM
+entry only for operations that produce data (``sync``: MMIO read, string IN).
+"""
+
+from __future__ import annotations
+
+from attrs import define
+
+from sevsim.arch.exits import GhcbErr
+from sevsim.arch.ghcb import (
+    GHCB_SCRATCH_AREA_LIMIT,
+    SHARED_BUFFER_END,
+    SHARED_BUFFER_START,
+    Ghcb,
+)
+from sevsim.errors import GuestMemoryError
+from sevsim.hw import GuestMemoryView
+
+
+@define(eq=False)
+class Scratch:
+    """A scratch area mapped for one exit."""
+
+    gpa: int
+    length: int
+    sync: bool
+    in_ghcb: bool
+    data: bytearray
+
+    def write_back(self, ghcb: Ghcb, memory: GuestMemoryView, ghcb_gpa: int) -> None:
+        """Hand the data back to the guest (``sev_es_unmap_ghcb``'s scratch part)."""
+        if self.in_ghcb:
+            offset = self.gpa - ghcb_gpa
+            ghcb.raw[offset : offset + self.length] = self.data
+        elif self.sync:
+            memory.write(self.gpa, self.data)
+
+
+def setup_scratch(
+    ghcb: Ghcb, ghcb_gpa: int, scratch_gpa: int, length: int, sync: bool, memory: GuestMemoryView
+) -> Scratch | GhcbErr:
+    """Map ``length`` bytes at ``scratch_gpa``, or say why not (INVALID_SCRATCH_AREA)."""
+    end = scratch_gpa + length
+    if scratch_gpa == 0 or end > 1 << 64 or length < 0:
+        return GhcbErr.INVALID_SCRATCH_AREA
+    if scratch_gpa & ~0xFFF == ghcb_gpa:
+        lo, hi = ghcb_gpa + SHARED_BUFFER_START, ghcb_gpa + SHARED_BUFFER_END
+        if scratch_gpa < lo or end > hi:
+            return GhcbErr.INVALID_SCRATCH_AREA
+        offset = scratch_gpa - ghcb_gpa
+        return Scratch(scratch_gpa, length, sync, True, ghcb.raw[offset : offset + length])
+    if length > GHCB_SCRATCH_AREA_LIMIT:
+        return GhcbErr.INVALID_SCRATCH_AREA
+    try:
+        data = bytearray(memory.read(scratch_gpa, length))
+    except GuestMemoryError:
+        return GhcbErr.INVALID_SCRATCH_AREA
+    return Scratch(scratch_gpa, length, sync, False, data)

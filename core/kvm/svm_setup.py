@@ -1,0 +1,56 @@
+"""``init_vmcb`` + ``sev_init_vmcb`` + ``sev_es_init_vmcb``: the VMCB of an SEV-ES vCPU.
+
+What KVM intercepts decides what becomes a #VC in the guest (the hardware turns an
+intercepted event of an SEV-ES guest into a #VC instead of an exit), and which MSRs
+it passes through decides which RDMSR/WRMSR run natively.
+"""
+
+from __future__ import annotations
+
+from sevsim.arch import msr as M
+from sevsim.arch.vmcb import VMCB_CONTROL, NestedCtl
+from sevsim.hw import msrpm_bit
+
+#: Intercept bits KVM sets for an SEV-ES guest (APM bit numbers).
+SEV_ES_INTERCEPTS = (
+    39,  # DR7 read
+    55,  # DR7 write
+    96, 97, 98,  # INTR, NMI, SMI
+    111,  # RDPMC
+    114,  # CPUID
+    118,  # INVD
+    120,  # HLT
+    121, 122,  # INVLPG, INVLPGA
+    123,  # IOIO_PROT
+    124,  # MSR_PROT
+    125,  # TASK_SWITCH
+    127,  # SHUTDOWN
+    128, 129, 130, 131, 132, 133, 134,  # VMRUN VMMCALL VMLOAD VMSAVE STGI CLGI SKINIT
+    135,  # RDTSCP
+    137, 138, 139,  # WBINVD MONITOR MWAIT
+    143, 144, 148, 152,  # TRAP_EFER_WRITE, TRAP_CR0/CR4/CR8_WRITE
+)  # fmt: skip
+
+#: MSRs an SEV-ES guest reaches directly (KVM's direct-access list plus the SEV-ES ones).
+PASSTHROUGH_MSRS = (
+    M.MSR_AMD64_SEV_ES_GHCB, M.MSR_EFER, M.MSR_IA32_CR_PAT, M.MSR_STAR, M.MSR_LSTAR,
+    M.MSR_CSTAR, M.MSR_SFMASK, M.MSR_FS_BASE, M.MSR_GS_BASE, M.MSR_KERNEL_GS_BASE,
+    M.MSR_IA32_SYSENTER_CS, M.MSR_IA32_SYSENTER_ESP, M.MSR_IA32_SYSENTER_EIP,
+)  # fmt: skip
+
+
+def init_vmcb(vmcb: bytearray, msrpm: bytearray, asid: int, vmsa_pa: int, msrpm_pa: int) -> None:
+    intercepts = sum(1 << bit for bit in SEV_ES_INTERCEPTS)
+    VMCB_CONTROL.set(vmcb, "intercepts", intercepts.to_bytes(24, "little"))
+    nested = NestedCtl.NP_ENABLE | NestedCtl.SEV_ENABLE | NestedCtl.SEV_ES_ENABLE
+    VMCB_CONTROL.set(vmcb, "nested_ctl", int(nested))
+    VMCB_CONTROL.set(vmcb, "asid", asid)
+    VMCB_CONTROL.set(vmcb, "vmsa_pa", vmsa_pa)  # without the C-bit
+    VMCB_CONTROL.set(vmcb, "msrpm_base_pa", msrpm_pa)
+    msrpm[:] = b"\xff" * len(msrpm)
+    for msr in PASSTHROUGH_MSRS:
+        for write in (False, True):
+            where = msrpm_bit(msr, write)
+            assert where is not None, hex(msr)
+            msrpm[where[0]] &= ~(1 << where[1]) & 0xFF
+

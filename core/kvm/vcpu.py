@@ -1,0 +1,270 @@
+"""A KVM vCPU of an SEV-ES guest: KVM_RUN, exit handling, the VMGEXIT paths.
+
+``run()`` is KVM_RUN: it VMRUNs the guest through the platform until an exit must
+go to userspace, and returns that exit as a typed value. Everything the hypervisor
+learns about the guest comes from the VMCB control area and the GHCB page; the
+guest's registers after launch are out of reach (``guest_state_protected``).
+"""
+
+from __future__ import annotations
+
+import traceback
+from typing import TYPE_CHECKING, Any
+
+from sevsim.arch import ghcb_msr
+from sevsim.arch.exits import SNP_ONLY_VMGEXITS, GhcbErr, SvmExit
+from sevsim.arch.ghcb import GHCB_PAGE_SIZE, GHCB_USAGE_DEFAULT, Ghcb
+from sevsim.arch.vmcb import VMCB_CONTROL
+from sevsim.arch.vmsa import VMSA, VMSA_PAGE_SIZE, Segment
+from sevsim.errors import GuestMemoryError, VcpuError
+from sevsim.kvm import outcome as O
+from sevsim.kvm.context import ExitContext
+from sevsim.kvm.dispatch import ExitHandler, ExitKind, code_name
+from sevsim.kvm.exits import (
+    FailEntry,
+    Hlt,
+    InternalError,
+    InternalErrorSub,
+    KvmExit,
+    RunFailed,
+    Shutdown,
+)
+from sevsim.kvm.svm_setup import init_vmcb
+
+if TYPE_CHECKING:
+    from sevsim.kvm.vm import Vm
+
+#: The three fields every GHCB-page VMGEXIT must mark valid.
+_ALWAYS_REQUIRED = ("sw_exit_code", "sw_exit_info_1", "sw_exit_info_2")
+#: GPRs ``sev_es_sync_from_ghcb`` takes from the GHCB when valid.
+_SYNCED_IN = ("rax", "rbx", "rcx", "rdx", "rsi")
+#: GPRs ``sev_es_sync_to_ghcb`` always writes back.
+_SYNCED_OUT = ("rax", "rbx", "rcx", "rdx")
+_GPRS = ("rax", "rbx", "rcx", "rdx", "rsp", "rbp", "rsi", "rdi",
+         "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip")  # fmt: skip
+
+
+class Vcpu:
+    """One vCPU: its VMCB, its VMSA page, and KVM's per-vCPU SEV-ES state."""
+
+    def __init__(self, vm: Vm, vcpu_id: int) -> None:
+        self.vm = vm
+        self.id = vcpu_id
+        platform = vm.platform
+        self.vmsa = platform.pages.alloc_vmsa()
+        self.msrpm_pa = platform.pages.alloc_buffer(0x2000)
+        self.vmcb = bytearray(VMCB_CONTROL.size)
+        init_vmcb(self.vmcb, platform.pages.buffer(self.msrpm_pa), vm.asid, self.vmsa.pa,
+                  self.msrpm_pa)  # fmt: skip
+        # sev_es_vcpu_reset: the GHCB MSR starts out holding the SEV_INFO response.
+        self._set_ghcb_msr(vm.sev_info())
+        #: Register state set by the VMM before launch (VMSA field names).
+        self._initial: dict[str, Any] = {}
+        self.guest_state_protected = False
+        #: KVM's ``vcpu->arch.regs`` (GPRs) as the last GHCB sync left them.
+        self.regs: dict[str, int] = dict.fromkeys(_GPRS, 0)
+        self.cpl = 0
+        self.xcr0 = 1
+        self._ghcb: Ghcb | None = None
+        self._ghcb_gpa = 0
+        self._ctx: ExitContext | None = None
+        self._dead: str | None = None
+        #: The hardware's note on the last exit (e.g. why a SHUTDOWN happened).
+        self.last_hw_note = ""
+
+    # -- before launch -------------------------------------------------------------
+
+    def set_state(self, fields: dict[str, Any]) -> None:
+        """KVM_SET_REGS/SREGS: set VMSA fields before LAUNCH_UPDATE_VMSA.
+
+        Refused once the state is protected, as for KVM_X86_SEV_ES_VM guests.
+        """
+        if self.guest_state_protected:
+            raise VcpuError(
+                f"vCPU {self.id}: guest state is protected after LAUNCH_UPDATE_VMSA; "
+                "its registers can no longer be set (-EINVAL)"
+            )
+        unknown = [name for name in fields if name not in VMSA]
+        if unknown:
+            raise VcpuError(f"vCPU {self.id}: {unknown} are not VMSA fields")
+        self._initial.update(fields)
+
+    def sync_vmsa(self, sev_features: int = 0) -> None:
+        """``sev_es_sync_vmsa``: write the initial state into the VMSA page."""
+        state = {**self._initial, "sev_features": sev_features}
+        dr7 = state.get("dr7", 0x400)
+        if dr7 & ~0x400:
+            raise VcpuError(f"vCPU {self.id}: DR7 {dr7:#x} has breakpoints set; KVM refuses "
+                            "LAUNCH_UPDATE_VMSA while the guest is being debugged (-EINVAL)")
+        values = {k: (v.pack() if isinstance(v, Segment) else v) for k, v in state.items()}
+        self.vmsa.host_write(0, bytes(VMSA.pack(values, size=VMSA_PAGE_SIZE)))
+
+    # -- KVM_RUN ---------------------------------------------------------------------
+
+    @property
+    def dead(self) -> str | None:
+        return self._dead
+
+    def run(self) -> KvmExit:
+        """KVM_RUN: run until an exit userspace must see."""
+        if self._dead is not None:
+            raise VcpuError(f"vCPU {self.id} cannot run again: {self._dead}")
+        if self.vm.dead is not None:
+            raise VcpuError(f"vCPU {self.id}: VM is terminated: {self.vm.dead}")
+        if not self.guest_state_protected:
+            raise VcpuError(f"vCPU {self.id}: run LAUNCH_UPDATE_VMSA before KVM_RUN")
+        while True:
+            self._prepare_switch_to_guest()
+            self.last_hw_note = self.vm.platform.vmrun(self.vmcb, self.vm.memory)
+            result = self._handle_exit()
+            if isinstance(result, O.Resume):
+                continue
+            if isinstance(result, O.Fail):
+                return RunFailed(result.errno, result.why)
+            if isinstance(result.exit, Shutdown):
+                self._dead = "it shut down (triple fault or VMSA integrity failure)"
+            if isinstance(result.exit, RunFailed) and result.exit.plugin is not None:
+                self.vm.terminate(result.exit.why)
+            return result.exit
+
+    def _exit_code(self) -> int:
+        lo = VMCB_CONTROL.get(self.vmcb, "exit_code")
+        return VMCB_CONTROL.get(self.vmcb, "exit_code_hi") << 32 | lo
+
+    def _handle_exit(self) -> O.Outcome:
+        code = self._exit_code()
+        info1 = VMCB_CONTROL.get(self.vmcb, "exit_info_1")
+        info2 = VMCB_CONTROL.get(self.vmcb, "exit_info_2")
+        self.vm.emit("vmexit", vcpu_id=self.id, exit_code=code, info1=info1, info2=info2)
+        if code == SvmExit.VMGEXIT:
+            return self._vmgexit()
+        if code == SvmExit.SHUTDOWN:
+            return O.ExitToUser(Shutdown(self.last_hw_note))
+        if code == SvmExit.ERR:
+            return O.ExitToUser(FailEntry(code, self.last_hw_note))
+        handler = self.vm.handlers.lookup(ExitKind.VMEXIT, code)
+        if handler is not None:
+            ctx = ExitContext(self, ExitKind.VMEXIT, code, info1, info2)
+            return self._call(handler, ctx)
+        if code == SvmExit.HLT:
+            return O.ExitToUser(Hlt())
+        return self.invalid_exit(code)
+
+    def invalid_exit(self, code: int) -> O.ExitToUser:
+        """``svm_handle_invalid_exit``: KVM_EXIT_INTERNAL_ERROR, UNEXPECTED_EXIT_REASON."""
+        return O.ExitToUser(InternalError(
+            InternalErrorSub.UNEXPECTED_EXIT_REASON, (code, self.id),
+            f"no handler for exit {code_name(ExitKind.VMEXIT, code)}",
+        ))  # fmt: skip
+
+    def _call(self, handler: ExitHandler, ctx: ExitContext) -> O.Outcome:
+        """Run a handler; an exception in it ends only this VM, naming the plugin."""
+        self._ctx = ctx
+        try:
+            result = handler.handler(ctx)
+        except Exception as exc:  # a plugin bug must not take the host down
+            who = handler.plugin or "<direct registration>"
+            last = traceback.extract_tb(exc.__traceback__)[-1]
+            why = (f"handler of plugin {who!r} for {handler.describe()} raised "
+                   f"{type(exc).__name__}: {exc} (at {last.filename}:{last.lineno})")  # fmt: skip
+            return O.ExitToUser(RunFailed("EIO", why, plugin=who))
+        return O.RESUME if result is None else result
+
+    # -- VMGEXIT (sev_handle_vmgexit) ----------------------------------------------------
+
+    def _set_ghcb_msr(self, value: int) -> None:
+        VMCB_CONTROL.set(self.vmcb, "ghcb_gpa", value)
+
+    def _vmgexit(self) -> O.Outcome:
+        ghcb_gpa = VMCB_CONTROL.get(self.vmcb, "ghcb_gpa")
+        if ghcb_msr.info(ghcb_gpa):
+            return self._msr_protocol(ghcb_gpa)
+        if ghcb_gpa == 0:
+            return self.vm.compat.ghcb_unmapped("GHCB GPA is 0")
+        try:
+            raw = self.vm.memory.read(ghcb_gpa, GHCB_PAGE_SIZE)
+        except GuestMemoryError:
+            return self.vm.compat.ghcb_unmapped(f"GHCB GPA {ghcb_gpa:#x} is not guest RAM")
+        ghcb = Ghcb(raw)
+        code = ghcb["sw_exit_code"]
+        self.vm.emit("vmgexit_enter", vcpu_id=self.id, exit_reason=code,
+                     info1=ghcb["sw_exit_info_1"], info2=ghcb["sw_exit_info_2"])  # fmt: skip
+        self._ghcb, self._ghcb_gpa = ghcb, ghcb_gpa
+        snapshot = self._sync_from_ghcb(ghcb)
+        handler, error = self._validate(snapshot, code)
+        ctx = ExitContext(self, ExitKind.VMGEXIT, code, snapshot["sw_exit_info_1"],
+                          snapshot["sw_exit_info_2"], ghcb=ghcb, regs=self.regs)  # fmt: skip
+        self._ctx = ctx
+        if error is not None:
+            return self.vm.compat.bad_input(ctx, error, snapshot)
+        ctx.success()
+        assert handler is not None
+        return self._call(handler, ctx)
+
+    def _sync_from_ghcb(self, ghcb: Ghcb) -> Ghcb:
+        """``sev_es_sync_from_ghcb``: snapshot, zero the GPRs, take the valid ones."""
+        snapshot = Ghcb(ghcb.raw)
+        for name in self.regs:
+            self.regs[name] = 0
+        for name in _SYNCED_IN:
+            self.regs[name] = snapshot.get_if_valid(name)
+        self.cpl = snapshot.get_if_valid("cpl")
+        if snapshot.is_valid("xcr0"):
+            self.xcr0 = snapshot["xcr0"]
+        VMCB_CONTROL.set(self.vmcb, "exit_info_1", snapshot["sw_exit_info_1"])
+        VMCB_CONTROL.set(self.vmcb, "exit_info_2", snapshot["sw_exit_info_2"])
+        ghcb.valid_bitmap = 0
+        return snapshot
+
+    def _validate(self, snapshot: Ghcb, code: int) -> tuple[ExitHandler | None, GhcbErr | None]:
+        """``sev_es_validate_vmgexit`` on the snapshot, with required bits from the table."""
+        if snapshot["ghcb_usage"] != GHCB_USAGE_DEFAULT:
+            return None, GhcbErr.INVALID_USAGE
+        if not all(snapshot.is_valid(name) for name in _ALWAYS_REQUIRED):
+            return None, GhcbErr.MISSING_INPUT
+        handler = self.vm.handlers.lookup(ExitKind.VMGEXIT, code)
+        if handler is None:
+            # The SNP codes fail with KVM's default reason, MISSING_INPUT, for SEV-ES.
+            snp = code in SNP_ONLY_VMGEXITS
+            return None, GhcbErr.MISSING_INPUT if snp else GhcbErr.INVALID_EVENT
+        if not all(snapshot.is_valid(name) for name in handler.required_fields(snapshot)):
+            return None, GhcbErr.MISSING_INPUT
+        return handler, None
+
+    def _prepare_switch_to_guest(self) -> None:
+        """``sev_es_unmap_ghcb``: scratch back, trace, sync registers, release the GHCB."""
+        ghcb, ctx = self._ghcb, self._ctx
+        self._ctx = None
+        if ghcb is None:
+            return
+        self._ghcb = None
+        if ctx is not None and ctx.scratch is not None:
+            ctx.scratch.write_back(ghcb, self.vm.memory, self._ghcb_gpa)
+        self.vm.emit("vmgexit_exit", vcpu_id=self.id, exit_reason=ghcb["sw_exit_code"],
+                     info1=ghcb["sw_exit_info_1"], info2=ghcb["sw_exit_info_2"])  # fmt: skip
+        for name in _SYNCED_OUT:
+            ghcb[name] = self.regs[name]
+        try:
+            self.vm.memory.write(self._ghcb_gpa, ghcb.raw)
+        except GuestMemoryError:  # the VMM removed the region meanwhile: nothing to write
+            pass
+
+    # -- the GHCB MSR protocol (sev_handle_vmgexit_msr_protocol) -----------------------
+
+    def _msr_protocol(self, value: int) -> O.Outcome:
+        self.vm.emit("msr_protocol_enter", vcpu_id=self.id, ghcb_gpa=value)
+        code = ghcb_msr.info(value)
+        handler = self.vm.handlers.lookup(ExitKind.MSR_PROTOCOL, code)
+        if handler is None:
+            return self.vm.compat.unknown_msr_request(self, value)
+        ctx = ExitContext(self, ExitKind.MSR_PROTOCOL, code, msr=value)
+        result = self._call(handler, ctx)
+        self._set_ghcb_msr(ctx.msr)
+        if not isinstance(result, O.ExitToUser):
+            self.vm.emit("msr_protocol_exit", vcpu_id=self.id, ghcb_gpa=ctx.msr,
+                         result=1 if isinstance(result, O.Resume) else 0)  # fmt: skip
+        return result
+
+    def describe(self) -> str:
+        return f"vCPU {self.id} of {self.vm.name}"
+

@@ -1,0 +1,181 @@
+"""KVM's SEV-ES VM: memory slots, vCPUs and the KVM_SEV_* launch commands.
+
+``Kvm`` is ``/dev/kvm`` on one host :class:`~sevsim.hw.Platform`; ``Kvm.create_vm``
+is KVM_CREATE_VM of type KVM_X86_SEV_ES_VM followed by KVM_SEV_INIT2, so the VM has
+its SEV-ES ASID from the start. The launch methods issue the SEV firmware commands
+the way ``sev.c`` does (LAUNCH_START is followed by ACTIVATE, LAUNCH_UPDATE_VMSA
+syncs and encrypts every vCPU's VMSA).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sevsim.arch import ghcb_msr
+from sevsim.errors import SevFirmwareError, VcpuError
+from sevsim.hw import GuestMemoryView, LaunchMeasurement, LaunchSession, Platform
+from sevsim.hw.asid import AsidAllocator
+from sevsim.hw.sev_api import Policy
+from sevsim.kvm.compat import era as compat_era
+from sevsim.kvm.dispatch import ExitTable
+from sevsim.kvm.events import EVENTS, EventSink, NullSink
+from sevsim.kvm.vcpu import Vcpu
+
+GHCB_VERSION_MIN = 1
+GHCB_VERSION_MAX = 2
+
+
+class Kvm:
+    """The hypervisor on one host: creates SEV-ES VMs and owns the ASID allocator."""
+
+    def __init__(self, platform: Platform | None = None) -> None:
+        self.platform = platform or Platform()
+        self.asids = AsidAllocator(self.platform.psp)
+
+    def create_vm(
+        self,
+        name: str = "vm",
+        *,
+        handlers: ExitTable | None = None,
+        events: EventSink | None = None,
+        era: str = "newest",
+        ghcb_version: int = GHCB_VERSION_MAX,
+        plugin_settings: dict[str, dict[str, Any]] | None = None,
+    ) -> Vm:
+        return Vm(self, name, handlers or ExitTable(), events or NullSink(), era, ghcb_version,
+                  plugin_settings or {})  # fmt: skip
+
+
+class Vm:
+    """One SEV-ES guest as KVM holds it."""
+
+    def __init__(
+        self,
+        kvm: Kvm,
+        name: str,
+        handlers: ExitTable,
+        events: EventSink,
+        era: str,
+        ghcb_version: int,
+        plugin_settings: dict[str, dict[str, Any]],
+    ) -> None:
+        if not GHCB_VERSION_MIN <= ghcb_version <= GHCB_VERSION_MAX:
+            raise VcpuError(
+                f"GHCB protocol version {ghcb_version} is outside what KVM supports "
+                f"({GHCB_VERSION_MIN}..{GHCB_VERSION_MAX})"
+            )
+        self.kvm = kvm
+        self.platform = kvm.platform
+        self.name = name
+        self.handlers = handlers
+        self.compat = compat_era(era)
+        self.ghcb_version = ghcb_version
+        self.plugin_settings = plugin_settings
+        self._events = events
+        self._wanted = frozenset(n for n in EVENTS if events.wants(n))
+        self.memory = GuestMemoryView()
+        self.asid = kvm.asids.new(es=True)
+        self.handle: int | None = None
+        self.vcpus: list[Vcpu] = []
+        self.dead: str | None = None
+        self.emit("vm_created", vm=self)
+
+    # -- observers -------------------------------------------------------------------
+
+    def emit(self, name: str, **fields: Any) -> None:
+        if name in self._wanted:
+            self._events.emit(name, **fields)
+
+    # -- memory and vCPUs ------------------------------------------------------------
+
+    def add_ram(self, gpa: int, size: int, name: str = "ram") -> None:
+        """KVM_SET_USER_MEMORY_REGION for a new RAM slot."""
+        self.memory.add_ram(gpa, size, name)
+
+    def add_mmio(self, gpa: int, size: int, name: str) -> None:
+        """A guest-physical range left without RAM, for the VMM's devices."""
+        self.memory.add_mmio(gpa, size, name)
+
+    def create_vcpu(self) -> Vcpu:
+        if self.handle is not None:
+            raise VcpuError(f"{self.name}: vCPUs must exist before LAUNCH_START")
+        vcpu = Vcpu(self, len(self.vcpus))
+        self.vcpus.append(vcpu)
+        return vcpu
+
+    def sev_info(self) -> int:
+        """The SEV_INFO MSR-protocol response this VM gives (and preloads in the MSR)."""
+        return ghcb_msr.sev_info_resp(self.ghcb_version, GHCB_VERSION_MIN,
+                                      self.platform.caps.c_bit)  # fmt: skip
+
+    # -- KVM_SEV_* launch commands ---------------------------------------------------------
+
+    def _firmware(self, command: str, call: Any, *args: Any) -> Any:
+        try:
+            result = call(*args)
+        except SevFirmwareError as err:
+            self.emit("launch_command", vm=self, command=command, status=err.status,
+                      detail=err.detail)  # fmt: skip
+            raise
+        self.emit("launch_command", vm=self, command=command, status="SUCCESS", detail="")
+        return result
+
+    def _need_handle(self, command: str) -> int:
+        if self.handle is None:
+            raise SevFirmwareError(command, "INVALID_GUEST", f"{self.name}: LAUNCH_START first")
+        return self.handle
+
+    def launch_start(self, policy: int = Policy.ES, session: LaunchSession | None = None) -> int:
+        """KVM_SEV_LAUNCH_START: a firmware guest context, bound to this VM's ASID."""
+        psp = self.platform.psp
+        self.handle = self._firmware("LAUNCH_START", psp.launch_start, policy, session)
+        self._firmware("ACTIVATE", psp.activate, self.handle, self.asid)
+        return self.handle
+
+    def launch_update_data(self, gpa: int, length: int) -> None:
+        """KVM_SEV_LAUNCH_UPDATE_DATA: measure and encrypt what the VMM placed there."""
+        handle = self._need_handle("LAUNCH_UPDATE_DATA")
+        self._firmware("LAUNCH_UPDATE_DATA", self.platform.psp.launch_update_data, handle,
+                       self.memory, gpa, length)  # fmt: skip
+
+    def launch_update_vmsa(self) -> None:
+        """KVM_SEV_LAUNCH_UPDATE_VMSA: sync, measure and protect every vCPU's VMSA."""
+        handle = self._need_handle("LAUNCH_UPDATE_VMSA")
+        for vcpu in self.vcpus:
+            vcpu.sync_vmsa()
+            self._firmware("LAUNCH_UPDATE_VMSA", self.platform.psp.launch_update_vmsa, handle,
+                           vcpu.vmsa)  # fmt: skip
+            vcpu.guest_state_protected = True
+
+    def launch_measure(self) -> LaunchMeasurement:
+        handle = self._need_handle("LAUNCH_MEASURE")
+        return self._firmware("LAUNCH_MEASURE", self.platform.psp.launch_measure, handle)
+
+    def launch_finish(self) -> None:
+        handle = self._need_handle("LAUNCH_FINISH")
+        self._firmware("LAUNCH_FINISH", self.platform.psp.launch_finish, handle)
+
+    def launch_digest(self) -> bytes:
+        """The launch digest the firmware measured (after LAUNCH_MEASURE)."""
+        return self.platform.psp.launch_digest(self._need_handle("launch_digest"))
+
+    # -- the end ---------------------------------------------------------------------------
+
+    def terminate(self, why: str) -> None:
+        """Stop this VM for good (a plugin failed on its behalf); other VMs go on."""
+        if self.dead is None:
+            self.dead = why
+
+    def destroy(self) -> None:
+        """KVM_DESTROY_VM: DEACTIVATE, DECOMMISSION, free the ASID and host pages."""
+        psp = self.platform.psp
+        if self.handle is not None:
+            psp.deactivate(self.handle)
+            psp.decommission(self.handle)
+            self.handle = None
+        for vcpu in self.vcpus:
+            self.platform.pages.free(vcpu.vmsa.pa)
+            self.platform.pages.free(vcpu.msrpm_pa)
+        self.kvm.asids.free(self.asid)
+        self.emit("vm_destroyed", vm=self, why=self.dead or "destroyed")
+        self.dead = self.dead or "destroyed"
