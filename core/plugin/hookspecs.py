@@ -1,0 +1,310 @@
+"""Every hook a sevsim plugin can implement, in one module, each with a working example.
+
+Plugins mark their implementations with :data:`hookimpl`; pluggy matches them to the
+specs here by name (``sevsim_*``) and refuses an implementation whose arguments are not
+among the spec's. An implementation may take any subset of the arguments.
+
+There are three kinds of hook:
+
+- ``sevsim_configure`` and ``sevsim_exit_handlers`` are called by the plugin host
+  once per plugin, each plugin on its own, at start-up: a plugin gets only its own
+  settings table, and the host knows which plugin yielded which record, so it can
+  stamp the record with the owner's name and name both owners of a conflict.
+- ``sevsim_exit_handlers`` is the ownership hook. Exit handling is not a pluggy
+  fan-out: the host builds one dispatch table from the yielded records, and a
+  VMGEXIT is a dict lookup.
+- The observer hooks (``sevsim_vm_created`` ... ``sevsim_vmexit``) are 1:N and only
+  for watching (tracing, metrics). There is one per event in
+  :data:`sevsim.kvm.events.EVENTS`, named ``sevsim_<event>``, with the event's fields
+  as arguments; kvm does not even build an event that no plugin implements.
+
+The examples use :func:`sevsim.testing.isolated_host`, the host plugin authors test
+with; ``tests/test_hookspecs.py`` runs every example.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from sevsim.kvm.dispatch import ExitHandler
+
+PROJECT = "sevsim"
+
+#: Marks a hook specification in this module.
+hookspec = pluggy.HookspecMarker(PROJECT)
+#: Marks a plugin's hook implementation: ``@hookimpl def sevsim_...``.
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+# --- start-up: settings and ownership -------------------------------------------------
+
+
+@hookspec
+def sevsim_configure(settings: Mapping[str, Any]) -> object | None:
+    """Receive this plugin's settings table; return the configuration to run with.
+
+    ``settings`` is ``[plugins.settings.<this plugin>]`` from ``sevsim.toml`` (a
+    read-only mapping, empty when the table is absent); no plugin sees another's.
+    Validate it here and raise :class:`sevsim.errors.ConfigError` naming the bad value
+    and what was expected: the host reports it with the table's origin and stops
+    start-up. Whatever is returned (``None`` means "the table as it is") is handed to
+    this plugin's :func:`sevsim_exit_handlers` as ``config``. Returning it, instead of
+    storing it on the plugin, keeps one plugin module usable by several hosts at once.
+
+    Example::
+
+        >>> from sevsim.errors import ConfigError
+        >>> from sevsim.plugin.hookspecs import hookimpl
+        >>> from sevsim.testing import isolated_host
+        >>> class Versions:
+        ...     @hookimpl
+        ...     def sevsim_configure(self, settings):
+        ...         unknown = set(settings) - {"max_version"}
+        ...         if unknown:
+        ...             raise ConfigError(f"unknown {sorted(unknown)}")
+        ...         return {"max_version": settings.get("max_version", 2)}
+        ...     @hookimpl
+        ...     def sevsim_exit_handlers(self, config):
+        ...         print("protocol up to", config["max_version"])
+        ...         return []
+        >>> table = isolated_host(
+        ...     {"versions": Versions()}, settings={"versions": {"max_version": 1}}
+        ... ).start()
+        protocol up to 1
+        >>> isolated_host(
+        ...     {"versions": Versions()}, settings={"versions": {"max_vers": 1}}
+        ... ).start()  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        sevsim.errors.PluginError: ... plugin 'versions' rejected its settings: unknown ['max_vers']
+    """
+
+
+@hookspec
+def sevsim_exit_handlers(config: Any) -> Iterable[ExitHandler]:
+    """Yield (or return) the :class:`~sevsim.kvm.dispatch.ExitHandler` records this plugin owns.
+
+    Each record claims one ``(kind, code)``: a VMGEXIT ``sw_exit_code``, a GHCB MSR
+    protocol GHCBInfo, or an automatic #VMEXIT code; ``requires`` names the GHCB fields
+    kvm must find valid before calling the handler. ``config`` is what this plugin's
+    :func:`sevsim_configure` returned (or its settings table). The host stamps every
+    record with this plugin's name and puts it in the one dispatch table built at
+    start-up; two plugins claiming one code stop start-up with an error naming both
+    (settle it with ``-p no:NAME`` or ``[plugins.owners]``).
+
+    Example::
+
+        >>> from sevsim.kvm.dispatch import ExitHandler, ExitKind
+        >>> from sevsim.kvm.outcome import RESUME
+        >>> from sevsim.plugin.hookspecs import hookimpl
+        >>> from sevsim.testing import isolated_host
+        >>> HELLO = 0x8000_0F00  # a code in the hypervisor-defined range
+        >>> def hello(*exit_context):
+        ...     return RESUME
+        >>> class Hello:
+        ...     @hookimpl
+        ...     def sevsim_exit_handlers(self, config):
+        ...         yield ExitHandler(ExitKind.VMGEXIT, HELLO, hello, requires=("rax",))
+        >>> table = isolated_host({"hello": Hello()}).start()
+        >>> entry = table.lookup(ExitKind.VMGEXIT, HELLO)
+        >>> entry.plugin, entry.requires, entry.handler is hello
+        ('hello', ('rax',), True)
+    """
+
+
+# --- observers: one per sevsim.kvm.events.EVENTS entry ---------------------------------
+
+
+@hookspec
+def sevsim_vm_created(vm: Any) -> None:
+    """A VM was created (KVM_CREATE_VM): ``vm`` is the VM object kvm made.
+
+    Example::
+
+        >>> from sevsim.plugin.hookspecs import hookimpl
+        >>> from sevsim.testing import isolated_host
+        >>> class Census:
+        ...     @hookimpl
+        ...     def sevsim_vm_created(self, vm):
+        ...         print("created", vm)
+        >>> host = isolated_host({"census": Census()})
+        >>> host.events.wants("vm_created")
+        True
+        >>> host.events.emit("vm_created", vm="vm0")
+        created vm0
+    """
+
+
+@hookspec
+def sevsim_vm_destroyed(vm: Any, why: str) -> None:
+    """A VM ended; ``why`` says how (shutdown, termination request and its reason, ...).
+
+    Example::
+
+        >>> from sevsim.plugin.hookspecs import hookimpl
+        >>> from sevsim.testing import isolated_host
+        >>> class Obituary:
+        ...     @hookimpl
+        ...     def sevsim_vm_destroyed(self, vm, why):
+        ...         print(f"{vm} ended: {why}")
+        >>> host = isolated_host({"obituary": Obituary()})
+        >>> host.events.emit("vm_destroyed", vm="vm0", why="guest asked to terminate")
+        vm0 ended: guest asked to terminate
+    """
+
+
+@hookspec
+def sevsim_launch_command(vm: Any, command: str, status: str, detail: str) -> None:
+    """A SEV firmware launch command ran: ``command`` (e.g. ``LAUNCH_UPDATE_VMSA``),
+    the firmware ``status`` name (``SUCCESS``, ``INVALID_GUEST_STATE``, ...) and a
+    human ``detail``.
+
+    Example::
+
+        >>> from sevsim.plugin.hookspecs import hookimpl
+        >>> from sevsim.testing import isolated_host
+        >>> class Launches:
+        ...     @hookimpl
+        ...     def sevsim_launch_command(self, vm, command, status, detail):
+        ...         print(command, status, detail)
+        >>> host = isolated_host({"launches": Launches()})
+        >>> host.events.emit(
+        ...     "launch_command", vm="vm0", command="LAUNCH_START", status="SUCCESS",
+        ...     detail="policy 0x5",
+        ... )
+        LAUNCH_START SUCCESS policy 0x5
+    """
+
+
+@hookspec
+def sevsim_vmgexit_enter(vcpu_id: int, exit_reason: int, info1: int, info2: int) -> None:
+    """A VMGEXIT with a GHCB page, before handling (KVM's ``kvm_vmgexit_enter``):
+    ``exit_reason`` is the GHCB's ``sw_exit_code``, ``info1``/``info2`` its
+    ``sw_exit_info_1``/``sw_exit_info_2`` as the guest wrote them.
+
+    Example::
+
+        >>> from sevsim.arch.exits import exit_name
+        >>> from sevsim.plugin.hookspecs import hookimpl
+        >>> from sevsim.testing import isolated_host
+        >>> class Tracer:
+        ...     @hookimpl
+        ...     def sevsim_vmgexit_enter(self, vcpu_id, exit_reason, info1, info2):
+        ...         print(f"vcpu{vcpu_id} {exit_name(exit_reason)} {info1:#x} {info2:#x}")
+        >>> host = isolated_host({"tracer": Tracer()})
+        >>> host.events.emit("vmgexit_enter", vcpu_id=0, exit_reason=0x7B, info1=0x3F80210, info2=0)
+        vcpu0 SVM_EXIT_IOIO 0x3f80210 0x0
+    """
+
+
+@hookspec
+def sevsim_vmgexit_exit(vcpu_id: int, exit_reason: int, info1: int, info2: int) -> None:
+    """A VMGEXIT was handled (KVM's ``kvm_vmgexit_exit``): ``info1``/``info2`` are
+    the ``sw_exit_info_1``/``sw_exit_info_2`` the guest will read back (0/0 for
+    success, 2 and a ``GHCB_ERR_*`` for malformed input).
+
+    Example::
+
+        >>> from sevsim.plugin.hookspecs import hookimpl
+        >>> from sevsim.testing import isolated_host
+        >>> class Errors:
+        ...     @hookimpl
+        ...     def sevsim_vmgexit_exit(self, vcpu_id, exit_reason, info1, info2):
+        ...         if info1 == 2:
+        ...             print(f"vcpu{vcpu_id} {exit_reason:#x} refused, GHCB_ERR {info2}")
+        >>> host = isolated_host({"errors": Errors()})
+        >>> host.events.emit("vmgexit_exit", vcpu_id=1, exit_reason=0x7B, info1=2, info2=4)
+        vcpu1 0x7b refused, GHCB_ERR 4
+    """
+
+
+@hookspec
+def sevsim_msr_protocol_enter(vcpu_id: int, ghcb_gpa: int) -> None:
+    """A GHCB MSR protocol request, before handling (KVM's ``kvm_vmgexit_msr_protocol_enter``):
+    ``ghcb_gpa`` is the whole GHCB MSR value (GHCBInfo in bits 11:0).
+
+    Example::
+
+        >>> from sevsim.arch.ghcb_msr import GhcbMsr, info
+        >>> from sevsim.plugin.hookspecs import hookimpl
+        >>> from sevsim.testing import isolated_host
+        >>> class Requests:
+        ...     @hookimpl
+        ...     def sevsim_msr_protocol_enter(self, vcpu_id, ghcb_gpa):
+        ...         print(f"vcpu{vcpu_id} {GhcbMsr(info(ghcb_gpa)).linux_name}")
+        >>> host = isolated_host({"requests": Requests()})
+        >>> host.events.emit("msr_protocol_enter", vcpu_id=0, ghcb_gpa=0x002)
+        vcpu0 GHCB_MSR_SEV_INFO_REQ
+    """
+
+
+@hookspec
+def sevsim_msr_protocol_exit(vcpu_id: int, ghcb_gpa: int, result: Any) -> None:
+    """A GHCB MSR protocol request was handled (KVM's ``kvm_vmgexit_msr_protocol_exit``):
+    ``ghcb_gpa`` is the GHCB MSR value the guest reads back (the response) and
+    ``result`` what handling produced (the handler's outcome).
+
+    Example::
+
+        >>> from sevsim.arch.ghcb_msr import bits
+        >>> from sevsim.plugin.hookspecs import hookimpl
+        >>> from sevsim.testing import isolated_host
+        >>> class Versions:
+        ...     @hookimpl
+        ...     def sevsim_msr_protocol_exit(self, vcpu_id, ghcb_gpa):
+        ...         print("max", bits(ghcb_gpa, 63, 48), "min", bits(ghcb_gpa, 47, 32))
+        >>> host = isolated_host({"versions": Versions()})
+        >>> host.events.emit(
+        ...     "msr_protocol_exit", vcpu_id=0, ghcb_gpa=0x0002_0001_3300_0001, result=1
+        ... )
+        max 2 min 1
+    """
+
+
+@hookspec
+def sevsim_vc(vcpu_id: int, exit_code: int, rip: int) -> None:
+    """The hardware raised #VC in the guest: ``exit_code`` is the #VC error code (the
+    exit code the instruction would have caused), ``rip`` the guest instruction.
+
+    Example::
+
+        >>> from collections import Counter
+        >>> from sevsim.plugin.hookspecs import hookimpl
+        >>> from sevsim.testing import isolated_host
+        >>> class VcCount:
+        ...     def __init__(self):
+        ...         self.by_code = Counter()
+        ...     @hookimpl
+        ...     def sevsim_vc(self, exit_code):
+        ...         self.by_code[exit_code] += 1
+        >>> counter = VcCount()
+        >>> host = isolated_host({"vccount": counter})
+        >>> for rip in (0x1000, 0x1004):
+        ...     host.events.emit("vc", vcpu_id=0, exit_code=0x72, rip=rip)
+        >>> counter.by_code
+        Counter({114: 2})
+    """
+
+
+@hookspec
+def sevsim_vmexit(vcpu_id: int, exit_code: int, info1: int, info2: int) -> None:
+    """An automatic #VMEXIT (not a VMGEXIT): ``exit_code`` with ``exit_info_1/2`` from
+    the VMCB control area, e.g. ``SVM_EXIT_CR0_WRITE_TRAP`` carrying the new CR0.
+
+    Example::
+
+        >>> from sevsim.plugin.hookspecs import hookimpl
+        >>> from sevsim.testing import isolated_host
+        >>> class Cr0Watch:
+        ...     @hookimpl
+        ...     def sevsim_vmexit(self, exit_code, info1):
+        ...         if exit_code == 0x90:
+        ...             print(f"CR0 <- {info1:#x}")
+        >>> host = isolated_host({"cr0watch": Cr0Watch()})
+        >>> host.events.emit("vmexit", vcpu_id=0, exit_code=0x90, info1=0x80050033, info2=0)
+        CR0 <- 0x80050033
+    """

@@ -1,0 +1,308 @@
+"""The plugin host: loads the enabled plugins and builds the one exit table.
+
+Start-up, in order: discover candidates (entry points, direct objects) without
+importing them; check every plugin name the configuration mentions; block the
+disabled ones in pluggy *before* anything is imported; import and register the
+rest, each on its own so that one broken plugin is reported (name and error) and
+skipped; hand each plugin its own settings (``sevsim_configure``); collect and stamp
+its :class:`~sevsim.kvm.dispatch.ExitHandler` records; settle conflicts with
+``[plugins.owners]`` or report them; build the :class:`~sevsim.kvm.dispatch.ExitTable`.
+
+Loading never raises for a plugin's fault, so ``sevsim plugins`` can list a broken
+installation; :meth:`PluginHost.start` is where fatal problems (a conflict, rejected
+settings, any failure under strict) stop the run.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import pluggy
+from attrs import define, evolve, field, frozen
+
+from sevsim.errors import ConfigError, PluginError
+from sevsim.kvm.dispatch import ExitHandler, ExitKind, ExitTable
+from sevsim.plugin import hookspecs
+from sevsim.plugin.config import PluginConfig
+from sevsim.plugin.discovery import Candidate, discover
+from sevsim.plugin.sink import HOOK_PREFIX, HookSink
+
+ACTIVE = "active"
+DISABLED = "disabled"
+FAILED = "failed"
+
+
+@frozen
+class PluginInfo:
+    """One row of ``sevsim plugins``."""
+
+    name: str
+    version: str | None
+    #: "builtin", "entry point: <distribution>" or "direct".
+    source: str
+    #: ACTIVE, DISABLED or FAILED.
+    status: str
+    #: Why it has that status: "autoloaded", "-p no:ioio", "ImportError: ...".
+    why: str
+    #: The dispatch-table rows this plugin owns.
+    owns: tuple[ExitHandler, ...] = ()
+
+    @property
+    def status_line(self) -> str:
+        return self.status if self.status == ACTIVE else f"{self.status}: {self.why}"
+
+
+@frozen
+class Problem:
+    """A plugin that failed, or a conflict. Fatal ones stop :meth:`PluginHost.start`;
+    the others (a failed plugin, skipped) do too under strict."""
+
+    message: str
+    fatal: bool
+
+
+class _RejectedSettings(Exception):
+    """A plugin's ``sevsim_configure`` raised ConfigError: the user's input, always fatal."""
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _failure(error: BaseException) -> str:
+    if isinstance(error, (_RejectedSettings, PluginError)):
+        return _one_line(str(error))
+    return _one_line(f"{type(error).__name__}: {error}")
+
+
+def _call(impl: pluggy.HookImpl, **kwargs: Any) -> Any:
+    """Call one plugin's implementation with the arguments it asks for."""
+    return impl.function(*(kwargs[name] for name in impl.argnames))
+
+
+def _new_manager() -> pluggy.PluginManager:
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    return pm
+
+
+def _names(names: Iterable[str]) -> str:
+    quoted = [repr(n) for n in names]
+    if len(quoted) == 2:
+        return f"both {quoted[0]} and {quoted[1]}"
+    return ", ".join(quoted[:-1]) + f" and {quoted[-1]}"
+
+
+def _owners_key(kind: ExitKind, code: int) -> str:
+    """The ``[plugins.owners]`` key for a code: bare hex for the common VMGEXIT case."""
+    number = f"{code:#05x}" if kind is ExitKind.MSR_PROTOCOL else f"{code:#x}"
+    return number if kind is ExitKind.VMGEXIT else f"{kind.value}:{number}"
+
+
+@define
+class PluginHost:
+    """Loads plugins per ``config`` (plus ``plugins``, objects registered directly by
+    name) and gives kvm its exit table (:meth:`start`) and event sink (:attr:`events`).
+
+    Loading happens once, on first use; register direct plugins before that.
+    """
+
+    config: PluginConfig = field(factory=PluginConfig)
+    _direct: dict[str, object] = field(factory=dict, converter=dict, alias="plugins")
+    _pm: pluggy.PluginManager = field(init=False, factory=_new_manager)
+    _infos: dict[str, PluginInfo] | None = field(init=False, default=None)
+    _problems: list[Problem] = field(init=False, factory=list)
+    _table: ExitTable = field(init=False, factory=ExitTable)
+    _events: HookSink | None = field(init=False, default=None)
+
+    # --- public API --------------------------------------------------------------------
+
+    def register(self, name: str, plugin: object) -> None:
+        """Add ``plugin`` (a module or any object with ``@hookimpl`` methods) as ``name``."""
+        if self._infos is not None:
+            raise PluginError(f"cannot register plugin {name!r}: the host has already loaded")
+        if not name or name in self._direct:
+            raise PluginError(f"cannot register plugin {name!r}: name empty or already used")
+        self._direct[name] = plugin
+
+    def start(self) -> ExitTable:
+        """The dispatch table; raises PluginError if a fatal problem stops start-up."""
+        self.load()
+        strict = self.config.strict
+        fatal = [p for p in self._problems if p.fatal or strict]
+        if fatal:
+            message = "; ".join(p.message for p in fatal)
+            if strict and not all(p.fatal for p in fatal):
+                message += f" (fatal in strict mode: {self.config.strict_source})"
+            raise PluginError(message)
+        return self._table
+
+    @property
+    def events(self) -> HookSink:
+        """The EventSink for kvm: forwards events to the observer hooks."""
+        self.load()
+        assert self._events is not None
+        return self._events
+
+    @property
+    def plugin_manager(self) -> pluggy.PluginManager:
+        self.load()
+        return self._pm
+
+    def plugins(self) -> list[PluginInfo]:
+        """Every known plugin (active, disabled, failed), by name."""
+        self.load()
+        assert self._infos is not None
+        return [self._infos[name] for name in sorted(self._infos)]
+
+    def problems(self) -> list[Problem]:
+        """Failed plugins and conflicts, in the order found."""
+        self.load()
+        return list(self._problems)
+
+    # --- loading -----------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Discover, block, import, register, configure and collect; once."""
+        if self._infos is not None:
+            return
+        candidates = discover(self._direct)
+        self._check_mentions(candidates)
+        infos: dict[str, PluginInfo] = {}
+        claims: list[ExitHandler] = []
+        for name in sorted(candidates):
+            candidate = candidates[name]
+            enabled, why = self.config.decide(
+                name, autoload_candidate=candidate.autoload_candidate
+            )
+            if not enabled:
+                self._pm.set_blocked(name)  # before import: the module never runs
+                infos[name] = self._info(candidate, DISABLED, why)
+                continue
+            try:
+                owned = self._activate(candidate)
+            except _RejectedSettings as e:
+                infos[name] = self._info(candidate, FAILED, _failure(e))
+                self._problems.append(Problem(_failure(e), fatal=True))
+                continue
+            except Exception as e:
+                infos[name] = self._info(candidate, FAILED, _failure(e))
+                self._problems.append(
+                    Problem(f"plugin {name!r} failed to load: {_failure(e)}", fatal=False)
+                )
+                continue
+            infos[name] = self._info(candidate, ACTIVE, why)
+            claims.extend(owned)
+        self._table = ExitTable(self._settle(claims))
+        for entry in self._table:
+            assert entry.plugin is not None
+            info = infos[entry.plugin]
+            infos[entry.plugin] = evolve(info, owns=(*info.owns, entry))
+        self._infos = infos
+        self._events = HookSink.of(self._pm)
+
+    def _check_mentions(self, candidates: Mapping[str, Candidate]) -> None:
+        known = ", ".join(sorted(candidates)) or "none"
+        for mention in self.config.mentions():
+            if mention.name not in candidates:
+                raise ConfigError(
+                    f"{mention.source}: no plugin named {mention.name!r} is installed; "
+                    f"known plugins: {known}"
+                )
+
+    @staticmethod
+    def _info(candidate: Candidate, status: str, why: str) -> PluginInfo:
+        return PluginInfo(candidate.name, candidate.version, candidate.source, status, why)
+
+    def _activate(self, candidate: Candidate) -> list[ExitHandler]:
+        """Import, register, configure; the plugin's records, stamped with its name."""
+        if candidate.problem:
+            raise PluginError(candidate.problem)
+        plugin = candidate.load()
+        self._pm.register(plugin, name=candidate.name)
+        try:
+            self._check_hooks(plugin)
+            config = self._configure(candidate.name)
+            return self._collect(candidate.name, config)
+        except BaseException:
+            self._pm.unregister(plugin)
+            raise
+
+    def _check_hooks(self, plugin: object) -> None:
+        """Refuse hook names pluggy would silently ignore: typos and unmarked functions."""
+        specs = [n for n in dir(hookspecs) if n.startswith(HOOK_PREFIX)]
+        for caller in self._pm.get_hookcallers(plugin) or ():
+            mine = [i for i in caller.get_hookimpls() if i.plugin is plugin]
+            if not caller.has_spec() and not all(i.optionalhook for i in mine):
+                close = difflib.get_close_matches(caller.name, specs, n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                raise PluginError(f"implements unknown hook {caller.name}{hint}")
+        for attr in dir(plugin):
+            if (
+                attr.startswith(HOOK_PREFIX)
+                and callable(getattr(plugin, attr, None))
+                and self._pm.parse_hookimpl_opts(plugin, attr) is None
+            ):
+                raise PluginError(
+                    f"{attr} is not marked @hookimpl "
+                    "(from sevsim.plugin.hookspecs import hookimpl), so it would never run"
+                )
+
+    def _impls(self, hook: str, name: str) -> list[pluggy.HookImpl]:
+        caller = getattr(self._pm.hook, hook)
+        return [i for i in caller.get_hookimpls() if i.plugin_name == name]
+
+    def _configure(self, name: str) -> Any:
+        settings = self.config.settings_for(name)
+        for impl in self._impls("sevsim_configure", name):
+            try:
+                result = _call(impl, settings=settings)
+            except ConfigError as e:
+                raise _RejectedSettings(
+                    f"{self.config.settings_source(name)}: "
+                    f"plugin {name!r} rejected its settings: {e}"
+                ) from e
+            return settings if result is None else result
+        return settings
+
+    def _collect(self, name: str, config: Any) -> list[ExitHandler]:
+        records: dict[tuple[ExitKind, int], ExitHandler] = {}
+        for impl in self._impls("sevsim_exit_handlers", name):
+            for record in _call(impl, config=config) or ():
+                if not isinstance(record, ExitHandler):
+                    raise PluginError(
+                        f"sevsim_exit_handlers gave {record!r}; expected "
+                        "sevsim.kvm.dispatch.ExitHandler records"
+                    )
+                key = (record.kind, record.code)
+                if key in records:
+                    raise PluginError(f"sevsim_exit_handlers claims {record.describe()} twice")
+                records[key] = evolve(record, plugin=name)
+        return list(records.values())
+
+    def _settle(self, claims: list[ExitHandler]) -> list[ExitHandler]:
+        """One record per (kind, code): sole claims, or the owner rule's choice; the
+        unsettled conflicts become fatal problems."""
+        grouped: dict[tuple[ExitKind, int], list[ExitHandler]] = {}
+        for claim in claims:
+            grouped.setdefault((claim.kind, claim.code), []).append(claim)
+        kept = []
+        for (kind, code), group in sorted(grouped.items(), key=lambda g: (g[0][0].value, g[0][1])):
+            rule = self.config.owner_rule(kind, code) if len(group) > 1 else None
+            winner = [c for c in group if rule is None or c.plugin == rule.plugin]
+            if len(winner) == 1:
+                kept.append(winner[0])
+                continue
+            names = [str(c.plugin) for c in group]
+            message = (
+                f"exit code conflict: {group[0].describe()} is claimed by {_names(names)}; "
+                f"fix: disable one with {' or '.join(f'-p no:{n}' for n in names)}, "
+                f"or settle it in sevsim.toml: [plugins.owners] "
+                f'"{_owners_key(kind, code)}" = "{names[0]}"'
+            )
+            if rule is not None:
+                message += f" ({rule.source} names a plugin that does not claim it)"
+            self._problems.append(Problem(message, True))
+        return kept

@@ -1,0 +1,632 @@
+"""The plugin host: loading, stamping, conflicts, failures, discovery, the event sink."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sevsim.errors import ConfigError, PluginError
+from sevsim.kvm.dispatch import ExitHandler, ExitKind, ExitTable
+from sevsim.kvm.events import EVENTS
+from sevsim.kvm.outcome import RESUME
+from sevsim.plugin.config import PluginConfig, apply_cli, isolated_config
+from sevsim.plugin.hookspecs import hookimpl
+from sevsim.plugin.host import ACTIVE, DISABLED, FAILED, PluginHost, PluginInfo
+
+pytest_plugins = ["sevsim.testing"]
+
+DISTS = Path(__file__).parent / "data" / "plugin_dists"
+IOIO = 0x7B
+
+
+def resume(*exit_context: object) -> object:
+    return RESUME
+
+
+class Claims:
+    """A plugin object claiming the given (kind, code) pairs."""
+
+    def __init__(self, *codes: tuple[ExitKind, int]) -> None:
+        self.codes = codes
+
+    @hookimpl
+    def sevsim_exit_handlers(self) -> Iterator[ExitHandler]:
+        for kind, code in self.codes:
+            yield ExitHandler(kind, code, resume)
+
+
+def by_name(host: PluginHost) -> dict[str, PluginInfo]:
+    return {info.name: info for info in host.plugins()}
+
+
+# --- ownership, stamping, the table ---------------------------------------------------
+
+
+def test_records_are_stamped_and_put_in_one_table(
+    plugin_host: Callable[..., PluginHost],
+) -> None:
+    host = plugin_host({
+        "ioio": Claims((ExitKind.VMGEXIT, IOIO)),
+        "msr_protocol": Claims((ExitKind.MSR_PROTOCOL, 0x002), (ExitKind.MSR_PROTOCOL, 0x004)),
+    })  # fmt: skip
+    table = host.start()
+    assert isinstance(table, ExitTable)
+    assert len(table) == 3
+    assert table.lookup(ExitKind.VMGEXIT, IOIO).plugin == "ioio"
+    assert table.lookup(ExitKind.MSR_PROTOCOL, 0x004).plugin == "msr_protocol"
+    assert table.lookup(ExitKind.MSR_PROTOCOL, 0x006) is None
+    assert host.start() is table  # built once
+    infos = by_name(host)
+    assert [e.describe() for e in infos["ioio"].owns] == ["vmgexit 0x7b (SVM_EXIT_IOIO)"]
+    assert [e.describe() for e in infos["msr_protocol"].owns] == [
+        "msr_protocol 0x002 (GHCB_MSR_SEV_INFO_REQ)",
+        "msr_protocol 0x004 (GHCB_MSR_CPUID_REQ)",
+    ]
+    assert infos["ioio"] == PluginInfo(
+        "ioio", None, "direct", ACTIVE, "registered directly", infos["ioio"].owns
+    )
+    assert host.problems() == []
+
+
+def test_a_module_is_a_plugin(
+    plugin_host: Callable[..., PluginHost], installed: Callable[[str], None]
+) -> None:
+    installed("conflict")
+    import sevsim_demo_ioio
+
+    table = plugin_host({"ioio": sevsim_demo_ioio}).start()
+    assert table.lookup(ExitKind.VMGEXIT, IOIO).requires == ("rax",)
+
+
+def test_returning_a_list_works_like_yielding(plugin_host: Callable[..., PluginHost]) -> None:
+    class AsList:
+        @hookimpl
+        def sevsim_exit_handlers(self, config: Any) -> list[ExitHandler]:
+            return [ExitHandler(ExitKind.VMEXIT, 0x90, resume)]
+
+    table = plugin_host({"crtraps": AsList()}).start()
+    assert table.lookup(ExitKind.VMEXIT, 0x90).plugin == "crtraps"
+
+
+# --- conflicts ------------------------------------------------------------------------
+
+
+def test_conflict_stops_start_up_naming_code_both_plugins_and_both_fixes(
+    plugin_host: Callable[..., PluginHost],
+) -> None:
+    host = plugin_host({"ioio": Claims((ExitKind.VMGEXIT, IOIO)),
+                        "rival": Claims((ExitKind.VMGEXIT, IOIO))})  # fmt: skip
+    with pytest.raises(PluginError) as info:
+        host.start()
+    message = str(info.value)
+    assert "0x7b (SVM_EXIT_IOIO)" in message
+    assert "'ioio'" in message and "'rival'" in message
+    assert "-p no:ioio" in message and "-p no:rival" in message
+    assert '[plugins.owners] "0x7b" = "ioio"' in message
+    # Loading itself does not raise: the listing still works.
+    assert [p.fatal for p in host.problems()] == [True]
+    assert {i.status for i in host.plugins()} == {ACTIVE}
+
+
+def test_three_claimants_are_all_named(plugin_host: Callable[..., PluginHost]) -> None:
+    claim = (ExitKind.MSR_PROTOCOL, 0x004)
+    host = plugin_host({"a": Claims(claim), "b": Claims(claim), "c": Claims(claim)})
+    with pytest.raises(PluginError) as info:
+        host.start()
+    assert "claimed by 'a', 'b' and 'c'" in str(info.value)
+    assert "0x004 (GHCB_MSR_CPUID_REQ)" in str(info.value)
+    assert '"msr_protocol:0x004" = "a"' in str(info.value)
+
+
+@pytest.mark.parametrize("key", ["0x7b", "vmgexit:0x7b", 0x7B, "123"])
+def test_owners_settle_a_conflict(plugin_host: Callable[..., PluginHost], key: Any) -> None:
+    host = plugin_host(
+        {"ioio": Claims((ExitKind.VMGEXIT, IOIO)), "rival": Claims((ExitKind.VMGEXIT, IOIO))},
+        owners={key: "rival"},
+    )
+    assert host.start().lookup(ExitKind.VMGEXIT, IOIO).plugin == "rival"
+    assert by_name(host)["ioio"].owns == ()
+
+
+def test_owner_of_another_kind_does_not_settle(plugin_host: Callable[..., PluginHost]) -> None:
+    host = plugin_host(
+        {"ioio": Claims((ExitKind.VMGEXIT, IOIO)), "rival": Claims((ExitKind.VMGEXIT, IOIO))},
+        owners={"msr_protocol:0x7b": "rival"},
+    )
+    with pytest.raises(PluginError, match="claimed by both"):
+        host.start()
+
+
+def test_owner_that_does_not_claim_the_code(plugin_host: Callable[..., PluginHost]) -> None:
+    host = plugin_host(
+        {"ioio": Claims((ExitKind.VMGEXIT, IOIO)), "rival": Claims((ExitKind.VMGEXIT, IOIO)),
+         "mmio": Claims()},
+        owners={"0x7b": "mmio"},
+    )  # fmt: skip
+    with pytest.raises(PluginError) as info:
+        host.start()
+    assert (
+        "(isolated_host(): owners '0x7b' = 'mmio' names a plugin that does not claim it)"
+        in str(info.value)
+    )
+
+
+def test_owner_name_must_be_a_known_plugin(plugin_host: Callable[..., PluginHost]) -> None:
+    host = plugin_host({"ioio": Claims()}, owners={"0x7b": "iooi"})
+    with pytest.raises(ConfigError) as info:
+        host.start()
+    assert str(info.value).startswith("isolated_host(): owners '0x7b' = 'iooi': ")
+    assert "no plugin named 'iooi' is installed; known plugins: ioio" in str(info.value)
+
+
+def test_unknown_names_in_p_flags_are_refused() -> None:
+    config = apply_cli(isolated_config(), ["no:mmio"])
+    with pytest.raises(ConfigError, match="-p no:mmio: no plugin named 'mmio'"):
+        PluginHost(config, plugins={"ioio": Claims()}).load()
+
+
+# --- failures: reported with name and error, skipped; fatal under strict ---------------
+
+
+class TypoHook:
+    @hookimpl
+    def sevsim_exit_handler(self) -> list[ExitHandler]:
+        return []
+
+
+class Unmarked:
+    def sevsim_exit_handlers(self) -> list[ExitHandler]:
+        return []
+
+
+class BadArgument:
+    @hookimpl
+    def sevsim_exit_handlers(self, vcpu: object) -> list[ExitHandler]:
+        return []
+
+
+class Raises:
+    @hookimpl
+    def sevsim_exit_handlers(self) -> list[ExitHandler]:
+        raise RuntimeError("table on fire")
+
+
+class NotARecord:
+    @hookimpl
+    def sevsim_exit_handlers(self) -> list[int]:
+        return [0x7B]
+
+
+class Twice:
+    @hookimpl
+    def sevsim_exit_handlers(self) -> list[ExitHandler]:
+        return [ExitHandler(ExitKind.VMGEXIT, IOIO, resume)] * 2
+
+
+class BadRequires:
+    @hookimpl
+    def sevsim_exit_handlers(self) -> Iterator[ExitHandler]:
+        yield ExitHandler(ExitKind.VMGEXIT, IOIO, resume, requires=("raxx",))
+
+
+@pytest.mark.parametrize(
+    ("plugin", "why"),
+    [
+        (TypoHook(), "implements unknown hook sevsim_exit_handler "
+                     "(did you mean sevsim_exit_handlers?)"),
+        (Unmarked(), "sevsim_exit_handlers is not marked @hookimpl"),
+        (BadArgument(), "PluginValidationError: Plugin 'broken' for hook 'sevsim_exit_handlers'"),
+        (Raises(), "RuntimeError: table on fire"),
+        (NotARecord(), "sevsim_exit_handlers gave 123; expected sevsim.kvm.dispatch.ExitHandler"),
+        (Twice(), "sevsim_exit_handlers claims vmgexit 0x7b (SVM_EXIT_IOIO) twice"),
+        (BadRequires(), "ExitHandler requires unknown GHCB field(s) ['raxx']"),
+    ],
+)  # fmt: skip
+def test_broken_plugin_is_reported_and_skipped(
+    plugin_host: Callable[..., PluginHost], plugin: object, why: str
+) -> None:
+    host = plugin_host({"broken": plugin, "ioio": Claims((ExitKind.VMGEXIT, IOIO))},
+                       strict=False)  # fmt: skip
+    table = host.start()  # not strict: the run goes on without it
+    assert table.lookup(ExitKind.VMGEXIT, IOIO).plugin == "ioio"
+    info = by_name(host)["broken"]
+    assert info.status == FAILED
+    assert info.why.startswith(why)
+    assert "\n" not in info.why
+    assert info.status_line == f"failed: {info.why}"
+    [problem] = host.problems()
+    assert problem.message == f"plugin 'broken' failed to load: {info.why}"
+    assert not problem.fatal
+    assert not host.plugin_manager.has_plugin("broken")
+
+
+def test_strict_makes_a_failure_fatal(plugin_host: Callable[..., PluginHost]) -> None:
+    host = plugin_host({"broken": Raises()})  # isolated hosts are strict by default
+    with pytest.raises(PluginError) as info:
+        host.start()
+    assert str(info.value) == (
+        "plugin 'broken' failed to load: RuntimeError: table on fire "
+        "(fatal in strict mode: isolated host)"
+    )
+
+
+def test_failed_plugins_observers_are_not_called(plugin_host: Callable[..., PluginHost]) -> None:
+    calls = []
+
+    class HalfBroken:
+        @hookimpl
+        def sevsim_vm_created(self, vm: object) -> None:
+            calls.append(vm)
+
+        @hookimpl
+        def sevsim_exit_handlers(self) -> list[ExitHandler]:
+            raise RuntimeError("no")
+
+    host = plugin_host({"half": HalfBroken()}, strict=False)
+    assert not host.events.wants("vm_created")
+    host.events.emit("vm_created", vm="vm0")
+    assert calls == []
+
+
+def test_rejected_settings_are_fatal_even_without_strict(
+    plugin_host: Callable[..., PluginHost],
+) -> None:
+    class Picky:
+        @hookimpl
+        def sevsim_configure(self, settings: Any) -> None:
+            if "ports" in settings:
+                raise ConfigError(f"ports = {settings['ports']!r}: expected a list")
+
+    host = plugin_host({"picky": Picky()}, settings={"picky": {"ports": 3}}, strict=False)
+    with pytest.raises(PluginError) as info:
+        host.start()
+    assert str(info.value) == (
+        "isolated_host(): [plugins.settings.picky]: plugin 'picky' rejected its settings: "
+        "ports = 3: expected a list"
+    )
+    assert by_name(host)["picky"].status == FAILED
+
+
+# --- configure: each plugin its own table, its return value is its config ---------------
+
+
+def test_each_plugin_gets_only_its_own_settings(plugin_host: Callable[..., PluginHost]) -> None:
+    seen: dict[str, Any] = {}
+
+    class Configured:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        @hookimpl
+        def sevsim_configure(self, settings: Any) -> Any:
+            seen[self.name] = dict(settings)
+            return {"parsed": settings.get("level", 0) * 10}
+
+        @hookimpl
+        def sevsim_exit_handlers(self, config: Any) -> list[ExitHandler]:
+            seen[self.name + ".config"] = config
+            return []
+
+    class RawTable:
+        @hookimpl
+        def sevsim_exit_handlers(self, config: Any) -> list[ExitHandler]:
+            seen["raw.config"] = dict(config)
+            return []
+
+    plugin_host(
+        {"a": Configured("a"), "b": Configured("b"), "raw": RawTable()},
+        settings={"a": {"level": 1}, "raw": {"level": 3}},
+    ).start()
+    assert seen == {
+        "a": {"level": 1},
+        "a.config": {"parsed": 10},
+        "b": {},
+        "b.config": {"parsed": 0},
+        "raw.config": {"level": 3},
+    }
+
+
+def test_register_before_loading_only(plugin_host: Callable[..., PluginHost]) -> None:
+    host = plugin_host()
+    host.register("ioio", Claims((ExitKind.VMGEXIT, IOIO)))
+    with pytest.raises(PluginError, match="already used"):
+        host.register("ioio", Claims())
+    assert host.start().lookup(ExitKind.VMGEXIT, IOIO).plugin == "ioio"
+    with pytest.raises(PluginError, match="already loaded"):
+        host.register("late", Claims())
+
+
+def test_disabled_direct_plugin_is_blocked_in_pluggy() -> None:
+    config = apply_cli(isolated_config(), ["no:ioio"])
+    host = PluginHost(config, plugins={"ioio": Claims((ExitKind.VMGEXIT, IOIO))})
+    assert len(host.start()) == 0
+    assert by_name(host)["ioio"].status_line == "disabled: -p no:ioio"
+    assert host.plugin_manager.is_blocked("ioio")
+
+
+# --- the event sink -------------------------------------------------------------------
+
+
+class Observer:
+    """Implements every observer hook and records what it saw."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+
+    @hookimpl
+    def sevsim_vm_created(self, vm: Any) -> None:
+        self.calls.append(("vm_created", {"vm": vm}))
+
+    @hookimpl
+    def sevsim_vm_destroyed(self, vm: Any, why: str) -> None:
+        self.calls.append(("vm_destroyed", {"vm": vm, "why": why}))
+
+    @hookimpl
+    def sevsim_launch_command(self, vm: Any, command: str, status: str, detail: str) -> None:
+        self.calls.append(
+            ("launch_command", {"vm": vm, "command": command, "status": status, "detail": detail})
+        )
+
+    @hookimpl
+    def sevsim_vmgexit_enter(self, vcpu_id: int, exit_reason: int, info1: int, info2: int) -> None:
+        self.calls.append(("vmgexit_enter", {"vcpu_id": vcpu_id, "exit_reason": exit_reason,
+                                             "info1": info1, "info2": info2}))  # fmt: skip
+
+    @hookimpl
+    def sevsim_vmgexit_exit(self, vcpu_id: int, exit_reason: int, info1: int, info2: int) -> None:
+        self.calls.append(("vmgexit_exit", {"vcpu_id": vcpu_id, "exit_reason": exit_reason,
+                                            "info1": info1, "info2": info2}))  # fmt: skip
+
+    @hookimpl
+    def sevsim_msr_protocol_enter(self, vcpu_id: int, ghcb_gpa: int) -> None:
+        self.calls.append(("msr_protocol_enter", {"vcpu_id": vcpu_id, "ghcb_gpa": ghcb_gpa}))
+
+    @hookimpl
+    def sevsim_msr_protocol_exit(self, vcpu_id: int, ghcb_gpa: int, result: Any) -> None:
+        self.calls.append(("msr_protocol_exit", {"vcpu_id": vcpu_id, "ghcb_gpa": ghcb_gpa,
+                                                 "result": result}))  # fmt: skip
+
+    @hookimpl
+    def sevsim_vc(self, vcpu_id: int, exit_code: int, rip: int) -> None:
+        self.calls.append(("vc", {"vcpu_id": vcpu_id, "exit_code": exit_code, "rip": rip}))
+
+    @hookimpl
+    def sevsim_vmexit(self, vcpu_id: int, exit_code: int, info1: int, info2: int) -> None:
+        self.calls.append(("vmexit", {"vcpu_id": vcpu_id, "exit_code": exit_code,
+                                      "info1": info1, "info2": info2}))  # fmt: skip
+
+
+def test_every_event_reaches_its_observer_hook(plugin_host: Callable[..., PluginHost]) -> None:
+    observer = Observer()
+    sink = plugin_host({"observer": observer}).events
+    expected = []
+    for n, (event, fields) in enumerate(EVENTS.items()):
+        assert sink.wants(event)
+        values = {field: f"{event}.{field}" if field in ("vm", "why") else n for field in fields}
+        sink.emit(event, **values)
+        expected.append((event, values))
+    assert observer.calls == expected
+
+
+def test_nobody_listening_means_no_event_is_wanted(
+    plugin_host: Callable[..., PluginHost],
+) -> None:
+    sink = plugin_host({"ioio": Claims((ExitKind.VMGEXIT, IOIO))}).events
+    assert not any(sink.wants(event) for event in EVENTS)
+
+
+def test_wants_only_what_is_implemented(plugin_host: Callable[..., PluginHost]) -> None:
+    class VcOnly:
+        @hookimpl
+        def sevsim_vc(self, exit_code: int) -> None:
+            pass
+
+    sink = plugin_host({"vconly": VcOnly()}).events
+    assert {event for event in EVENTS if sink.wants(event)} == {"vc"}
+
+
+def test_a_raising_observer_is_named(plugin_host: Callable[..., PluginHost]) -> None:
+    class Quiet:
+        @hookimpl
+        def sevsim_vc(self, rip: int) -> None:
+            pass
+
+    class Loud:
+        @hookimpl
+        def sevsim_vc(self, rip: int) -> None:
+            raise ValueError(f"cannot trace {rip:#x}")
+
+    sink = plugin_host({"quiet": Quiet(), "loud": Loud()}).events
+    with pytest.raises(PluginError) as info:
+        sink.emit("vc", vcpu_id=0, exit_code=0x72, rip=0x1000)
+    assert str(info.value) == (
+        "plugin 'loud' failed in observer hook sevsim_vc: ValueError: cannot trace 0x1000"
+    )
+
+
+# --- discovery through importlib.metadata ---------------------------------------------
+
+
+@pytest.fixture
+def installed(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], None]]:
+    """Put tests/data/plugin_dists/<name> on sys.path: its dist-info is then installed
+    as far as importlib.metadata knows. Demo modules are forgotten afterwards."""
+    monkeypatch.delenv("SEVSIM_PLUGINS", raising=False)
+    monkeypatch.delenv("SEVSIM_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    yield lambda name: monkeypatch.syspath_prepend(str(DISTS / name))
+    for module in [m for m in sys.modules if m.startswith("sevsim_demo")]:
+        del sys.modules[module]
+
+
+@pytest.fixture
+def loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the entry points the host imported, in order."""
+    names: list[str] = []
+    real = importlib.metadata.EntryPoint.load
+
+    def spy(self: importlib.metadata.EntryPoint) -> Any:
+        names.append(self.name)
+        return real(self)
+
+    monkeypatch.setattr(importlib.metadata.EntryPoint, "load", spy)
+    return names
+
+
+def only(*names: str) -> PluginConfig:
+    """Installed plugins other than ``names`` (the built-ins, say) stay out of the test."""
+    return PluginConfig(allow=frozenset(names))
+
+
+def test_entry_point_plugin_is_found_loaded_and_listed(
+    installed: Callable[[str], None], loads: list[str]
+) -> None:
+    installed("good")
+    host = PluginHost(only("demo_good"))
+    table = host.start()
+    assert table.lookup(ExitKind.VMGEXIT, 0x8000_0F00).plugin == "demo_good"
+    info = by_name(host)["demo_good"]
+    assert (info.version, info.source, info.status, info.why) == (
+        "1.2", "entry point: sevsim-demo-good", ACTIVE, "listed in SEVSIM_PLUGINS",
+    )  # fmt: skip
+    assert [e.describe() for e in info.owns] == ["vmgexit 0x80000f00"]
+    assert loads == ["demo_good"]
+    import sevsim_demo_good
+
+    host.events.emit("vmgexit_enter", vcpu_id=0, exit_reason=0x8000_0F00, info1=0, info2=0)
+    assert sevsim_demo_good.seen == [0x8000_0F00]
+
+
+def test_autoload_loads_installed_entry_points(
+    installed: Callable[[str], None], loads: list[str]
+) -> None:
+    installed("good")
+    host = PluginHost(PluginConfig())
+    assert by_name(host)["demo_good"].why == "autoloaded"
+    assert "demo_good" in loads
+
+
+def test_disabled_plugin_is_blocked_before_import(
+    installed: Callable[[str], None], loads: list[str]
+) -> None:
+    installed("good")
+    host = PluginHost(apply_cli(PluginConfig(), ["no:demo_good"]))
+    host.start()
+    assert by_name(host)["demo_good"].status_line == "disabled: -p no:demo_good"
+    assert "demo_good" not in loads
+    assert "sevsim_demo_good" not in sys.modules
+    assert host.plugin_manager.is_blocked("demo_good")
+
+
+def test_no_autoload_keeps_entry_points_unimported_unless_enabled(
+    installed: Callable[[str], None], loads: list[str]
+) -> None:
+    installed("good")
+    installed("conflict")
+    host = PluginHost(isolated_config(enable=["demo_good"]))
+    infos = by_name(host)
+    assert infos["demo_good"].status == ACTIVE
+    assert infos["demo_ioio"].status_line == "disabled: autoload off (isolated host)"
+    assert loads == ["demo_good"]
+    assert "sevsim_demo_ioio" not in sys.modules
+
+
+def test_import_error_is_reported_and_skipped(
+    installed: Callable[[str], None], loads: list[str]
+) -> None:
+    installed("broken")
+    installed("good")
+    host = PluginHost(only("demo_broken", "demo_good"))
+    table = host.start()
+    assert table.lookup(ExitKind.VMGEXIT, 0x8000_0F00).plugin == "demo_good"
+    info = by_name(host)["demo_broken"]
+    assert (info.version, info.source, info.status) == (
+        "0.3", "entry point: sevsim-demo-broken", FAILED,
+    )  # fmt: skip
+    assert info.why == "ModuleNotFoundError: No module named 'sevsim_demo_missing_dependency'"
+    [problem] = host.problems()
+    assert problem.message == f"plugin 'demo_broken' failed to load: {info.why}"
+    assert loads == ["demo_broken", "demo_good"]
+
+
+def test_import_error_is_fatal_under_strict(installed: Callable[[str], None]) -> None:
+    installed("broken")
+    host = PluginHost(
+        PluginConfig(allow=frozenset({"demo_broken"}), strict=True, strict_source="--strict")
+    )
+    with pytest.raises(PluginError) as info:
+        host.start()
+    assert str(info.value) == (
+        "plugin 'demo_broken' failed to load: ModuleNotFoundError: No module named "
+        "'sevsim_demo_missing_dependency' (fatal in strict mode: --strict)"
+    )
+
+
+def test_a_disabled_broken_plugin_is_never_imported(
+    installed: Callable[[str], None], loads: list[str]
+) -> None:
+    installed("broken")
+    host = PluginHost(apply_cli(PluginConfig(strict=True), ["no:demo_broken"]))
+    host.start()  # strict, yet fine: the broken import never ran
+    assert by_name(host)["demo_broken"].status == DISABLED
+    assert "demo_broken" not in loads
+
+
+def test_entry_point_may_name_an_object(installed: Callable[[str], None]) -> None:
+    installed("conflict")
+    host = PluginHost(only("demo_rival"))
+    assert host.start().lookup(ExitKind.VMGEXIT, IOIO).plugin == "demo_rival"
+
+
+def test_entry_point_conflict(installed: Callable[[str], None]) -> None:
+    installed("conflict")
+    host = PluginHost(only("demo_ioio", "demo_rival"))
+    with pytest.raises(PluginError) as info:
+        host.start()
+    assert "'demo_ioio' and 'demo_rival'" in str(info.value)
+    assert "0x7b (SVM_EXIT_IOIO)" in str(info.value)
+
+
+def test_builtin_source_is_the_sevsim_distribution(installed: Callable[[str], None]) -> None:
+    installed("builtin")  # a dist-info named "sevsim", standing for our own
+    info = by_name(PluginHost(only("demo_builtin")))["demo_builtin"]
+    assert (info.source, info.version, info.status) == ("builtin", "9.9", ACTIVE)
+
+
+def test_a_name_declared_by_two_distributions_is_not_guessed(
+    installed: Callable[[str], None], loads: list[str]
+) -> None:
+    installed("good")
+    installed("twice")
+    host = PluginHost(only("demo_good"), plugins={})
+    info = by_name(host)["demo_good"]
+    assert info.status == FAILED
+    assert info.why == (
+        "entry point 'demo_good' is declared by several distributions "
+        "(sevsim-demo-twice, sevsim-demo-good); uninstall all but one"
+    )
+    assert loads == []
+
+
+def test_direct_plugin_shadows_an_entry_point(
+    installed: Callable[[str], None], loads: list[str]
+) -> None:
+    installed("good")
+    host = PluginHost(only("demo_good"), plugins={"demo_good": Claims((ExitKind.VMEXIT, 0x90))})
+    info = by_name(host)["demo_good"]
+    assert (info.source, [e.describe() for e in info.owns]) == (
+        "direct", ["vmexit 0x90 (SVM_EXIT_CR0_WRITE_TRAP)"],
+    )  # fmt: skip
+    assert loads == []
+
+
+def test_plugin_host_fixture_is_isolated_and_strict(
+    plugin_host: Callable[..., PluginHost],
+) -> None:
+    host = plugin_host({"ioio": Claims()})
+    assert host.config.strict and not host.config.autoload
+    assert host.config.allow is None and host.config.origin == "isolated_host()"
