@@ -24,7 +24,7 @@ from sevsnpmeasure.vmsa import VMSA as OracleVmsa
 
 from sevsim.arch.vmsa import VMSA, VMSA_PAGE_SIZE
 from sevsim.errors import ConfigError, GuestMemoryError
-from sevsim.hw.psp import Psp, VmsaTarget
+from sevsim.hw.psp import LaunchMemory, Psp, VmsaTarget
 from sevsim.hw.sev_api import Policy
 from sevsim.vmm.cpu_types import VCPU_TYPES, cpuid_signature, vcpu_signature
 from sevsim.vmm.firmware import (
@@ -89,7 +89,7 @@ def reset_vmsa_pages(image: FirmwareImage, vcpus: int, vcpu_sig: int) -> list[by
 
 
 def launch_sev_es(
-    psp: Psp, asid: int, memory: FakeLaunchMemory, image: FirmwareImage,
+    psp: Psp, asid: int, memory: LaunchMemory, image: FirmwareImage,
     vmsas: Sequence[VmsaTarget], policy: int = Policy.ES | Policy.NODBG,
 ) -> int:  # fmt: skip
     """QEMU's SEV-ES launch: start, bind, encrypt the flash, seal each VMSA, measure."""
