@@ -20,6 +20,8 @@ from typing import Any
 from attrs import define, field, frozen
 from unicorn import (
     UC_ARCH_X86,
+    UC_CTL_IO_WRITE,
+    UC_CTL_TLB_FLUSH,
     UC_ERR_EXCEPTION,
     UC_ERR_FETCH_UNMAPPED,
     UC_ERR_INSN_INVALID,
@@ -331,7 +333,9 @@ class GuestCpu:
             return False
         # Instruction fetches are always private; data follows the C-bit.
         private = t.private or kind == ACCESS_FETCH
-        self.memory.convert(t.paddr, PageForm.PRIVATE if private else PageForm.SHARED)
+        if self.memory.convert(t.paddr, PageForm.PRIVATE if private else PageForm.SHARED):
+            # Other virtual pages may still map the old view: drop every translation.
+            self.flush_tlb()
         perms = UC_PROT_READ | (UC_PROT_WRITE if t.writable else 0)
         page = vaddr & PAGE_MASK
         scanned = self._code_pages.get(page)
@@ -348,6 +352,9 @@ class GuestCpu:
         entry.paddr = t.paddr
         entry.perms = perms
         return True
+
+    def flush_tlb(self) -> None:
+        self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
 
     def _scan(self, page: int, paddr: int) -> None:
         self._unscan(page)
@@ -423,7 +430,7 @@ class GuestCpu:
             if self._tb_flush_pending:
                 self._tb_flush_pending = False
                 self.uc.ctl_flush_tb()
-                self.uc.ctl_flush_tlb()
+                self.flush_tlb()
             self._stop = None
             start = self.rip
             try:
