@@ -108,9 +108,12 @@ def test_conflict_stops_start_up_naming_code_both_plugins_and_both_fixes(
     assert "'ioio'" in message and "'rival'" in message
     assert "-p no:ioio" in message and "-p no:rival" in message
     assert '[plugins.owners] "0x7b" = "ioio"' in message
-    # Loading itself does not raise: the listing still works.
+    # Loading itself does not raise: the listing still works and shows the contest.
     assert [p.fatal for p in host.problems()] == [True]
     assert {i.status for i in host.plugins()} == {ACTIVE}
+    for info in host.plugins():
+        assert info.owns == ()
+        assert [e.describe() for e in info.contested] == ["vmgexit 0x7b (SVM_EXIT_IOIO)"]
 
 
 def test_three_claimants_are_all_named(plugin_host: Callable[..., PluginHost]) -> None:

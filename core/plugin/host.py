@@ -48,6 +48,8 @@ class PluginInfo:
     why: str
     #: The dispatch-table rows this plugin owns.
     owns: tuple[ExitHandler, ...] = ()
+    #: Its claims in unsettled conflicts: in no table until the conflict is settled.
+    contested: tuple[ExitHandler, ...] = ()
 
     @property
     def status_line(self) -> str:
@@ -195,11 +197,15 @@ class PluginHost:
                 continue
             infos[name] = self._info(candidate, ACTIVE, why)
             claims.extend(owned)
-        self._table = ExitTable(self._settle(claims))
-        for entry in self._table:
-            assert entry.plugin is not None
-            info = infos[entry.plugin]
-            infos[entry.plugin] = evolve(info, owns=(*info.owns, entry))
+        kept, contested = self._settle(claims)
+        self._table = ExitTable(kept)
+        for field_name, entries in (("owns", kept), ("contested", contested)):
+            for entry in entries:
+                assert entry.plugin is not None
+                info = infos[entry.plugin]
+                infos[entry.plugin] = evolve(
+                    info, **{field_name: (*getattr(info, field_name), entry)}
+                )
         self._infos = infos
         self._events = HookSink.of(self._pm)
 
@@ -282,13 +288,15 @@ class PluginHost:
                 records[key] = evolve(record, plugin=name)
         return list(records.values())
 
-    def _settle(self, claims: list[ExitHandler]) -> list[ExitHandler]:
-        """One record per (kind, code): sole claims, or the owner rule's choice; the
-        unsettled conflicts become fatal problems."""
+    def _settle(
+        self, claims: list[ExitHandler]
+    ) -> tuple[list[ExitHandler], list[ExitHandler]]:
+        """(kept, contested): one record per (kind, code), a sole claim or the owner
+        rule's choice; the claims in unsettled conflicts, each a fatal problem."""
         grouped: dict[tuple[ExitKind, int], list[ExitHandler]] = {}
         for claim in claims:
             grouped.setdefault((claim.kind, claim.code), []).append(claim)
-        kept = []
+        kept, contested = [], []
         for (kind, code), group in sorted(grouped.items(), key=lambda g: (g[0][0].value, g[0][1])):
             rule = self.config.owner_rule(kind, code) if len(group) > 1 else None
             winner = [c for c in group if rule is None or c.plugin == rule.plugin]
@@ -305,4 +313,5 @@ class PluginHost:
             if rule is not None:
                 message += f" ({rule.source} names a plugin that does not claim it)"
             self._problems.append(Problem(message, True))
-        return kept
+            contested.extend(group)
+        return kept, contested
