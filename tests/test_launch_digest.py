@@ -26,6 +26,7 @@ from sevsim.arch.vmsa import VMSA, VMSA_PAGE_SIZE
 from sevsim.errors import ConfigError, GuestMemoryError
 from sevsim.hw.psp import LaunchMemory, Psp, VmsaTarget
 from sevsim.hw.sev_api import Policy
+from sevsim.kvm.vm import Kvm
 from sevsim.vmm.cpu_types import VCPU_TYPES, cpuid_signature, vcpu_signature
 from sevsim.vmm.firmware import (
     FOUR_GIB,
@@ -39,6 +40,7 @@ from sevsim.vmm.firmware import (
     load_firmware,
     parse_firmware,
 )
+from sevsim.vmm.launch import launch_firmware
 from sevsim.vmm.reset import BSP_RESET_EIP, reset_vmsa_fields
 
 OVMF_DIR = Path("/usr/share/OVMF")
@@ -103,12 +105,10 @@ def launch_sev_es(
 
 
 def our_digest(image: FirmwareImage, vcpus: int, vcpu_type: str) -> bytes:
-    psp = Psp()
-    psp.init()
-    psp.df_flush()
-    vmsas = [FakeVmsa(p) for p in reset_vmsa_pages(image, vcpus, vcpu_signature(vcpu_type))]
-    handle = launch_sev_es(psp, 1, FakeLaunchMemory(image), image, vmsas)
-    return psp.launch_digest(handle)
+    """The digest of a real launch: Kvm, Vm, guest memory, VMSA pages, the PSP."""
+    vm = launch_firmware(Kvm(), image, vcpus=vcpus, vcpu_type=vcpu_type)
+    vm.launch_measure()
+    return vm.launch_digest()
 
 
 def oracle_digest(path: Path, vcpus: int, vcpu_type: str) -> bytes:

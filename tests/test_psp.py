@@ -11,10 +11,10 @@ import pytest
 from attrs import define, field
 
 from sevsim.errors import ConfigError, GuestMemoryError, SevFirmwareError
-from sevsim.hw.asid import AsidAllocator, AsidError
 from sevsim.hw.psp import FirmwareVersion, LaunchSession, Psp
 from sevsim.hw.sev_api import GuestState, PlatformState, Policy
 from sevsim.hw.sev_caps import CpuidLeaf, SevCapabilities
+from sevsim.kvm.asid import AsidAllocator, AsidError
 
 ES_POLICY = Policy.ES | Policy.NODBG
 RAM_SIZE = 0x4000

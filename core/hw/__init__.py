@@ -18,6 +18,7 @@ from attrs import define, field
 from sevsim.arch.vmcb import VMCB_CONTROL
 from sevsim.hw.memory import GuestMemory, MmioHole, RamRegion
 from sevsim.hw.psp import LaunchMeasurement, LaunchSession, Psp
+from sevsim.hw.sev_api import Policy
 from sevsim.hw.sev_caps import CpuidLeaf, SevCapabilities
 from sevsim.hw.svm import MSRPM_SIZE, HostPages, Svm, VmsaPage, msrpm_bit
 
@@ -28,6 +29,8 @@ __all__ = [
     "LaunchMeasurement",
     "LaunchSession",
     "Platform",
+    "Policy",
+    "Psp",
     "SevCapabilities",
     "VmsaPage",
     "msrpm_bit",

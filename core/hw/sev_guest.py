@@ -14,13 +14,12 @@ import os
 
 from attrs import define, field, frozen
 
+from sevsim.hw.crypto import new_key
 from sevsim.hw.sev_api import FirmwareVersion, GuestState, Policy
 
 #: Size of the transport keys (TEK, TIK) and of the measurement nonce.
 TRANSPORT_KEY_SIZE = 16
 MNONCE_SIZE = 16
-#: AES-256-XTS: two 256-bit keys.
-GUEST_KEY_SIZE = 64
 #: Context byte that starts the LAUNCH_MEASURE HMAC input (SEV API spec).
 MEASURE_CONTEXT = 0x04
 
@@ -67,14 +66,6 @@ def launch_measurement(
     return hmac.new(tik, message, hashlib.sha256).digest()
 
 
-def new_guest_key() -> bytes:
-    """A random AES-256-XTS key (VEK); XTS refuses keys whose halves are equal."""
-    while True:
-        key = os.urandom(GUEST_KEY_SIZE)
-        if key[:32] != key[32:]:
-            return key
-
-
 @define
 class GuestContext:
     """The firmware's record of one guest (GCTX): keys, state, ASID, launch digest.
@@ -86,7 +77,7 @@ class GuestContext:
     handle: int
     policy: int
     session: LaunchSession = field(repr=False)
-    key: bytes = field(factory=new_guest_key, repr=False)
+    key: bytes = field(factory=new_key, repr=False)
     state: GuestState = GuestState.LUPDATE
     asid: int = 0
     ld: hashlib._Hash = field(factory=hashlib.sha256, repr=False)

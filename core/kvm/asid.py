@@ -12,7 +12,7 @@ from __future__ import annotations
 from attrs import define, field
 
 from sevsim.errors import SevFirmwareError, SevsimError
-from sevsim.hw.psp import Psp
+from sevsim.hw import Psp
 
 
 class AsidError(SevsimError):

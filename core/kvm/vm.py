@@ -13,9 +13,8 @@ from typing import Any
 
 from sevsim.arch import ghcb_msr
 from sevsim.errors import SevFirmwareError, VcpuError
-from sevsim.hw import GuestMemoryView, LaunchMeasurement, LaunchSession, Platform
-from sevsim.hw.asid import AsidAllocator
-from sevsim.hw.sev_api import Policy
+from sevsim.hw import GuestMemoryView, LaunchMeasurement, LaunchSession, Platform, Policy
+from sevsim.kvm.asid import AsidAllocator
 from sevsim.kvm.compat import era as compat_era
 from sevsim.kvm.dispatch import ExitTable
 from sevsim.kvm.events import EVENTS, EventSink, NullSink

@@ -1,0 +1,49 @@
+"""QEMU's SEV-ES launch of a firmware image, as a VMM does it through KVM.
+
+The flash image maps so that it ends at 4 GiB; every vCPU starts from the x86 reset
+state — the BSP at the reset vector, the APs at the firmware's SEV-ES reset block —
+and the launch measures the image, then each VMSA in vCPU order. That order and
+contents are what a guest owner's tooling (sev-snp-measure) predicts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sevsim.hw import Policy
+from sevsim.kvm.vm import Kvm, Vm
+from sevsim.vmm.cpu_types import vcpu_signature
+from sevsim.vmm.firmware import FirmwareImage
+from sevsim.vmm.reset import BSP_RESET_EIP, reset_vmsa_fields
+
+DEFAULT_VCPU_TYPE = "EPYC-v4"
+
+
+def launch_firmware(
+    kvm: Kvm,
+    firmware: FirmwareImage,
+    *,
+    vcpus: int = 1,
+    vcpu_type: str = DEFAULT_VCPU_TYPE,
+    ram_size: int = 0,
+    policy: int = Policy.ES | Policy.NODBG,
+    **vm_args: Any,
+) -> Vm:
+    """Create a VM with ``firmware`` as flash and ``vcpus`` vCPUs, launched up to
+    LAUNCH_UPDATE_VMSA; the caller measures and finishes (or inspects first)."""
+    if vcpus < 1:
+        raise ValueError(f"a VM needs at least one vCPU, got {vcpus}")
+    signature = vcpu_signature(vcpu_type)
+    vm = kvm.create_vm(**vm_args)
+    if ram_size:
+        vm.add_ram(0, ram_size, "ram")
+    vm.add_ram(firmware.gpa, firmware.size, f"flash {firmware.name}")
+    vm.memory.write(firmware.gpa, firmware.data)
+    ap_eip = firmware.sev_es_reset_eip() if vcpus > 1 else None
+    for index in range(vcpus):
+        vcpu = vm.create_vcpu()
+        vcpu.set_state(reset_vmsa_fields(BSP_RESET_EIP if index == 0 else ap_eip, signature))
+    vm.launch_start(policy)
+    vm.launch_update_data(firmware.gpa, firmware.size)
+    vm.launch_update_vmsa()
+    return vm
