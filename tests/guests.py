@@ -8,8 +8,7 @@ from sevsim.kvm import outcome as O
 from sevsim.kvm.dispatch import ExitHandler, ExitKind, ExitTable
 from sevsim.kvm.exits import SystemEvent, SystemEventType
 from sevsim.kvm.vm import Kvm, Vm
-
-RAM_SIZE = 16 << 20
+from sevsim.vmm.launch import launch_image
 
 #: Terminate through the GHCB MSR protocol: GHCB MSR = 0x100, VMGEXIT.
 TERMINATE = """
@@ -31,21 +30,8 @@ def term_table() -> ExitTable:
 
 
 def launch(image: GuestImage, kvm: Kvm | None = None, table: ExitTable | None = None) -> Vm:
-    """Place the image, launch it as an SEV-ES guest with one vCPU, and finish the launch."""
-    vm = (kvm or Kvm()).create_vm(handlers=table if table is not None else term_table())
-    vm.add_ram(0, RAM_SIZE)
-    for gpa, data in image.memory().items():
-        vm.memory.write(gpa, data)
-    vcpu = vm.create_vcpu()
-    vcpu.set_state(image.initial_state())
-    vm.launch_start()
-    private = [gpa for gpa in range(0, 0x200000, 0x1000) if gpa not in image.shared]
-    for gpa in private:
-        vm.launch_update_data(gpa, 0x1000)
-    vm.launch_update_vmsa()
-    vm.launch_measure()
-    vm.launch_finish()
-    return vm
+    """Launch the image as an SEV-ES guest with one vCPU; TERM_REQ ends the run."""
+    return launch_image(kvm or Kvm(), image, handlers=table if table is not None else term_table())
 
 
 def guest(source: str, **image_args) -> GuestImage:

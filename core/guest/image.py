@@ -105,6 +105,21 @@ class GuestImage:
         _refuse_overlaps(out.items())
         return out
 
+    def launch_ranges(self) -> list[tuple[int, int]]:
+        """Page-aligned (gpa, length) ranges covering every private byte, merged."""
+        pages = sorted({
+            page
+            for gpa, data in self.memory().items()
+            for page in range(gpa & ~0xFFF, gpa + len(data), 0x1000)
+        } - set(self.shared))  # fmt: skip
+        ranges: list[tuple[int, int]] = []
+        for page in pages:
+            if ranges and sum(ranges[-1]) == page:
+                ranges[-1] = (ranges[-1][0], ranges[-1][1] + 0x1000)
+            else:
+                ranges.append((page, 0x1000))
+        return ranges
+
     def initial_state(self) -> dict[str, object]:
         """VMSA fields of a vCPU already in 64-bit long mode at ``entry``."""
         code = Segment(CODE64_SEL, 0xA9B, 0xFFFF_FFFF, 0)

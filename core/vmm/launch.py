@@ -1,4 +1,4 @@
-"""QEMU's SEV-ES launch of a firmware image, as a VMM does it through KVM.
+"""Launching guests as a VMM does it through KVM: firmware images and guest images.
 
 The flash image maps so that it ends at 4 GiB; every vCPU starts from the x86 reset
 state — the BSP at the reset vector, the APs at the firmware's SEV-ES reset block —
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from sevsim.guest.image import GuestImage
 from sevsim.hw import Policy
 from sevsim.kvm.vm import Kvm, Vm
 from sevsim.vmm.cpu_types import vcpu_signature
@@ -46,4 +47,27 @@ def launch_firmware(
     vm.launch_start(policy)
     vm.launch_update_data(firmware.gpa, firmware.size)
     vm.launch_update_vmsa()
+    return vm
+
+
+def launch_image(
+    kvm: Kvm,
+    image: GuestImage,
+    *,
+    ram_size: int = 16 << 20,
+    policy: int = Policy.ES | Policy.NODBG,
+    **vm_args: Any,
+) -> Vm:
+    """Launch a 64-bit guest image on one vCPU, measured and finished, ready to run."""
+    vm = kvm.create_vm(**vm_args)
+    vm.add_ram(0, ram_size, "ram")
+    for gpa, data in image.memory().items():
+        vm.memory.write(gpa, data)
+    vm.create_vcpu().set_state(image.initial_state())
+    vm.launch_start(policy)
+    for gpa, length in image.launch_ranges():
+        vm.launch_update_data(gpa, length)
+    vm.launch_update_vmsa()
+    vm.launch_measure()
+    vm.launch_finish()
     return vm
