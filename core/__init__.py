@@ -6,7 +6,8 @@ helpers, ``sevsim.plugins.*`` the feature areas.
 """
 
 from sevsim.errors import SevsimError
+from sevsim.plugin.hookspecs import hookimpl
 
 __version__ = "0.1.0"
 
-__all__ = ["SevsimError", "__version__"]
+__all__ = ["SevsimError", "__version__", "hookimpl"]

@@ -18,9 +18,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from sevsim.errors import SevsimError
+from sevsim.guest.demo import demo_image
 from sevsim.kvm.dispatch import ExitHandler
 from sevsim.plugin.config import load_config
 from sevsim.plugin.host import ACTIVE, PluginHost, PluginInfo
+from sevsim.vmm.runner import run_image
 
 #: Exit status for a usage or configuration error (as argparse uses).
 EXIT_ERROR = 2
@@ -141,6 +143,29 @@ def _add_plugins_command(
     check.set_defaults(func=cmd_plugins_check)
 
 
+# --- sevsim run -------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run the bundled demo guest and print its trace and a summary."""
+    host = plugin_host(args)
+    table = host.start()
+    for problem in host.problems():
+        print(f"sevsim: warning: {problem.message}", file=sys.stderr)
+    echo = None if args.quiet else print
+    settings = {info.name: host.config.settings_for(info.name) for info in host.plugins()}
+    result = run_image(demo_image(), table, host.events, echo=echo, plugin_settings=settings)
+    for line in result.trace.summary(result.exit):
+        print(line)
+    return 0
+
+
+def _add_run_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    run = add_command(commands, "run", "run the bundled demo guest and print its trace")
+    run.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
+    run.set_defaults(func=cmd_run)
+
+
 # --- entry point ----------------------------------------------------------------------
 
 
@@ -151,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     _plugin_options(parser, top=True)
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     _add_plugins_command(commands)
+    _add_run_command(commands)
     return parser
 
 

@@ -10,6 +10,12 @@ Fixtures:
   the plugins a test chooses (no ``sevsim.toml``, no environment, no autoload), with
   strict on, so that a test never picks up whatever else is installed and a broken
   plugin fails the test instead of being skipped.
+- ``exit_driver``: :class:`ExitDriver`, which delivers one VMGEXIT or MSR-protocol
+  request to the handlers of a table, with no guest CPU at all: GHCB contents in,
+  GHCB contents and the KVM exit out.
+- ``run_guest``: :func:`run_guest`, which assembles a 64-bit guest, launches it as an
+  SEV-ES guest with the chosen plugins, runs it to its first exit to userspace and
+  returns that exit with the trace of every exit before it.
 """
 
 from __future__ import annotations
@@ -18,9 +24,22 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import pytest
+from attrs import frozen
 
+from sevsim.arch.exits import SvmExit
+from sevsim.arch.ghcb import Ghcb
+from sevsim.arch.vmcb import VMCB_CONTROL
+from sevsim.guest.asm import assemble
+from sevsim.guest.image import CODE, GHCB_GPA, GuestImage
+from sevsim.kvm import outcome as O
+from sevsim.kvm.dispatch import ExitTable
+from sevsim.kvm.events import EventSink, TeeSink
+from sevsim.kvm.exits import KvmExit, RunFailed
+from sevsim.kvm.vm import Kvm
 from sevsim.plugin.config import isolated_config
 from sevsim.plugin.host import PluginHost
+from sevsim.trace import Trace
+from sevsim.vmm.launch import launch_image
 
 
 def isolated_host(
@@ -46,3 +65,94 @@ def isolated_host(
 def plugin_host() -> Callable[..., PluginHost]:
     """:func:`isolated_host`: ``plugin_host({"mine": MyPlugin()}).start()``."""
     return isolated_host
+
+
+@frozen
+class Delivered:
+    """What one delivered exit produced.
+
+    ``exit`` is the KVM exit userspace would see (None when KVM resumed the guest);
+    ``ghcb`` is the GHCB page as the guest finds it at its next VMRUN (for GHCB
+    exits) and ``msr`` the GHCB MSR it reads back.
+    """
+
+    exit: KvmExit | None
+    msr: int
+    ghcb: Ghcb | None = None
+
+
+class ExitDriver:
+    """Plays the hardware for one exit at a time: no Unicorn, no guest code.
+
+    It records a VMGEXIT #VMEXIT in the vCPU's VMCB (GHCB MSR value included), lets
+    kvm handle it exactly as after a real VMRUN, then does what the next VMRUN does
+    before entering the guest (``prepare_switch_to_guest``: GHCB sync and write-back).
+    """
+
+    def __init__(self, table: ExitTable, events: EventSink | None = None, **vm_args: Any) -> None:
+        self.vm = Kvm().create_vm(handlers=table, events=events, **vm_args)
+        self.vm.add_ram(0, 0x200000)
+        self.vcpu = self.vm.create_vcpu()
+
+    def _deliver(self, ghcb_msr: int) -> KvmExit | None:
+        vmcb = self.vcpu.vmcb
+        VMCB_CONTROL.set(vmcb, "exit_code", SvmExit.VMGEXIT)
+        VMCB_CONTROL.set(vmcb, "exit_code_hi", 0)
+        VMCB_CONTROL.set(vmcb, "ghcb_gpa", ghcb_msr)
+        result = self.vcpu.handle_exit()
+        self.vcpu.prepare_switch_to_guest()
+        if isinstance(result, O.ExitToUser):
+            return result.exit
+        if isinstance(result, O.Fail):
+            return RunFailed(result.errno, result.why)
+        return None
+
+    def msr_protocol(self, value: int) -> Delivered:
+        """The guest wrote ``value`` to the GHCB MSR and executed VMGEXIT."""
+        exit_ = self._deliver(value)
+        return Delivered(exit_, VMCB_CONTROL.get(self.vcpu.vmcb, "ghcb_gpa"))
+
+    def vmgexit(self, ghcb: Ghcb | Mapping[str, int], ghcb_gpa: int = GHCB_GPA) -> Delivered:
+        """The guest filled a GHCB at ``ghcb_gpa`` (fields set mark themselves valid)."""
+        if not isinstance(ghcb, Ghcb):
+            page = Ghcb()
+            for name, value in ghcb.items():
+                page[name] = value
+            ghcb = page
+        self.vm.memory.write(ghcb_gpa, ghcb.raw)
+        exit_ = self._deliver(ghcb_gpa)
+        after = Ghcb(self.vm.memory.read(ghcb_gpa, len(ghcb.raw)))
+        return Delivered(exit_, VMCB_CONTROL.get(self.vcpu.vmcb, "ghcb_gpa"), after)
+
+
+@pytest.fixture
+def exit_driver() -> Callable[..., ExitDriver]:
+    """``exit_driver(host.start())`` -> an :class:`ExitDriver` over that table."""
+    return ExitDriver
+
+
+@frozen
+class GuestRun:
+    """The first exit to userspace of a guest, and the trace of everything before it."""
+
+    exit: KvmExit
+    trace: Trace
+    vm: Any
+
+
+def run_guest(
+    source: str,
+    plugins: Mapping[str, object] | None = None,
+    *,
+    enable: Iterable[str] = (),
+    settings: Mapping[str, Mapping[str, Any]] | None = None,
+    **image_args: Any,
+) -> GuestRun:
+    """Assemble ``source`` at the image's code address, launch it, run to the first exit."""
+    host = isolated_host(plugins, enable=enable, settings=settings)
+    trace = Trace()
+    image = GuestImage(assemble(source, CODE), **image_args)
+    vm = launch_image(Kvm(), image, handlers=host.start(), events=TeeSink(host.events, trace))
+    exit_ = vm.vcpus[0].run()
+    trace.record_exit(vm.vcpus[0], exit_)
+    return GuestRun(exit_, trace, vm)

@@ -16,6 +16,7 @@ from __future__ import annotations
 from attrs import define, field
 
 from sevsim.arch.vmcb import VMCB_CONTROL
+from sevsim.hw.cpu import HwExit
 from sevsim.hw.memory import GuestMemory, MmioHole, RamRegion
 from sevsim.hw.psp import LaunchMeasurement, LaunchSession, Psp
 from sevsim.hw.sev_api import Policy
@@ -26,6 +27,7 @@ __all__ = [
     "MSRPM_SIZE",
     "CpuidLeaf",
     "GuestMemoryView",
+    "HwExit",
     "LaunchMeasurement",
     "LaunchSession",
     "Platform",
@@ -92,8 +94,8 @@ class Platform:
         """CPUID 0x8000001F as reported to guests."""
         return self.caps.cpuid()
 
-    def vmrun(self, vmcb: bytearray, memory: GuestMemoryView) -> str:
-        """VMRUN with ``memory`` as the nested page tables; returns the hardware's note.
+    def vmrun(self, vmcb: bytearray, memory: GuestMemoryView) -> HwExit:
+        """VMRUN with ``memory`` as the nested page tables; returns the debug record.
 
         The memory controller encrypts with the key ACTIVATE bound to the VMCB's ASID.
         """

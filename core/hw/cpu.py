@@ -17,7 +17,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-from attrs import define, field, frozen
+from attrs import define, evolve, field, frozen
 from unicorn import (
     UC_ARCH_X86,
     UC_CTL_IO_WRITE,
@@ -94,12 +94,20 @@ _MSR_FIELDS = {
 
 @frozen
 class HwExit:
-    """A #VMEXIT as the hardware reports it in the VMCB control area."""
+    """A #VMEXIT as the hardware reports it in the VMCB control area.
+
+    ``why``, ``rip`` and ``insn`` are the simulator's debug record of the exit (the
+    guest instruction at ``rip``, decoded for the trace): a real hypervisor never
+    sees them, and ``sevsim.kvm`` passes them on untouched, only for the trace.
+    """
 
     exit_code: int
     info1: int = 0
     info2: int = 0
     why: str = ""
+    rip: int | None = None
+    insn: bytes = b""
+    bits: int = 64
 
 
 @frozen
@@ -441,7 +449,21 @@ class GuestCpu:
                 stop = self._stop or self._natural_stop(start)
             hw_exit = self._handle(stop)
             if hw_exit is not None:
-                return hw_exit
+                return self._with_debug(hw_exit, stop)
+
+    def _with_debug(self, hw_exit: HwExit, stop: Stop) -> HwExit:
+        """Attach the guest instruction behind the exit, for the trace."""
+        if isinstance(stop, _AtSite):
+            rip, length = stop.rip, stop.site.length
+        elif isinstance(stop, _Halted):
+            rip, length = self.rip - 1, 1
+        else:
+            rip, length = self.rip, MAX_INSN
+        try:
+            insn = self.virt_read(rip, length)
+        except _FaultDuringAccess:
+            insn = b""
+        return evolve(hw_exit, rip=rip, insn=insn, bits=self.bits())
 
     def _stop_for_error(self, err: UcError) -> Stop:
         if err.errno == UC_ERR_INSN_INVALID:

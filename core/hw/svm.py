@@ -178,13 +178,13 @@ class Svm:
         self.cbit = cbit
         self.cpu_model = cpu_model
 
-    def vmrun(self, vmcb: bytearray, memory: GuestMemory, key: bytes | None) -> str:
+    def vmrun(self, vmcb: bytearray, memory: GuestMemory, key: bytes | None) -> HwExit:
         """Run the guest of ``vmcb`` until the next #VMEXIT, recorded in ``vmcb``.
 
         ``memory`` stands for the nested page tables (the guest-physical space) and
         ``key`` for the memory controller's key slot of the VMCB's ASID. The return
-        value is the hardware's diagnostic for the exit ("triple fault delivering
-        #6"): not visible to a real hypervisor, kept for the trace.
+        value carries the simulator's debug record of the exit (why, where, which
+        instruction): not visible to a real hypervisor, kept for the trace.
         """
         get, put = VMCB_CONTROL.get, VMCB_CONTROL.set
         vmsa = self.pages.vmsa_at(get(vmcb, "vmsa_pa"))
@@ -219,14 +219,14 @@ class Svm:
         return cpu
 
     @staticmethod
-    def _record(vmcb: bytearray, hw_exit: HwExit) -> str:
+    def _record(vmcb: bytearray, hw_exit: HwExit) -> HwExit:
         put = VMCB_CONTROL.set
         code = hw_exit.exit_code & 0xFFFF_FFFF_FFFF_FFFF
         put(vmcb, "exit_code", code & 0xFFFF_FFFF)
         put(vmcb, "exit_code_hi", code >> 32)
         put(vmcb, "exit_info_1", hw_exit.info1)
         put(vmcb, "exit_info_2", hw_exit.info2)
-        return hw_exit.why
+        return hw_exit
 
 
 def _msr_intercepted(msrpm: bytes | bytearray, msr: int, write: bool) -> bool:

@@ -39,3 +39,18 @@ EVENTS: dict[str, tuple[str, ...]] = {
     "vc": ("vcpu_id", "exit_code", "rip"),
     "vmexit": ("vcpu_id", "exit_code", "info1", "info2"),
 }
+
+
+class TeeSink:
+    """Several sinks as one: each event goes to every sink that wants it."""
+
+    def __init__(self, *sinks: EventSink) -> None:
+        self._sinks = sinks
+
+    def wants(self, name: str) -> bool:
+        return any(sink.wants(name) for sink in self._sinks)
+
+    def emit(self, name: str, **fields: Any) -> None:
+        for sink in self._sinks:
+            if sink.wants(name):
+                sink.emit(name, **fields)

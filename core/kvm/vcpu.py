@@ -17,6 +17,7 @@ from sevsim.arch.ghcb import GHCB_PAGE_SIZE, GHCB_USAGE_DEFAULT, Ghcb
 from sevsim.arch.vmcb import VMCB_CONTROL
 from sevsim.arch.vmsa import VMSA, VMSA_PAGE_SIZE, Segment
 from sevsim.errors import GuestMemoryError, VcpuError
+from sevsim.hw import HwExit
 from sevsim.kvm import outcome as O
 from sevsim.kvm.context import ExitContext
 from sevsim.kvm.dispatch import ExitHandler, ExitKind, code_name
@@ -69,8 +70,9 @@ class Vcpu:
         self._ghcb_gpa = 0
         self._ctx: ExitContext | None = None
         self._dead: str | None = None
-        #: The hardware's note on the last exit (e.g. why a SHUTDOWN happened).
-        self.last_hw_note = ""
+        #: The simulator's debug record of the last exit (why, rip, instruction): not
+        #: part of what KVM sees, carried only for the trace.
+        self.debug: HwExit | None = None
 
     # -- before launch -------------------------------------------------------------
 
@@ -114,9 +116,11 @@ class Vcpu:
         if not self.guest_state_protected:
             raise VcpuError(f"vCPU {self.id}: run LAUNCH_UPDATE_VMSA before KVM_RUN")
         while True:
-            self._prepare_switch_to_guest()
-            self.last_hw_note = self.vm.platform.vmrun(self.vmcb, self.vm.memory)
-            result = self._handle_exit()
+            self.prepare_switch_to_guest()
+            self.debug = self.vm.platform.vmrun(self.vmcb, self.vm.memory)
+            result = self.handle_exit()
+            if self.vm.dead is not None and not isinstance(result, O.ExitToUser):
+                return RunFailed("EIO", self.vm.dead)
             if isinstance(result, O.Resume):
                 continue
             if isinstance(result, O.Fail):
@@ -131,7 +135,8 @@ class Vcpu:
         lo = VMCB_CONTROL.get(self.vmcb, "exit_code")
         return VMCB_CONTROL.get(self.vmcb, "exit_code_hi") << 32 | lo
 
-    def _handle_exit(self) -> O.Outcome:
+    def handle_exit(self) -> O.Outcome:
+        """``svm_handle_exit``: act on the #VMEXIT recorded in the VMCB."""
         code = self._exit_code()
         info1 = VMCB_CONTROL.get(self.vmcb, "exit_info_1")
         info2 = VMCB_CONTROL.get(self.vmcb, "exit_info_2")
@@ -139,9 +144,9 @@ class Vcpu:
         if code == SvmExit.VMGEXIT:
             return self._vmgexit()
         if code == SvmExit.SHUTDOWN:
-            return O.ExitToUser(Shutdown(self.last_hw_note))
+            return O.ExitToUser(Shutdown(self._why()))
         if code == SvmExit.ERR:
-            return O.ExitToUser(FailEntry(code, self.last_hw_note))
+            return O.ExitToUser(FailEntry(code, self._why()))
         handler = self.vm.handlers.lookup(ExitKind.VMEXIT, code)
         if handler is not None:
             ctx = ExitContext(self, ExitKind.VMEXIT, code, info1, info2)
@@ -149,6 +154,9 @@ class Vcpu:
         if code == SvmExit.HLT:
             return O.ExitToUser(Hlt())
         return self.invalid_exit(code)
+
+    def _why(self) -> str:
+        return self.debug.why if self.debug is not None else ""
 
     def invalid_exit(self, code: int) -> O.ExitToUser:
         """``svm_handle_invalid_exit``: KVM_EXIT_INTERNAL_ERROR, UNEXPECTED_EXIT_REASON."""
@@ -231,7 +239,7 @@ class Vcpu:
             return None, GhcbErr.MISSING_INPUT
         return handler, None
 
-    def _prepare_switch_to_guest(self) -> None:
+    def prepare_switch_to_guest(self) -> None:
         """``sev_es_unmap_ghcb``: scratch back, trace, sync registers, release the GHCB."""
         ghcb, ctx = self._ghcb, self._ctx
         self._ctx = None

@@ -16,6 +16,7 @@ from sevsim.errors import SevFirmwareError, VcpuError
 from sevsim.hw import GuestMemoryView, LaunchMeasurement, LaunchSession, Platform, Policy
 from sevsim.kvm.asid import AsidAllocator
 from sevsim.kvm.compat import era as compat_era
+from sevsim.kvm.cpuid import CpuidModel
 from sevsim.kvm.dispatch import ExitTable
 from sevsim.kvm.events import EVENTS, EventSink, NullSink
 from sevsim.kvm.vcpu import Vcpu
@@ -40,9 +41,11 @@ class Kvm:
         era: str = "newest",
         ghcb_version: int = GHCB_VERSION_MAX,
         plugin_settings: dict[str, dict[str, Any]] | None = None,
+        cpuid: CpuidModel | None = None,
     ) -> Vm:
+        cpuid = cpuid or CpuidModel.default(self.platform.caps)
         return Vm(self, name, handlers or ExitTable(), events or NullSink(), era, ghcb_version,
-                  plugin_settings or {})  # fmt: skip
+                  plugin_settings or {}, cpuid)  # fmt: skip
 
 
 class Vm:
@@ -57,6 +60,7 @@ class Vm:
         era: str,
         ghcb_version: int,
         plugin_settings: dict[str, dict[str, Any]],
+        cpuid: CpuidModel,
     ) -> None:
         if not GHCB_VERSION_MIN <= ghcb_version <= GHCB_VERSION_MAX:
             raise VcpuError(
@@ -70,6 +74,8 @@ class Vm:
         self.compat = compat_era(era)
         self.ghcb_version = ghcb_version
         self.plugin_settings = plugin_settings
+        #: The guest's CPUID table (KVM_SET_CPUID2).
+        self.cpuid = cpuid
         self._events = events
         self._wanted = frozenset(n for n in EVENTS if events.wants(n))
         self.memory = GuestMemoryView()
@@ -82,8 +88,13 @@ class Vm:
     # -- observers -------------------------------------------------------------------
 
     def emit(self, name: str, **fields: Any) -> None:
+        """Tell the observers; one that raises ends this VM (with its message), not the host."""
         if name in self._wanted:
-            self._events.emit(name, **fields)
+            try:
+                self._events.emit(name, **fields)
+            except Exception as exc:
+                self._wanted = frozenset()
+                self.terminate(f"observer of {name!r} failed: {type(exc).__name__}: {exc}")
 
     # -- memory and vCPUs ------------------------------------------------------------
 

@@ -1,0 +1,93 @@
+"""The guest's CPUID table (what KVM_SET_CPUID2 installs), and KVM's lookup rules.
+
+An SEV-ES guest cannot execute CPUID natively in a way the hypervisor controls, so
+it asks: through the GHCB MSR protocol (one register at a time) or a CPUID NAE
+event. Both read this table. The default describes an EPYC-like part, with CPUID
+0x8000001F reporting SEV, SEV-ES, the C-bit and the ASID counts as KVM reports them.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping
+
+from attrs import frozen
+
+from sevsim.errors import ConfigError
+from sevsim.hw import CpuidLeaf, SevCapabilities
+
+CPUID_FN_SEV = 0x8000_001F
+
+#: Leaf 1 ECX: SSE3, PCLMULQDQ, SSSE3, FMA, CX16, SSE4.1, SSE4.2, MOVBE, POPCNT, AES,
+#: XSAVE, OSXSAVE off (the OS sets it), AVX, F16C, RDRAND, and "running on a hypervisor".
+_LEAF1_ECX = 0x7ED8_3203 | (1 << 31)
+#: Leaf 1 EDX: the usual x86-64 baseline (FPU .. SSE2, HTT off).
+_LEAF1_EDX = 0x178B_FBFF
+_BRAND = b"AMD EPYC Processor (sevsim)".ljust(48, b"\0")
+
+
+def _regs_of(text: bytes) -> tuple[int, ...]:
+    return struct.unpack("<4I", text)
+
+
+def epyc_leaves(caps: SevCapabilities, signature: int) -> dict[tuple[int, int], CpuidLeaf]:
+    """An EPYC-like CPUID table for a vCPU with the given family/model/stepping."""
+    vendor = struct.unpack("<3I", b"AuthenticAMD")  # EBX, EDX, ECX order
+    brand = [_regs_of(_BRAND[i : i + 16]) for i in range(0, 48, 16)]
+    leaves = {
+        (0x0, 0): CpuidLeaf(0xD, vendor[0], vendor[2], vendor[1]),
+        (0x1, 0): CpuidLeaf(signature, 0x0000_0800, _LEAF1_ECX, _LEAF1_EDX),
+        (0x7, 0): CpuidLeaf(0, 0x0000_0209, 0, 0),  # FSGSBASE, BMI1, SMEP
+        (0xD, 0): CpuidLeaf(0x7, 0x240, 0x340, 0),  # x87|SSE|AVX
+        (0xD, 1): CpuidLeaf(0x1, 0, 0, 0),
+        (0x8000_0000, 0): CpuidLeaf(CPUID_FN_SEV, vendor[0], vendor[2], vendor[1]),
+        (0x8000_0001, 0): CpuidLeaf(signature, 0, 0x0000_0121, 0x2FD3_FBFF),  # LM, NX, SYSCALL
+        (0x8000_0002, 0): CpuidLeaf(*brand[0]),
+        (0x8000_0003, 0): CpuidLeaf(*brand[1]),
+        (0x8000_0004, 0): CpuidLeaf(*brand[2]),
+        (0x8000_0008, 0): CpuidLeaf(0x0000_3030, 0, 0, 0),  # 48 physical, 48 virtual bits
+        (CPUID_FN_SEV, 0): caps.cpuid(),
+    }
+    return leaves
+
+
+@frozen
+class CpuidModel:
+    """A vCPU's CPUID answers, keyed by (function, index)."""
+
+    leaves: Mapping[tuple[int, int], CpuidLeaf]
+
+    @classmethod
+    def default(cls, caps: SevCapabilities, signature: int = 0x0080_0F12) -> CpuidModel:
+        return cls(epyc_leaves(caps, signature))
+
+    def with_overrides(self, overrides: Mapping[str, object]) -> CpuidModel:
+        """Replace leaves from settings: ``{"0x80000001": [eax, ebx, ecx, edx], ...}``.
+
+        A key may name an index too: ``"0xd.1"``.
+        """
+        leaves = dict(self.leaves)
+        for key, value in overrides.items():
+            function, _, index = str(key).partition(".")
+            try:
+                where = (int(function, 0), int(index or "0", 0))
+                regs = [int(v) for v in value]  # type: ignore[attr-defined]
+            except (TypeError, ValueError):
+                raise ConfigError(
+                    f"CPUID override {key!r} = {value!r}: expected 'FUNCTION[.INDEX]' = "
+                    "[eax, ebx, ecx, edx] with integers"
+                ) from None
+            if len(regs) != 4 or any(not 0 <= r <= 0xFFFF_FFFF for r in regs):
+                raise ConfigError(f"CPUID override {key!r}: need four 32-bit values, got {value!r}")
+            leaves[where] = CpuidLeaf(*regs)
+        return CpuidModel(leaves)
+
+    def lookup(self, function: int, index: int = 0) -> CpuidLeaf:
+        """KVM's ``kvm_cpuid`` on AMD: an unknown leaf reads as zeros.
+
+        Leaves without sub-leaves ignore ``index``, as hardware does.
+        """
+        leaf = self.leaves.get((function, index))
+        if leaf is None and index and not any(f == function and i for f, i in self.leaves):
+            leaf = self.leaves.get((function, 0))
+        return leaf or CpuidLeaf(0, 0, 0, 0)

@@ -1,0 +1,191 @@
+"""A readable trace of a run: every exit with its decoded meaning, and a summary.
+
+:class:`Trace` is an event sink: it listens to everything kvm reports (the same
+events the observer hooks get) and decodes the numbers with ``sevsim.arch``: exit
+codes, GHCB MSR protocol requests and replies, GHCB error replies, termination
+reasons. It also shows the guest instruction behind each exit, disassembled with
+capstone from the simulator's debug record of the exit: a view a real hypervisor
+does not have, marked as such.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from capstone import CS_ARCH_X86, CS_MODE_16, CS_MODE_32, CS_MODE_64, Cs
+
+from sevsim.arch import ghcb_msr as G
+from sevsim.arch.exits import GhcbErr, GhcbResp, SvmExit, exit_name
+from sevsim.arch.ghcb_msr import GhcbMsr, bits
+from sevsim.kvm.dispatch import ExitKind
+from sevsim.kvm.exits import Hlt, KvmExit, SystemEvent, SystemEventType
+
+_CAPSTONE = {16: Cs(CS_ARCH_X86, CS_MODE_16), 32: Cs(CS_ARCH_X86, CS_MODE_32),
+             64: Cs(CS_ARCH_X86, CS_MODE_64)}  # fmt: skip
+
+
+VMGEXIT_BYTES = b"\xf3\x0f\x01\xd9"
+
+
+def disassemble(code: bytes, address: int, bits_: int = 64) -> str:
+    """One instruction as ``bytes  mnemonic operands``; capstone prints VMGEXIT as
+    VMMCALL (it drops the REP prefix), so that one is named here."""
+    insn = next(_CAPSTONE[bits_].disasm(code, address, 1), None)
+    if insn is None:
+        return f"{code[:4].hex(' ')} (undecodable)"
+    text = f"{insn.mnemonic} {insn.op_str}"
+    if bytes(insn.bytes).endswith(VMGEXIT_BYTES):
+        text = "vmgexit"
+    return f"{insn.bytes.hex(' '):<14} {text}".rstrip()
+
+
+def describe_msr(value: int) -> str:
+    """A GHCB MSR protocol value in words, request or response."""
+    code = G.info(value)
+    try:
+        name = GhcbMsr(code).name
+    except ValueError:
+        return f"unknown GHCBInfo {code:#05x}"
+    match code:
+        case GhcbMsr.SEV_INFO_RESP:
+            return (f"{name} max {bits(value, 63, 48)} min {bits(value, 47, 32)} "
+                    f"C-bit {bits(value, 31, 24)}")  # fmt: skip
+        case GhcbMsr.CPUID_REQ:
+            return f"{name} fn {bits(value, 63, 32):#x} E{'ABCD'[bits(value, 31, 30)]}X"
+        case GhcbMsr.CPUID_RESP:
+            data = bits(value, 63, 32)
+            text = data.to_bytes(4, "little")
+            shown = f" '{text.decode()}'" if all(32 <= b < 127 for b in text) else ""
+            return f"{name} {data:#010x}{shown}"
+        case GhcbMsr.TERM_REQ:
+            reason_set, reason_code = bits(value, 15, 12), bits(value, 23, 16)
+            return (f"{name} set {reason_set} code {reason_code} "
+                    f"({G.term_reason_name(reason_set, reason_code)})")  # fmt: skip
+        case GhcbMsr.HV_FT_RESP:
+            return f"{name} features {value >> 12:#x}"
+    return name
+
+
+def describe_response(info1: int, info2: int) -> str:
+    """``sw_exit_info_1/2`` of a GHCB reply in words."""
+    match info1 & 0xFFFF_FFFF:
+        case GhcbResp.NO_ACTION:
+            return f"ok (info2 {info2:#x})"
+        case GhcbResp.ISSUE_EXCEPTION:
+            return f"raise exception vector {info2 & 0xFF} (event {info2:#x})"
+        case GhcbResp.MALFORMED_INPUT:
+            try:
+                return f"error {GhcbErr(info2).name}"
+            except ValueError:
+                return f"error {info2:#x}"
+    return f"info1 {info1:#x} info2 {info2:#x}"
+
+
+def describe_exit(exit_: KvmExit) -> str:
+    text = exit_.describe()
+    if isinstance(exit_, SystemEvent) and exit_.type is SystemEventType.SEV_TERM and exit_.data:
+        text += f": {describe_msr(exit_.data[0])}"
+    return text
+
+
+class Trace:
+    """Records a run as lines of text (and echoes them, if asked) plus exit counts."""
+
+    def __init__(self, echo: Callable[[str], None] | None = None) -> None:
+        self.lines: list[str] = []
+        #: #VMEXITs by exit code name.
+        self.exits: Counter[str] = Counter()
+        #: What the guest asked for: MSR-protocol requests and GHCB exit codes.
+        self.requests: Counter[str] = Counter()
+        self._echo = echo
+        self._vms: list[Any] = []
+        self._seq = 0
+
+    # -- EventSink --------------------------------------------------------------------
+
+    def wants(self, name: str) -> bool:
+        return hasattr(self, f"_on_{name}")
+
+    def emit(self, name: str, **fields: Any) -> None:
+        getattr(self, f"_on_{name}")(**fields)
+
+    def _line(self, text: str) -> None:
+        self.lines.append(text)
+        if self._echo is not None:
+            self._echo(text)
+
+    # -- events ---------------------------------------------------------------------------
+
+    def _on_vm_created(self, vm: Any) -> None:
+        self._vms.append(vm)
+        self._line(f"VM {vm.name!r} created: SEV-ES, ASID {vm.asid}")
+
+    def _on_vm_destroyed(self, vm: Any, why: str) -> None:
+        self._line(f"VM {vm.name!r} destroyed: {why}")
+
+    def _on_launch_command(self, vm: Any, command: str, status: str, detail: str) -> None:
+        self._line(f"  {command}: {status}{': ' + detail if detail else ''}")
+
+    def _vcpu(self, vcpu_id: int) -> Any:
+        for vm in reversed(self._vms):
+            if vcpu_id < len(vm.vcpus):
+                return vm.vcpus[vcpu_id]
+        return None
+
+    def _on_vmexit(self, vcpu_id: int, exit_code: int, info1: int, info2: int) -> None:
+        self._seq += 1
+        name = exit_name(exit_code).removeprefix("SVM_EXIT_")
+        self.exits[name] += 1
+        where = ""
+        vcpu = self._vcpu(vcpu_id)
+        debug = getattr(vcpu, "debug", None)
+        if debug is not None and debug.rip is not None:
+            where = f"  @{debug.rip:#x}  {disassemble(debug.insn, debug.rip, debug.bits)}"
+            if debug.why:
+                where += f"  [{debug.why}]"
+        info = "" if exit_code == SvmExit.VMGEXIT else f" info1 {info1:#x} info2 {info2:#x}"
+        self._line(f"#{self._seq:<4} vcpu{vcpu_id} {name}{info}{where}")
+
+    def _on_msr_protocol_enter(self, vcpu_id: int, ghcb_gpa: int) -> None:
+        self.requests[f"MSR {describe_msr(ghcb_gpa).split()[0]}"] += 1
+        self._line(f"      MSR protocol {ghcb_gpa:#018x}  {describe_msr(ghcb_gpa)}")
+        self._request = ghcb_gpa
+
+    def _on_msr_protocol_exit(self, vcpu_id: int, ghcb_gpa: int, result: int) -> None:
+        vcpu = self._vcpu(vcpu_id)
+        code = G.info(ghcb_gpa)
+        handled = vcpu is not None and vcpu.vm.handlers.lookup(ExitKind.MSR_PROTOCOL, code)
+        if not handled and ghcb_gpa == getattr(self, "_request", None):
+            self._line("      ignored: no plugin handles this request; the guest reads its "
+                       "own value back")  # fmt: skip
+            return
+        self._line(f"      reply        {ghcb_gpa:#018x}  {describe_msr(ghcb_gpa)}")
+
+    def _on_vmgexit_enter(self, vcpu_id: int, exit_reason: int, info1: int, info2: int) -> None:
+        self.requests[f"GHCB {exit_name(exit_reason)}"] += 1
+        self._line(f"      GHCB {exit_name(exit_reason)} info1 {info1:#x} info2 {info2:#x}")
+
+    def _on_vmgexit_exit(self, vcpu_id: int, exit_reason: int, info1: int, info2: int) -> None:
+        self._line(f"      reply: {describe_response(info1, info2)}")
+
+    # -- the end of a run -------------------------------------------------------------------
+
+    def record_exit(self, vcpu: Any, exit_: KvmExit) -> None:
+        """The exit ``Vcpu.run`` returned to userspace."""
+        self._line(f"      -> to userspace: {describe_exit(exit_)}")
+
+    def note(self, text: str) -> None:
+        """A line of the VMM's own (launch digest, warnings)."""
+        self._line(text)
+
+    def summary(self, exit_: KvmExit) -> list[str]:
+        def counted(counter: Counter[str]) -> str:
+            return ", ".join(f"{name} {n}" for name, n in sorted(counter.items())) or "none"
+
+        ended = describe_exit(exit_)
+        if isinstance(exit_, Hlt):
+            ended += " (the guest halted and no interrupt source can wake it)"
+        return [f"VM ended: {ended}", f"exits: {counted(self.exits)}",
+                f"requests: {counted(self.requests)}"]  # fmt: skip

@@ -1,0 +1,52 @@
+"""The VMM's run loop: launch a guest with the plugins a host loaded, run to the end.
+
+This is what ``sevsim run`` does: create the VM with the host's exit table and its
+observers plus a :class:`~sevsim.trace.Trace`, launch the image, then call
+``Vcpu.run()`` until an exit this VMM cannot continue from. With no devices yet,
+every exit to userspace ends the run; a HLT does too, since nothing could wake
+the vCPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from attrs import frozen
+
+from sevsim.guest.image import GuestImage
+from sevsim.kvm.dispatch import ExitTable
+from sevsim.kvm.events import EventSink, TeeSink
+from sevsim.kvm.exits import KvmExit
+from sevsim.kvm.vm import Kvm, Vm
+from sevsim.trace import Trace
+from sevsim.vmm.launch import launch_image
+
+
+@frozen
+class RunResult:
+    exit: KvmExit
+    trace: Trace
+    vm: Vm
+
+
+def run_image(
+    image: GuestImage,
+    table: ExitTable,
+    events: EventSink,
+    *,
+    echo: Callable[[str], None] | None = None,
+    plugin_settings: Mapping[str, Mapping[str, Any]] | None = None,
+    kvm: Kvm | None = None,
+) -> RunResult:
+    """Launch ``image`` on one vCPU and run it until it stops; trace every exit."""
+    trace = Trace(echo)
+    vm = launch_image(
+        kvm or Kvm(), image, handlers=table, events=TeeSink(events, trace),
+        plugin_settings={k: dict(v) for k, v in (plugin_settings or {}).items()},
+    )  # fmt: skip
+    trace.note(f"launch digest {vm.launch_digest().hex()}")
+    vcpu = vm.vcpus[0]
+    exit_ = vcpu.run()
+    trace.record_exit(vcpu, exit_)
+    return RunResult(exit_, trace, vm)
