@@ -33,6 +33,7 @@ from unicorn import (
     UC_HOOK_TLB_FILL,
     UC_MEM_FETCH,
     UC_MEM_WRITE,
+    UC_MODE_32,
     UC_MODE_64,
     UC_PROT_EXEC,
     UC_PROT_READ,
@@ -226,9 +227,13 @@ class GuestCpu:
     def load_state(self, state: dict[str, Any]) -> None:
         """Load VMSA fields into the CPU (VMRUN of a VMSA the CPU has not cached).
 
-        Segment registers are loaded by selector from the guest's GDT, as a far jump
-        would; the VMSA's hidden parts must agree with that GDT.
+        In protected and long mode, segment registers are loaded by selector from the
+        guest's GDT, as a far jump would; the VMSA's hidden parts must agree with that
+        GDT. A real-mode VMSA (the reset state) has hidden bases no selector can
+        produce (CS base 0xFFFF0000), so its segment caches are forged first.
         """
+        if not state.get("cr0", 0) & M.CR0_PE:
+            self._load_segment_caches(state)
         uc = self.uc
         uc.msr_write(M.MSR_EFER, state.get("efer", 0) & ~M.EFER_SVME)
         uc.reg_write(x86.UC_X86_REG_CR4, state.get("cr4", 0))
@@ -244,18 +249,39 @@ class GuestCpu:
                 uc.reg_write(_GPR_IDS[name], value)
             elif name in _MSR_FIELDS and name != "efer":
                 uc.msr_write(_MSR_FIELDS[name], value)
-        for name, reg in _SEG_IDS.items():
-            seg = state.get(name, Segment())
-            uc.reg_write(reg, seg.selector)
+        if state.get("cr0", 0) & M.CR0_PE:
+            for name, reg in _SEG_IDS.items():
+                uc.reg_write(reg, state.get(name, Segment()).selector)
         for name, reg in (("tr", x86.UC_X86_REG_TR), ("ldtr", x86.UC_X86_REG_LDTR)):
             seg = state.get(name, Segment())
             uc.reg_write(reg, (seg.selector, seg.base, seg.limit, _qemu_flags(seg.attrib)))
         uc.reg_write(x86.UC_X86_REG_FS_BASE, state.get("fs", Segment()).base)
         uc.reg_write(x86.UC_X86_REG_GS_BASE, state.get("gs", Segment()).base)
+        self.flush_tlb()
         uc.reg_write(x86.UC_X86_REG_RFLAGS, state.get("rflags", 2))
         uc.reg_write(x86.UC_X86_REG_RIP, state.get("rip", 0))
         uc.reg_write(x86.UC_X86_REG_DR7, state.get("dr7", 0x400))
         self.ghcb_msr = state.get("ghcb_msr", self.ghcb_msr)
+
+    def _load_segment_caches(self, state: dict[str, Any]) -> None:
+        """Forge the hidden segment state of a real-mode VMSA.
+
+        A 32-bit scratch engine with a GDT of its own (outside guest memory) loads each
+        segment from a descriptor holding the VMSA's base, limit and attributes, then
+        leaves protected mode: the caches stay. Its CPU state is then restored into
+        this engine, which runs every mode from there (Unicorn translates by the CPU's
+        mode flags, not by the engine's mode). Selectors read back as scratch indices.
+        """
+        scratch = Uc(UC_ARCH_X86, UC_MODE_32)
+        scratch.mem_map(0, 0x1000)
+        names = tuple(_SEG_IDS)
+        gdt = b"\0" * 8 + b"".join(_descriptor(state.get(n, Segment())) for n in names)
+        scratch.mem_write(0, gdt)
+        scratch.reg_write(x86.UC_X86_REG_GDTR, (0, 0, len(gdt) - 1, 0))
+        for index, name in enumerate(names, start=1):
+            scratch.reg_write(_SEG_IDS[name], index * 8)
+        scratch.reg_write(x86.UC_X86_REG_CR0, state.get("cr0", 0))
+        self.uc.context_restore(scratch.context_save())
 
     def save_state(self) -> dict[str, Any]:
         """The register state as VMSA fields (what #VMEXIT writes back to the VMSA)."""
@@ -490,18 +516,19 @@ class GuestCpu:
                 return self._handle_site(site, rip)
         raise AssertionError(f"unknown stop {stop!r}")
 
-    def _handle_site(self, site: Sensitive, rip: int) -> HwExit | None:
+    def _handle_site(self, site: Sensitive, linear: int) -> HwExit | None:
+        # Hooks see linear addresses; RIP is the offset into CS (they differ in real mode).
         if site.action is Action.AUTOMATIC_EXIT:  # VMGEXIT: trap-like, RIP moves on
-            self.rip = rip + site.length
+            self.rip += site.length
             return HwExit(site.exit_code)
         if site.action is Action.HARDWARE_MSR:
             ecx = self.uc.reg_read(x86.UC_X86_REG_ECX)
             if ecx in (M.MSR_AMD64_SEV_ES_GHCB, M.MSR_AMD64_SEV):
                 self._hardware_msr(site, ecx)
-                self.rip = rip + site.length
+                self.rip += site.length
                 return None
         if site.action is Action.CR_WRITE:
-            return self._cr_write_trap(site, rip)
+            return self._cr_write_trap(site, linear)
         return self.deliver_exception(VC_VECTOR, site.exit_code)
 
     def _hardware_msr(self, site: Sensitive, ecx: int) -> None:
@@ -513,10 +540,10 @@ class GuestCpu:
             self.ghcb_msr = (self.reg("rdx") & 0xFFFF_FFFF) << 32 | (self.reg("rax") & 0xFFFF_FFFF)
         # WRMSR to SEV_STATUS is ignored: the register is read-only.
 
-    def _cr_write_trap(self, site: Sensitive, rip: int) -> HwExit:
+    def _cr_write_trap(self, site: Sensitive, linear: int) -> HwExit:
         """MOV to CRn retires natively, then the trap exit reports the new value."""
-        self._skip_site = rip
-        self.uc.emu_start(rip, _NO_END, count=1)
+        self._skip_site = linear
+        self.uc.emu_start(self.rip, _NO_END, count=1)
         cr = site.exit_code - SvmExit.CR0_WRITE_TRAP
         return HwExit(site.exit_code, info1=self.uc.reg_read(_CR_IDS[cr]))
 
@@ -556,42 +583,58 @@ class GuestCpu:
         return self.deliver_exception(vector, error_code if has_error else None)
 
     def _push_frame(self, vector: int, error_code: int | None) -> _Exception | None:
-        """Push a 64-bit interrupt frame and enter the handler; the fault if that fails."""
+        """Push an interrupt frame and enter the handler; the fault if that fails.
+
+        Long mode uses 16-byte gates and 8-byte pushes (IST and the TSS stack for a
+        privilege change honoured); protected mode 8-byte gates and 4-byte pushes;
+        real mode the IVT and 2-byte pushes, without an error code.
+        """
         uc = self.uc
+        mode = self.paging_mode()
+        long_mode, protected = bool(mode.efer & M.EFER_LMA), bool(mode.cr0 & M.CR0_PE)
+        word = 8 if long_mode else 4 if protected else 2
+        gate_size = 16 if long_mode else 8 if protected else 4
         _, idt_base, idt_limit, _ = uc.reg_read(x86.UC_X86_REG_IDTR)
         idt_error = vector * 8 + 2
-        if vector * 16 + 15 > idt_limit:
+        if vector * gate_size + gate_size - 1 > idt_limit:
             return _Exception(GP_VECTOR, idt_error)
         try:
-            low, high = struct.unpack("<QQ", self.virt_read(idt_base + vector * 16, 16))
-            gate_type = (low >> 40) & 0xF
-            if not (low >> 47) & 1 or gate_type not in (0xE, 0xF):
-                return _Exception(GP_VECTOR, idt_error)
-            selector = (low >> 16) & 0xFFFF
-            target = (low & 0xFFFF) | ((low >> 48) & 0xFFFF) << 16 | (high & 0xFFFF_FFFF) << 32
-            ist = (low >> 32) & 7
-            rsp = uc.reg_read(x86.UC_X86_REG_RSP)
-            if ist:
+            raw = self.virt_read(idt_base + vector * gate_size, gate_size)
+            if protected:
+                gate = _gate(raw)
+                if gate is None:
+                    return _Exception(GP_VECTOR, idt_error)
+                selector, target, gate_type, ist = gate
+            else:
+                target, selector = struct.unpack("<HH", raw)
+                gate_type, ist, error_code = 0xE, 0, None
+            sp = uc.reg_read(x86.UC_X86_REG_RSP)
+            ss = uc.reg_read(x86.UC_X86_REG_SS)
+            if long_mode and (ist or self.cpl != 0):
                 _, tss_base, _, _ = uc.reg_read(x86.UC_X86_REG_TR)
-                rsp = struct.unpack("<Q", self.virt_read(tss_base + 0x24 + 8 * (ist - 1), 8))[0]
-            elif self.cpl != 0:
-                _, tss_base, _, _ = uc.reg_read(x86.UC_X86_REG_TR)
-                rsp = struct.unpack("<Q", self.virt_read(tss_base + 4, 8))[0]
-            rsp &= ~0xF
+                slot = 0x24 + 8 * (ist - 1) if ist else 4
+                sp = struct.unpack("<Q", self.virt_read(tss_base + slot, 8))[0]
+            if long_mode:
+                sp &= ~0xF
+            stack_base = 0 if long_mode else self._segment_base(ss, protected)
             rflags = uc.reg_read(x86.UC_X86_REG_RFLAGS)
-            frame = [uc.reg_read(x86.UC_X86_REG_SS), uc.reg_read(x86.UC_X86_REG_RSP), rflags,
-                     uc.reg_read(x86.UC_X86_REG_CS), self.rip]  # fmt: skip
+            frame = [rflags, uc.reg_read(x86.UC_X86_REG_CS), self.rip]
+            if long_mode:
+                frame = [ss, uc.reg_read(x86.UC_X86_REG_RSP), *frame]
             if error_code is not None:
                 frame.append(error_code)
-            rsp -= 8 * len(frame)
-            self.virt_write(rsp, struct.pack(f"<{len(frame)}Q", *reversed(frame)))
+            mask = (1 << (8 * word)) - 1
+            sp = (sp - word * len(frame)) & (mask if word < 8 else (1 << 64) - 1)
+            fmt = {8: "Q", 4: "I", 2: "H"}[word]
+            data = struct.pack(f"<{len(frame)}{fmt}", *(v & mask for v in reversed(frame)))
+            self.virt_write(stack_base + sp, data)
         except _FaultDuringAccess as fault:
             return fault.stop if isinstance(fault.stop, _Exception) else _Exception(GP_VECTOR, 0)
-        if self.cpl != 0:
+        if long_mode and self.cpl != 0:
             uc.reg_write(x86.UC_X86_REG_SS, 0)
-        uc.reg_write(x86.UC_X86_REG_RSP, rsp)
+        uc.reg_write(x86.UC_X86_REG_RSP, sp)
         clear = (1 << 8) | (1 << 14) | (1 << 16) | (1 << 17)  # TF NT RF VM
-        if gate_type == 0xE:
+        if gate_type in (0xE, 0x6):
             clear |= 1 << 9  # interrupt gates clear IF
         uc.reg_write(x86.UC_X86_REG_RFLAGS, rflags & ~clear)
         try:
@@ -601,8 +644,44 @@ class GuestCpu:
         self.rip = target
         return None
 
+    def _segment_base(self, selector: int, protected: bool) -> int:
+        """Base of a data segment: from the GDT in protected mode, selector*16 in real mode."""
+        if not protected:
+            return selector << 4
+        _, base, limit, _ = self.uc.reg_read(x86.UC_X86_REG_GDTR)
+        if selector & ~7 == 0 or (selector | 7) > limit:
+            return 0
+        raw = struct.unpack("<Q", self.virt_read(base + (selector & ~7), 8))[0]
+        return ((raw >> 16) & 0xFF_FFFF) | ((raw >> 56) & 0xFF) << 24
+
     def close(self) -> None:
         self.memory.on_page_changed.remove(self._page_changed)
+
+
+def _gate(raw: bytes) -> tuple[int, int, int, int] | None:
+    """(selector, target, type, IST) of a present interrupt or trap gate, else None.
+
+    16 bytes: a long-mode gate (types 0xE/0xF); 8 bytes: a 32-bit gate (0xE/0xF)
+    or a 16-bit one (0x6/0x7).
+    """
+    low = int.from_bytes(raw[:8], "little")
+    gate_type = (low >> 40) & 0xF
+    if not (low >> 47) & 1 or gate_type not in (0x6, 0x7, 0xE, 0xF):
+        return None
+    target = (low & 0xFFFF) | ((low >> 48) & 0xFFFF) << 16
+    if len(raw) == 16:
+        target |= int.from_bytes(raw[8:12], "little") << 32
+    return (low >> 16) & 0xFFFF, target, gate_type, (low >> 32) & 7
+
+
+def _descriptor(seg: Segment) -> bytes:
+    """An 8-byte GDT descriptor with a segment's base, limit and VMCB attributes."""
+    granular = bool(seg.attrib & 0x800)
+    limit = seg.limit >> 12 if granular else seg.limit
+    low = (limit & 0xFFFF) | (seg.base & 0xFF_FFFF) << 16 | (seg.attrib & 0xFF) << 40
+    low |= ((limit >> 16) & 0xF) << 48 | ((seg.attrib >> 8) & 0xF) << 52
+    low |= ((seg.base >> 24) & 0xFF) << 56
+    return struct.pack("<Q", low)
 
 
 def _qemu_flags(attrib: int) -> int:

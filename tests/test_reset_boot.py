@@ -1,0 +1,73 @@
+"""A guest that starts from the x86 reset state and makes its own way to long mode.
+
+The firmware image is built here: real-mode code at the reset vector loads a GDT,
+enters protected mode, enables PAE paging with C-bit page tables that live in the
+(measured) image, enters long mode and asks for termination through the GHCB MSR
+protocol. Each mode's code runs on the same vCPU engine.
+"""
+
+import struct
+
+from guests import term_table
+
+from sevsim.arch.exits import SvmExit
+from sevsim.guest.asm import assemble
+from sevsim.kvm.dispatch import ExitHandler, ExitKind
+from sevsim.kvm.exits import SystemEvent, SystemEventType
+from sevsim.kvm.vm import Kvm
+from sevsim.vmm.firmware import build_firmware_image, parse_firmware
+from sevsim.vmm.launch import launch_firmware
+
+BASE = 0xFFFF_0000
+START16, PROT32, LONG64, GDTR, GDT, PML4, PDPT = (BASE + o for o in
+    (0x0, 0x100, 0x200, 0x800, 0x810, 0x8000, 0x9000))  # fmt: skip
+CBIT = 1 << 51
+
+
+def descriptor(access: int, flags: int) -> bytes:
+    """A flat descriptor: base 0, limit 0xfffff, given access byte and flags nibble."""
+    return struct.pack("<HHBBBB", 0xFFFF, 0, 0, access, flags << 4 | 0xF, 0)
+
+
+def firmware() -> bytes:
+    start16 = b"\xfa"  # cli
+    start16 += b"\x66\x2e\x0f\x01\x16" + struct.pack("<H", GDTR - BASE)  # o32 lgdt cs:[GDTR]
+    start16 += assemble("mov eax, cr0; or eax, 1; mov cr0, eax", bits=16)
+    start16 += b"\x66\xea" + struct.pack("<IH", PROT32, 0x08)  # o32 jmp far 0x08:PROT32
+    prot32 = assemble(f"""
+        mov ax, 0x10; mov ds, ax; mov es, ax; mov ss, ax
+        mov eax, cr4; or eax, 0x20; mov cr4, eax       /* PAE */
+        mov eax, {PML4}; mov cr3, eax
+        mov ecx, 0xC0000080; rdmsr; or eax, 0x100; wrmsr   /* EFER.LME */
+        mov eax, cr0; or eax, 0x80000000; mov cr0, eax    /* PG: long mode is active */
+    """, PROT32, bits=32) + b"\xea" + struct.pack("<IH", LONG64, 0x18)
+    long64 = assemble("""
+        mov ecx, 0xC0010131; rdmsr; mov ebx, eax       /* SEV_STATUS, kept for the check */
+        mov ecx, 0xC0010130; mov eax, 0x100; xor edx, edx; wrmsr
+        rep vmmcall
+    """, LONG64)
+    gdt = b"\0" * 8 + descriptor(0x9B, 0xC) + descriptor(0x93, 0xC) + descriptor(0x9B, 0xA)
+    pml4 = struct.pack("<Q", PDPT | CBIT | 0x3)
+    pdpt = b"".join(struct.pack("<Q", i << 30 | CBIT | 0x83) for i in range(4))
+    code = {START16: start16, PROT32: prot32, LONG64: long64, GDT: gdt,
+            GDTR: struct.pack("<HI", len(gdt) - 1, GDT), PML4: pml4, PDPT: pdpt}  # fmt: skip
+    reset_vector = b"\xe9" + struct.pack("<H", (START16 - BASE - 0xFFF3) & 0xFFFF)  # jmp near
+    return build_firmware_image(BASE + 0x1000, reset_vector, size=0x10000, code=code)
+
+
+def test_reset_state_to_long_mode_to_termination():
+    table = term_table()
+    traps = []
+    # Without the crtraps plugin nobody would own the CR write traps; note them, resume.
+    for cr in (0, 4):
+        code = SvmExit.CR0_WRITE_TRAP + cr
+        table.register(ExitHandler(ExitKind.VMEXIT, code,
+                                   lambda ctx: traps.append((ctx.code, ctx.exit_info_1))))
+    vm = launch_firmware(Kvm(), parse_firmware(firmware(), "reset test"), handlers=table)
+    vm.launch_measure()
+    vm.launch_finish()
+    exit_ = vm.vcpus[0].run()
+    assert exit_ == SystemEvent(SystemEventType.SEV_TERM, (0x100,))
+    # Real mode set PE, 32-bit code set PAE then PG; each trap carried the new value.
+    assert traps == [(0x90, 0x11), (0x94, 0x60), (0x90, 0x8000_0011)]
+    assert vm.vcpus[0].debug.bits == 64
