@@ -1,0 +1,43 @@
+"""``sevsim run``: the demo guest end to end, with and without the MSR protocol."""
+
+from sevsim.cli import main
+
+
+def test_run_prints_the_trace_and_a_summary(capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # no sevsim.toml here
+    assert main(["run"]) == 0
+    out = capsys.readouterr().out
+    assert "LAUNCH_UPDATE_VMSA: SUCCESS" in out
+    assert "f3 0f 01 d9    vmgexit" in out
+    assert "SEV_INFO_RESP max 2 min 1 C-bit 51" in out
+    assert "CPUID_RESP 0x68747541 'Auth'" in out
+    assert "VM ended: system event SEV_TERM [0x100]" in out
+    assert "requests: MSR CPUID_REQ 5, MSR SEV_INFO_REQ 1, MSR TERM_REQ 1" in out
+
+
+def test_run_without_the_msr_protocol(capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "-p", "no:msr_protocol"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("ignored: no plugin handles this request") == 2
+    assert "TERM_REQ set 0 code 1 (GHCB_SEV_ES_PROT_UNSUPPORTED)" in out
+    assert "VM ended: Hlt (the guest halted and no interrupt source can wake it)" in out
+
+
+def test_settings_reach_the_plugin(capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sevsim.toml").write_text(
+        "[plugins.settings.msr_protocol]\nmin_version = 1\nmax_version = 1\n"
+    )
+    assert main(["run", "--quiet"]) == 0
+    assert "VM ended: system event SEV_TERM" in capsys.readouterr().out
+    assert main(["run"]) == 0
+    assert "SEV_INFO_RESP max 1 min 1" in capsys.readouterr().out
+
+
+def test_bad_settings_are_one_line_errors(capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sevsim.toml").write_text("[plugins.settings.msr_protocol]\nmax_version = 7\n")
+    assert main(["run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sevsim: error:") and "max_version = 7" in err
