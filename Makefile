@@ -21,5 +21,8 @@ lint: $(STAMP)
 test: $(STAMP) lint
 	$(BIN)/pytest -q
 
+demo: $(STAMP)
+	$(BIN)/sevsim run
+
 clean:
 	rm -rf $(VENV) build *.egg-info core/*.egg-info .pytest_cache .ruff_cache
