@@ -14,7 +14,7 @@ Everything here is hardware: it sees guest plaintext and registers. Only
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any
 
 from attrs import define, evolve, field, frozen
@@ -109,6 +109,8 @@ class HwExit:
     rip: int | None = None
     insn: bytes = b""
     bits: int = 64
+    #: (rip, exit code) of each #VC raised since the previous exit.
+    vcs: tuple[tuple[int, int], ...] = ()
 
 
 @frozen
@@ -186,6 +188,10 @@ class GuestCpu:
         self.uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid)
         memory.on_page_changed.append(self._page_changed)
         self._tb_flush_pending = False
+        #: Guest software the model runs as this vCPU's #VC handler (None: the IDT's).
+        self.vc_model: VcModel | None = None
+        self._vc_run: Generator[None, None, int | None] | None = None
+        self._vcs: list[tuple[int, int]] = []
 
     # -- registers ----------------------------------------------------------------
 
@@ -460,6 +466,10 @@ class GuestCpu:
 
     def run(self) -> HwExit:
         """Run the guest until something the hypervisor must see (a #VMEXIT)."""
+        if self._vc_run is not None:
+            hw_exit = self._continue_vc()
+            if hw_exit is not None:
+                return hw_exit
         while True:
             if self._tb_flush_pending:
                 self._tb_flush_pending = False
@@ -477,6 +487,36 @@ class GuestCpu:
             if hw_exit is not None:
                 return self._with_debug(hw_exit, stop)
 
+    # -- #VC -------------------------------------------------------------------------------
+
+    def raise_vc(self, exit_code: int) -> HwExit | None:
+        """An NAE event: #VC with the exit code as error code, to the guest's handler."""
+        self._vcs.append((self.rip, exit_code))
+        if self.vc_model is None:
+            return self.deliver_exception(VC_VECTOR, exit_code)
+        self._vc_run = self.vc_model(GuestView(self), exit_code)
+        return self._continue_vc()
+
+    def _continue_vc(self) -> HwExit | None:
+        """Run the modeled handler to its next VMGEXIT (an exit) or to its end."""
+        assert self._vc_run is not None
+        try:
+            next(self._vc_run)
+        except StopIteration as done:
+            self._vc_run = None
+            if done.value is not None:  # the handler forwards an exception (#GP, #UD)
+                return self.deliver_exception(done.value)
+            return None
+        except Exception as exc:  # guest software crashed: the vCPU is lost
+            self._vc_run = None
+            return HwExit(SvmExit.SHUTDOWN, why=f"modeled #VC handler failed: {exc!r}")
+        return HwExit(SvmExit.VMGEXIT, why="VMGEXIT from the modeled #VC handler",
+                      rip=self.rip, vcs=self._take_vcs())  # fmt: skip
+
+    def _take_vcs(self) -> tuple[tuple[int, int], ...]:
+        vcs, self._vcs = tuple(self._vcs), []
+        return vcs
+
     def _with_debug(self, hw_exit: HwExit, stop: Stop) -> HwExit:
         """Attach the guest instruction behind the exit, for the trace."""
         if isinstance(stop, _AtSite):
@@ -489,7 +529,7 @@ class GuestCpu:
             insn = self.virt_read(rip, length)
         except _FaultDuringAccess:
             insn = b""
-        return evolve(hw_exit, rip=rip, insn=insn, bits=self.bits())
+        return evolve(hw_exit, rip=rip, insn=insn, bits=self.bits(), vcs=self._take_vcs())
 
     def _stop_for_error(self, err: UcError) -> Stop:
         if err.errno == UC_ERR_INSN_INVALID:
@@ -511,7 +551,7 @@ class GuestCpu:
             case _Exception(vector, error_code, cr2):
                 return self.deliver_exception(vector, error_code, cr2)
             case _Npf():
-                return self.deliver_exception(VC_VECTOR, SvmExit.NPF)
+                return self.raise_vc(SvmExit.NPF)
             case _AtSite(site, rip):
                 return self._handle_site(site, rip)
         raise AssertionError(f"unknown stop {stop!r}")
@@ -529,7 +569,7 @@ class GuestCpu:
                 return None
         if site.action is Action.CR_WRITE:
             return self._cr_write_trap(site, linear)
-        return self.deliver_exception(VC_VECTOR, site.exit_code)
+        return self.raise_vc(site.exit_code)
 
     def _hardware_msr(self, site: Sensitive, ecx: int) -> None:
         if site.mnemonic == "rdmsr":
@@ -694,6 +734,88 @@ def _is_double_fault(first: int, second: int) -> bool:
     if first == PF_VECTOR:
         return second == PF_VECTOR or second in _CONTRIBUTORY
     return first in _CONTRIBUTORY and second in _CONTRIBUTORY
+
+
+class GuestView:
+    """The vCPU as guest software sees it, for guest code the model runs in Python.
+
+    The modeled #VC handler (``sevsim.guest``) is guest-side code: it may read and
+    write the guest's registers and memory (through the guest's own page tables, so
+    the C-bit decides private or shared), and reaches the hypervisor only through
+    the GHCB MSR and VMGEXIT — which it performs by ``yield``-ing from its generator.
+    """
+
+    def __init__(self, cpu: GuestCpu) -> None:
+        self._cpu = cpu
+
+    def reg(self, name: str) -> int:
+        if name == "rip":
+            return self._cpu.rip
+        if name == "rflags":
+            return self._cpu.uc.reg_read(x86.UC_X86_REG_RFLAGS)
+        return self._cpu.reg(name)
+
+    def set_reg(self, name: str, value: int) -> None:
+        if name == "rip":
+            self._cpu.rip = value
+        else:
+            self._cpu.set_reg(name, value & 0xFFFF_FFFF_FFFF_FFFF)
+
+    @property
+    def bits(self) -> int:
+        """Operand size of the code segment: 16, 32 or 64."""
+        return self._cpu.bits()
+
+    @property
+    def cpl(self) -> int:
+        return self._cpu.cpl
+
+    def segment_base(self, name: str) -> int:
+        """FS/GS bases (other segments are flat in long mode)."""
+        reg = {"fs": x86.UC_X86_REG_FS_BASE, "gs": x86.UC_X86_REG_GS_BASE}.get(name)
+        return 0 if reg is None else self._cpu.uc.reg_read(reg)
+
+    def read(self, vaddr: int, size: int) -> bytes:
+        """Guest-virtual read; raises GuestFault if the guest's tables do not map it."""
+        try:
+            return self._cpu.virt_read(vaddr, size)
+        except _FaultDuringAccess as fault:
+            raise GuestFault(vaddr) from fault
+
+    def write(self, vaddr: int, data: bytes) -> None:
+        try:
+            self._cpu.virt_write(vaddr, data)
+        except _FaultDuringAccess as fault:
+            raise GuestFault(vaddr) from fault
+
+    def translate(self, vaddr: int) -> tuple[int, bool]:
+        """(guest-physical address, private) of ``vaddr`` — Linux's slow_virt_to_phys."""
+        t = self._cpu.translate(vaddr, ACCESS_READ)
+        if isinstance(t, PageFault):
+            raise GuestFault(vaddr)
+        return t.paddr | (vaddr & 0xFFF), t.private
+
+    @property
+    def ghcb_msr(self) -> int:
+        return self._cpu.ghcb_msr
+
+    @ghcb_msr.setter
+    def ghcb_msr(self, value: int) -> None:
+        self._cpu.ghcb_msr = value & 0xFFFF_FFFF_FFFF_FFFF
+
+
+class GuestFault(Exception):
+    """Guest software touched an address its own page tables do not map."""
+
+    def __init__(self, vaddr: int) -> None:
+        super().__init__(f"guest address {vaddr:#x} is not mapped")
+        self.vaddr = vaddr
+
+
+#: The modeled #VC handler: called with the guest's view and the #VC error code; a
+#: generator that yields once per VMGEXIT and returns an exception vector to raise
+#: in the guest, or None to resume it.
+VcModel = Callable[[GuestView, int], Generator[None, None, int | None]]
 
 
 class _FaultDuringAccess(Exception):

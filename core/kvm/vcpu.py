@@ -118,6 +118,8 @@ class Vcpu:
         while True:
             self.prepare_switch_to_guest()
             self.debug = self.vm.platform.vmrun(self.vmcb, self.vm.memory)
+            for rip, code in self.debug.vcs:  # the simulator's view, for the trace only
+                self.vm.emit("vc", vcpu_id=self.id, exit_code=code, rip=rip)
             result = self.handle_exit()
             if self.vm.dead is not None and not isinstance(result, O.ExitToUser):
                 return RunFailed("EIO", self.vm.dead)
