@@ -156,7 +156,7 @@ class Trace:
     def _on_msr_protocol_exit(self, vcpu_id: int, ghcb_gpa: int, result: int) -> None:
         vcpu = self._vcpu(vcpu_id)
         code = G.info(ghcb_gpa)
-        handled = vcpu is not None and vcpu.vm.handlers.lookup(ExitKind.MSR_PROTOCOL, code)
+        handled = vcpu is not None and vcpu.vm.lookup(ExitKind.MSR_PROTOCOL, code)
         if not handled and ghcb_gpa == getattr(self, "_request", None):
             self._line("      ignored: no plugin handles this request; the guest reads its "
                        "own value back")  # fmt: skip

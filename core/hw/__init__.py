@@ -16,7 +16,7 @@ from __future__ import annotations
 from attrs import define, field
 
 from sevsim.arch.vmcb import VMCB_CONTROL
-from sevsim.hw.cpu import HwExit
+from sevsim.hw.cpu import GuestFault, GuestView, HwExit, VcModel
 from sevsim.hw.memory import GuestMemory, MmioHole, RamRegion
 from sevsim.hw.psp import LaunchMeasurement, LaunchSession, Psp
 from sevsim.hw.sev_api import Policy
@@ -26,7 +26,9 @@ from sevsim.hw.svm import MSRPM_SIZE, HostPages, Svm, VmsaPage, msrpm_bit
 __all__ = [
     "MSRPM_SIZE",
     "CpuidLeaf",
+    "GuestFault",
     "GuestMemoryView",
+    "GuestView",
     "HwExit",
     "LaunchMeasurement",
     "LaunchSession",
@@ -34,6 +36,7 @@ __all__ = [
     "Policy",
     "Psp",
     "SevCapabilities",
+    "VcModel",
     "VmsaPage",
     "msrpm_bit",
 ]
@@ -93,6 +96,17 @@ class Platform:
     def cpuid_sev(self) -> CpuidLeaf:
         """CPUID 0x8000001F as reported to guests."""
         return self.caps.cpuid()
+
+    def load_vc_model(self, vmsa: VmsaPage, model: VcModel | None) -> None:
+        """Run ``model`` as the #VC handler of the guest behind ``vmsa``.
+
+        Not a hypervisor operation: this stands for guest software (the guest's own
+        #VC handler, written in Python by ``sevsim.guest``) that the simulator runs
+        in the guest's place. ``None`` goes back to the guest's IDT.
+        """
+        vmsa.vc_model = model
+        if vmsa.cpu is not None:
+            vmsa.cpu.vc_model = model
 
     def vmrun(self, vmcb: bytearray, memory: GuestMemoryView) -> HwExit:
         """VMRUN with ``memory`` as the nested page tables; returns the debug record.

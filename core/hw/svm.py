@@ -20,7 +20,7 @@ from sevsim.arch.exits import SvmExit
 from sevsim.arch.vmcb import VMCB_CONTROL, NestedCtl
 from sevsim.arch.vmsa import SEGMENT_NAMES, VMSA, VMSA_PAGE_SIZE, Segment
 from sevsim.errors import GuestMemoryError
-from sevsim.hw.cpu import GuestCpu, HwExit
+from sevsim.hw.cpu import GuestCpu, HwExit, VcModel
 from sevsim.hw.crypto import PageCipher
 from sevsim.hw.memory import GuestMemory
 
@@ -62,6 +62,8 @@ class VmsaPage:
     #: The launched fields, decoded; the CPU model starts from them.
     state: dict[str, Any] = field(factory=dict)
     cpu: GuestCpu | None = None
+    #: Guest software the model runs as the #VC handler (see ``Platform.load_vc_model``).
+    vc_model: VcModel | None = None
     #: Ciphertext the host wrote over the protected page, checked on VMRUN.
     _host_bytes: bytes | None = field(default=None, alias="host_bytes")
 
@@ -216,6 +218,7 @@ class Svm:
             **kwargs,
         )  # fmt: skip
         cpu.load_state(vmsa.state)
+        cpu.vc_model = vmsa.vc_model
         return cpu
 
     @staticmethod

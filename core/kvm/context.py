@@ -54,7 +54,7 @@ class ExitContext:
     @property
     def settings(self) -> dict[str, Any]:
         """The settings table of the plugin that owns this exit code."""
-        handler = self.vm.handlers.lookup(self.kind, self.code)
+        handler = self.vm.lookup(self.kind, self.code)
         plugin = handler.plugin if handler else None
         return self.vm.plugin_settings.get(plugin or "", {})
 

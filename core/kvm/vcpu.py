@@ -30,6 +30,7 @@ from sevsim.kvm.exits import (
     RunFailed,
     Shutdown,
 )
+from sevsim.kvm.msrs import MsrModel
 from sevsim.kvm.svm_setup import init_vmcb
 
 if TYPE_CHECKING:
@@ -66,6 +67,9 @@ class Vcpu:
         self.regs: dict[str, int] = dict.fromkeys(_GPRS, 0)
         self.cpl = 0
         self.xcr0 = 1
+        #: DR7 as the guest last wrote it through the GHCB (tracked, without effect).
+        self.dr7 = 0x400
+        self.msrs = MsrModel()
         self._ghcb: Ghcb | None = None
         self._ghcb_gpa = 0
         self._ctx: ExitContext | None = None
@@ -149,7 +153,7 @@ class Vcpu:
             return O.ExitToUser(Shutdown(self._why()))
         if code == SvmExit.ERR:
             return O.ExitToUser(FailEntry(code, self._why()))
-        handler = self.vm.handlers.lookup(ExitKind.VMEXIT, code)
+        handler = self.vm.lookup(ExitKind.VMEXIT, code)
         if handler is not None:
             ctx = ExitContext(self, ExitKind.VMEXIT, code, info1, info2)
             return self._call(handler, ctx)
@@ -232,7 +236,7 @@ class Vcpu:
             return None, GhcbErr.INVALID_USAGE
         if not all(snapshot.is_valid(name) for name in _ALWAYS_REQUIRED):
             return None, GhcbErr.MISSING_INPUT
-        handler = self.vm.handlers.lookup(ExitKind.VMGEXIT, code)
+        handler = self.vm.lookup(ExitKind.VMGEXIT, code)
         if handler is None:
             # The SNP codes fail with KVM's default reason, MISSING_INPUT, for SEV-ES.
             snp = code in SNP_ONLY_VMGEXITS
@@ -264,7 +268,7 @@ class Vcpu:
     def _msr_protocol(self, value: int) -> O.Outcome:
         self.vm.emit("msr_protocol_enter", vcpu_id=self.id, ghcb_gpa=value)
         code = ghcb_msr.info(value)
-        handler = self.vm.handlers.lookup(ExitKind.MSR_PROTOCOL, code)
+        handler = self.vm.lookup(ExitKind.MSR_PROTOCOL, code)
         if handler is None:
             return self.vm.compat.unknown_msr_request(self, value)
         ctx = ExitContext(self, ExitKind.MSR_PROTOCOL, code, msr=value)

@@ -17,8 +17,9 @@ from sevsim.hw import GuestMemoryView, LaunchMeasurement, LaunchSession, Platfor
 from sevsim.kvm.asid import AsidAllocator
 from sevsim.kvm.compat import era as compat_era
 from sevsim.kvm.cpuid import CpuidModel
-from sevsim.kvm.dispatch import ExitTable
+from sevsim.kvm.dispatch import ExitHandler, ExitKind, ExitTable
 from sevsim.kvm.events import EVENTS, EventSink, NullSink
+from sevsim.kvm.intercepts import core_handlers
 from sevsim.kvm.vcpu import Vcpu
 
 GHCB_VERSION_MIN = 1
@@ -71,6 +72,8 @@ class Vm:
         self.platform = kvm.platform
         self.name = name
         self.handlers = handlers
+        #: KVM's own handlers (reused SVM intercepts); a plugin's claim takes precedence.
+        self.core_handlers = ExitTable(core_handlers())
         self.compat = compat_era(era)
         self.ghcb_version = ghcb_version
         self.plugin_settings = plugin_settings
@@ -84,6 +87,10 @@ class Vm:
         self.vcpus: list[Vcpu] = []
         self.dead: str | None = None
         self.emit("vm_created", vm=self)
+
+    def lookup(self, kind: ExitKind, code: int) -> ExitHandler | None:
+        """The handler of an exit: a plugin's, else KVM's own."""
+        return self.handlers.lookup(kind, code) or self.core_handlers.lookup(kind, code)
 
     # -- observers -------------------------------------------------------------------
 

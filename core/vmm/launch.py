@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from sevsim.guest.image import GuestImage
-from sevsim.hw import Policy
+from sevsim.hw import Policy, VcModel
 from sevsim.kvm.vm import Kvm, Vm
 from sevsim.vmm.cpu_types import vcpu_signature
 from sevsim.vmm.firmware import FirmwareImage
@@ -56,9 +56,14 @@ def launch_image(
     *,
     ram_size: int = 16 << 20,
     policy: int = Policy.ES | Policy.NODBG,
+    vc_model: VcModel | None = None,
     **vm_args: Any,
 ) -> Vm:
-    """Launch a 64-bit guest image on one vCPU, measured and finished, ready to run."""
+    """Launch a 64-bit guest image on one vCPU, measured and finished, ready to run.
+
+    ``vc_model`` runs a Python #VC handler as the guest's (``sevsim.guest.vc``);
+    without it #VC goes through the guest's IDT to its own handler.
+    """
     vm = kvm.create_vm(**vm_args)
     vm.add_ram(0, ram_size, "ram")
     for gpa, data in image.memory().items():
@@ -70,4 +75,6 @@ def launch_image(
     vm.launch_update_vmsa()
     vm.launch_measure()
     vm.launch_finish()
+    if vc_model is not None:
+        vm.platform.load_vc_model(vm.vcpus[0].vmsa, vc_model)
     return vm
