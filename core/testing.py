@@ -31,6 +31,7 @@ from sevsim.arch.ghcb import Ghcb
 from sevsim.arch.vmcb import VMCB_CONTROL
 from sevsim.guest.asm import assemble
 from sevsim.guest.image import CODE, GHCB_GPA, GuestImage
+from sevsim.hw import VcModel
 from sevsim.kvm import outcome as O
 from sevsim.kvm.dispatch import ExitTable
 from sevsim.kvm.events import EventSink, TeeSink
@@ -40,6 +41,7 @@ from sevsim.plugin.config import isolated_config
 from sevsim.plugin.host import PluginHost
 from sevsim.trace import Trace
 from sevsim.vmm.launch import launch_image
+from sevsim.vmm.machine import Devices
 
 
 def isolated_host(
@@ -92,6 +94,9 @@ class ExitDriver:
     def __init__(self, table: ExitTable, events: EventSink | None = None, **vm_args: Any) -> None:
         self.vm = Kvm().create_vm(handlers=table, events=events, **vm_args)
         self.vm.add_ram(0, 0x200000)
+        #: The standard machine's devices (UART, debug port, MMIO test device, ...).
+        self.devices = Devices.standard()
+        self.devices.attach(self.vm)
         self.vcpu = self.vm.create_vcpu()
 
     def _deliver(self, ghcb_msr: int) -> KvmExit | None:
@@ -138,6 +143,7 @@ class GuestRun:
     exit: KvmExit
     trace: Trace
     vm: Any
+    devices: Devices
 
 
 def run_guest(
@@ -146,13 +152,23 @@ def run_guest(
     *,
     enable: Iterable[str] = (),
     settings: Mapping[str, Mapping[str, Any]] | None = None,
+    vc_model: VcModel | None = None,
     **image_args: Any,
 ) -> GuestRun:
-    """Assemble ``source`` at the image's code address, launch it, run to the first exit."""
+    """Assemble ``source`` at the image's code address, launch it with the standard
+    devices, and run it to the first exit to userspace."""
     host = isolated_host(plugins, enable=enable, settings=settings)
     trace = Trace()
+    devices = Devices.standard()
     image = GuestImage(assemble(source, CODE), **image_args)
-    vm = launch_image(Kvm(), image, handlers=host.start(), events=TeeSink(host.events, trace))
+    vm = launch_image(Kvm(), image, handlers=host.start(), events=TeeSink(host.events, trace),
+                      vc_model=vc_model, devices=devices)  # fmt: skip
     exit_ = vm.vcpus[0].run()
     trace.record_exit(vm.vcpus[0], exit_)
-    return GuestRun(exit_, trace, vm)
+    return GuestRun(exit_, trace, vm, devices)
+
+
+@pytest.fixture(name="run_guest")
+def run_guest_fixture() -> Callable[..., GuestRun]:
+    """:func:`run_guest`: ``run_guest("hlt", enable=["msr_protocol"]).exit``."""
+    return run_guest

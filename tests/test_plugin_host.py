@@ -171,8 +171,8 @@ def test_owner_name_must_be_a_known_plugin(plugin_host: Callable[..., PluginHost
 
 
 def test_unknown_names_in_p_flags_are_refused() -> None:
-    config = apply_cli(isolated_config(), ["no:mmio"])
-    with pytest.raises(ConfigError, match="-p no:mmio: no plugin named 'mmio'"):
+    config = apply_cli(isolated_config(), ["no:mmoi"])
+    with pytest.raises(ConfigError, match="-p no:mmoi: no plugin named 'mmoi'"):
         PluginHost(config, plugins={"ioio": Claims()}).load()
 
 

@@ -111,6 +111,11 @@ class Vcpu:
     def dead(self) -> str | None:
         return self._dead
 
+    @property
+    def ghcb_gpa(self) -> int:
+        """GPA of the GHCB mapped for the exit being handled (``svm->sev_es.ghcb_gpa``)."""
+        return self._ghcb_gpa
+
     def run(self) -> KvmExit:
         """KVM_RUN: run until an exit userspace must see."""
         if self._dead is not None:

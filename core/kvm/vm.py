@@ -15,6 +15,7 @@ from sevsim.arch import ghcb_msr
 from sevsim.errors import SevFirmwareError, VcpuError
 from sevsim.hw import GuestMemoryView, LaunchMeasurement, LaunchSession, Platform, Policy
 from sevsim.kvm.asid import AsidAllocator
+from sevsim.kvm.buses import EmptyBus, GuestBus
 from sevsim.kvm.compat import era as compat_era
 from sevsim.kvm.cpuid import CpuidModel
 from sevsim.kvm.dispatch import ExitHandler, ExitKind, ExitTable
@@ -82,6 +83,9 @@ class Vm:
         self._events = events
         self._wanted = frozenset(n for n in EVENTS if events.wants(n))
         self.memory = GuestMemoryView()
+        #: The VMM's port-IO and MMIO buses (``attach_buses``).
+        self.io_bus: GuestBus = EmptyBus()
+        self.mmio_bus: GuestBus = EmptyBus()
         self.asid = kvm.asids.new(es=True)
         self.handle: int | None = None
         self.vcpus: list[Vcpu] = []
@@ -112,6 +116,10 @@ class Vm:
     def add_mmio(self, gpa: int, size: int, name: str) -> None:
         """A guest-physical range left without RAM, for the VMM's devices."""
         self.memory.add_mmio(gpa, size, name)
+
+    def attach_buses(self, io_bus: GuestBus, mmio_bus: GuestBus) -> None:
+        """Give kvm the VMM's device buses (KVM_IOEVENTFD / in-kernel device registration)."""
+        self.io_bus, self.mmio_bus = io_bus, mmio_bus
 
     def create_vcpu(self) -> Vcpu:
         if self.handle is not None:

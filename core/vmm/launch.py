@@ -15,6 +15,7 @@ from sevsim.hw import Policy, VcModel
 from sevsim.kvm.vm import Kvm, Vm
 from sevsim.vmm.cpu_types import vcpu_signature
 from sevsim.vmm.firmware import FirmwareImage
+from sevsim.vmm.machine import Devices
 from sevsim.vmm.reset import BSP_RESET_EIP, reset_vmsa_fields
 
 DEFAULT_VCPU_TYPE = "EPYC-v4"
@@ -57,15 +58,18 @@ def launch_image(
     ram_size: int = 16 << 20,
     policy: int = Policy.ES | Policy.NODBG,
     vc_model: VcModel | None = None,
+    devices: Devices | None = None,
     **vm_args: Any,
 ) -> Vm:
     """Launch a 64-bit guest image on one vCPU, measured and finished, ready to run.
 
     ``vc_model`` runs a Python #VC handler as the guest's (``sevsim.guest.vc``);
-    without it #VC goes through the guest's IDT to its own handler.
+    without it #VC goes through the guest's IDT to its own handler. ``devices``
+    (default: the standard machine, no console) are attached before launch.
     """
     vm = kvm.create_vm(**vm_args)
     vm.add_ram(0, ram_size, "ram")
+    (devices or Devices.standard()).attach(vm)
     for gpa, data in image.memory().items():
         vm.memory.write(gpa, data)
     vm.create_vcpu().set_state(image.initial_state())

@@ -1,0 +1,105 @@
+"""IO-port and MMIO buses: address ranges to devices, rust-vmm style.
+
+A bus refuses a registration that overlaps an existing one (naming both), answers
+an access nobody claims the way QEMU does — reads are all ones, writes are dropped —
+and reports it, so the trace shows every access that went nowhere.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable
+from typing import Protocol
+
+from attrs import frozen
+
+from sevsim.errors import SevsimError
+
+
+class BusError(SevsimError):
+    """A registration overlaps another, or an access is malformed."""
+
+
+class Device(Protocol):
+    """A device on a bus; offsets are relative to where it was inserted."""
+
+    name: str
+
+    def read(self, offset: int, size: int) -> bytes: ...
+
+    def write(self, offset: int, data: bytes) -> None: ...
+
+
+@frozen
+class Range:
+    base: int
+    size: int
+
+    @property
+    def end(self) -> int:
+        return self.base + self.size
+
+
+class Bus:
+    """Devices at non-overlapping ranges of one address space (ports or GPAs)."""
+
+    def __init__(self, name: str, limit: int) -> None:
+        self.name = name
+        self.limit = limit
+        self._bases: list[int] = []
+        self._entries: list[tuple[Range, Device]] = []
+        #: Called as (bus, "read"/"write", address, size) for unclaimed accesses.
+        self.on_unclaimed: list[Callable[[Bus, str, int, int], None]] = []
+
+    def insert(self, device: Device, base: int, size: int) -> None:
+        if size <= 0 or base < 0 or base + size > self.limit:
+            raise BusError(
+                f"{self.name} bus: {device.name!r} at {base:#x} size {size:#x} is outside "
+                f"0..{self.limit:#x} or empty"
+            )
+        new = Range(base, size)
+        for other, dev in self._entries:
+            if new.base < other.end and other.base < new.end:
+                raise BusError(
+                    f"{self.name} bus: {device.name!r} [{base:#x}, {new.end:#x}) overlaps "
+                    f"{dev.name!r} [{other.base:#x}, {other.end:#x})"
+                )
+        at = bisect.bisect(self._bases, base)
+        self._bases.insert(at, base)
+        self._entries.insert(at, (new, device))
+
+    def find(self, address: int, size: int) -> tuple[Device, int] | None:
+        """The device whose range holds all of [address, address+size), and the offset."""
+        at = bisect.bisect(self._bases, address) - 1
+        if at < 0:
+            return None
+        where, device = self._entries[at]
+        if address + size > where.end:
+            return None
+        return device, address - where.base
+
+    def read(self, address: int, size: int) -> bytes:
+        hit = self.find(address, size)
+        if hit is None:
+            self._unclaimed("read", address, size)
+            return b"\xff" * size
+        device, offset = hit
+        data = device.read(offset, size)
+        if len(data) != size:
+            raise BusError(f"{device.name!r} returned {len(data)} bytes for a {size}-byte read")
+        return data
+
+    def write(self, address: int, data: bytes) -> None:
+        hit = self.find(address, len(data))
+        if hit is None:
+            self._unclaimed("write", address, len(data))
+            return
+        device, offset = hit
+        device.write(offset, bytes(data))
+
+    def _unclaimed(self, access: str, address: int, size: int) -> None:
+        for callback in self.on_unclaimed:
+            callback(self, access, address, size)
+
+    def devices(self) -> list[tuple[Range, Device]]:
+        return list(self._entries)

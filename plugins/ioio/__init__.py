@@ -1,0 +1,109 @@
+"""Port IO for SEV-ES guests (patch 17: "Add support for SEV-ES string IO"; SVM_EXIT_IOIO).
+
+An SEV-ES guest's IN/OUT/INS/OUTS becomes a #VC; its handler sends SVM_EXIT_IOIO
+through the GHCB with the instruction described in ``sw_exit_info_1`` (KVM's
+``io_interception``): port in bits 31:16, data size one-hot in 6:4, address size in
+9:7, REP in bit 3, string in bit 2, IN in bit 0. A plain OUT carries its value in
+RAX; an IN gets it back in RAX (bytes above the access size keep RAX's value). A
+string operation moves its data through the scratch area, with the element count in
+``sw_exit_info_2`` (the 5.15 fix: earlier KVM read that field as a byte count).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from attrs import frozen
+
+from sevsim import hookimpl
+from sevsim.arch.exits import GhcbErr, SvmExit
+from sevsim.arch.ghcb import Ghcb
+from sevsim.kvm import outcome as O
+from sevsim.kvm.context import ExitContext
+from sevsim.kvm.dispatch import ExitHandler, ExitKind
+from sevsim.kvm.scratch import setup_scratch
+
+IOIO_TYPE_IN = 1 << 0
+IOIO_STR = 1 << 2
+IOIO_REP = 1 << 3
+INT_MAX = 0x7FFF_FFFF
+
+
+@frozen
+class IoioInfo:
+    """``sw_exit_info_1`` of an IOIO exit, decoded."""
+
+    port: int
+    size: int
+    address_size: int
+    rep: bool
+    string: bool
+    is_in: bool
+
+    @classmethod
+    def decode(cls, info1: int) -> IoioInfo | None:
+        size = {1: 1, 2: 2, 4: 4}.get((info1 >> 4) & 7)
+        asize = {1: 16, 2: 32, 4: 64}.get((info1 >> 7) & 7, 0)
+        if size is None:
+            return None
+        return cls(info1 >> 16 & 0xFFFF, size, asize, bool(info1 & IOIO_REP),
+                   bool(info1 & IOIO_STR), bool(info1 & IOIO_TYPE_IN))  # fmt: skip
+
+    def describe(self) -> str:
+        op = ("in" if self.is_in else "out") + ("s" if self.string else "")
+        return f"{'rep ' if self.rep else ''}{op} port {self.port:#x} size {self.size}"
+
+
+def requires(ghcb: Ghcb) -> Iterator[str]:
+    """``sev_es_validate_vmgexit``: string IO needs sw_scratch, a plain OUT needs RAX."""
+    info1 = ghcb["sw_exit_info_1"]
+    if info1 & IOIO_STR:
+        yield "sw_scratch"
+    elif not info1 & IOIO_TYPE_IN:
+        yield "rax"
+
+
+def io_interception(ctx: ExitContext) -> O.Outcome | None:
+    info = IoioInfo.decode(ctx.exit_info_1)
+    if info is None:
+        ctx.bad_input(GhcbErr.INVALID_INPUT)
+        return None
+    ctx.notes["ioio"] = info.describe()
+    if info.string:
+        return string_io(ctx, info)
+    bus = ctx.vm.io_bus
+    mask = (1 << (8 * info.size)) - 1
+    if info.is_in:
+        value = int.from_bytes(bus.read(info.port, info.size), "little")
+        ctx.regs["rax"] = (ctx.regs["rax"] & ~mask) | value
+    else:
+        bus.write(info.port, (ctx.regs["rax"] & mask).to_bytes(info.size, "little"))
+    return None
+
+
+def string_io(ctx: ExitContext, info: IoioInfo) -> O.Outcome | None:
+    """``sev_es_string_io``: ``count`` elements through the scratch area."""
+    count = ctx.exit_info_2
+    length = count * info.size
+    if count > INT_MAX or length > INT_MAX:
+        return O.Fail("EINVAL", f"string IO of {count} x {info.size} bytes is too long")
+    ghcb, vcpu = ctx.ghcb, ctx.vcpu
+    assert ghcb is not None
+    scratch = setup_scratch(ghcb, vcpu.ghcb_gpa, ghcb["sw_scratch"], length, info.is_in,
+                            ctx.vm.memory)  # fmt: skip
+    if isinstance(scratch, GhcbErr):
+        ctx.bad_input(scratch)
+        return None
+    ctx.scratch = scratch
+    bus = ctx.vm.io_bus
+    for i in range(0, length, info.size):
+        if info.is_in:
+            scratch.data[i : i + info.size] = bus.read(info.port, info.size)
+        else:
+            bus.write(info.port, bytes(scratch.data[i : i + info.size]))
+    return None
+
+
+@hookimpl
+def sevsim_exit_handlers(config: object) -> Iterator[ExitHandler]:
+    yield ExitHandler(ExitKind.VMGEXIT, SvmExit.IOIO, io_interception, requires)
