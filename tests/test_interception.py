@@ -1,0 +1,90 @@
+"""Interception is exact however a sensitive instruction is reached.
+
+The guest's #VC handler records the RIP and error code the hardware gave it into the
+shared page and asks for termination; each test reaches a CPUID by another path and
+checks that the #VC arrived in front of exactly that instruction.
+"""
+
+import struct
+
+import pytest
+
+from sevsim.arch.exits import SvmExit
+from sevsim.guest.asm import assemble
+from sevsim.kvm.exits import SystemEvent
+from sevsim.testing import run_guest
+
+RECORD = 0x7900  # in the shared GHCB page, beyond what the tests use of the GHCB
+HANDLER = 0x30000
+VC_RECORDER = assemble(f"""
+    mov rsi, {RECORD}
+    mov rax, [rsp + 8]          /* RIP of the interrupted instruction */
+    mov [rsi], rax
+    mov rax, [rsp]              /* the error code: the exit code */
+    mov [rsi + 8], rax
+    mov ecx, 0xC0010130
+    mov eax, 0x100
+    xor edx, edx
+    wrmsr
+    rep vmmcall
+    hlt
+""", HANDLER)  # fmt: skip
+
+TARGET = 0x31000  # nop; cpuid; hlt
+CPUID_AT = TARGET + 1
+BLOBS = {
+    HANDLER: VC_RECORDER,
+    TARGET: b"\x90\x0f\xa2\xf4",
+    0x32FFE: b"\x90\x0f\xa2\xf4",  # CPUID at 0x32fff spans two pages
+    0x35000: b"\x90\x90\xc3",  # nop; nop; ret: rewritten into CPUID after it ran
+}
+
+PATHS = {
+    "fall-through": (f"mov rax, {TARGET}; jmp rax", CPUID_AT),
+    "direct-jmp": (f"jmp {CPUID_AT}", CPUID_AT),
+    "indirect-jmp": (f"mov rax, {CPUID_AT}; jmp rax", CPUID_AT),
+    "direct-call": (f"call {CPUID_AT}", CPUID_AT),
+    "indirect-call": (f"mov rax, {CPUID_AT}; call rax", CPUID_AT),
+    "ret": (f"mov rax, {CPUID_AT}; push rax; ret", CPUID_AT),
+    "iretq": (f"mov rax, rsp; push 0x10; push rax; pushfq; push 0x08; push {CPUID_AT}; iretq",
+              CPUID_AT),
+    "page-spanning": ("mov rax, 0x32ffe; jmp rax", 0x32FFF),
+    "self-written": ("mov rdi, 0x34000; mov eax, 0xf4a20f; mov [rdi], eax; jmp rdi", 0x34000),
+    "rewritten-after-running": ("mov rax, 0x35000; call rax; mov rdi, rax; "
+                                "mov word ptr [rdi], 0xa20f; call rdi", 0x35000),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_cpuid_raises_vc_in_front_of_the_instruction(path):
+    source, expected_rip = PATHS[path]
+    run = run_guest(source + "\nhlt", enable=["msr_protocol"], idt={29: HANDLER}, data=BLOBS)
+    assert isinstance(run.exit, SystemEvent), run.trace.lines
+    rip, code = struct.unpack("<QQ", run.vm.memory.read(RECORD, 16))
+    assert (hex(rip), code) == (hex(expected_rip), SvmExit.CPUID)
+
+
+@pytest.mark.parametrize(
+    ("insn", "code"),
+    [("cpuid", SvmExit.CPUID), ("in al, 0x80", SvmExit.IOIO), ("out dx, eax", SvmExit.IOIO),
+     ("rep outsb", SvmExit.IOIO), ("insw", SvmExit.IOIO), ("rdpmc", SvmExit.RDPMC),
+     ("rdtscp", SvmExit.RDTSCP), ("invd", SvmExit.INVD), ("wbinvd", SvmExit.WBINVD),
+     ("monitor", SvmExit.MONITOR), ("mwait", SvmExit.MWAIT), ("vmmcall", SvmExit.VMMCALL),
+     ("mov rax, dr7", SvmExit.READ_DR7), ("mov dr7, rax", SvmExit.WRITE_DR7),
+     ("mov ecx, 0x1a0; rdmsr", SvmExit.MSR), ("mov ecx, 0x10; wrmsr", SvmExit.MSR),
+     ("mov rax, 0xd0000000; mov eax, [rax]", SvmExit.NPF)],
+)  # fmt: skip
+def test_every_nae_event_becomes_a_vc_with_its_exit_code(insn, code):
+    run = run_guest(insn + "\nhlt", enable=["msr_protocol"], idt={29: HANDLER}, data=BLOBS)
+    assert isinstance(run.exit, SystemEvent), run.trace.lines
+    assert struct.unpack("<Q", run.vm.memory.read(RECORD + 8, 8))[0] == code
+
+
+@pytest.mark.parametrize(
+    "insn",
+    ["rdtsc", "mov rax, cr0", "mov ecx, 0xc0000080; rdmsr", "mov ecx, 0x277; rdmsr; wrmsr",
+     "rdrand rax", "mov ecx, 0xc0000100; rdmsr"],
+)
+def test_what_is_not_intercepted_runs_natively(insn):
+    run = run_guest(insn + "\nhlt", enable=["msr_protocol"], idt={29: HANDLER}, data=BLOBS)
+    assert run.trace.lines[-1].endswith("Hlt"), run.trace.lines
