@@ -17,8 +17,9 @@ from typing import Any
 from capstone import CS_ARCH_X86, CS_MODE_16, CS_MODE_32, CS_MODE_64, Cs
 
 from sevsim.arch import ghcb_msr as G
-from sevsim.arch.exits import GhcbErr, GhcbResp, SvmExit, exit_name
+from sevsim.arch.exits import GhcbErr, GhcbResp, SvmExit, VmgExit, exit_name
 from sevsim.arch.ghcb_msr import GhcbMsr, bits
+from sevsim.arch.ioio import IoioInfo
 from sevsim.kvm.dispatch import ExitKind
 from sevsim.kvm.exits import Hlt, KvmExit, SystemEvent, SystemEventType
 
@@ -66,6 +67,17 @@ def describe_msr(value: int) -> str:
         case GhcbMsr.HV_FT_RESP:
             return f"{name} features {value >> 12:#x}"
     return name
+
+
+def describe_request(code: int, info1: int, info2: int) -> str:
+    """A GHCB exit's ``sw_exit_info_1/2`` in words, for the codes that define them."""
+    if code == SvmExit.IOIO and (io := IoioInfo.decode(info1)) is not None:
+        return io.describe() + (f" x {info2}" if io.string else "")
+    if code in (VmgExit.MMIO_READ, VmgExit.MMIO_WRITE):
+        return f"{info2} bytes at {info1:#x}"
+    if code == SvmExit.MSR:
+        return "wrmsr" if info1 else "rdmsr"
+    return f"info1 {info1:#x} info2 {info2:#x}"
 
 
 def describe_response(info1: int, info2: int) -> str:
@@ -164,8 +176,12 @@ class Trace:
         self._line(f"      reply        {ghcb_gpa:#018x}  {describe_msr(ghcb_gpa)}")
 
     def _on_vmgexit_enter(self, vcpu_id: int, exit_reason: int, info1: int, info2: int) -> None:
-        self.requests[f"GHCB {exit_name(exit_reason)}"] += 1
-        self._line(f"      GHCB {exit_name(exit_reason)} info1 {info1:#x} info2 {info2:#x}")
+        name = exit_name(exit_reason)
+        self.requests[f"GHCB {name}"] += 1
+        self._line(f"      GHCB {name}  {describe_request(exit_reason, info1, info2)}")
+
+    def _on_vc(self, vcpu_id: int, exit_code: int, rip: int) -> None:
+        self._line(f"      #VC {exit_name(exit_code)} at {rip:#x} (guest's view)")
 
     def _on_vmgexit_exit(self, vcpu_id: int, exit_reason: int, info1: int, info2: int) -> None:
         self._line(f"      reply: {describe_response(info1, info2)}")

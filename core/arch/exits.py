@@ -67,6 +67,9 @@ class VmgExit(IntEnum):
         return f"SVM_VMGEXIT_{self.name}"
 
 
+#: Start of the software-defined range: codes a hypervisor may define for itself.
+SVM_EXIT_SW = 0xF000_0000
+
 #: SW_EXITCODEs in the SNP range: an SEV-ES guest sending them gets MISSING_INPUT.
 SNP_ONLY_VMGEXITS = frozenset(
     {VmgExit.PSC, VmgExit.GUEST_REQUEST, VmgExit.EXT_GUEST_REQUEST, VmgExit.AP_CREATION,
@@ -85,6 +88,8 @@ def exit_name(code: int) -> str:
         return f"SVM_EXIT_CR{code - SvmExit.CR0_WRITE_TRAP}_WRITE_TRAP"
     if SvmExit.EXCP_BASE <= code < SvmExit.EXCP_BASE + 32:
         return f"SVM_EXIT_EXCP_BASE+{code - SvmExit.EXCP_BASE}"
+    if SVM_EXIT_SW <= code <= 0xFFFF_FFFF:  # hypervisor-defined (software) exit codes
+        return f"SVM_EXIT_SW+{code - SVM_EXIT_SW:#x}"
     return f"{code:#x}"
 
 

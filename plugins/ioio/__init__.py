@@ -13,45 +13,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from attrs import frozen
-
 from sevsim import hookimpl
 from sevsim.arch.exits import GhcbErr, SvmExit
 from sevsim.arch.ghcb import Ghcb
+from sevsim.arch.ioio import IOIO_STR, IOIO_TYPE_IN, IoioInfo
 from sevsim.kvm import outcome as O
 from sevsim.kvm.context import ExitContext
 from sevsim.kvm.dispatch import ExitHandler, ExitKind
 from sevsim.kvm.scratch import setup_scratch
 
-IOIO_TYPE_IN = 1 << 0
-IOIO_STR = 1 << 2
-IOIO_REP = 1 << 3
 INT_MAX = 0x7FFF_FFFF
-
-
-@frozen
-class IoioInfo:
-    """``sw_exit_info_1`` of an IOIO exit, decoded."""
-
-    port: int
-    size: int
-    address_size: int
-    rep: bool
-    string: bool
-    is_in: bool
-
-    @classmethod
-    def decode(cls, info1: int) -> IoioInfo | None:
-        size = {1: 1, 2: 2, 4: 4}.get((info1 >> 4) & 7)
-        asize = {1: 16, 2: 32, 4: 64}.get((info1 >> 7) & 7, 0)
-        if size is None:
-            return None
-        return cls(info1 >> 16 & 0xFFFF, size, asize, bool(info1 & IOIO_REP),
-                   bool(info1 & IOIO_STR), bool(info1 & IOIO_TYPE_IN))  # fmt: skip
-
-    def describe(self) -> str:
-        op = ("in" if self.is_in else "out") + ("s" if self.string else "")
-        return f"{'rep ' if self.rep else ''}{op} port {self.port:#x} size {self.size}"
 
 
 def requires(ghcb: Ghcb) -> Iterator[str]:
