@@ -102,8 +102,9 @@ def sevsim_exit_handlers(config: Any) -> Iterable[ExitHandler]:
         >>> from sevsim.kvm.outcome import RESUME
         >>> from sevsim.plugin.hookspecs import hookimpl
         >>> from sevsim.testing import isolated_host
-        >>> HELLO = 0x8000_0F00  # a code in the hypervisor-defined range
-        >>> def hello(*exit_context):
+        >>> HELLO = 0xF000_0F00  # SVM_EXIT_SW and up: codes a hypervisor defines
+        >>> def hello(ctx):
+        ...     ctx.regs["rax"] = 0x48454C4C4F  # "HELLO", back to the guest in RAX
         ...     return RESUME
         >>> class Hello:
         ...     @hookimpl
