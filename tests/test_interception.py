@@ -88,3 +88,34 @@ def test_every_nae_event_becomes_a_vc_with_its_exit_code(insn, code):
 def test_what_is_not_intercepted_runs_natively(insn):
     run = run_guest(insn + "\nhlt", enable=["msr_protocol"], idt={29: HANDLER}, data=BLOBS)
     assert run.trace.lines[-1].endswith("Hlt"), run.trace.lines
+
+
+PF_RECORDER = assemble(f"""
+    mov rsi, {RECORD}
+    mov rax, cr2
+    mov [rsi], rax
+    mov rax, [rsp]              /* error code */
+    mov [rsi + 8], rax
+    mov rax, [rsp + 8]          /* RIP of the faulting instruction */
+    mov [rsi + 16], rax
+    mov ecx, 0xC0010130
+    mov eax, 0x100
+    xor edx, edx
+    wrmsr
+    rep vmmcall
+""", 0x36000)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("access", "address", "error_code"),
+    [("mov eax, [rdi]", 0x1_0000_0123, 0x0), ("mov [rdi], eax", 0x1_0000_0FFE, 0x2),
+     ("jmp rdi", 0x1_2345_6789, 0x10)],
+)  # fmt: skip
+def test_page_faults_carry_the_exact_address_and_error_code(access, address, error_code):
+    source = f"mov rdi, {address}\nfault: {access}\nhlt"
+    run = run_guest(source, enable=["msr_protocol"], idt={14: 0x36000},
+                    data={**BLOBS, 0x36000: PF_RECORDER})  # fmt: skip
+    assert isinstance(run.exit, SystemEvent), run.trace.lines
+    cr2, code, rip = struct.unpack("<QQQ", run.vm.memory.read(RECORD, 24))
+    assert (hex(cr2), code) == (hex(address), error_code)
+    assert rip == (address if access.startswith("jmp") else 0x2000A)

@@ -30,9 +30,11 @@ from unicorn import (
     UC_HOOK_CODE,
     UC_HOOK_INSN_INVALID,
     UC_HOOK_INTR,
+    UC_HOOK_MEM_UNMAPPED,
     UC_HOOK_TLB_FILL,
     UC_MEM_FETCH,
     UC_MEM_WRITE,
+    UC_MEM_WRITE_UNMAPPED,
     UC_MODE_32,
     UC_MODE_64,
     UC_PROT_EXEC,
@@ -127,6 +129,19 @@ class _Exception:
 
 
 @frozen
+class _PendingFault:
+    """A failed translation waiting for the access to reveal its exact address."""
+
+    vaddr: int
+    error_code: int | None  # the #PF error code, or None for an NPF
+    gpa: int | None  # the page's guest-physical address when it has no RAM
+
+
+#: A physical page no guest has: failed translations point here (see _tlb_fill).
+_POISON = 0xDEAD_0000_0000
+
+
+@frozen
 class _Halted:
     pass
 
@@ -186,11 +201,15 @@ class GuestCpu:
         self.uc.hook_add(UC_HOOK_TLB_FILL, self._tlb_fill)
         self.uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
         self.uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid)
+        self.uc.hook_add(UC_HOOK_MEM_UNMAPPED, self._on_unmapped)
+        self._fault: _PendingFault | None = None
         memory.on_page_changed.append(self._page_changed)
         self._tb_flush_pending = False
         #: Guest software the model runs as this vCPU's #VC handler (None: the IDT's).
         self.vc_model: VcModel | None = None
         self._vc_run: Generator[None, None, int | None] | None = None
+        #: The last #VC's exit code and info, as the VMSA keeps them.
+        self.guest_exit = (0, 0, 0)
         self._vcs: list[tuple[int, int]] = []
 
     # -- registers ----------------------------------------------------------------
@@ -312,6 +331,8 @@ class GuestCpu:
         state["rip"] = uc.reg_read(x86.UC_X86_REG_RIP)
         state["dr7"] = uc.reg_read(x86.UC_X86_REG_DR7)
         state["cpl"] = self.cpl
+        code, info1, info2 = self.guest_exit
+        state.update(guest_exit_code=code, guest_exit_info_1=info1, guest_exit_info_2=info2)
         return state
 
     def _descriptor_attrib(self, selector: int) -> int:
@@ -365,12 +386,18 @@ class GuestCpu:
     def _tlb_fill(self, uc: Uc, vaddr: int, access: int, entry: Any, _: Any) -> bool:
         kind = {UC_MEM_WRITE: ACCESS_WRITE, UC_MEM_FETCH: ACCESS_FETCH}.get(access, ACCESS_READ)
         t = walk(self.paging_mode(), vaddr, kind, self.cpl, self._read_table)
+        fault: _PendingFault | None = None
         if isinstance(t, PageFault):
-            self._stop = _Exception(PF_VECTOR, t.error_code, vaddr)
-            return False
-        if self.memory.ram_at(t.paddr) is None:
-            self._stop = _Npf(t.paddr | (vaddr & 0xFFF), kind == ACCESS_WRITE)
-            return False
+            fault = _PendingFault(vaddr, t.error_code, None)
+        elif self.memory.ram_at(t.paddr) is None:
+            fault = _PendingFault(vaddr, None, t.paddr)
+        if fault is not None:
+            # Unicorn tells the fill hook only the page. Map the page to a physical page
+            # that does not exist: the access then reports its exact offset there.
+            self._fault = fault
+            entry.paddr = _POISON
+            entry.perms = UC_PROT_READ | UC_PROT_WRITE | UC_PROT_EXEC
+            return True
         # Instruction fetches are always private; data follows the C-bit.
         private = t.private or kind == ACCESS_FETCH
         if self.memory.convert(t.paddr, PageForm.PRIVATE if private else PageForm.SHARED):
@@ -452,6 +479,20 @@ class GuestCpu:
             return False
         return not self.msr_intercepted(ecx, site.mnemonic == "wrmsr")
 
+    def _on_unmapped(self, uc: Uc, access: int, address: int, *_: Any) -> bool:
+        """An access reached the poison page: the fault is precise now."""
+        fault, self._fault = self._fault, None
+        if fault is None or address & PAGE_MASK != _POISON:
+            self._stop = _Exception(GP_VECTOR, 0)  # nothing of ours: treat as a bad access
+            return False
+        exact = fault.vaddr | (address & 0xFFF)
+        if fault.gpa is None:
+            self._stop = _Exception(PF_VECTOR, fault.error_code, exact)
+        else:
+            self._stop = _Npf(fault.gpa | (address & 0xFFF), access == UC_MEM_WRITE_UNMAPPED)
+        self._flush_after_stop = True
+        return False
+
     def _on_interrupt(self, uc: Uc, intno: int, _: Any) -> None:
         if self._stop is None:
             self._stop = _Exception(intno)
@@ -466,6 +507,7 @@ class GuestCpu:
 
     def run(self) -> HwExit:
         """Run the guest until something the hypervisor must see (a #VMEXIT)."""
+        self._flush_after_stop = False
         if self._vc_run is not None:
             hw_exit = self._continue_vc()
             if hw_exit is not None:
@@ -483,15 +525,23 @@ class GuestCpu:
                 stop = self._stop or self._stop_for_error(err)
             else:
                 stop = self._stop or self._natural_stop(start)
+            if self._flush_after_stop:  # the poison translation must not stay in the TLB
+                self._flush_after_stop = False
+                self.flush_tlb()
             hw_exit = self._handle(stop)
             if hw_exit is not None:
                 return self._with_debug(hw_exit, stop)
 
     # -- #VC -------------------------------------------------------------------------------
 
-    def raise_vc(self, exit_code: int) -> HwExit | None:
-        """An NAE event: #VC with the exit code as error code, to the guest's handler."""
+    def raise_vc(self, exit_code: int, info1: int = 0, info2: int = 0) -> HwExit | None:
+        """An NAE event: #VC with the exit code as error code, to the guest's handler.
+
+        The hardware also records the exit in the VMSA (``guest_exit_code`` and
+        ``guest_exit_info_1/2``), where only the guest's state holds it.
+        """
         self._vcs.append((self.rip, exit_code))
+        self.guest_exit = (exit_code, info1, info2)
         if self.vc_model is None:
             return self.deliver_exception(VC_VECTOR, exit_code)
         self._vc_run = self.vc_model(GuestView(self), exit_code)
@@ -550,8 +600,9 @@ class GuestCpu:
                 return HwExit(SvmExit.HLT)
             case _Exception(vector, error_code, cr2):
                 return self.deliver_exception(vector, error_code, cr2)
-            case _Npf():
-                return self.raise_vc(SvmExit.NPF)
+            case _Npf(gpa, write):
+                # exit_info_1: a #PF-style error code (present, reserved: the MMIO SPTE)
+                return self.raise_vc(SvmExit.NPF, 0x9 | (0x2 if write else 0), gpa)
             case _AtSite(site, rip):
                 return self._handle_site(site, rip)
         raise AssertionError(f"unknown stop {stop!r}")
