@@ -58,9 +58,8 @@ def firmware() -> bytes:
 def test_reset_state_to_long_mode_to_termination():
     table = term_table()
     traps = []
-    # Without the crtraps plugin nobody would own the CR write traps; note them, resume.
-    for cr in (0, 4):
-        code = SvmExit.CR0_WRITE_TRAP + cr
+    # Without the crtraps plugin nobody would own the CR/EFER write traps; note them, resume.
+    for code in (SvmExit.CR0_WRITE_TRAP, SvmExit.CR4_WRITE_TRAP, SvmExit.EFER_WRITE_TRAP):
         table.register(ExitHandler(ExitKind.VMEXIT, code,
                                    lambda ctx: traps.append((ctx.code, ctx.exit_info_1))))
     vm = launch_firmware(Kvm(), parse_firmware(firmware(), "reset test"), handlers=table)
@@ -68,6 +67,7 @@ def test_reset_state_to_long_mode_to_termination():
     vm.launch_finish()
     exit_ = vm.vcpus[0].run()
     assert exit_ == SystemEvent(SystemEventType.SEV_TERM, (0x100,))
-    # Real mode set PE, 32-bit code set PAE then PG; each trap carried the new value.
-    assert traps == [(0x90, 0x11), (0x94, 0x60), (0x90, 0x8000_0011)]
+    # Real mode set PE; 32-bit code set PAE, EFER.LME (SVME stays set), then PG; each
+    # trap carried the new value.
+    assert traps == [(0x90, 0x11), (0x94, 0x60), (0x8F, 0x1100), (0x90, 0x8000_0011)]
     assert vm.vcpus[0].debug.bits == 64

@@ -19,10 +19,17 @@ class SvmExit(IntEnum):
     IRET = 0x074
     INVD = 0x076
     HLT = 0x078
+    INVLPGA = 0x07A
     IOIO = 0x07B
     MSR = 0x07C
     SHUTDOWN = 0x07F
+    VMRUN = 0x080
     VMMCALL = 0x081
+    VMLOAD = 0x082
+    VMSAVE = 0x083
+    STGI = 0x084
+    CLGI = 0x085
+    SKINIT = 0x086
     RDTSCP = 0x087
     WBINVD = 0x089
     MONITOR = 0x08A

@@ -56,12 +56,19 @@ from sevsim.hw.paging import (
     ACCESS_FETCH,
     ACCESS_READ,
     ACCESS_WRITE,
+    NonCanonical,
     PageFault,
     PagingMode,
     Translation,
     walk,
 )
 
+#: Intercepted instructions that fault with #GP(0) outside ring 0.
+_CPL0_ONLY = frozenset({
+    SvmExit.INVD, SvmExit.WBINVD, SvmExit.READ_DR7, SvmExit.WRITE_DR7, SvmExit.VMRUN,
+    SvmExit.VMLOAD, SvmExit.VMSAVE, SvmExit.STGI, SvmExit.CLGI, SvmExit.SKINIT,
+    SvmExit.INVLPGA,
+})  # fmt: skip
 VC_VECTOR = 29
 DF_VECTOR = 8
 GP_VECTOR = 13
@@ -84,6 +91,13 @@ _SEG_IDS = {
     "es": x86.UC_X86_REG_ES, "cs": x86.UC_X86_REG_CS, "ss": x86.UC_X86_REG_SS,
     "ds": x86.UC_X86_REG_DS, "fs": x86.UC_X86_REG_FS, "gs": x86.UC_X86_REG_GS,
 }  # fmt: skip
+#: Capstone's register names (64-bit and 32-bit forms) -> our GPR names.
+_GPR_NAME = {
+    **{n: n for n in ("rax", "rbx", "rcx", "rdx", "rsp", "rbp", "rsi", "rdi")},
+    **{"e" + n[1:]: n for n in ("rax", "rbx", "rcx", "rdx", "rsp", "rbp", "rsi", "rdi")},
+    **{f"r{i}": f"r{i}" for i in range(8, 16)},
+    **{f"r{i}d": f"r{i}" for i in range(8, 16)},
+}
 _CR_IDS = {0: x86.UC_X86_REG_CR0, 2: x86.UC_X86_REG_CR2, 3: x86.UC_X86_REG_CR3,
            4: x86.UC_X86_REG_CR4, 8: x86.UC_X86_REG_CR8}  # fmt: skip
 #: VMSA fields held in MSRs of the Unicorn CPU.
@@ -126,6 +140,7 @@ class _Exception:
     vector: int
     error_code: int | None = None
     cr2: int | None = None
+    software: bool = False  # INT n: no error code, whatever the vector
 
 
 @frozen
@@ -133,7 +148,7 @@ class _PendingFault:
     """A failed translation waiting for the access to reveal its exact address."""
 
     vaddr: int
-    error_code: int | None  # the #PF error code, or None for an NPF
+    error_code: int | None  # the #PF error code (None: NPF, or #GP if gpa is None too)
     gpa: int | None  # the page's guest-physical address when it has no RAM
 
 
@@ -197,6 +212,8 @@ class GuestCpu:
         self._stop: Stop | None = None
         self._skip_site: int | None = None
         self._code_pages: dict[int, _CodePage] = {}
+        #: Physical page -> the virtual pages whose scan of it is in place.
+        self._code_paddrs: dict[int, set[int]] = {}
         self._site_cache: dict[int, Sensitive | None] = {}
         self.uc.hook_add(UC_HOOK_TLB_FILL, self._tlb_fill)
         self.uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
@@ -260,7 +277,7 @@ class GuestCpu:
         if not state.get("cr0", 0) & M.CR0_PE:
             self._load_segment_caches(state)
         uc = self.uc
-        uc.msr_write(M.MSR_EFER, state.get("efer", 0) & ~M.EFER_SVME)
+        uc.msr_write(M.MSR_EFER, state.get("efer", 0))
         uc.reg_write(x86.UC_X86_REG_CR4, state.get("cr4", 0))
         uc.reg_write(x86.UC_X86_REG_CR3, state.get("cr3", 0))
         uc.reg_write(x86.UC_X86_REG_CR0, state.get("cr0", 0))
@@ -354,6 +371,9 @@ class GuestCpu:
         return walk(self.paging_mode(), vaddr, access, 0, self._read_table)
 
     def _read_table(self, paddr: int, size: int) -> bytes:
+        """Page-table reads: always private; a table outside RAM is a nested fault."""
+        if self.memory.ram_at(paddr) is None:
+            raise _FaultDuringAccess(_Npf(paddr, False))
         return self.memory.guest_read(paddr, size, private=True)
 
     def _virt_access(self, vaddr: int, size: int, access: int, data: bytes | None) -> bytes:
@@ -362,6 +382,8 @@ class GuestCpu:
         while done < size:
             va = vaddr + done
             t = self.translate(va, access)
+            if isinstance(t, NonCanonical):
+                raise _FaultDuringAccess(_Exception(GP_VECTOR, 0))
             if isinstance(t, PageFault):
                 raise _FaultDuringAccess(_Exception(PF_VECTOR, t.error_code, va))
             chunk = min(size - done, 0x1000 - (va & 0xFFF))
@@ -378,6 +400,21 @@ class GuestCpu:
     def virt_read(self, vaddr: int, size: int) -> bytes:
         return self._virt_access(vaddr, size, ACCESS_READ, None)
 
+    def fetch(self, vaddr: int, size: int) -> bytes:
+        """Instruction bytes as the CPU fetches them: always private, whatever the C-bit."""
+        out = bytearray()
+        while len(out) < size:
+            va = vaddr + len(out)
+            t = self.translate(va, ACCESS_FETCH)
+            if isinstance(t, PageFault | NonCanonical):
+                raise _FaultDuringAccess(_Exception(PF_VECTOR, getattr(t, "error_code", 0), va))
+            pa = t.paddr | (va & 0xFFF)
+            if self.memory.ram_at(pa) is None:
+                raise _FaultDuringAccess(_Npf(pa, False))
+            chunk = min(size - len(out), 0x1000 - (va & 0xFFF))
+            out += self.memory.guest_read(pa, chunk, private=True)
+        return bytes(out)
+
     def virt_write(self, vaddr: int, data: bytes) -> None:
         self._virt_access(vaddr, len(data), ACCESS_WRITE, data)
 
@@ -385,11 +422,18 @@ class GuestCpu:
 
     def _tlb_fill(self, uc: Uc, vaddr: int, access: int, entry: Any, _: Any) -> bool:
         kind = {UC_MEM_WRITE: ACCESS_WRITE, UC_MEM_FETCH: ACCESS_FETCH}.get(access, ACCESS_READ)
-        t = walk(self.paging_mode(), vaddr, kind, self.cpl, self._read_table)
+        mode = self.paging_mode()
         fault: _PendingFault | None = None
-        if isinstance(t, PageFault):
+        try:
+            t = walk(mode, vaddr, kind, self.cpl, self._read_table)
+        except _FaultDuringAccess as table_fault:  # a page table with no RAM behind it
+            assert isinstance(table_fault.stop, _Npf)
+            t, fault = None, _PendingFault(vaddr, None, table_fault.stop.gpa & PAGE_MASK)
+        if isinstance(t, NonCanonical):
+            fault = _PendingFault(vaddr, None, None)
+        elif isinstance(t, PageFault):
             fault = _PendingFault(vaddr, t.error_code, None)
-        elif self.memory.ram_at(t.paddr) is None:
+        elif t is not None and self.memory.ram_at(t.paddr) is None:
             fault = _PendingFault(vaddr, None, t.paddr)
         if fault is not None:
             # Unicorn tells the fill hook only the page. Map the page to a physical page
@@ -403,7 +447,10 @@ class GuestCpu:
         if self.memory.convert(t.paddr, PageForm.PRIVATE if private else PageForm.SHARED):
             # Other virtual pages may still map the old view: drop every translation.
             self.flush_tlb()
-        perms = UC_PROT_READ | (UC_PROT_WRITE if t.writable else 0)
+        assert t is not None
+        # CR0.WP clear: supervisor writes ignore the read-only bit.
+        writable = t.writable or (self.cpl == 0 and not mode.cr0 & M.CR0_WP)
+        perms = UC_PROT_READ | (UC_PROT_WRITE if writable else 0)
         page = vaddr & PAGE_MASK
         scanned = self._code_pages.get(page)
         if kind == ACCESS_FETCH:
@@ -411,11 +458,14 @@ class GuestCpu:
                 self._scan(page, t.paddr)
             # W^X for scanned code: a later write re-fills and forces a rescan.
             perms = UC_PROT_READ | UC_PROT_EXEC
-        elif kind == ACCESS_WRITE and scanned is not None:
-            self._unscan(page)
-        elif scanned is not None and scanned.paddr == t.paddr:
-            perms |= UC_PROT_EXEC
+        elif kind == ACCESS_WRITE and t.paddr in self._code_paddrs:
+            # Through this page or an alias of it: every scan of that code is stale.
+            for stale in list(self._code_paddrs[t.paddr]):
+                self._unscan(stale)
+        elif t.paddr in self._code_paddrs:
             perms &= ~UC_PROT_WRITE
+            if scanned is not None and scanned.paddr == t.paddr:
+                perms |= UC_PROT_EXEC
         entry.paddr = t.paddr
         entry.perms = perms
         return True
@@ -426,15 +476,17 @@ class GuestCpu:
     def _scan(self, page: int, paddr: int) -> None:
         self._unscan(page)
         code = self.memory.guest_read(paddr, 0x1000, private=True)
-        nxt = walk(self.paging_mode(), page + 0x1000, ACCESS_READ, 0, self._read_table)
-        if isinstance(nxt, Translation) and self.memory.ram_at(nxt.paddr) is not None:
-            code += self.memory.guest_read(nxt.paddr, MAX_INSN - 1, private=True)
+        try:
+            code += self.fetch(page + 0x1000, MAX_INSN - 1)
+        except _FaultDuringAccess:
+            pass  # nothing mapped after this page: no instruction spans into it
         record = _CodePage(paddr)
         for offset in sorted(candidate_offsets(code, 0x1000)):
             addr = page + offset
             self._site_cache.pop(addr, None)
             record.hooks.append(self.uc.hook_add(UC_HOOK_CODE, self._on_site, begin=addr, end=addr))
         self._code_pages[page] = record
+        self._code_paddrs.setdefault(paddr, set()).add(page)
 
     def _unscan(self, page: int) -> None:
         record = self._code_pages.pop(page, None)
@@ -443,6 +495,10 @@ class GuestCpu:
                 self.uc.hook_del(handle)
             for addr in range(page, page + 0x1000):
                 self._site_cache.pop(addr, None)
+            pages = self._code_paddrs.get(record.paddr, set())
+            pages.discard(page)
+            if not pages:
+                self._code_paddrs.pop(record.paddr, None)
 
     def _page_changed(self, paddr: int) -> None:
         """Guest memory changed behind Unicorn's back: drop translations and code."""
@@ -457,21 +513,61 @@ class GuestCpu:
             return
         if address not in self._site_cache:
             try:
-                code = self.virt_read(address, MAX_INSN)
+                code = self.fetch(address, MAX_INSN)
             except _FaultDuringAccess:
-                code = self.virt_read(address, 0x1000 - (address & 0xFFF))
-            self._site_cache[address] = classify(code, self.bits())
+                try:
+                    code = self.fetch(address, 0x1000 - (address & 0xFFF))
+                except _FaultDuringAccess:
+                    code = b""  # let Unicorn fetch it and fault precisely
+            self._site_cache[address] = classify(code, self.bits()) if code else None
         site = self._site_cache[address]
         if site is None:
             return
-        if site.action is Action.HARDWARE_MSR and self._msr_is_native(site):
+        fault = self._privilege_fault(site)
+        if fault is not None:  # checked by the hardware before the intercept
+            self._stop = fault
+            uc.emu_stop()
             return
+        if site.action is Action.HARDWARE_MSR and self._msr_is_native(site):
+            if not self._efer_write_trapped(site):
+                return
         if site.action is Action.NAE and not self.intercepted(site.exit_code):
             return
         if site.action is Action.CR_WRITE and not self.intercepted(site.exit_code):
             return
         self._stop = _AtSite(site, address)
         uc.emu_stop()
+
+    def _privilege_fault(self, site: Sensitive) -> _Exception | None:
+        """The #GP/#UD an instruction takes at this CPL before it can be intercepted.
+
+        APM vol. 2, 15.9: instruction intercepts are checked after the simple
+        exceptions, CPL checks among them; IN/OUT check IOPL (a TSS without an I/O
+        bitmap, as sevsim's guests have, allows nothing beyond it).
+        """
+        cpl = self.cpl
+        if cpl == 0:
+            return None
+        code = site.exit_code
+        if code == SvmExit.IOIO:
+            iopl = (self.uc.reg_read(x86.UC_X86_REG_RFLAGS) >> 12) & 3
+            return _Exception(GP_VECTOR, 0) if cpl > iopl else None
+        if code in (SvmExit.MONITOR, SvmExit.MWAIT):
+            return _Exception(UD_VECTOR)
+        if code == SvmExit.RDPMC:
+            pce = self.uc.reg_read(x86.UC_X86_REG_CR4) & (1 << 8)
+            return None if pce else _Exception(GP_VECTOR, 0)
+        if code in _CPL0_ONLY or site.action in (Action.HARDWARE_MSR, Action.CR_WRITE):
+            return _Exception(GP_VECTOR, 0)
+        return None
+
+    def _efer_write_trapped(self, site: Sensitive) -> bool:
+        """A passthrough WRMSR to EFER still ends in the EFER write trap, if armed."""
+        return (
+            site.mnemonic == "wrmsr"
+            and self.uc.reg_read(x86.UC_X86_REG_ECX) == M.MSR_EFER
+            and self.intercepted(SvmExit.EFER_WRITE_TRAP)
+        )
 
     def _msr_is_native(self, site: Sensitive) -> bool:
         ecx = self.uc.reg_read(x86.UC_X86_REG_ECX)
@@ -486,7 +582,9 @@ class GuestCpu:
             self._stop = _Exception(GP_VECTOR, 0)  # nothing of ours: treat as a bad access
             return False
         exact = fault.vaddr | (address & 0xFFF)
-        if fault.gpa is None:
+        if fault.gpa is None and fault.error_code is None:  # non-canonical address
+            self._stop = _Exception(GP_VECTOR, 0)
+        elif fault.gpa is None:
             self._stop = _Exception(PF_VECTOR, fault.error_code, exact)
         else:
             self._stop = _Npf(fault.gpa | (address & 0xFFF), access == UC_MEM_WRITE_UNMAPPED)
@@ -495,8 +593,16 @@ class GuestCpu:
 
     def _on_interrupt(self, uc: Uc, intno: int, _: Any) -> None:
         if self._stop is None:
-            self._stop = _Exception(intno)
+            self._stop = _Exception(intno, software=self._is_int_n(intno))
         uc.emu_stop()
+
+    def _is_int_n(self, intno: int) -> bool:
+        """Whether the instruction just before RIP is ``INT intno`` (a software interrupt,
+        which pushes no error code; RIP is already past it)."""
+        try:
+            return self.fetch(self.rip - 2, 2) == bytes([0xCD, intno])
+        except _FaultDuringAccess:
+            return False
 
     def _on_invalid(self, uc: Uc, _: Any) -> bool:
         if self._stop is None:
@@ -576,7 +682,7 @@ class GuestCpu:
         else:
             rip, length = self.rip, MAX_INSN
         try:
-            insn = self.virt_read(rip, length)
+            insn = self.fetch(rip, length)
         except _FaultDuringAccess:
             insn = b""
         return evolve(hw_exit, rip=rip, insn=insn, bits=self.bits(), vcs=self._take_vcs())
@@ -598,8 +704,8 @@ class GuestCpu:
         match stop:
             case _Halted():
                 return HwExit(SvmExit.HLT)
-            case _Exception(vector, error_code, cr2):
-                return self.deliver_exception(vector, error_code, cr2)
+            case _Exception(vector, error_code, cr2, software):
+                return self.deliver_exception(vector, error_code, cr2, software=software)
             case _Npf(gpa, write):
                 # exit_info_1: a #PF-style error code (present, reserved: the MMIO SPTE)
                 return self.raise_vc(SvmExit.NPF, 0x9 | (0x2 if write else 0), gpa)
@@ -618,8 +724,15 @@ class GuestCpu:
                 self._hardware_msr(site, ecx)
                 self.rip += site.length
                 return None
+            if self._efer_write_trapped(site):
+                return self._write_trap(linear, SvmExit.EFER_WRITE_TRAP,
+                                        lambda: self.uc.msr_read(M.MSR_EFER))  # fmt: skip
         if site.action is Action.CR_WRITE:
-            return self._cr_write_trap(site, linear)
+            cr = site.exit_code - SvmExit.CR0_WRITE_TRAP
+            if not _valid_cr_write(cr, self.reg(_GPR_NAME[site.operand]), self.paging_mode()):
+                return self.deliver_exception(GP_VECTOR, 0)
+            return self._write_trap(linear, site.exit_code,
+                                    lambda: self.uc.reg_read(_CR_IDS[cr]))  # fmt: skip
         return self.raise_vc(site.exit_code)
 
     def _hardware_msr(self, site: Sensitive, ecx: int) -> None:
@@ -631,29 +744,43 @@ class GuestCpu:
             self.ghcb_msr = (self.reg("rdx") & 0xFFFF_FFFF) << 32 | (self.reg("rax") & 0xFFFF_FFFF)
         # WRMSR to SEV_STATUS is ignored: the register is read-only.
 
-    def _cr_write_trap(self, site: Sensitive, linear: int) -> HwExit:
-        """MOV to CRn retires natively, then the trap exit reports the new value."""
+    def _write_trap(
+        self, linear: int, exit_code: int, new_value: Callable[[], int]
+    ) -> HwExit | None:
+        """The write retires natively (a single step), then the trap exit reports the
+        new value in exit_info_1. A fault in that step is delivered instead."""
         self._skip_site = linear
-        self.uc.emu_start(self.rip, _NO_END, count=1)
-        cr = site.exit_code - SvmExit.CR0_WRITE_TRAP
-        return HwExit(site.exit_code, info1=self.uc.reg_read(_CR_IDS[cr]))
+        self._stop = None
+        try:
+            self.uc.emu_start(self.rip, _NO_END, count=1)
+        except UcError as err:
+            return self._handle(self._stop or self._stop_for_error(err))
+        if self._stop is not None:
+            return self._handle(self._stop)
+        return HwExit(exit_code, info1=new_value())
 
     # -- exception delivery -----------------------------------------------------------
 
     def deliver_exception(
-        self, vector: int, error_code: int | None = None, cr2: int | None = None
+        self,
+        vector: int,
+        error_code: int | None = None,
+        cr2: int | None = None,
+        *,
+        software: bool = False,
     ) -> HwExit | None:
         """Deliver an exception through the IDT; a failed delivery escalates.
 
         A fault while delivering becomes #DF; a fault while delivering #DF is a triple
-        fault, which the hardware reports as a SHUTDOWN exit.
+        fault, which the hardware reports as a SHUTDOWN exit. ``software`` (INT n)
+        pushes no error code even for vectors whose exceptions do.
         """
-        current = _Exception(vector, error_code, cr2)
+        current = _Exception(vector, error_code, cr2, software)
         while True:
             if current.cr2 is not None:
                 self.uc.reg_write(x86.UC_X86_REG_CR2, current.cr2)
             code = current.error_code
-            if code is None and current.vector in _ERROR_CODE_VECTORS:
+            if code is None and current.vector in _ERROR_CODE_VECTORS and not current.software:
                 code = 0
             fault = self._push_frame(current.vector, code)
             if fault is None:
@@ -765,6 +892,27 @@ def _gate(raw: bytes) -> tuple[int, int, int, int] | None:
     return (low >> 16) & 0xFFFF, target, gate_type, (low >> 32) & 7
 
 
+#: Bits a MOV to CR4 may set on this CPU model (AMD: VME..OSXMMEXCPT, UMIP, FSGSBASE,
+#: PCIDE, OSXSAVE, SMEP, SMAP, PKE, CET); the rest are reserved: #GP.
+_CR4_VALID = 0x7FF | (1 << 11) | (1 << 16) | (1 << 17) | (1 << 18) | (1 << 20) | (1 << 21) | (
+    1 << 22) | (1 << 23)  # fmt: skip
+
+
+def _valid_cr_write(cr: int, value: int, mode: PagingMode) -> bool:
+    """The architectural checks of MOV to CR0/CR4/CR8 (APM vol. 2, 3.1)."""
+    if cr == 0:
+        pg_without_pe = value & M.CR0_PG and not value & M.CR0_PE
+        cd_clear_nw_set = value & (1 << 29) and not value & (1 << 30)
+        long_without_pae = value & M.CR0_PG and mode.efer & M.EFER_LME and not mode.cr4 & M.CR4_PAE
+        return not (value >> 32 or pg_without_pe or cd_clear_nw_set or long_without_pae)
+    if cr == 4:
+        leaving_pae = mode.efer & M.EFER_LMA and not value & M.CR4_PAE
+        return not (value & ~_CR4_VALID or leaving_pae)
+    if cr == 8:
+        return not value >> 4
+    return True
+
+
 def _descriptor(seg: Segment) -> bytes:
     """An 8-byte GDT descriptor with a segment's base, limit and VMCB attributes."""
     granular = bool(seg.attrib & 0x800)
@@ -841,8 +989,11 @@ class GuestView:
 
     def translate(self, vaddr: int) -> tuple[int, bool]:
         """(guest-physical address, private) of ``vaddr`` — Linux's slow_virt_to_phys."""
-        t = self._cpu.translate(vaddr, ACCESS_READ)
-        if isinstance(t, PageFault):
+        try:
+            t = self._cpu.translate(vaddr, ACCESS_READ)
+        except _FaultDuringAccess as fault:
+            raise GuestFault(vaddr) from fault
+        if isinstance(t, PageFault | NonCanonical):
             raise GuestFault(vaddr)
         return t.paddr | (vaddr & 0xFFF), t.private
 

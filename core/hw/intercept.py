@@ -32,7 +32,7 @@ MAX_INSN = 15
 
 # Opcode byte sequences that begin a sensitive instruction (after any prefixes).
 _OPCODES = re.compile(
-    rb"\x0f\x01[\xd9\xf9\xc8\xc9]"  # VMMCALL/VMGEXIT, RDTSCP, MONITOR, MWAIT
+    rb"\x0f\x01[\xd8-\xdf\xf9\xc8\xc9]"  # VMRUN..INVLPGA (VMMCALL/VMGEXIT), RDTSCP, MONITOR, MWAIT
     rb"|\x0f[\x30\x32\x33\xa2\x08\x09\x21\x23\x22]"  # WRMSR RDMSR RDPMC CPUID INVD WBINVD MOV DR/CR
     rb"|[\xe4-\xe7\xec-\xef\x6c-\x6f]",  # IN, OUT, INS, OUTS
     re.DOTALL,
@@ -91,6 +91,13 @@ _BY_MNEMONIC: dict[str, tuple[int, Action]] = {
     "monitor": (SvmExit.MONITOR, Action.NAE),
     "mwait": (SvmExit.MWAIT, Action.NAE),
     "vmmcall": (SvmExit.VMMCALL, Action.NAE),
+    "vmrun": (SvmExit.VMRUN, Action.NAE),
+    "vmload": (SvmExit.VMLOAD, Action.NAE),
+    "vmsave": (SvmExit.VMSAVE, Action.NAE),
+    "stgi": (SvmExit.STGI, Action.NAE),
+    "clgi": (SvmExit.CLGI, Action.NAE),
+    "skinit": (SvmExit.SKINIT, Action.NAE),
+    "invlpga": (SvmExit.INVLPGA, Action.NAE),
     "rdmsr": (SvmExit.MSR, Action.HARDWARE_MSR),
     "wrmsr": (SvmExit.MSR, Action.HARDWARE_MSR),
     **{m: (SvmExit.IOIO, Action.NAE) for m in ("in", "out", "insb", "insw", "insd",

@@ -49,6 +49,13 @@ class PageFault:
 
 
 @frozen
+class NonCanonical:
+    """A long-mode address whose bits 63:47 are not all equal: #GP(0), not #PF."""
+
+    vaddr: int
+
+
+@frozen
 class PagingMode:
     """The control-register state that decides how addresses translate."""
 
@@ -68,7 +75,7 @@ ReadPhys = Callable[[int, int], bytes]
 
 def walk(
     mode: PagingMode, vaddr: int, access: int, cpl: int, read: ReadPhys
-) -> Translation | PageFault:
+) -> Translation | PageFault | NonCanonical:
     """Translate ``vaddr`` for ``access`` (ACCESS_*) at ``cpl`` using ``read(paddr, n)``."""
     if not mode.paging:
         # Paging off: identity, and every access is private (APM 15.34.5).
@@ -135,9 +142,8 @@ def _walk_entries(
 
 
 def _walk_long(mode, vaddr, access, cpl, read):  # type: ignore[no-untyped-def]
-    canonical = vaddr >> 47
-    if canonical not in (0, (1 << 17) - 1):
-        return _fault(vaddr, access, cpl, present=False)
+    if vaddr >> 47 not in (0, (1 << 17) - 1):
+        return NonCanonical(vaddr)
     levels = ((39, 9, False), (30, 9, True), (21, 9, True), (12, 9, False))
     pml4 = mode.cr3 & ~0xFFF & ~(1 << mode.cbit)
     return _walk_entries(mode, vaddr, access, cpl, read, levels, pml4, 8)

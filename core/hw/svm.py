@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Any
 
 from attrs import define, field
-
 from sevsim.arch import msr as M
 from sevsim.arch.exits import SvmExit
 from sevsim.arch.vmcb import VMCB_CONTROL, NestedCtl
@@ -66,6 +65,7 @@ class VmsaPage:
     vc_model: VcModel | None = None
     #: Ciphertext the host wrote over the protected page, checked on VMRUN.
     _host_bytes: bytes | None = field(default=None, alias="host_bytes")
+    _key: bytes | None = field(default=None, alias="key", repr=False)
 
     @property
     def protected(self) -> bool:
@@ -107,10 +107,17 @@ class VmsaPage:
 
     def launch_protect(self, key: bytes) -> bytes:
         """LAUNCH_UPDATE_VMSA: decode and seal the page; return what gets measured."""
+        if self.protected:
+            raise GuestMemoryError(f"VMSA page {self.pa:#x} is already protected")
         measured = bytes(self._plain)
         self.state = decode_vmsa(measured)
         self._cipher = PageCipher(key)
+        self._key = key
         return measured
+
+    def sealed_with(self, key: bytes | None) -> bool:
+        """Whether ``key`` decrypts this VMSA: VMRUN under another guest's ASID cannot."""
+        return key is not None and key == self._key
 
     # -- VMRUN's integrity check ------------------------------------------------------
 
@@ -188,15 +195,26 @@ class Svm:
         value carries the simulator's debug record of the exit (why, where, which
         instruction): not visible to a real hypervisor, kept for the trace.
         """
-        get, put = VMCB_CONTROL.get, VMCB_CONTROL.set
+        get = VMCB_CONTROL.get
         vmsa = self.pages.vmsa_at(get(vmcb, "vmsa_pa"))
         nested = get(vmcb, "nested_ctl")
         es = NestedCtl.SEV_ENABLE | NestedCtl.SEV_ES_ENABLE
         if vmsa is None or not vmsa.protected or nested & es != es:
             return self._record(vmcb, HwExit(SvmExit.ERR, why="invalid vmsa_pa or SEV-ES off"))
+        if not vmsa.sealed_with(key):
+            why = "the VMSA was sealed under another guest's key than this ASID's"
+            return self._record(vmcb, HwExit(SvmExit.ERR, why=why))
         if not vmsa.integrity_ok():
             return self._record(vmcb, HwExit(SvmExit.SHUTDOWN, why="VMSA integrity check failed"))
         memory.install_key(key)
+        try:
+            return self._run(vmcb, memory, vmsa)
+        except Exception as exc:  # nothing a guest does may take the host down
+            why = f"simulator fault: {type(exc).__name__}: {exc}"
+            return self._record(vmcb, HwExit(SvmExit.SHUTDOWN, why=why))
+
+    def _run(self, vmcb: bytearray, memory: GuestMemory, vmsa: VmsaPage) -> HwExit:
+        get, put = VMCB_CONTROL.get, VMCB_CONTROL.set
         cpu = vmsa.cpu
         if cpu is None:
             cpu = vmsa.cpu = self._new_cpu(memory, vmsa)
