@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from attrs import define, field
+
 from sevsim.arch import msr as M
 from sevsim.arch.exits import SvmExit
 from sevsim.arch.vmcb import VMCB_CONTROL, NestedCtl
