@@ -177,17 +177,34 @@ class Vcpu:
         ))  # fmt: skip
 
     def _call(self, handler: ExitHandler, ctx: ExitContext) -> O.Outcome:
-        """Run a handler; an exception in it ends only this VM, naming the plugin."""
+        """Run a handler; a bug in it ends only this VM, naming the plugin.
+
+        A bug is an exception, a return value that is not an outcome, or a register
+        or MSR value that does not fit 64 bits.
+        """
         self._ctx = ctx
         try:
             result = handler.handler(ctx)
         except Exception as exc:  # a plugin bug must not take the host down
-            who = handler.plugin or "<direct registration>"
-            last = traceback.extract_tb(exc.__traceback__)[-1]
-            why = (f"handler of plugin {who!r} for {handler.describe()} raised "
-                   f"{type(exc).__name__}: {exc} (at {last.filename}:{last.lineno})")  # fmt: skip
-            return O.ExitToUser(RunFailed("EIO", why, plugin=who))
+            return self._plugin_failed(handler, exc)
+        if result is not None and not isinstance(result, O.Resume | O.ExitToUser | O.Fail):
+            return self._plugin_failed(handler, f"returned {result!r}, expected an outcome "
+                                       "(sevsim.kvm.outcome) or None")  # fmt: skip
+        values = {"GHCB MSR": ctx.msr, **{n: ctx.regs[n] for n in _SYNCED_OUT if n in ctx.regs}}
+        for name, value in values.items():
+            if not isinstance(value, int) or not 0 <= value < 1 << 64:
+                return self._plugin_failed(handler, f"left {name} = {value!r}, not a u64")
         return O.RESUME if result is None else result
+
+    @staticmethod
+    def _plugin_failed(handler: ExitHandler, problem: Exception | str) -> O.ExitToUser:
+        who = handler.plugin or "<direct registration>"
+        if isinstance(problem, Exception):
+            last = traceback.extract_tb(problem.__traceback__)[-1]
+            problem = (f"raised {type(problem).__name__}: {problem} "
+                       f"(at {last.filename}:{last.lineno})")  # fmt: skip
+        why = f"handler of plugin {who!r} for {handler.describe()} {problem}"
+        return O.ExitToUser(RunFailed("EIO", why, plugin=who))
 
     # -- VMGEXIT (sev_handle_vmgexit) ----------------------------------------------------
 
@@ -210,7 +227,10 @@ class Vcpu:
                      info1=ghcb["sw_exit_info_1"], info2=ghcb["sw_exit_info_2"])  # fmt: skip
         self._ghcb, self._ghcb_gpa = ghcb, ghcb_gpa
         snapshot = self._sync_from_ghcb(ghcb)
-        handler, error = self._validate(snapshot, code)
+        try:
+            handler, error = self._validate(snapshot, code)
+        except _RequiresFailed as bad:
+            return self._plugin_failed(bad.handler, bad.problem)
         ctx = ExitContext(self, ExitKind.VMGEXIT, code, snapshot["sw_exit_info_1"],
                           snapshot["sw_exit_info_2"], ghcb=ghcb, regs=self.regs)  # fmt: skip
         self._ctx = ctx
@@ -246,7 +266,11 @@ class Vcpu:
             # The SNP codes fail with KVM's default reason, MISSING_INPUT, for SEV-ES.
             snp = code in SNP_ONLY_VMGEXITS
             return None, GhcbErr.MISSING_INPUT if snp else GhcbErr.INVALID_EVENT
-        if not all(snapshot.is_valid(name) for name in handler.required_fields(snapshot)):
+        try:
+            required = handler.required_fields(snapshot)
+        except Exception as exc:  # the plugin's requires() is plugin code too
+            raise _RequiresFailed(handler, exc) from exc
+        if not all(snapshot.is_valid(name) for name in required):
             return None, GhcbErr.MISSING_INPUT
         return handler, None
 
@@ -287,3 +311,12 @@ class Vcpu:
     def describe(self) -> str:
         return f"vCPU {self.id} of {self.vm.name}"
 
+
+
+class _RequiresFailed(Exception):
+    """A handler's ``requires`` callable failed while the exit was being validated."""
+
+    def __init__(self, handler: ExitHandler, problem: Exception) -> None:
+        super().__init__(str(problem))
+        self.handler = handler
+        self.problem = problem
