@@ -11,7 +11,8 @@ Layout (guest-physical = guest-virtual, identity mapped over the first 4 GiB):
 
 =========  ==========================================================
 0x1000     PML4; 0x2000 PDPT; 0x3000 PD for 0-1 GiB; 0x4000 PT for 0-2 MiB
-0x5000     GDT (null, code64 0x08, data 0x10, TSS 0x18); TSS at 0x5100
+0x5000     GDT (null, code64 0x08, data 0x10, TSS 0x18, user code64 0x2b,
+           user data 0x33); TSS at 0x5100
 0x6000     IDT (256 gates, all absent unless given)
 0x7000     GHCB (shared)
 0x8000     stack top at 0x10000; IST1 stack top at 0x12000
@@ -39,12 +40,19 @@ CODE = 0x20000
 IMAGE_END = 0x200000  # the image lives in the first 2 MiB, the part mapped with 4 KiB pages
 
 CODE64_SEL, DATA_SEL, TSS_SEL = 0x08, 0x10, 0x18
-_P, _RW, _PS = 1 << 0, 1 << 1, 1 << 7
+USER_CODE64_SEL, USER_DATA_SEL = 0x28 | 3, 0x30 | 3
+#: Every mapping allows user access too (U/S set), so ring-3 test code can run.
+_P, _RW, _US, _PS = 1 << 0, 1 << 1, 1 << 2, 1 << 7
 
 GDT_ENTRIES = (
     0,
     0x00AF_9A00_0000_FFFF,  # 64-bit code, DPL 0
     0x00CF_9200_0000_FFFF,  # data, DPL 0
+)
+#: After the 16-byte TSS descriptor: ring-3 segments.
+USER_GDT_ENTRIES = (
+    0x00AF_FA00_0000_FFFF,  # 64-bit code, DPL 3
+    0x00CF_F200_0000_FFFF,  # data, DPL 3
 )
 
 
@@ -74,20 +82,22 @@ class GuestImage:
     def memory(self) -> dict[int, bytes]:
         """Guest-physical address -> bytes, for every private range of the image."""
         c = 1 << self.cbit
-        pml4 = struct.pack("<Q", PDPT | c | _P | _RW)
-        pdpt = struct.pack("<Q", PD | c | _P | _RW) + b"".join(
-            struct.pack("<Q", (i << 30) | c | _P | _RW | _PS) for i in range(1, 4)
+        flags = _P | _RW | _US
+        pml4 = struct.pack("<Q", PDPT | c | flags)
+        pdpt = struct.pack("<Q", PD | c | flags) + b"".join(
+            struct.pack("<Q", (i << 30) | c | flags | _PS) for i in range(1, 4)
         )
-        pd = struct.pack("<Q", PT | c | _P | _RW) + b"".join(
-            struct.pack("<Q", (i << 21) | c | _P | _RW | _PS) for i in range(1, 512)
+        pd = struct.pack("<Q", PT | c | flags) + b"".join(
+            struct.pack("<Q", (i << 21) | c | flags | _PS) for i in range(1, 512)
         )
         pt = b"".join(
-            struct.pack("<Q", (i << 12) | (0 if i << 12 in self.shared else c) | _P | _RW)
+            struct.pack("<Q", (i << 12) | (0 if i << 12 in self.shared else c) | flags)
             for i in range(512)
         )
         tss_desc_low = 0x67 | (TSS & 0xFFFFFF) << 16 | 0x89 << 40 | ((TSS >> 24) & 0xFF) << 56
         gdt = b"".join(struct.pack("<Q", e) for e in GDT_ENTRIES)
         gdt += struct.pack("<QQ", tss_desc_low, TSS >> 32)
+        gdt += b"".join(struct.pack("<Q", e) for e in USER_GDT_ENTRIES)
         tss = bytearray(0x68)
         struct.pack_into("<Q", tss, 4, STACK_TOP)  # RSP0
         struct.pack_into("<Q", tss, 0x24, IST1_TOP)  # IST1
@@ -126,7 +136,7 @@ class GuestImage:
         data = Segment(DATA_SEL, 0xC93, 0xFFFF_FFFF, 0)
         return {
             "cs": code, "ss": data, "ds": data, "es": data, "fs": data, "gs": data,
-            "gdtr": Segment(0, 0, len(GDT_ENTRIES) * 8 + 15, GDT),
+            "gdtr": Segment(0, 0, (len(GDT_ENTRIES) + 2 + len(USER_GDT_ENTRIES)) * 8 - 1, GDT),
             "idtr": Segment(0, 0, 256 * 16 - 1, IDT),
             "tr": Segment(TSS_SEL, 0x8B, 0x67, TSS),
             "ldtr": Segment(0, 0x82, 0xFFFF, 0),

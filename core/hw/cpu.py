@@ -459,9 +459,11 @@ class GuestCpu:
             # W^X for scanned code: a later write re-fills and forces a rescan.
             perms = UC_PROT_READ | UC_PROT_EXEC
         elif kind == ACCESS_WRITE and t.paddr in self._code_paddrs:
-            # Through this page or an alias of it: every scan of that code is stale.
+            # Through this page or an alias of it: every scan of that code is stale, and
+            # so is every executable translation of it (the next fetch must rescan).
             for stale in list(self._code_paddrs[t.paddr]):
                 self._unscan(stale)
+            self.flush_tlb()
         elif t.paddr in self._code_paddrs:
             perms &= ~UC_PROT_WRITE
             if scanned is not None and scanned.paddr == t.paddr:
