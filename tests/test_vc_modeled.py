@@ -838,7 +838,7 @@ def test_an_exit_code_without_emulation_is_unsupported():
     handler = VcHandler()
     next(handler(view, SvmExit.EXCP_BASE + 17))  # #AC: Linux forwards it; the model does not
     assert view.ghcb_msr == 0x100
-    assert handler.log[0].startswith("Unsupported exit-code (exit-code 0x51")
+    assert handler.log[0].startswith("Unsupported exit-code 0x51 in #VC exception (IP: 0x1000)")
 
 
 def test_a_reply_without_its_result_registers_is_a_vmm_error():
@@ -869,6 +869,25 @@ def test_a_successful_exchange_moves_rip_past_the_instruction():
         next(steps)
     assert done.value.value is None
     assert view.regs["rip"] == 0x1001
+
+
+def test_rdtscp_results_are_taken_when_a_hypervisor_emulates_it():
+    view = FakeView(assemble("rdtscp", 0x1000))
+    view.regs.update(rax=JUNK, rdx=JUNK, rcx=JUNK)
+    steps = VcHandler()(view, SvmExit.RDTSCP)
+    next(steps)
+    request = view.ghcb()
+    assert (request["sw_exit_code"], request.valid_fields()) == (
+        SvmExit.RDTSCP, ("sw_exit_code", "sw_exit_info_1", "sw_exit_info_2"),
+    )  # fmt: skip
+    reply = Ghcb()
+    reply["sw_exit_info_1"] = 0
+    for name, value in (("rax", 2**40 + 1), ("rdx", 2), ("rcx", 3)):
+        reply[name] = value
+    view.write(GHCB_GPA, bytes(reply.raw))
+    with pytest.raises(StopIteration):
+        next(steps)
+    assert [view.regs[n] for n in ("rax", "rdx", "rcx", "rip")] == [1, 2, 3, 0x1003]
 
 
 def _reply(info1: int, info2: int) -> Ghcb:

@@ -110,22 +110,25 @@ class EsResult(Enum):
 class VcFailure(Exception):
     """The handler cannot go on (``ES_UNSUPPORTED``, ``ES_VMM_ERROR``, ``ES_DECODE_FAILED``).
 
-    ``kind`` is how the kernel's log line for that result begins.
+    ``template`` is the kernel's log line for that result.
     """
 
-    kind: ClassVar[str]
+    template: ClassVar[str]
+
+    def line(self, exit_code: int, rip: int) -> str:
+        return f"{self.template.format(code=exit_code, ip=rip)}: {self}"
 
 
 class Unsupported(VcFailure):
-    kind = "Unsupported exit-code"
+    template = "Unsupported exit-code {code:#04x} in #VC exception (IP: {ip:#x})"
 
 
 class VmmError(VcFailure):
-    kind = "Failure in communication with VMM"
+    template = "Failure in communication with VMM (exit-code {code:#04x} IP: {ip:#x})"
 
 
 class DecodeFailed(VcFailure):
-    kind = "Failed to decode instruction"
+    template = "Failed to decode instruction (exit-code {code:#04x} IP: {ip:#x})"
 
 
 class ForwardException(Exception):
@@ -161,7 +164,8 @@ class EmCtxt:
         """Linear address of a string operand: ``segment:[rSI]`` or ``es:[rDI]``."""
         mask = (1 << (8 * self.insn.address_size)) - 1
         base = segment_base(self.insn, segment, self.view.segment_base)
-        return base + (self.view.reg(offset_reg) & mask)
+        width = (1 << 64) - 1 if self.insn.bits == 64 else 0xFFFF_FFFF
+        return (base + (self.view.reg(offset_reg) & mask)) & width
 
     def advance(self, name: str, delta: int) -> None:
         """Add ``delta`` to rSI/rDI/rCX in the instruction's address size, wrapping there."""
@@ -209,8 +213,7 @@ class VcHandler:
         except ForwardException as exc:
             return exc.vector
         except VcFailure as exc:
-            yield from self.terminate(view, f"{exc.kind} (exit-code {error_code:#04x} "
-                                            f"IP: {rip:#x}): {exc}")  # fmt: skip
+            yield from self.terminate(view, exc.line(error_code, rip))
             return None  # not reached: terminate() does not come back
         except GuestFault as exc:
             yield from self.terminate(view, f"#VC handler fault at IP {rip:#x}: {exc}")
