@@ -77,11 +77,11 @@ class VmgExit(IntEnum):
 #: Start of the software-defined range: codes a hypervisor may define for itself.
 SVM_EXIT_SW = 0xF000_0000
 
-#: SW_EXITCODEs in the SNP range: an SEV-ES guest sending them gets MISSING_INPUT.
+#: SNP codes ``sev_es_validate_vmgexit`` lists: an SEV-ES guest sending one fails the
+#: SNP check with the default reason, MISSING_INPUT (other unknown codes: INVALID_EVENT).
 SNP_ONLY_VMGEXITS = frozenset(
-    {VmgExit.PSC, VmgExit.GUEST_REQUEST, VmgExit.EXT_GUEST_REQUEST, VmgExit.AP_CREATION,
-     VmgExit.SNP_RUN_VMPL, VmgExit.SAVIC}
-)  # fmt: skip
+    {VmgExit.PSC, VmgExit.GUEST_REQUEST, VmgExit.EXT_GUEST_REQUEST, VmgExit.AP_CREATION}
+)
 
 
 def exit_name(code: int) -> str:

@@ -40,10 +40,8 @@ class GhcbMsr(IntEnum):
         return f"GHCB_MSR_{self.name}"
 
 
-#: Requests that only an SEV-SNP guest may send; KVM terminates an SEV-ES guest that does.
-SNP_ONLY_REQUESTS = frozenset(
-    {GhcbMsr.PREF_GPA_REQ, GhcbMsr.REG_GPA_REQ, GhcbMsr.PSC_REQ, GhcbMsr.VMPL_REQ}
-)
+#: SNP requests KVM answers an SEV-ES guest by terminating it (others it ignores).
+SNP_ONLY_REQUESTS = frozenset({GhcbMsr.PREF_GPA_REQ, GhcbMsr.REG_GPA_REQ, GhcbMsr.PSC_REQ})
 
 #: Hypervisor feature bits (``GHCB_HV_FT_*``) newest KVM advertises: SNP | SNP_AP_CREATION.
 GHCB_HV_FT_SNP = 1 << 0

@@ -435,6 +435,11 @@ class GuestCpu:
             fault = _PendingFault(vaddr, t.error_code, None)
         elif t is not None and self.memory.ram_at(t.paddr) is None:
             fault = _PendingFault(vaddr, None, t.paddr)
+        if fault is not None and fault.gpa is not None and fault.error_code is None and t:
+            # MMIO: the #VC handler decodes the access itself; the page's GPA is enough,
+            # and refusing the fill keeps the TLB intact (no flush per MMIO access).
+            self._stop = _Npf(fault.gpa, kind == ACCESS_WRITE)
+            return False
         if fault is not None:
             # Unicorn tells the fill hook only the page. Map the page to a physical page
             # that does not exist: the access then reports its exact offset there.

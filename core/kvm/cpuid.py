@@ -19,8 +19,9 @@ from sevsim.hw import CpuidLeaf, SevCapabilities
 CPUID_FN_SEV = 0x8000_001F
 
 #: Leaf 1 ECX: SSE3, PCLMULQDQ, SSSE3, FMA, CX16, SSE4.1, SSE4.2, MOVBE, POPCNT, AES,
-#: XSAVE, OSXSAVE off (the OS sets it), AVX, F16C, RDRAND, and "running on a hypervisor".
-_LEAF1_ECX = 0x7ED8_3203 | (1 << 31)
+#: XSAVE, AVX, F16C, RDRAND, and "running on a hypervisor". OSXSAVE (bit 27) is clear:
+#: it mirrors CR4.OSXSAVE, which the guest has not set at reset.
+_LEAF1_ECX = 0x76D8_3203 | (1 << 31)
 #: Leaf 1 EDX: the usual x86-64 baseline (FPU .. SSE2, HTT off).
 _LEAF1_EDX = 0x178B_FBFF
 _BRAND = b"AMD EPYC Processor (sevsim)".ljust(48, b"\0")
@@ -37,7 +38,7 @@ def epyc_leaves(caps: SevCapabilities, signature: int) -> dict[tuple[int, int], 
     leaves = {
         (0x0, 0): CpuidLeaf(0xD, vendor[0], vendor[2], vendor[1]),
         (0x1, 0): CpuidLeaf(signature, 0x0000_0800, _LEAF1_ECX, _LEAF1_EDX),
-        (0x7, 0): CpuidLeaf(0, 0x0000_0209, 0, 0),  # FSGSBASE, BMI1, SMEP
+        (0x7, 0): CpuidLeaf(0, 0x0000_0089, 0, 0),  # FSGSBASE, BMI1, SMEP
         (0xD, 0): CpuidLeaf(0x7, 0x240, 0x340, 0),  # x87|SSE|AVX
         (0xD, 1): CpuidLeaf(0x1, 0, 0, 0),
         (0x8000_0000, 0): CpuidLeaf(CPUID_FN_SEV, vendor[0], vendor[2], vendor[1]),

@@ -12,7 +12,7 @@ request    reply               what
 0x004      0x005 CPUID         one register of one CPUID function (index 0)
 0x080      0x081 HV_FEATURES   hypervisor features (newest KVM: 0x3)
 0x100      -                   termination request: the VM stops (SEV_TERM)
-0x010-016  -                   SNP-only requests: an SEV-ES guest is terminated
+0x010-014  -                   SNP page requests: an SEV-ES guest is terminated
 =========  ==================  ============================================
 
 AP_RESET_HOLD (0x006) belongs to the ``apboot`` plugin. Requests nobody owns are
