@@ -211,6 +211,12 @@ class GuestCpu:
             self.uc.mem_map_ptr(region.gpa, region.size, 7, region.address)
         self._stop: Stop | None = None
         self._skip_site: int | None = None
+        #: True while Unicorn executes guest code: nothing derived from the CPU state
+        #: may be cached then. While it is stopped, the model caches the paging mode,
+        #: the code size and its own page walks in ``_host_cache``; running the guest,
+        #: loading state, entering a handler or writing memory clears it.
+        self._running = False
+        self._host_cache: dict[Any, Any] = {}
         self._code_pages: dict[int, _CodePage] = {}
         #: Physical page -> the virtual pages whose scan of it is in place.
         self._code_paddrs: dict[int, set[int]] = {}
@@ -246,11 +252,34 @@ class GuestCpu:
         self.uc.reg_write(x86.UC_X86_REG_RIP, value)
 
     def paging_mode(self) -> PagingMode:
+        """CR0/CR3/CR4/EFER now. Cached while the guest is stopped (see ``_host_cache``)."""
+        if self._running:
+            return self._read_paging_mode()
+        mode = self._host_cache.get("mode")
+        if mode is None:
+            mode = self._host_cache["mode"] = self._read_paging_mode()
+        return mode
+
+    def _read_paging_mode(self) -> PagingMode:
         r = self.uc.reg_read
         return PagingMode(
             r(x86.UC_X86_REG_CR0), r(x86.UC_X86_REG_CR3), r(x86.UC_X86_REG_CR4),
             self.uc.msr_read(M.MSR_EFER), self.cbit,
         )  # fmt: skip
+
+    def _emulate(self, start: int, count: int = 0) -> None:
+        """Let Unicorn run the guest (everything cached about its state goes stale)."""
+        self._guest_ran()
+        self._running = True
+        try:
+            self.uc.emu_start(start, _NO_END, count=count)
+        finally:
+            self._running = False
+            self._guest_ran()
+
+    def _guest_ran(self) -> None:
+        """Forget what the guest may have changed: mode, code size, translations."""
+        self._host_cache.clear()
 
     @property
     def cpl(self) -> int:
@@ -258,6 +287,14 @@ class GuestCpu:
 
     def bits(self) -> int:
         """Operand size of the current code segment: 16, 32 or 64."""
+        if not self._running and "bits" in self._host_cache:
+            return self._host_cache["bits"]
+        bits = self._read_bits()
+        if not self._running:
+            self._host_cache["bits"] = bits
+        return bits
+
+    def _read_bits(self) -> int:
         mode = self.paging_mode()
         if not mode.cr0 & M.CR0_PE:
             return 16
@@ -274,6 +311,7 @@ class GuestCpu:
         GDT. A real-mode VMSA (the reset state) has hidden bases no selector can
         produce (CS base 0xFFFF0000), so its segment caches are forged first.
         """
+        self._guest_ran()
         if not state.get("cr0", 0) & M.CR0_PE:
             self._load_segment_caches(state)
         uc = self.uc
@@ -300,6 +338,7 @@ class GuestCpu:
         uc.reg_write(x86.UC_X86_REG_FS_BASE, state.get("fs", Segment()).base)
         uc.reg_write(x86.UC_X86_REG_GS_BASE, state.get("gs", Segment()).base)
         self.flush_tlb()
+        self._guest_ran()
         uc.reg_write(x86.UC_X86_REG_RFLAGS, state.get("rflags", 2))
         uc.reg_write(x86.UC_X86_REG_RIP, state.get("rip", 0))
         uc.reg_write(x86.UC_X86_REG_DR7, state.get("dr7", 0x400))
@@ -367,8 +406,17 @@ class GuestCpu:
 
     # -- guest-virtual access by the model (exception delivery, decode) -------------
 
-    def translate(self, vaddr: int, access: int) -> Translation | PageFault:
-        return walk(self.paging_mode(), vaddr, access, 0, self._read_table)
+    def translate(self, vaddr: int, access: int) -> Translation | PageFault | NonCanonical:
+        """A supervisor walk for the model's own accesses (cached while the guest is stopped)."""
+        key = (vaddr & PAGE_MASK, access)
+        cached = None if self._running else self._host_cache.get(key)
+        if cached is None:
+            cached = walk(self.paging_mode(), vaddr & PAGE_MASK, access, 0, self._read_table)
+            if not self._running:
+                self._host_cache[key] = cached
+        if isinstance(cached, Translation):
+            return cached
+        return evolve(cached, vaddr=vaddr)
 
     def _read_table(self, paddr: int, size: int) -> bytes:
         """Page-table reads: always private; a table outside RAM is a nested fault."""
@@ -416,7 +464,10 @@ class GuestCpu:
         return bytes(out)
 
     def virt_write(self, vaddr: int, data: bytes) -> None:
-        self._virt_access(vaddr, len(data), ACCESS_WRITE, data)
+        try:
+            self._virt_access(vaddr, len(data), ACCESS_WRITE, data)
+        finally:
+            self._guest_ran()  # the write may have changed a page table or the GDT
 
     # -- Unicorn hooks ------------------------------------------------------------
 
@@ -633,7 +684,7 @@ class GuestCpu:
             self._stop = None
             start = self.rip
             try:
-                self.uc.emu_start(start, _NO_END)
+                self._emulate(start)
             except UcError as err:
                 stop = self._stop or self._stop_for_error(err)
             else:
@@ -759,7 +810,7 @@ class GuestCpu:
         self._skip_site = linear
         self._stop = None
         try:
-            self.uc.emu_start(self.rip, _NO_END, count=1)
+            self._emulate(self.rip, count=1)
         except UcError as err:
             return self._handle(self._stop or self._stop_for_error(err))
         if self._stop is not None:
@@ -864,6 +915,7 @@ class GuestCpu:
         uc.reg_write(x86.UC_X86_REG_RFLAGS, rflags & ~clear)
         try:
             uc.reg_write(x86.UC_X86_REG_CS, selector)
+            self._guest_ran()  # a new code segment: the code size may differ
         except UcError:
             return _Exception(GP_VECTOR, selector & ~3)
         self.rip = target
