@@ -231,6 +231,7 @@ class GuestCpu:
         #: Guest software the model runs as this vCPU's #VC handler (None: the IDT's).
         self.vc_model: VcModel | None = None
         self._vc_run: Generator[None, None, int | None] | None = None
+        self._deferred_event: tuple[int, int | None] | None = None
         #: The last #VC's exit code and info, as the VMSA keeps them.
         self.guest_exit = (0, 0, 0)
         self._vcs: list[tuple[int, int]] = []
@@ -719,8 +720,11 @@ class GuestCpu:
         except StopIteration as done:
             self._vc_run = None
             if done.value is not None:  # the handler forwards an exception (#GP, #UD)
-                return self.deliver_exception(done.value)
-            return None
+                forwarded = self.deliver_exception(done.value)
+                if forwarded is not None:
+                    return forwarded
+            event, self._deferred_event = self._deferred_event, None
+            return None if event is None else self.deliver_exception(*event)
         except Exception as exc:  # guest software crashed: the vCPU is lost
             self._vc_run = None
             return HwExit(SvmExit.SHUTDOWN, why=f"modeled #VC handler failed: {exc!r}")
@@ -851,12 +855,19 @@ class GuestCpu:
                 current = fault
 
     def inject(self, event_inj: int, error_code: int) -> HwExit | None:
-        """Deliver an EVENTINJ event on VMRUN (exceptions, NMIs, interrupts)."""
+        """Deliver an EVENTINJ event on VMRUN (exceptions, NMIs, interrupts).
+
+        It arrives where the guest resumes. A modeled #VC handler in the middle of
+        its exchange cannot be interrupted in Python: the event waits until it ends.
+        """
         if not event_inj & EventInj.VALID:
             return None
         vector = event_inj & EventInj.VECTOR_MASK
-        has_error = bool(event_inj & EventInj.EV)
-        return self.deliver_exception(vector, error_code if has_error else None)
+        code = error_code if event_inj & EventInj.EV else None
+        if self._vc_run is not None:
+            self._deferred_event = (vector, code)
+            return None
+        return self.deliver_exception(vector, code)
 
     def _push_frame(self, vector: int, error_code: int | None) -> _Exception | None:
         """Push an interrupt frame and enter the handler; the fault if that fails.

@@ -17,9 +17,10 @@ from sevsim.arch.exits import GhcbErr, GhcbResp
 from sevsim.arch.ghcb import Ghcb
 from sevsim.arch.vmcb import EventInj
 from sevsim.kvm.dispatch import ExitKind
+from sevsim.kvm.outcome import RESUME, Outcome
+from sevsim.kvm.scratch import Scratch, setup_scratch
 
 if TYPE_CHECKING:
-    from sevsim.kvm.scratch import Scratch
     from sevsim.kvm.vcpu import Vcpu
     from sevsim.kvm.vm import Vm
 
@@ -78,6 +79,28 @@ class ExitContext:
     def inject_exception(self, vector: int) -> None:
         """Ask the guest to raise ``vector`` (info_1 = 1, info_2 = the event, as KVM)."""
         self.set_exit_info(GhcbResp.ISSUE_EXCEPTION, EventInj.exception(vector))
+
+    def queue_exception(self, vector: int, error_code: int | None = None) -> None:
+        """``kvm_queue_exception``: EVENTINJ, delivered by the next VMRUN.
+
+        For an SEV-ES guest that lands wherever the guest is when it resumes: inside
+        its #VC handler, right after VMGEXIT. KVM does this for RDPMC and RDTSCP;
+        :meth:`inject_exception` (the GHCB reply) is the way the guest can handle.
+        """
+        self.vcpu.queue_event(EventInj.exception(vector, error_code), error_code or 0)
+
+    def map_scratch(self, length: int, sync: bool) -> Scratch | Outcome:
+        """``setup_vmgexit_scratch``: the scratch area of this exit, or the outcome to
+        return instead (the guest already told INVALID_SCRATCH_AREA, or -EFAULT)."""
+        ghcb = self._ghcb()
+        result = setup_scratch(ghcb, self.vcpu.ghcb_gpa, ghcb["sw_scratch"], length, sync,
+                               self.vm.memory)  # fmt: skip
+        if isinstance(result, GhcbErr):
+            self.bad_input(result)
+            return RESUME
+        if isinstance(result, Scratch):
+            self.scratch = result
+        return result
 
     def bad_input(self, error: GhcbErr) -> None:
         """``svm_vmgexit_bad_input``: info_1 = 2, info_2 = the GHCB_ERR_* code."""

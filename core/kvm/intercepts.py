@@ -11,12 +11,17 @@ plugin: a plugin may still claim one of these codes, and then its handler wins.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from sevsim.arch.exits import SvmExit
 from sevsim.arch.ghcb import Ghcb
+from sevsim.hw import CpuidLeaf
 from sevsim.kvm import outcome as O
 from sevsim.kvm.context import ExitContext
 from sevsim.kvm.dispatch import ExitHandler, ExitKind
+
+if TYPE_CHECKING:
+    from sevsim.kvm.vcpu import Vcpu
 
 GP_VECTOR = 13
 UD_VECTOR = 6
@@ -37,19 +42,24 @@ def _set_result(ctx: ExitContext, eax: int, ebx: int, ecx: int, edx: int) -> Non
     ctx.regs.update(rax=eax, rbx=ebx, rcx=ecx, rdx=edx)
 
 
-def cpuid(ctx: ExitContext) -> None:
-    """``kvm_emulate_cpuid``: function RAX, index RCX; XCR0 sizes leaf 0xD."""
-    function, index = ctx.regs["rax"] & 0xFFFF_FFFF, ctx.regs["rcx"] & 0xFFFF_FFFF
-    leaf = ctx.vm.cpuid.lookup(function, index)
-    ebx = leaf.ebx
+def cpuid_leaf(vcpu: Vcpu, function: int, index: int) -> CpuidLeaf:
+    """``kvm_cpuid``: the table's leaf, with leaf 0xD sized by the vCPU's XCR0."""
+    leaf = vcpu.vm.cpuid.lookup(function, index)
     if function == 0xD and index == 0:  # size of the XSAVE area XCR0 enables
-        ebx = next(size for bit, size in _XSAVE_SIZES if ctx.vcpu.xcr0 & bit or bit == 1)
-    _set_result(ctx, leaf.eax, ebx, leaf.ecx, leaf.edx)
+        ebx = next(size for bit, size in _XSAVE_SIZES if vcpu.xcr0 & bit or bit == 1)
+        leaf = CpuidLeaf(leaf.eax, ebx, leaf.ecx, leaf.edx)
+    return leaf
+
+
+def cpuid(ctx: ExitContext) -> None:
+    """``kvm_emulate_cpuid``: function RAX, index RCX."""
+    leaf = cpuid_leaf(ctx.vcpu, ctx.regs["rax"] & 0xFFFF_FFFF, ctx.regs["rcx"] & 0xFFFF_FFFF)
+    _set_result(ctx, leaf.eax, leaf.ebx, leaf.ecx, leaf.edx)
 
 
 def cpuid_requires(ghcb: Ghcb) -> Iterable[str]:
     yield from ("rax", "rcx")
-    if ghcb["rax"] & 0xFFFF_FFFF == 0xD:
+    if ghcb["rax"] == 0xD:  # KVM compares the whole synced RAX
         yield "xcr0"
 
 
@@ -76,9 +86,9 @@ def msr_requires(ghcb: Ghcb) -> Iterable[str]:
 
 
 def rdpmc(ctx: ExitContext) -> None:
-    """``kvm_emulate_rdpmc``: counters 0..3 read zero here; others #GP."""
+    """``kvm_emulate_rdpmc``: counters 0..3 read zero here; others #GP via EVENTINJ."""
     if ctx.regs["rcx"] & 0xFFFF_FFFF >= PMC_COUNT:
-        ctx.inject_exception(GP_VECTOR)
+        ctx.queue_exception(GP_VECTOR, 0)
         return
     ctx.regs.update(rax=0, rdx=0)
 
@@ -106,8 +116,8 @@ def vmmcall(ctx: ExitContext) -> None:
 
 
 def rdtscp(ctx: ExitContext) -> None:
-    """The newest exit table sends RDTSCP to ``kvm_handle_invalid_op``: #UD."""
-    ctx.inject_exception(UD_VECTOR)
+    """The newest exit table sends RDTSCP to ``kvm_handle_invalid_op``: #UD via EVENTINJ."""
+    ctx.queue_exception(UD_VECTOR)
 
 
 def rdtsc(ctx: ExitContext) -> O.Outcome:

@@ -19,6 +19,7 @@ from sevsim.arch.ghcb import (
 )
 from sevsim.errors import GuestMemoryError
 from sevsim.hw import GuestMemoryView
+from sevsim.kvm.outcome import Fail
 
 
 @define(eq=False)
@@ -42,10 +43,11 @@ class Scratch:
 
 def setup_scratch(
     ghcb: Ghcb, ghcb_gpa: int, scratch_gpa: int, length: int, sync: bool, memory: GuestMemoryView
-) -> Scratch | GhcbErr:
-    """Map ``length`` bytes at ``scratch_gpa``, or say why not (INVALID_SCRATCH_AREA)."""
+) -> Scratch | GhcbErr | Fail:
+    """Map ``length`` bytes at ``scratch_gpa``, or say why not: INVALID_SCRATCH_AREA for
+    the guest, or (newest KVM) -EFAULT when guest memory cannot be read at all."""
     end = scratch_gpa + length
-    if scratch_gpa == 0 or end > 1 << 64 or length < 0:
+    if scratch_gpa == 0 or length < 0 or end % (1 << 64) < scratch_gpa:  # u64 wrap
         return GhcbErr.INVALID_SCRATCH_AREA
     if scratch_gpa & ~0xFFF == ghcb_gpa:
         lo, hi = ghcb_gpa + SHARED_BUFFER_START, ghcb_gpa + SHARED_BUFFER_END
@@ -57,6 +59,6 @@ def setup_scratch(
         return GhcbErr.INVALID_SCRATCH_AREA
     try:
         data = bytearray(memory.read(scratch_gpa, length))
-    except GuestMemoryError:
-        return GhcbErr.INVALID_SCRATCH_AREA
+    except GuestMemoryError as err:
+        return Fail("EFAULT", f"scratch area [{scratch_gpa:#x}, +{length:#x}) unreadable: {err}")
     return Scratch(scratch_gpa, length, sync, False, data)

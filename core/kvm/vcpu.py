@@ -208,6 +208,11 @@ class Vcpu:
 
     # -- VMGEXIT (sev_handle_vmgexit) ----------------------------------------------------
 
+    def queue_event(self, event_inj: int, error_code: int = 0) -> None:
+        """Write EVENTINJ (and its error code) for the next VMRUN."""
+        VMCB_CONTROL.set(self.vmcb, "event_inj", event_inj & 0xFFFF_FFFF)
+        VMCB_CONTROL.set(self.vmcb, "event_inj_err", error_code)
+
     def _set_ghcb_msr(self, value: int) -> None:
         VMCB_CONTROL.set(self.vmcb, "ghcb_gpa", value)
 
@@ -250,6 +255,9 @@ class Vcpu:
         self.cpl = snapshot.get_if_valid("cpl")
         if snapshot.is_valid("xcr0"):
             self.xcr0 = snapshot["xcr0"]
+        code = snapshot["sw_exit_code"]
+        VMCB_CONTROL.set(self.vmcb, "exit_code", code & 0xFFFF_FFFF)
+        VMCB_CONTROL.set(self.vmcb, "exit_code_hi", code >> 32)
         VMCB_CONTROL.set(self.vmcb, "exit_info_1", snapshot["sw_exit_info_1"])
         VMCB_CONTROL.set(self.vmcb, "exit_info_2", snapshot["sw_exit_info_2"])
         ghcb.valid_bitmap = 0

@@ -20,7 +20,7 @@ from sevsim.arch.ioio import IOIO_STR, IOIO_TYPE_IN, IoioInfo
 from sevsim.kvm import outcome as O
 from sevsim.kvm.context import ExitContext
 from sevsim.kvm.dispatch import ExitHandler, ExitKind
-from sevsim.kvm.scratch import setup_scratch
+from sevsim.kvm.scratch import Scratch
 
 INT_MAX = 0x7FFF_FFFF
 
@@ -58,14 +58,9 @@ def string_io(ctx: ExitContext, info: IoioInfo) -> O.Outcome | None:
     length = count * info.size
     if count > INT_MAX or length > INT_MAX:
         return O.Fail("EINVAL", f"string IO of {count} x {info.size} bytes is too long")
-    ghcb, vcpu = ctx.ghcb, ctx.vcpu
-    assert ghcb is not None
-    scratch = setup_scratch(ghcb, vcpu.ghcb_gpa, ghcb["sw_scratch"], length, info.is_in,
-                            ctx.vm.memory)  # fmt: skip
-    if isinstance(scratch, GhcbErr):
-        ctx.bad_input(scratch)
-        return None
-    ctx.scratch = scratch
+    scratch = ctx.map_scratch(length, sync=info.is_in)
+    if not isinstance(scratch, Scratch):
+        return scratch
     bus = ctx.vm.io_bus
     for i in range(0, length, info.size):
         if info.is_in:

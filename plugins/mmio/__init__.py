@@ -13,46 +13,37 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from sevsim import hookimpl
-from sevsim.arch.exits import GhcbErr, VmgExit
+from sevsim.arch.exits import VmgExit
 from sevsim.kvm.context import ExitContext
 from sevsim.kvm.dispatch import ExitHandler, ExitKind
-from sevsim.kvm.scratch import setup_scratch
+from sevsim.kvm.outcome import Outcome
+from sevsim.kvm.scratch import Scratch
 
 #: KVM hands MMIO to devices (or to userspace) in pieces of at most this size.
 MMIO_CHUNK = 8
 
 
-def _scratch(ctx: ExitContext, sync: bool):  # type: ignore[no-untyped-def]
-    ghcb = ctx.ghcb
-    assert ghcb is not None
-    scratch = setup_scratch(ghcb, ctx.vcpu.ghcb_gpa, ghcb["sw_scratch"], ctx.exit_info_2, sync,
-                            ctx.vm.memory)  # fmt: skip
-    if isinstance(scratch, GhcbErr):
-        ctx.bad_input(scratch)
-        return None
-    ctx.scratch = scratch
-    return scratch
-
-
-def mmio_read(ctx: ExitContext) -> None:
-    scratch = _scratch(ctx, sync=True)
-    if scratch is None:
-        return
+def mmio_read(ctx: ExitContext) -> Outcome | None:
+    scratch = ctx.map_scratch(ctx.exit_info_2, sync=True)
+    if not isinstance(scratch, Scratch):
+        return scratch
     gpa, bus = ctx.exit_info_1, ctx.vm.mmio_bus
     for offset in range(0, scratch.length, MMIO_CHUNK):
         size = min(MMIO_CHUNK, scratch.length - offset)
         scratch.data[offset : offset + size] = bus.read(gpa + offset, size)
     ctx.notes["mmio"] = f"read {scratch.length} bytes at {gpa:#x}"
+    return None
 
 
-def mmio_write(ctx: ExitContext) -> None:
-    scratch = _scratch(ctx, sync=False)
-    if scratch is None:
-        return
+def mmio_write(ctx: ExitContext) -> Outcome | None:
+    scratch = ctx.map_scratch(ctx.exit_info_2, sync=False)
+    if not isinstance(scratch, Scratch):
+        return scratch
     gpa, bus = ctx.exit_info_1, ctx.vm.mmio_bus
     for offset in range(0, scratch.length, MMIO_CHUNK):
         bus.write(gpa + offset, bytes(scratch.data[offset : offset + MMIO_CHUNK]))
     ctx.notes["mmio"] = f"wrote {scratch.length} bytes at {gpa:#x}"
+    return None
 
 
 @hookimpl

@@ -44,6 +44,7 @@ from sevsim.kvm import outcome as O
 from sevsim.kvm.context import ExitContext
 from sevsim.kvm.dispatch import ExitHandler, ExitKind
 from sevsim.kvm.exits import SystemEvent, SystemEventType
+from sevsim.kvm.intercepts import cpuid_leaf
 
 #: The protocol versions KVM can speak (GHCB spec v1 and v2).
 SUPPORTED_VERSIONS = range(1, 3)
@@ -85,13 +86,15 @@ def terminate(ctx: ExitContext) -> O.ExitToUser:
 
 
 def sev_info(config: Settings, ctx: ExitContext) -> None:
+    """The VM's GHCB version (what its vCPUs' MSR held at reset), capped by the setting."""
     cbit = ctx.vm.cpuid.lookup(0x8000_001F).ebx & 0x3F
-    ctx.msr = sev_info_resp(config.max_version, config.min_version, cbit)
+    max_version = min(config.max_version, ctx.vm.ghcb_version)
+    ctx.msr = sev_info_resp(max_version, min(config.min_version, max_version), cbit)
 
 
 def cpuid(ctx: ExitContext) -> None:
     function, register = bits(ctx.msr, 63, 32), bits(ctx.msr, 31, 30)
-    leaf = ctx.vm.cpuid.lookup(function, 0)  # the MSR protocol has no sub-leaf
+    leaf = cpuid_leaf(ctx.vcpu, function, 0)  # KVM's CPUID handler; no sub-leaf here
     value = (leaf.eax, leaf.ebx, leaf.ecx, leaf.edx)[register]
     ctx.notes["cpuid"] = f"fn {function:#x} {'ABCD'[register]}X -> {value:#010x}"
     reply = with_bits(ctx.msr, 63, 32, value)  # bits 31:12 keep the guest's value
