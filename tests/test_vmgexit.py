@@ -276,14 +276,8 @@ def test_vmcb_exit_info_is_copied_from_the_ghcb_regardless_of_valid_bits():
     assert (vmcb(d, "exit_info_1"), vmcb(d, "exit_info_2")) == (0x1234, 0x5678)
 
 
-XF_VMCB_EXIT_CODE = (
-    "REFERENCE.md section 3: sev_es_sync_from_ghcb sets VMCB exit_code/exit_code_hi from "
-    "sw_exit_code; Vcpu._sync_from_ghcb copies exit_info_1/2 but leaves exit_code at "
-    "0x403 (VMGEXIT)"
-)
 
 
-@pytest.mark.xfail(strict=True, reason=XF_VMCB_EXIT_CODE)
 @pytest.mark.parametrize("code", [SvmExit.CPUID, 1 << 32 | SvmExit.CPUID], ids=hex)
 def test_vmcb_exit_code_is_set_from_sw_exit_code(code):
     d = core()
@@ -455,14 +449,8 @@ def test_cpuid_other_than_0xd_does_not_need_xcr0():
     assert reply(out) == (0, 0)
 
 
-XF_CPUID_RAX_64 = (
-    "REFERENCE.md section 1.2: newest KVM requires XCR0 only if the synced 64-bit RAX == 0xD "
-    "(vcpu->arch.regs[VCPU_REGS_RAX] == 0xd); intercepts.cpuid_requires compares only RAX's "
-    "low 32 bits, so RAX=0x1_0000_000d without XCR0 gets MISSING_INPUT"
-)
 
 
-@pytest.mark.xfail(strict=True, reason=XF_CPUID_RAX_64)
 def test_cpuid_xcr0_requirement_looks_at_all_64_bits_of_rax():
     out = core().vmgexit(page(SvmExit.CPUID, rax=1 << 32 | 0xD, rcx=0))
     assert reply(out) == (0, 0)
@@ -518,14 +506,8 @@ def test_rdpmc_counter_0_reads_zero():
     assert (out_regs(out)[0], out_regs(out)[3]) == (0, 0)
 
 
-XF_RDPMC_GP = (
-    "REFERENCE.md section 1.2: kvm_emulate_rdpmc injects #GP(0) through EVENTINJ "
-    "(0x80000b0d, error code 0) and the GHCB keeps the success reply 0/0; intercepts.rdpmc "
-    "instead replies info_1=1, info_2=0x8000030d in the GHCB and leaves EVENTINJ empty"
-)
 
 
-@pytest.mark.xfail(strict=True, reason=XF_RDPMC_GP)
 def test_rdpmc_bad_counter_injects_gp_through_eventinj():
     d = core()
     out = d.vmgexit(page(SvmExit.RDPMC, rcx=9))
@@ -535,14 +517,8 @@ def test_rdpmc_bad_counter_injects_gp_through_eventinj():
     assert EventInj.exception(13, 0) == 0x8000_0B0D
 
 
-XF_RDTSCP_UD = (
-    "REFERENCE.md section 1.2: newest KVM sends RDTSCP to kvm_handle_invalid_op, which queues "
-    "#UD for EVENTINJ (0x80000306) and leaves the GHCB success reply 0/0; intercepts.rdtscp "
-    "instead replies info_1=1, info_2=0x80000306 in the GHCB"
-)
 
 
-@pytest.mark.xfail(strict=True, reason=XF_RDTSCP_UD)
 def test_rdtscp_injects_ud_through_eventinj():
     d = core()
     out = d.vmgexit(page(SvmExit.RDTSCP))
@@ -643,19 +619,11 @@ class ReadableEverywhere:
         return bytes(size)
 
 
-XF_SCRATCH_WRAP = (
-    "REFERENCE.md section 2 rule 2: end = gpa + len must not wrap; in KVM's u64 arithmetic "
-    "gpa + len == 2**64 wraps to 0 (< gpa), so [2**64-0x1000, +0x1000) is INVALID_SCRATCH_AREA; "
-    "scratch.setup_scratch tests `end > 1 << 64` and accepts it (masked on the exit path only "
-    "while an unreadable scratch also answers INVALID_SCRATCH_AREA)"
-)
 
 
 @pytest.mark.parametrize(
     ("gpa", "length"),
-    [pytest.param((1 << 64) - 0x1000, 0x1000, marks=pytest.mark.xfail(strict=True,
-                                                                       reason=XF_SCRATCH_WRAP)),
-     ((1 << 64) - 0x800, 0x1000), (U64, 2)],
+    [((1 << 64) - 0x1000, 0x1000), ((1 << 64) - 0x800, 0x1000), (U64, 2)],
     ids=["ends_exactly_at_2_64", "ends_past_2_64", "last_byte_plus_one"],
 )  # fmt: skip
 def test_scratch_that_wraps_past_2_64_is_invalid_scratch_area(gpa, length):
@@ -663,14 +631,8 @@ def test_scratch_that_wraps_past_2_64_is_invalid_scratch_area(gpa, length):
     assert result == GhcbErr.INVALID_SCRATCH_AREA
 
 
-XF_SCRATCH_EFAULT = (
-    "REFERENCE.md section 2 (newest, aa9f58415a8e): when kvm_read_guest of a scratch area "
-    "outside the GHCB fails, KVM_RUN fails with -EFAULT; scratch.setup_scratch turns the "
-    "GuestMemoryError into INVALID_SCRATCH_AREA and the guest is resumed"
-)
 
 
-@pytest.mark.xfail(strict=True, reason=XF_SCRATCH_EFAULT)
 @pytest.mark.parametrize("scratch", [0x4000_0000, MMIO_TEST_GPA], ids=["beyond_ram", "mmio_hole"])
 def test_scratch_outside_guest_ram_fails_kvm_run_with_efault(scratch):
     out = mmio_read(full(), scratch, 8)
@@ -757,17 +719,11 @@ def test_msr_sev_info_reply_with_the_plugin():
     assert out.msr == 2 << 48 | 1 << 32 | 51 << 24 | 0x001 == 0x0002_0001_3300_0001
 
 
-XF_SEV_INFO_VERSION = (
-    "REFERENCE.md section 4: the SEV_INFO reply's max version is the per-VM ghcb_version "
-    "(1 for KVM_SEV_ES_INIT VMs) and equals the value preloaded at vCPU reset; the "
-    "msr_protocol plugin answers from its own max_version setting (2), so a "
-    "ghcb_version=1 VM preloads max 1 but replies max 2"
-)
 
 
 @pytest.mark.parametrize(
     "ghcb_version",
-    [2, pytest.param(1, marks=pytest.mark.xfail(strict=True, reason=XF_SEV_INFO_VERSION))],
+    [2, 1],
 )
 def test_msr_sev_info_reply_equals_the_value_preloaded_at_reset(ghcb_version):
     d = full(ghcb_version=ghcb_version)
@@ -783,14 +739,8 @@ def test_msr_cpuid_uses_subleaf_0_and_keeps_bits_31_12():
     assert out.msr == 51 << 32 | 1 << 30 | junk | GhcbMsr.CPUID_RESP
 
 
-XF_MSR_CPUID_XCR0 = (
-    "REFERENCE.md section 4: the MSR-protocol CPUID request runs KVM's CPUID handler, which "
-    "sizes leaf 0xD EBX from the vCPU's XCR0 (7 -> 0x340); the msr_protocol plugin reads the "
-    "raw CPUID table (0x240) instead"
-)
 
 
-@pytest.mark.xfail(strict=True, reason=XF_MSR_CPUID_XCR0)
 def test_msr_cpuid_0xd_ebx_follows_the_vcpu_xcr0_like_the_cpuid_handler():
     d = full()
     assert reply(d.vmgexit(page(SvmExit.CPUID, rax=0xD, rcx=0, xcr0=7))) == (0, 0)
