@@ -104,14 +104,8 @@ def test_validation_failure_writes_no_ghcb_reply():
     assert reply(out) == (0x1234, 0x5678)  # the guest's own values, not 2 / GHCB_ERR_*
 
 
-XF_SCRATCH_EINVAL = (
-    "REFERENCE.md section 2, v5.11: an invalid scratch area makes the handler return -EINVAL "
-    "(KVM_RUN fails); sevsim's scratch check answers the guest INVALID_SCRATCH_AREA (2/3) "
-    "and resumes in every era, without going through vm.compat"
-)
 
 
-@pytest.mark.xfail(strict=True, reason=XF_SCRATCH_EINVAL)
 @pytest.mark.parametrize(
     ("scratch", "length"),
     [(0, 8), (GHCB + 0x7F8, 16), (GHCB + 0xFE9, 8), (0x10000, 0x1_0001)],
@@ -148,26 +142,14 @@ def test_sev_info_and_cpuid_requests_are_answered():
     assert out.exit is None and out.msr == le(b"Auth") << 32 | 1 << 30 | GhcbMsr.CPUID_RESP
 
 
-XF_TERM_EINVAL = (
-    "REFERENCE.md section 4, v5.11: a TERM_REQ is logged and KVM_RUN fails with -EINVAL "
-    "(the SEV_TERM system event arrived ~v5.19); the msr_protocol plugin exits with "
-    "KVM_EXIT_SYSTEM_EVENT SEV_TERM in every era"
-)
 
 
-@pytest.mark.xfail(strict=True, reason=XF_TERM_EINVAL)
 def test_term_request_fails_kvm_run_with_einval():
     assert einval(v5_11().msr_protocol(term_req(0, 0)))
 
 
-XF_LATER_REQUESTS = (
-    "REFERENCE.md section 4, v5.11: HV_FT (0x080), PREF_GPA (0x010), REG_GPA (0x012) and PSC "
-    "(0x014) are absent, so they take the 'other' path: KVM_RUN -EINVAL; the msr_protocol "
-    "plugin answers HV_FT and terminates (SEV_TERM) on the SNP requests in every era"
-)
 
 
-@pytest.mark.xfail(strict=True, reason=XF_LATER_REQUESTS)
 @pytest.mark.parametrize(
     "request_",
     [GhcbMsr.HV_FT_REQ, GhcbMsr.PREF_GPA_REQ, GhcbMsr.REG_GPA_REQ, GhcbMsr.PSC_REQ],

@@ -12,10 +12,11 @@ from typing import TYPE_CHECKING
 
 from sevsim.arch.exits import GhcbErr
 from sevsim.arch.ghcb import Ghcb
+from sevsim.arch.ghcb_msr import GhcbMsr
 from sevsim.errors import ConfigError
 from sevsim.kvm import outcome as O
 from sevsim.kvm.context import ExitContext
-from sevsim.kvm.exits import InternalError, InternalErrorSub
+from sevsim.kvm.exits import InternalError, InternalErrorSub, SystemEvent, SystemEventType
 
 if TYPE_CHECKING:
     from sevsim.kvm.vcpu import Vcpu
@@ -39,6 +40,19 @@ class Newest:
         vcpu.vm.emit("msr_protocol_exit", vcpu_id=vcpu.id, ghcb_gpa=value, result=1)
         return O.RESUME
 
+    def knows_msr_request(self, code: int) -> bool:
+        """Whether this KVM had the MSR-protocol request ``code`` at all."""
+        return True
+
+    def bad_scratch(self, ctx: ExitContext, error: GhcbErr) -> O.Outcome:
+        """``setup_vmgexit_scratch`` refused the area: tell the guest, resume."""
+        ctx.bad_input(error)
+        return O.RESUME
+
+    def terminate(self, value: int) -> O.Outcome:
+        """The guest asked for termination: KVM_EXIT_SYSTEM_EVENT, SEV_TERM, raw MSR value."""
+        return O.ExitToUser(SystemEvent(SystemEventType.SEV_TERM, (value,)))
+
 
 class V5_11(Newest):
     """The original series: every malformed request stops KVM_RUN."""
@@ -59,6 +73,19 @@ class V5_11(Newest):
     def unknown_msr_request(self, vcpu: Vcpu, value: int) -> O.Outcome:
         return O.Fail("EINVAL", f"unknown GHCB MSR protocol request {value:#x}")
 
+    def knows_msr_request(self, code: int) -> bool:
+        return code in _V5_11_MSR_REQUESTS
+
+    def bad_scratch(self, ctx: ExitContext, error: GhcbErr) -> O.Outcome:
+        return O.Fail("EINVAL", f"invalid scratch area ({error.name})")
+
+    def terminate(self, value: int) -> O.Outcome:
+        """5.11 logged the request and failed KVM_RUN (SEV_TERM events came in ~5.19)."""
+        return O.Fail("EINVAL", f"the guest requested termination ({value:#x})")
+
+
+#: The MSR-protocol requests of the original series: SEV_INFO, CPUID, TERM_REQ.
+_V5_11_MSR_REQUESTS = frozenset({GhcbMsr.SEV_INFO_REQ, GhcbMsr.CPUID_REQ, GhcbMsr.TERM_REQ})
 
 ERAS = {era.name: era for era in (Newest(), V5_11())}
 

@@ -17,7 +17,7 @@ from sevsim.arch.exits import GhcbErr, GhcbResp
 from sevsim.arch.ghcb import Ghcb
 from sevsim.arch.vmcb import EventInj
 from sevsim.kvm.dispatch import ExitKind
-from sevsim.kvm.outcome import RESUME, Outcome
+from sevsim.kvm.outcome import Outcome
 from sevsim.kvm.scratch import Scratch, setup_scratch
 
 if TYPE_CHECKING:
@@ -96,8 +96,7 @@ class ExitContext:
         result = setup_scratch(ghcb, self.vcpu.ghcb_gpa, ghcb["sw_scratch"], length, sync,
                                self.vm.memory)  # fmt: skip
         if isinstance(result, GhcbErr):
-            self.bad_input(result)
-            return RESUME
+            return self.vm.compat.bad_scratch(self, result)
         if isinstance(result, Scratch):
             self.scratch = result
         return result

@@ -306,7 +306,7 @@ class Vcpu:
         self.vm.emit("msr_protocol_enter", vcpu_id=self.id, ghcb_gpa=value)
         code = ghcb_msr.info(value)
         handler = self.vm.lookup(ExitKind.MSR_PROTOCOL, code)
-        if handler is None:
+        if handler is None or not self.vm.compat.knows_msr_request(code):
             return self.vm.compat.unknown_msr_request(self, value)
         ctx = ExitContext(self, ExitKind.MSR_PROTOCOL, code, msr=value)
         result = self._call(handler, ctx)

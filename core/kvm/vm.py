@@ -41,11 +41,13 @@ class Kvm:
         handlers: ExitTable | None = None,
         events: EventSink | None = None,
         era: str = "newest",
-        ghcb_version: int = GHCB_VERSION_MAX,
+        ghcb_version: int | None = None,
         plugin_settings: dict[str, dict[str, Any]] | None = None,
         cpuid: CpuidModel | None = None,
     ) -> Vm:
         cpuid = cpuid or CpuidModel.default(self.platform.caps)
+        if ghcb_version is None:  # KVM_SEV_INIT2's default; 5.11 only knew version 1
+            ghcb_version = 1 if era == "v5.11" else GHCB_VERSION_MAX
         return Vm(self, name, handlers or ExitTable(), events or NullSink(), era, ghcb_version,
                   plugin_settings or {}, cpuid)  # fmt: skip
 

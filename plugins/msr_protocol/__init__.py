@@ -43,7 +43,6 @@ from sevsim.errors import ConfigError
 from sevsim.kvm import outcome as O
 from sevsim.kvm.context import ExitContext
 from sevsim.kvm.dispatch import ExitHandler, ExitKind
-from sevsim.kvm.exits import SystemEvent, SystemEventType
 from sevsim.kvm.intercepts import cpuid_leaf
 
 #: The protocol versions KVM can speak (GHCB spec v1 and v2).
@@ -80,9 +79,9 @@ def sevsim_configure(settings: Mapping[str, Any]) -> Settings:
     return Settings(**values)
 
 
-def terminate(ctx: ExitContext) -> O.ExitToUser:
-    """KVM_EXIT_SYSTEM_EVENT, type SEV_TERM, data[0] = the raw GHCB MSR value."""
-    return O.ExitToUser(SystemEvent(SystemEventType.SEV_TERM, (ctx.msr,)))
+def terminate(ctx: ExitContext) -> O.Outcome:
+    """KVM_EXIT_SYSTEM_EVENT, type SEV_TERM, data[0] = the raw GHCB MSR value (5.11: -EINVAL)."""
+    return ctx.vm.compat.terminate(ctx.msr)
 
 
 def sev_info(config: Settings, ctx: ExitContext) -> None:
@@ -105,13 +104,13 @@ def hv_features(ctx: ExitContext) -> None:
     ctx.msr = GHCB_HV_FT_SUPPORTED << 12 | GhcbMsr.HV_FT_RESP
 
 
-def term_request(ctx: ExitContext) -> O.ExitToUser:
+def term_request(ctx: ExitContext) -> O.Outcome:
     reason_set, reason_code = bits(ctx.msr, 15, 12), bits(ctx.msr, 23, 16)
     ctx.notes["reason"] = term_reason_name(reason_set, reason_code)
     return terminate(ctx)
 
 
-def snp_only(ctx: ExitContext) -> O.ExitToUser:
+def snp_only(ctx: ExitContext) -> O.Outcome:
     """KVM terminates a non-SNP guest that sends an SNP request."""
     ctx.notes["reason"] = f"{GhcbMsr(ctx.code).linux_name} from a non-SNP guest"
     return terminate(ctx)
