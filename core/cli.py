@@ -20,8 +20,9 @@ from typing import Any
 from sevsim.errors import SevsimError
 from sevsim.guest.demo import demo_image
 from sevsim.kvm.dispatch import ExitHandler
-from sevsim.plugin.config import load_config
+from sevsim.plugin.config import config_file, load_config
 from sevsim.plugin.host import ACTIVE, PluginHost, PluginInfo
+from sevsim.vmm.config import load_kvm_settings
 from sevsim.vmm.runner import run_image
 
 #: Exit status for a usage or configuration error (as argparse uses).
@@ -154,7 +155,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"sevsim: warning: {problem.message}", file=sys.stderr)
     echo = None if args.quiet else print
     settings = {info.name: host.config.settings_for(info.name) for info in host.plugins()}
-    result = run_image(demo_image(), table, host.events, echo=echo, plugin_settings=settings)
+    kvm = load_kvm_settings(config_file(args.config), args.era)
+    result = run_image(demo_image(), table, host.events, echo=echo, plugin_settings=settings,
+                       **kvm.vm_args())  # fmt: skip
     for line in result.trace.summary(result.exit):
         print(line)
     return 0
@@ -163,6 +166,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _add_run_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run = add_command(commands, "run", "run the bundled demo guest and print its trace")
     run.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
+    run.add_argument("--era", metavar="ERA", help="KVM behaviour: newest (default) or v5.11")
     run.set_defaults(func=cmd_run)
 
 

@@ -20,12 +20,16 @@ from sevsim.arch import ghcb_msr as G
 from sevsim.arch.exits import GhcbErr, GhcbResp, SvmExit, VmgExit, exit_name
 from sevsim.arch.ghcb_msr import GhcbMsr, bits
 from sevsim.arch.ioio import IoioInfo
+from sevsim.guest.vc_native import TERM_REASON_SET, TermReason
 from sevsim.kvm.dispatch import ExitKind
 from sevsim.kvm.exits import Hlt, KvmExit, SystemEvent, SystemEventType
 
 _CAPSTONE = {16: Cs(CS_ARCH_X86, CS_MODE_16), 32: Cs(CS_ARCH_X86, CS_MODE_32),
              64: Cs(CS_ARCH_X86, CS_MODE_64)}  # fmt: skip
 
+
+#: Reasons of sevsim's native #VC handler (its own reason set), by name.
+_TERM_REASONS = {(TERM_REASON_SET, r.value): f"sevsim #VC handler: {r.name}" for r in TermReason}
 
 VMGEXIT_BYTES = b"\xf3\x0f\x01\xd9"
 
@@ -61,9 +65,9 @@ def describe_msr(value: int) -> str:
             shown = f" '{text.decode()}'" if all(32 <= b < 127 for b in text) else ""
             return f"{name} {data:#010x}{shown}"
         case GhcbMsr.TERM_REQ:
-            reason_set, reason_code = bits(value, 15, 12), bits(value, 23, 16)
-            return (f"{name} set {reason_set} code {reason_code} "
-                    f"({G.term_reason_name(reason_set, reason_code)})")  # fmt: skip
+            reason = (bits(value, 15, 12), bits(value, 23, 16))
+            why = _TERM_REASONS.get(reason) or G.term_reason_name(*reason)
+            return f"{name} set {reason[0]} code {reason[1]} ({why})"
         case GhcbMsr.HV_FT_RESP:
             return f"{name} features {value >> 12:#x}"
     return name

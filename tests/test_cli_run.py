@@ -12,7 +12,12 @@ def test_run_prints_the_trace_and_a_summary(capsys, monkeypatch, tmp_path):
     assert "SEV_INFO_RESP max 2 min 1 C-bit 51" in out
     assert "CPUID_RESP 0x68747541 'Auth'" in out
     assert "VM ended: system event SEV_TERM [0x100]" in out
-    assert "requests: MSR CPUID_REQ 5, MSR SEV_INFO_REQ 1, MSR TERM_REQ 1" in out
+    assert "[uart] Hello from an SEV-ES guest" in out
+    assert "GHCB SVM_EXIT_IOIO  rep outs port 0x3f8 size 1 x 27" in out
+    assert "GHCB SVM_VMGEXIT_MMIO_WRITE  8 bytes at 0xd0000008" in out
+    assert ("requests: GHCB SVM_EXIT_IOIO 1, GHCB SVM_VMGEXIT_MMIO_READ 2, "
+            "GHCB SVM_VMGEXIT_MMIO_WRITE 1, MSR CPUID_REQ 5, MSR SEV_INFO_REQ 1, "
+            "MSR TERM_REQ 1") in out  # fmt: skip
 
 
 def test_run_without_the_msr_protocol(capsys, monkeypatch, tmp_path):
@@ -41,3 +46,27 @@ def test_bad_settings_are_one_line_errors(capsys, monkeypatch, tmp_path):
     assert main(["run"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("sevsim: error:") and "max_version = 7" in err
+
+
+def test_run_without_port_io_the_guest_gives_up_with_its_handlers_reason(capsys, monkeypatch,
+                                                                          tmp_path):
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "-q", "-p", "no:ioio"]) == 0
+    out = capsys.readouterr().out
+    assert "TERM_REQ set 2 code 3 (sevsim #VC handler: VMM_ERROR)" in out
+
+
+def test_the_v5_11_era_from_the_command_line_and_the_config(capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    # 5.11 failed KVM_RUN on a termination request (the SEV_TERM event came later)
+    # and offered GHCB protocol version 1 only.
+    assert main(["run", "--era", "v5.11"]) == 0
+    out = capsys.readouterr().out
+    assert "SEV_INFO_RESP max 1 min 1" in out
+    assert "VM ended: KVM_RUN failed: -EINVAL: the guest requested termination (0x100)" in out
+    (tmp_path / "sevsim.toml").write_text('[kvm]\nera = "v5.11"\nghcb_version = 1\n')
+    assert main(["run", "-q"]) == 0
+    assert "-EINVAL" in capsys.readouterr().out
+    (tmp_path / "sevsim.toml").write_text('[kvm]\nera = "v4.0"\n')
+    assert main(["run", "-q"]) == 2
+    assert "era = 'v4.0': expected one of ['newest', 'v5.11']" in capsys.readouterr().err

@@ -1,12 +1,19 @@
-"""The bundled demo guest of ``sevsim run``: an SEV-ES guest before it has a GHCB page.
+"""The bundled demo guest of ``sevsim run``: an SEV-ES guest from its first steps.
 
-It does what early guest firmware does, through the GHCB MSR protocol alone:
+First it does what early guest firmware does, through the GHCB MSR protocol alone:
 
 1. reads SEV_STATUS and checks that SEV and SEV-ES are on;
 2. negotiates the GHCB protocol version (SEV_INFO) and gives up with reason
    GHCB_SEV_ES_PROT_UNSUPPORTED if the hypervisor does not answer;
-3. reads the CPUID vendor string and leaf 0x8000001F one register at a time;
-4. asks for termination (reason set 0, code 0: a general request) and halts, as
+3. reads the CPUID vendor string and leaf 0x8000001F one register at a time.
+
+Then it uses its GHCB page (mapped shared, C=0) through ordinary instructions that
+its native #VC handler (``sevsim.guest.vc_native``) turns into GHCB requests:
+
+4. prints "Hello from an SEV-ES guest" on the UART with ``rep outsb`` (IOIO);
+5. reads the MMIO test device's ID, writes its scratch register and reads it back
+   (MMIO); a wrong value ends the guest with reason set 1, code 0;
+6. asks for termination (reason set 0, code 0: a general request) and halts, as
    Linux's ``sev_es_terminate`` does, in case the hypervisor ignores the request.
 """
 
@@ -14,9 +21,14 @@ from __future__ import annotations
 
 from sevsim.guest.asm import assemble
 from sevsim.guest.image import CODE, GuestImage
+from sevsim.guest.vc_native import vc_image_args
+from sevsim.vmm.machine import MMIO_TEST_GPA
 
 #: Where the guest stores what it learnt (private memory: the host sees ciphertext).
 RESULTS = 0x30000
+GREETING = b"Hello from an SEV-ES guest\n"
+GREETING_AT = RESULTS + 0x100
+MAGIC = 0x5EC0_5EC0_5EC0_5EC0
 
 SOURCE = f"""
 start:
@@ -54,6 +66,21 @@ start:
     call cpuid_msr
     mov [rdi + 16], eax
 
+    mov rsi, {GREETING_AT:#x}       /* #VC -> GHCB IOIO (string, REP) -> UART */
+    mov ecx, {len(GREETING)}
+    mov dx, 0x3f8
+    cld
+    rep outsb
+
+    mov rbx, {MMIO_TEST_GPA:#x}     /* #VC (NPF) -> GHCB MMIO_READ/WRITE -> device */
+    mov eax, [rbx]                  /* ID register */
+    mov [rdi + 20], eax
+    mov rax, {MAGIC:#x}
+    mov [rbx + 8], rax              /* SCRATCH */
+    mov rcx, [rbx + 8]
+    cmp rcx, rax
+    jne mmio_failed
+
     mov rax, 0x100                  /* GHCB_MSR_TERM_REQ, set 0 code 0 */
     call msr_exchange
 hang:
@@ -67,6 +94,11 @@ protocol_unsupported:
 
 not_sev_es:
     ud2
+
+mmio_failed:
+    mov rax, 0x1100                 /* TERM_REQ, set 1 code 0 */
+    call msr_exchange
+    jmp hang
 
 cpuid_msr:                          /* request in rax; returns the register in eax */
     call msr_exchange
@@ -95,4 +127,6 @@ msr_exchange:                       /* GHCB MSR = rax; VMGEXIT; rax = GHCB MSR *
 
 
 def demo_image() -> GuestImage:
-    return GuestImage(assemble(SOURCE, CODE))
+    args = vc_image_args()
+    return GuestImage(assemble(SOURCE, CODE), **{**args, "data": {**args["data"],
+                      GREETING_AT: GREETING}})  # fmt: skip

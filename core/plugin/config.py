@@ -133,6 +133,28 @@ class PluginConfig:
 # --- building a configuration ---------------------------------------------------------
 
 
+def config_file(path: str | Path | None, cwd: str | Path | None = None) -> Path | None:
+    """The file a command reads: ``--config FILE`` (must exist), else ``./sevsim.toml``."""
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"config file {str(file)!r} (--config) does not exist")
+        return file
+    default = Path(cwd or ".") / CONFIG_FILE
+    return default if default.is_file() else None
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """A TOML document; errors name the file and what is wrong."""
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+
+
 def load_config(
     path: str | Path | None = None,
     *,
@@ -148,15 +170,9 @@ def load_config(
     ``strict`` is ``--strict``. ``env`` defaults to ``os.environ``.
     """
     config = PluginConfig()
-    if path is not None:
-        file = Path(path)
-        if not file.is_file():
-            raise ConfigError(f"config file {str(file)!r} (--config) does not exist")
+    file = config_file(path, cwd)
+    if file is not None:
         config = apply_file(config, file)
-    else:
-        default = Path(cwd or ".") / CONFIG_FILE
-        if default.is_file():
-            config = apply_file(config, default)
     config = apply_env(config, os.environ if env is None else env)
     config = apply_cli(config, cli)
     if strict:
@@ -193,13 +209,7 @@ def isolated_config(
 def apply_file(config: PluginConfig, path: Path) -> PluginConfig:
     """The ``[plugins]`` table of ``path`` over ``config``; other tables are not ours."""
     where = str(path)
-    try:
-        with path.open("rb") as f:
-            document = tomllib.load(f)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{where}: not valid TOML: {e}") from None
-    except OSError as e:
-        raise ConfigError(f"{where}: cannot read: {e.strerror}") from None
+    document = read_toml(path)
     table = document.get("plugins", {})
     if not isinstance(table, dict):
         raise ConfigError(f"{where}: 'plugins' must be a table ([plugins]), got {table!r}")

@@ -21,6 +21,7 @@ from sevsim.kvm.exits import KvmExit
 from sevsim.kvm.vm import Kvm, Vm
 from sevsim.trace import Trace
 from sevsim.vmm.launch import launch_image
+from sevsim.vmm.machine import Devices
 
 
 @frozen
@@ -38,15 +39,39 @@ def run_image(
     echo: Callable[[str], None] | None = None,
     plugin_settings: Mapping[str, Mapping[str, Any]] | None = None,
     kvm: Kvm | None = None,
+    **vm_args: Any,
 ) -> RunResult:
     """Launch ``image`` on one vCPU and run it until it stops; trace every exit."""
     trace = Trace(echo)
+    console = LineConsole(lambda line: trace.note(f"      [uart] {line}"))
     vm = launch_image(
         kvm or Kvm(), image, handlers=table, events=TeeSink(events, trace),
         plugin_settings={k: dict(v) for k, v in (plugin_settings or {}).items()},
+        devices=Devices.standard(console=console.write), **vm_args,
     )  # fmt: skip
     trace.note(f"launch digest {vm.launch_digest().hex()}")
     vcpu = vm.vcpus[0]
     exit_ = vcpu.run()
+    console.flush()
     trace.record_exit(vcpu, exit_)
     return RunResult(exit_, trace, vm)
+
+
+class LineConsole:
+    """Collects a device's output bytes and hands on whole lines."""
+
+    def __init__(self, emit: Callable[[str], None]) -> None:
+        self._emit = emit
+        self._pending = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self._pending += data
+        while b"\n" in self._pending:
+            line, _, rest = self._pending.partition(b"\n")
+            self._emit(line.decode("latin-1"))
+            self._pending = bytearray(rest)
+
+    def flush(self) -> None:
+        if self._pending:
+            self._emit(self._pending.decode("latin-1"))
+            self._pending.clear()
