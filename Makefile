@@ -18,7 +18,7 @@ $(STAMP): $(BIN)/python pyproject.toml $(EXAMPLE)/pyproject.toml
 	touch $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check core plugins tests examples
+	$(BIN)/ruff check core plugins tests examples benchmarks
 
 test: $(STAMP) lint
 	$(BIN)/pytest -q
@@ -29,3 +29,6 @@ demo: $(STAMP)
 clean:
 	rm -rf $(VENV) build *.egg-info core/*.egg-info .pytest_cache .ruff_cache \
 		$(EXAMPLE)/build $(EXAMPLE)/src/*.egg-info
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench.py
