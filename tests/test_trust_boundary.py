@@ -6,6 +6,7 @@ the memory engine's plaintext views).
 """
 
 import ast
+import ctypes
 from pathlib import Path
 
 import pytest
@@ -33,3 +34,73 @@ def hw_imports(path: Path) -> list[str]:
 @pytest.mark.parametrize("path", HYPERVISOR_SIDE, ids=lambda p: str(p.relative_to(ROOT)))
 def test_hypervisor_side_uses_only_the_public_hardware_interface(path):
     assert set(hw_imports(path)) <= ALLOWED
+
+
+SECRET = 0x5EC2_E75E_C2E7_5EC2
+
+
+def _reachable(root: object, depth: int = 7) -> list[object]:
+    """Every value reachable from ``root`` through public attributes (no leading "_")."""
+    seen: set[int] = set()
+    found: list[object] = []
+    frontier = [root]
+    for _ in range(depth):
+        nxt = []
+        for obj in frontier:
+            plain_callable = callable(obj) and not hasattr(obj, "__dict__")
+            if id(obj) in seen or isinstance(obj, type) or plain_callable:
+                continue
+            seen.add(id(obj))
+            found.append(obj)
+            if isinstance(obj, dict):
+                nxt += list(obj.values())
+            elif isinstance(obj, list | tuple | set | frozenset):
+                nxt += list(obj)
+            elif isinstance(obj, ctypes.Array):
+                found.append(bytes(obj))
+            elif not isinstance(obj, int | bytes | bytearray | memoryview | str):
+                for name in dir(obj):
+                    if name.startswith("_"):
+                        continue
+                    try:
+                        value = getattr(obj, name)
+                    except Exception:
+                        continue
+                    if not callable(value) or hasattr(value, "__dict__"):
+                        nxt.append(value)
+        frontier = nxt
+    return found
+
+
+def test_a_plugin_cannot_reach_guest_plaintext_or_registers():
+    from guests import guest, launch
+
+    from sevsim.kvm.dispatch import ExitHandler, ExitKind, ExitTable
+    from sevsim.kvm.outcome import RESUME
+
+    secret = SECRET.to_bytes(8, "little")
+    spied: list[object] = []
+
+    def spy(ctx):
+        spied.extend(_reachable(ctx))
+        return RESUME
+
+    table = ExitTable([ExitHandler(ExitKind.MSR_PROTOCOL, 0x100, spy)])
+    vm = launch(guest(f"""
+        mov r12, {SECRET:#x}           /* a secret in a register ... */
+        mov rsi, 0x31000
+        mov [rsi], r12                 /* ... and in private memory */
+        mov ecx, 0xC0010130
+        mov eax, 0x100
+        xor edx, edx
+        wrmsr
+        rep vmmcall
+        hlt
+    """), table=table)
+    vm.vcpus[0].run()
+    assert spied, "the spy plugin never ran"
+    for value in spied:
+        if isinstance(value, int):
+            assert value != SECRET
+        elif isinstance(value, bytes | bytearray | memoryview):
+            assert secret not in bytes(value)

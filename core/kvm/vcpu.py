@@ -53,11 +53,10 @@ class Vcpu:
         self.vm = vm
         self.id = vcpu_id
         platform = vm.platform
-        self.vmsa = platform.pages.alloc_vmsa()
-        self.msrpm_pa = platform.pages.alloc_buffer(0x2000)
+        self.vmsa = platform.alloc_vmsa()
+        self.msrpm_pa, msrpm = platform.alloc_msrpm()
         self.vmcb = bytearray(VMCB_CONTROL.size)
-        init_vmcb(self.vmcb, platform.pages.buffer(self.msrpm_pa), vm.asid, self.vmsa.pa,
-                  self.msrpm_pa)  # fmt: skip
+        init_vmcb(self.vmcb, msrpm, vm.asid, self.vmsa.pa, self.msrpm_pa)
         # sev_es_vcpu_reset: the GHCB MSR starts out holding the SEV_INFO response.
         self._set_ghcb_msr(vm.sev_info())
         #: Register state set by the VMM before launch (VMSA field names).

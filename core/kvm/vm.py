@@ -201,8 +201,8 @@ class Vm:
             psp.decommission(self.handle)
             self.handle = None
         for vcpu in self.vcpus:
-            self.platform.pages.free(vcpu.vmsa.pa)
-            self.platform.pages.free(vcpu.msrpm_pa)
+            self.platform.free(vcpu.vmsa.pa)
+            self.platform.free(vcpu.msrpm_pa)
         self.kvm.asids.free(self.asid)
         self.emit("vm_destroyed", vm=self, why=self.dead or "destroyed")
         self.dead = self.dead or "destroyed"
