@@ -124,7 +124,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     rows = [out_loop(args.iterations, args.repeat), compute(args.iterations * 100, args.repeat)]
-    print(f"{"benchmark":<52} {'sevsim /s':>14} {'bare /s':>14} {'ratio':>8}")
+    print(f"{'benchmark':<52} {'sevsim /s':>14} {'bare /s':>14} {'ratio':>8}")
     for name, ours, bare in rows:
         print(f"{name:<52} {ours:>14,.0f} {bare:>14,.0f} {ours / bare:>8.3f}")
 
