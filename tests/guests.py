@@ -11,13 +11,6 @@ from sevsim.kvm.vm import Kvm, Vm
 from sevsim.vmm.launch import launch_image
 
 #: Terminate through the GHCB MSR protocol: GHCB MSR = 0x100, VMGEXIT.
-TERMINATE = """
-    mov ecx, 0xC0010130
-    mov eax, 0x100
-    xor edx, edx
-    wrmsr
-    rep vmmcall
-"""
 
 
 def terminate_handler(ctx):

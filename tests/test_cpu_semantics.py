@@ -7,12 +7,13 @@ and terminate; the tests read what the guest saw.
 import struct
 
 import pytest
-from guests import TERMINATE, guest, launch
+from guests import guest, launch
 
 from sevsim.arch.exits import SvmExit
 from sevsim.arch.vmcb import VMCB_CONTROL
 from sevsim.guest.asm import assemble
 from sevsim.guest.image import USER_CODE64_SEL, USER_DATA_SEL
+from sevsim.guest.snippets import TERMINATE
 from sevsim.kvm.exits import FailEntry, SystemEvent
 from sevsim.kvm.vm import Kvm
 from sevsim.testing import run_guest

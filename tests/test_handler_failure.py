@@ -1,8 +1,9 @@
 """A plugin whose handler raises ends only its own VM, and says who and where."""
 
-from guests import TERMINATE, guest
+from guests import guest
 
 from sevsim import hookimpl
+from sevsim.guest.snippets import TERMINATE
 from sevsim.kvm.dispatch import ExitHandler, ExitKind
 from sevsim.kvm.exits import RunFailed, SystemEvent
 from sevsim.kvm.vm import Kvm

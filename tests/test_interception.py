@@ -11,6 +11,7 @@ import pytest
 
 from sevsim.arch.exits import SvmExit
 from sevsim.guest.asm import assemble
+from sevsim.guest.snippets import TERMINATE
 from sevsim.kvm.exits import SystemEvent
 from sevsim.testing import run_guest
 
@@ -22,13 +23,7 @@ VC_RECORDER = assemble(f"""
     mov [rsi], rax
     mov rax, [rsp]              /* the error code: the exit code */
     mov [rsi + 8], rax
-    mov ecx, 0xC0010130
-    mov eax, 0x100
-    xor edx, edx
-    wrmsr
-    rep vmmcall
-    hlt
-""", HANDLER)  # fmt: skip
+""" + TERMINATE + "hlt", HANDLER)  # fmt: skip
 
 TARGET = 0x31000  # nop; cpuid; hlt
 CPUID_AT = TARGET + 1
@@ -98,12 +93,7 @@ PF_RECORDER = assemble(f"""
     mov [rsi + 8], rax
     mov rax, [rsp + 8]          /* RIP of the faulting instruction */
     mov [rsi + 16], rax
-    mov ecx, 0xC0010130
-    mov eax, 0x100
-    xor edx, edx
-    wrmsr
-    rep vmmcall
-""", 0x36000)  # fmt: skip
+""" + TERMINATE, 0x36000)  # fmt: skip
 
 
 @pytest.mark.parametrize(

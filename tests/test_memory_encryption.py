@@ -3,9 +3,10 @@
 import struct
 
 import pytest
-from guests import TERMINATE, guest, launch
+from guests import guest, launch
 
 from sevsim.errors import GuestMemoryError
+from sevsim.guest.snippets import TERMINATE
 from sevsim.hw.crypto import new_key
 from sevsim.hw.memory import GuestMemory, PageForm
 from sevsim.kvm.exits import SystemEvent

@@ -1,9 +1,10 @@
 """KVM's sev_smoke_test and test_sev_es_shutdown, on sevsim."""
 
 import pytest
-from guests import TERMINATE, guest, launch
+from guests import guest, launch
 
 from sevsim.errors import VcpuError
+from sevsim.guest.snippets import TERMINATE
 from sevsim.kvm.exits import KvmExitReason, Shutdown, SystemEvent, SystemEventType
 
 SMOKE = """

@@ -75,6 +75,7 @@ def _reachable(root: object, depth: int = 7) -> list[object]:
 def test_a_plugin_cannot_reach_guest_plaintext_or_registers():
     from guests import guest, launch
 
+    from sevsim.guest.snippets import TERMINATE
     from sevsim.kvm.dispatch import ExitHandler, ExitKind, ExitTable
     from sevsim.kvm.outcome import RESUME
 
@@ -90,13 +91,7 @@ def test_a_plugin_cannot_reach_guest_plaintext_or_registers():
         mov r12, {SECRET:#x}           /* a secret in a register ... */
         mov rsi, 0x31000
         mov [rsi], r12                 /* ... and in private memory */
-        mov ecx, 0xC0010130
-        mov eax, 0x100
-        xor edx, edx
-        wrmsr
-        rep vmmcall
-        hlt
-    """), table=table)
+    """ + TERMINATE + "hlt"), table=table)
     vm.vcpus[0].run()
     assert spied, "the spy plugin never ran"
     for value in spied:

@@ -6,6 +6,7 @@ both handlers must leave the same results in the guest and in the devices.
 
 import pytest
 
+from sevsim.guest.snippets import TERMINATE
 from sevsim.guest.vc import VcHandler
 from sevsim.guest.vc_native import vc_image_args
 from sevsim.kvm.exits import SystemEvent
@@ -13,13 +14,6 @@ from sevsim.testing import run_guest
 from sevsim.vmm.machine import MMIO_TEST_GPA
 
 OUT = 0x9000  # a second shared page for results
-TERMINATE = """
-    mov ecx, 0xC0010130
-    mov eax, 0x100
-    xor edx, edx
-    wrmsr
-    rep vmmcall
-"""
 JUNK = 0x1122_3344_5566_7788
 
 PROGRAMS = {

@@ -16,6 +16,7 @@ import pytest
 
 from sevsim import hookimpl
 from sevsim.arch.exits import SvmExit, VmgExit
+from sevsim.guest import snippets
 from sevsim.guest.asm import assemble
 from sevsim.guest.image import GHCB_GPA, GuestImage
 from sevsim.guest.vc_native import (
@@ -85,14 +86,7 @@ def _blobs() -> dict[int, bytes]:
 
 EXCEPTION_IDT = {13: GP_HANDLER, 6: UD_HANDLER}
 
-TERMINATE = """
-    mov ecx, 0xC0010130
-    mov eax, 0x100
-    xor edx, edx
-    wrmsr
-    rep vmmcall
-    hlt
-"""
+TERMINATE = snippets.TERMINATE + "    hlt\n"
 
 
 class Recorder:

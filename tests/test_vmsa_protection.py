@@ -1,10 +1,11 @@
 """After LAUNCH_UPDATE_VMSA the host sees ciphertext and cannot change the state."""
 
 import pytest
-from guests import TERMINATE, guest, launch
+from guests import guest, launch
 
 from sevsim.arch.vmsa import VMSA, VMSA_PAGE_SIZE
 from sevsim.errors import VcpuError
+from sevsim.guest.snippets import TERMINATE
 from sevsim.kvm.exits import Shutdown, SystemEvent
 
 LOOP = """
