@@ -43,3 +43,9 @@ def test_writing_back_the_same_bytes_is_harmless():
     vcpu.run()
     vcpu.vmsa.host_write(0, vcpu.vmsa.host_read())
     assert isinstance(vcpu.run(), SystemEvent)
+
+
+def test_launch_update_vmsa_runs_once():
+    vm = launch(guest(LOOP))
+    with pytest.raises(VcpuError, match="runs once"):
+        vm.launch_update_vmsa()

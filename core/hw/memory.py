@@ -281,19 +281,29 @@ class GuestMemory:
     # -- the SEV firmware's launch path ----------------------------------------------
 
     def launch_encrypt(self, gpa: int, length: int, key: bytes) -> bytes:
-        """LAUNCH_UPDATE_DATA: return the host-written plaintext, then make it private.
+        """LAUNCH_UPDATE_DATA: return the bytes the host placed there, encrypted in place.
 
-        The pages must still be shared (host-written, never launched): encrypting a
-        page twice is a firmware error on real hardware too.
+        Only the launched bytes are measured, so only they may reach the guest as
+        plaintext. Encryption is modelled per page: in a page launched in part, every
+        byte outside the launched ranges shows the guest the decryption of what DRAM
+        held, as on hardware, and cannot carry unmeasured code or data.
         """
         self.install_key(key)
+        cipher = self._need_cipher("LAUNCH_UPDATE_DATA")
         measured = bytearray()
         for region, page, start, size in self._pages(gpa, length):
             index = (page - region.gpa) // PAGE_SIZE
+            view = self._page_view(region, page)
             if region.forms[index] == PageForm.PRIVATE:
-                raise GuestMemoryError(f"page {page:#x} is already encrypted")
-            off = page + start - region.gpa
-            measured += region.view[off : off + size]
-            # DRAM now holds ciphertext of exactly these bytes: the guest sees them.
+                if size == PAGE_SIZE:
+                    raise GuestMemoryError(f"page {page:#x} is already encrypted")
+                dram = cipher.encrypt(page, view)  # what the host sees there now
+                launched = dram[start : start + size]
+            else:
+                launched = bytes(view[start : start + size])
+                if size < PAGE_SIZE:  # the rest of the page: decrypted DRAM, i.e. garbage
+                    view[:] = cipher.decrypt(page, view)
+            measured += launched
+            view[start : start + size] = launched
             region.forms[index] = PageForm.PRIVATE
         return bytes(measured)

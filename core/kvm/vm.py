@@ -168,6 +168,10 @@ class Vm:
     def launch_update_vmsa(self) -> None:
         """KVM_SEV_LAUNCH_UPDATE_VMSA: sync, measure and protect every vCPU's VMSA."""
         handle = self._need_handle("LAUNCH_UPDATE_VMSA")
+        protected = [vcpu.id for vcpu in self.vcpus if vcpu.guest_state_protected]
+        if protected:
+            raise VcpuError(f"{self.name}: vCPU(s) {protected} already have a protected VMSA; "
+                            "LAUNCH_UPDATE_VMSA runs once (-EINVAL)")  # fmt: skip
         for vcpu in self.vcpus:
             vcpu.sync_vmsa()
             self._firmware("LAUNCH_UPDATE_VMSA", self.platform.psp.launch_update_vmsa, handle,
