@@ -157,7 +157,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = {info.name: host.config.settings_for(info.name) for info in host.plugins()}
     kvm = load_kvm_settings(config_file(args.config), args.era)
     result = run_image(demo_image(), table, host.events, echo=echo, plugin_settings=settings,
-                       **kvm.vm_args())  # fmt: skip
+                       timeout=args.timeout, **kvm.vm_args())  # fmt: skip
     for line in result.trace.summary(result.exit):
         print(line)
     return 0
@@ -167,6 +167,8 @@ def _add_run_command(commands: argparse._SubParsersAction[argparse.ArgumentParse
     run = add_command(commands, "run", "run the bundled demo guest and print its trace")
     run.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
     run.add_argument("--era", metavar="ERA", help="KVM behaviour: newest (default) or v5.11")
+    run.add_argument("--timeout", metavar="SECONDS", type=float, default=60.0,
+                     help="stop a guest that runs longer than this (default 60)")
     run.set_defaults(func=cmd_run)
 
 

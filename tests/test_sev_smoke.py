@@ -5,7 +5,7 @@ from guests import guest, launch
 
 from sevsim.errors import VcpuError
 from sevsim.guest.snippets import TERMINATE
-from sevsim.kvm.exits import KvmExitReason, Shutdown, SystemEvent, SystemEventType
+from sevsim.kvm.exits import KvmExitReason, RunFailed, Shutdown, SystemEvent, SystemEventType
 
 SMOKE = """
     mov ecx, 0xC0010131      /* MSR_AMD64_SEV */
@@ -54,3 +54,10 @@ def test_ud2_with_a_handler_is_delivered_through_the_idt():
     handler:
     """ + TERMINATE, idt={6: 0x20002})).vcpus[0]
     assert vcpu.run() == SystemEvent(SystemEventType.SEV_TERM, (0x100,))
+
+
+def test_a_spinning_guest_is_interrupted_and_can_run_on():
+    vcpu = launch(guest("spin: jmp spin")).vcpus[0]
+    exit_ = vcpu.run(timeout=0.2)
+    assert exit_ == RunFailed("EINTR", "KVM_RUN interrupted after its 0.2 s limit")
+    assert isinstance(vcpu.run(timeout=0.1), RunFailed)  # still runnable

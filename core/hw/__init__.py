@@ -164,10 +164,12 @@ class Platform:
         if page.cpu is not None:
             page.cpu.vc_model = model
 
-    def vmrun(self, vmcb: bytearray, memory: GuestMemoryView) -> HwExit:
+    def vmrun(
+        self, vmcb: bytearray, memory: GuestMemoryView, deadline: float | None = None
+    ) -> HwExit:
         """VMRUN with ``memory`` as the nested page tables; returns the debug record.
 
         The memory controller encrypts with the key ACTIVATE bound to the VMCB's ASID.
         """
         key = self.psp.key_for_asid(VMCB_CONTROL.get(vmcb, "asid"))
-        return self._svm.vmrun(vmcb, memory._memory, key)
+        return self._svm.vmrun(vmcb, memory._memory, key, deadline)

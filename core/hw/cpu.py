@@ -14,6 +14,7 @@ Everything here is hardware: it sees guest plaintext and registers. Only
 from __future__ import annotations
 
 import struct
+import time
 from collections.abc import Callable, Generator
 from typing import Any
 
@@ -162,6 +163,11 @@ class _Halted:
 
 
 @frozen
+class _Interrupted:
+    """The host's timer: the physical interrupt that takes a CPU back from a guest."""
+
+
+@frozen
 class _Npf:
     """An access to a guest-physical address with no RAM: #VC(NPF), as for MMIO."""
 
@@ -169,7 +175,7 @@ class _Npf:
     write: bool
 
 
-Stop = _AtSite | _Exception | _Halted | _Npf
+Stop = _AtSite | _Exception | _Halted | _Interrupted | _Npf
 
 
 @define(eq=False)
@@ -232,6 +238,8 @@ class GuestCpu:
         self.vc_model: VcModel | None = None
         self._vc_run: Generator[None, None, int | None] | None = None
         self._deferred_event: tuple[int, int | None] | None = None
+        #: time.monotonic() at which the host takes the CPU back (an INTR exit), if any.
+        self.deadline: float | None = None
         #: The last #VC's exit code and info, as the VMSA keeps them.
         self.guest_exit = (0, 0, 0)
         self._vcs: list[tuple[int, int]] = []
@@ -272,8 +280,11 @@ class GuestCpu:
         """Let Unicorn run the guest (everything cached about its state goes stale)."""
         self._guest_ran()
         self._running = True
+        timeout = 0
+        if self.deadline is not None and not count:
+            timeout = max(1, int((self.deadline - time.monotonic()) * 1_000_000))
         try:
-            self.uc.emu_start(start, _NO_END, count=count)
+            self.uc.emu_start(start, _NO_END, timeout=timeout, count=count)
         finally:
             self._running = False
             self._guest_ran()
@@ -759,13 +770,17 @@ class GuestCpu:
         return _Exception(UD_VECTOR)
 
     def _natural_stop(self, start: int) -> Stop:
-        # Unicorn returns by itself only when the guest halted: HLT has executed.
+        """Unicorn returned by itself: the guest halted, or its time slice ran out."""
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            return _Interrupted()
         return _Halted()
 
     def _handle(self, stop: Stop) -> HwExit | None:
         match stop:
             case _Halted():
                 return HwExit(SvmExit.HLT)
+            case _Interrupted():
+                return HwExit(SvmExit.INTR, why="the host's time slice ended")
             case _Exception(vector, error_code, cr2, software):
                 return self.deliver_exception(vector, error_code, cr2, software=software)
             case _Npf(gpa, write):

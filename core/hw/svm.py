@@ -188,11 +188,15 @@ class Svm:
         self.cbit = cbit
         self.cpu_model = cpu_model
 
-    def vmrun(self, vmcb: bytearray, memory: GuestMemory, key: bytes | None) -> HwExit:
+    def vmrun(
+        self, vmcb: bytearray, memory: GuestMemory, key: bytes | None, deadline: float | None
+    ) -> HwExit:
         """Run the guest of ``vmcb`` until the next #VMEXIT, recorded in ``vmcb``.
 
-        ``memory`` stands for the nested page tables (the guest-physical space) and
-        ``key`` for the memory controller's key slot of the VMCB's ASID. The return
+        ``memory`` stands for the nested page tables (the guest-physical space),
+        ``key`` for the memory controller's key slot of the VMCB's ASID and
+        ``deadline`` (time.monotonic) for the host timer's next tick (an INTR exit).
+        The return
         value carries the simulator's debug record of the exit (why, where, which
         instruction): not visible to a real hypervisor, kept for the trace.
         """
@@ -209,16 +213,19 @@ class Svm:
             return self._record(vmcb, HwExit(SvmExit.SHUTDOWN, why="VMSA integrity check failed"))
         memory.install_key(key)
         try:
-            return self._run(vmcb, memory, vmsa)
+            return self._run(vmcb, memory, vmsa, deadline)
         except Exception as exc:  # nothing a guest does may take the host down
             why = f"simulator fault: {type(exc).__name__}: {exc}"
             return self._record(vmcb, HwExit(SvmExit.SHUTDOWN, why=why))
 
-    def _run(self, vmcb: bytearray, memory: GuestMemory, vmsa: VmsaPage) -> HwExit:
+    def _run(
+        self, vmcb: bytearray, memory: GuestMemory, vmsa: VmsaPage, deadline: float | None
+    ) -> HwExit:
         get, put = VMCB_CONTROL.get, VMCB_CONTROL.set
         cpu = vmsa.cpu
         if cpu is None:
             cpu = vmsa.cpu = self._new_cpu(memory, vmsa)
+        cpu.deadline = deadline
         cpu.ghcb_msr = get(vmcb, "ghcb_gpa")
         intercepts = int.from_bytes(get(vmcb, "intercepts"), "little")
         cpu.intercepted = lambda code: _intercepted(intercepts, code)

@@ -8,6 +8,7 @@ guest's registers after launch are out of reach (``guest_state_protected``).
 
 from __future__ import annotations
 
+import time
 import traceback
 from typing import TYPE_CHECKING, Any
 
@@ -115,8 +116,13 @@ class Vcpu:
         """GPA of the GHCB mapped for the exit being handled (``svm->sev_es.ghcb_gpa``)."""
         return self._ghcb_gpa
 
-    def run(self) -> KvmExit:
-        """KVM_RUN: run until an exit userspace must see."""
+    def run(self, timeout: float | None = None) -> KvmExit:
+        """KVM_RUN: run until an exit userspace must see.
+
+        ``timeout`` (seconds) bounds the call, as a signal would: when it has passed,
+        KVM_RUN returns -EINTR and the vCPU can be run again.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
         if self._dead is not None:
             raise VcpuError(f"vCPU {self.id} cannot run again: {self._dead}")
         if self.vm.dead is not None:
@@ -125,12 +131,15 @@ class Vcpu:
             raise VcpuError(f"vCPU {self.id}: run LAUNCH_UPDATE_VMSA before KVM_RUN")
         while True:
             self.prepare_switch_to_guest()
-            self.debug = self.vm.platform.vmrun(self.vmcb, self.vm.memory)
+            self.debug = self.vm.platform.vmrun(self.vmcb, self.vm.memory, deadline)
             for rip, code in self.debug.vcs:  # the simulator's view, for the trace only
                 self.vm.emit("vc", vcpu_id=self.id, exit_code=code, rip=rip)
             result = self.handle_exit()
             if self.vm.dead is not None and not isinstance(result, O.ExitToUser):
                 return RunFailed("EIO", self.vm.dead)
+            expired = deadline is not None and time.monotonic() >= deadline
+            if expired and isinstance(result, O.Resume):
+                return RunFailed("EINTR", f"KVM_RUN interrupted after its {timeout:g} s limit")
             if isinstance(result, O.Resume):
                 continue
             if isinstance(result, O.Fail):
@@ -157,6 +166,8 @@ class Vcpu:
             return O.ExitToUser(Shutdown(self._why()))
         if code == SvmExit.ERR:
             return O.ExitToUser(FailEntry(code, self._why()))
+        if code == SvmExit.INTR:  # the host's interrupt: handled by the host, resume
+            return O.RESUME
         handler = self.vm.lookup(ExitKind.VMEXIT, code)
         if handler is not None:
             ctx = ExitContext(self, ExitKind.VMEXIT, code, info1, info2)

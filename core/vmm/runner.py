@@ -39,9 +39,11 @@ def run_image(
     echo: Callable[[str], None] | None = None,
     plugin_settings: Mapping[str, Mapping[str, Any]] | None = None,
     kvm: Kvm | None = None,
+    timeout: float | None = None,
     **vm_args: Any,
 ) -> RunResult:
-    """Launch ``image`` on one vCPU and run it until it stops; trace every exit."""
+    """Launch ``image`` on one vCPU and run it until it stops (or ``timeout`` seconds
+    have passed: a spinning guest cannot hang the VMM); trace every exit."""
     trace = Trace(echo)
     console = LineConsole(lambda line: trace.note(f"      [uart] {line}"))
     vm = launch_image(
@@ -51,7 +53,7 @@ def run_image(
     )  # fmt: skip
     trace.note(f"launch digest {vm.launch_digest().hex()}")
     vcpu = vm.vcpus[0]
-    exit_ = vcpu.run()
+    exit_ = vcpu.run(timeout)
     console.flush()
     trace.record_exit(vcpu, exit_)
     return RunResult(exit_, trace, vm)
