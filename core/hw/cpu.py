@@ -14,6 +14,7 @@ Everything here is hardware: it sees guest plaintext and registers. Only
 from __future__ import annotations
 
 import struct
+import threading
 import time
 from collections.abc import Callable, Generator
 from typing import Any
@@ -240,6 +241,8 @@ class GuestCpu:
         self._deferred_event: tuple[int, int | None] | None = None
         #: time.monotonic() at which the host takes the CPU back (an INTR exit), if any.
         self.deadline: float | None = None
+        self._watchdog: _Watchdog | None = None
+        self._stop_lock = threading.Lock()
         #: The last #VC's exit code and info, as the VMSA keeps them.
         self.guest_exit = (0, 0, 0)
         self._vcs: list[tuple[int, int]] = []
@@ -279,15 +282,27 @@ class GuestCpu:
     def _emulate(self, start: int, count: int = 0) -> None:
         """Let Unicorn run the guest (everything cached about its state goes stale)."""
         self._guest_ran()
-        self._running = True
-        timeout = 0
-        if self.deadline is not None and not count:
-            timeout = max(1, int((self.deadline - time.monotonic()) * 1_000_000))
+        if self.deadline is not None:
+            if self._watchdog is None:
+                self._watchdog = _Watchdog(self)
+            self._watchdog.arm(self.deadline)
+        with self._stop_lock:
+            self._running = True
         try:
-            self.uc.emu_start(start, _NO_END, timeout=timeout, count=count)
+            self.uc.emu_start(start, _NO_END, count=count)
         finally:
-            self._running = False
+            with self._stop_lock:
+                self._running = False
             self._guest_ran()
+
+    def _time_is_up(self, deadline: float) -> bool:
+        """Called by the watchdog thread: stop the guest if it is still running past
+        ``deadline`` (and say so)."""
+        with self._stop_lock:
+            overdue = self._running and self.deadline == deadline
+            if overdue:
+                self.uc.emu_stop()
+            return overdue
 
     def _guest_ran(self) -> None:
         """Forget what the guest may have changed: mode, code size, translations."""
@@ -695,6 +710,8 @@ class GuestCpu:
                 self.flush_tlb()
             self._stop = None
             start = self.rip
+            if self.deadline is not None and time.monotonic() >= self.deadline:
+                return HwExit(SvmExit.INTR, why="the host's time slice ended")
             try:
                 self._emulate(start)
             except UcError as err:
@@ -1018,6 +1035,43 @@ def _is_double_fault(first: int, second: int) -> bool:
     if first == PF_VECTOR:
         return second == PF_VECTOR or second in _CONTRIBUTORY
     return first in _CONTRIBUTORY and second in _CONTRIBUTORY
+
+
+class _Watchdog(threading.Thread):
+    """The host's timer for one vCPU: stops the engine when the deadline passes.
+
+    One thread for the vCPU's lifetime, armed at each entry; Unicorn's own timeout
+    would start a thread for every emu_start, which costs more than a whole exit.
+    """
+
+    def __init__(self, cpu: GuestCpu) -> None:
+        super().__init__(name=f"sevsim-vcpu{cpu.vcpu_id}-timer", daemon=True)
+        self._cpu = cpu
+        self._deadline: float | None = None
+        self._wake = threading.Condition()
+        self.start()
+
+    def arm(self, deadline: float | None) -> None:
+        """Set (or, with None, clear) the deadline."""
+        with self._wake:
+            if self._deadline != deadline:
+                self._deadline = deadline
+                self._wake.notify()
+
+    def run(self) -> None:
+        while True:
+            with self._wake:
+                while self._deadline is None:
+                    self._wake.wait()
+                remaining = self._deadline - time.monotonic()
+                if remaining > 0:
+                    self._wake.wait(remaining)
+                    continue
+                fired, self._deadline = self._deadline, None
+            # A stop can race with the engine's start: repeat it while the guest runs
+            # past this deadline (a later run has a deadline of its own).
+            while self._cpu._time_is_up(fired):
+                time.sleep(0.01)
 
 
 class GuestView:
