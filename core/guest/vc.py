@@ -329,9 +329,7 @@ class VcHandler:
             ghcb["rdx"] = view.reg("rdx")
         yield from self.hv_call(view, ghcb, SvmExit.MSR, int(write), 0)
         if not write:
-            _require(ghcb, "rax", "rdx")
-            view.set_reg("rax", ghcb["rax"] & 0xFFFF_FFFF)
-            view.set_reg("rdx", ghcb["rdx"] & 0xFFFF_FFFF)
+            _take_edx_eax(view, ghcb)
         return EsResult.OK
 
     def handle_rdpmc(self, ctxt: EmCtxt) -> Generator[None, None, EsResult]:
@@ -340,9 +338,7 @@ class VcHandler:
         ghcb = self.ghcb(view)
         ghcb["rcx"] = view.reg("rcx")
         yield from self.hv_call(view, ghcb, SvmExit.RDPMC, 0, 0)
-        _require(ghcb, "rax", "rdx")
-        view.set_reg("rax", ghcb["rax"] & 0xFFFF_FFFF)
-        view.set_reg("rdx", ghcb["rdx"] & 0xFFFF_FFFF)
+        _take_edx_eax(view, ghcb)
         return EsResult.OK
 
     def handle_rdtsc(self, ctxt: EmCtxt) -> Generator[None, None, EsResult]:
@@ -351,9 +347,9 @@ class VcHandler:
         rdtscp = ctxt.exit_code == SvmExit.RDTSCP
         ghcb = self.ghcb(view)
         yield from self.hv_call(view, ghcb, ctxt.exit_code, 0, 0)
-        _require(ghcb, "rax", "rdx", *(("rcx",) if rdtscp else ()))
-        view.set_reg("rax", ghcb["rax"] & 0xFFFF_FFFF)
-        view.set_reg("rdx", ghcb["rdx"] & 0xFFFF_FFFF)
+        if rdtscp:
+            _require(ghcb, "rcx")
+        _take_edx_eax(view, ghcb)
         if rdtscp:
             view.set_reg("rcx", ghcb["rcx"] & 0xFFFF_FFFF)
         return EsResult.OK
@@ -569,6 +565,13 @@ def verify_exception_info(ghcb: Ghcb) -> None:
             raise ForwardException(vector)
     raise VmmError(f"hypervisor replied sw_exit_info_1 {ghcb['sw_exit_info_1']:#x}, "
                    f"sw_exit_info_2 {ghcb['sw_exit_info_2']:#x}")  # fmt: skip
+
+
+def _take_edx_eax(view: GuestView, ghcb: Ghcb) -> None:
+    """A 64-bit result returned in EDX:EAX (RDMSR, RDPMC, RDTSC): both must be valid."""
+    _require(ghcb, "rax", "rdx")
+    view.set_reg("rax", ghcb["rax"] & 0xFFFF_FFFF)
+    view.set_reg("rdx", ghcb["rdx"] & 0xFFFF_FFFF)
 
 
 def _require(ghcb: Ghcb, *names: str) -> None:
