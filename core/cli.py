@@ -156,8 +156,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     echo = None if args.quiet else print
     settings = {info.name: host.config.settings_for(info.name) for info in host.plugins()}
     kvm = load_kvm_settings(config_file(args.config), args.era)
+    uart_input = sys.stdin.buffer.read() if args.uart_input == "-" else args.uart_input.encode()
     result = run_image(demo_image(), table, host.events, echo=echo, plugin_settings=settings,
-                       timeout=args.timeout, **kvm.vm_args())  # fmt: skip
+                       timeout=args.timeout, uart_input=uart_input, **kvm.vm_args())  # fmt: skip
     for line in result.trace.summary(result.exit):
         print(line)
     return 0
@@ -169,6 +170,8 @@ def _add_run_command(commands: argparse._SubParsersAction[argparse.ArgumentParse
     run.add_argument("--era", metavar="ERA", help="KVM behaviour: newest (default) or v5.11")
     run.add_argument("--timeout", metavar="SECONDS", type=float, default=60.0,
                      help="stop a guest that runs longer than this (default 60)")
+    run.add_argument("--uart-input", metavar="TEXT", default="",
+                     help="bytes the guest can read from the UART ('-': read standard input)")
     run.set_defaults(func=cmd_run)
 
 

@@ -70,3 +70,34 @@ def test_the_v5_11_era_from_the_command_line_and_the_config(capsys, monkeypatch,
     (tmp_path / "sevsim.toml").write_text('[kvm]\nera = "v4.0"\n')
     assert main(["run", "-q"]) == 2
     assert "era = 'v4.0': expected one of ['newest', 'v5.11']" in capsys.readouterr().err
+
+
+def test_unclaimed_device_accesses_show_in_the_trace():
+    from sevsim.guest.asm import assemble
+    from sevsim.guest.image import CODE, GuestImage
+    from sevsim.guest.snippets import TERMINATE
+    from sevsim.guest.vc_native import vc_image_args
+    from sevsim.testing import isolated_host
+    from sevsim.vmm.runner import run_image
+
+    image = GuestImage(assemble("mov dx, 0x1234; in al, dx; out dx, al\n" + TERMINATE, CODE),
+                       **vc_image_args())  # fmt: skip
+    host = isolated_host(enable=["msr_protocol", "ioio"])
+    result = run_image(image, host.start(), host.events)
+    assert "      [io] unclaimed 1-byte read at 0x1234: all ones" in result.trace.lines
+    assert "      [io] unclaimed 1-byte write at 0x1234: dropped" in result.trace.lines
+
+
+def test_uart_input_reaches_the_guest():
+    from sevsim.guest.asm import assemble
+    from sevsim.guest.image import CODE, GuestImage
+    from sevsim.guest.snippets import TERMINATE
+    from sevsim.guest.vc_native import vc_image_args
+    from sevsim.testing import isolated_host
+    from sevsim.vmm.runner import run_image
+
+    echo = "mov dx, 0x3f8; in al, dx; out dx, al; in al, dx; out dx, al\n"  # echo two bytes
+    image = GuestImage(assemble(echo + TERMINATE, CODE), **vc_image_args())
+    host = isolated_host(enable=["msr_protocol", "ioio"])
+    result = run_image(image, host.start(), host.events, uart_input=b"ok")
+    assert "      [uart] ok" in result.trace.lines

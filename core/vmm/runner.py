@@ -40,16 +40,27 @@ def run_image(
     plugin_settings: Mapping[str, Mapping[str, Any]] | None = None,
     kvm: Kvm | None = None,
     timeout: float | None = None,
+    uart_input: bytes = b"",
     **vm_args: Any,
 ) -> RunResult:
     """Launch ``image`` on one vCPU and run it until it stops (or ``timeout`` seconds
-    have passed: a spinning guest cannot hang the VMM); trace every exit."""
+    have passed: a spinning guest cannot hang the VMM); trace every exit, device
+    output and unclaimed access. ``uart_input`` is what the guest can read from COM1."""
     trace = Trace(echo)
     console = LineConsole(lambda line: trace.note(f"      [uart] {line}"))
+    devices = Devices.standard(console=console.write)
+    devices.uart.input += uart_input
+    for bus in (devices.io, devices.mmio):
+        bus.on_unclaimed.append(
+            lambda bus, access, address, size: trace.note(
+                f"      [{bus.name}] unclaimed {size}-byte {access} at {address:#x}: "
+                + ("all ones" if access == "read" else "dropped")
+            )
+        )
     vm = launch_image(
         kvm or Kvm(), image, handlers=table, events=TeeSink(events, trace),
         plugin_settings={k: dict(v) for k, v in (plugin_settings or {}).items()},
-        devices=Devices.standard(console=console.write), **vm_args,
+        devices=devices, **vm_args,
     )  # fmt: skip
     trace.note(f"launch digest {vm.launch_digest().hex()}")
     vcpu = vm.vcpus[0]
