@@ -142,3 +142,9 @@ def test_a_vmsa_runs_only_under_its_own_guests_key():
     VMCB_CONTROL.set(a.vcpus[0].vmcb, "vmsa_pa", b.vcpus[0].vmsa.pa)
     exit_ = a.vcpus[0].run()
     assert isinstance(exit_, FailEntry) and "another guest's key" in exit_.why
+
+
+def test_int_n_from_ring3_through_a_ring0_gate_is_gp():
+    vector, error_code, rip = seen(in_ring3("int 0x1d"))
+    assert (vector, error_code) == (13, 0x1D * 8 + 2)  # IDT bit set, the gate's index
+    assert rip == USER  # a fault: RIP at the INT

@@ -876,7 +876,7 @@ class GuestCpu:
             code = current.error_code
             if code is None and current.vector in _ERROR_CODE_VECTORS and not current.software:
                 code = 0
-            fault = self._push_frame(current.vector, code)
+            fault = self._push_frame(current.vector, code, current.software)
             if fault is None:
                 return None
             if current.vector == DF_VECTOR:
@@ -901,7 +901,9 @@ class GuestCpu:
             return None
         return self.deliver_exception(vector, code)
 
-    def _push_frame(self, vector: int, error_code: int | None) -> _Exception | None:
+    def _push_frame(
+        self, vector: int, error_code: int | None, software: bool = False
+    ) -> _Exception | None:
         """Push an interrupt frame and enter the handler; the fault if that fails.
 
         Long mode uses 16-byte gates and 8-byte pushes (IST and the TSS stack for a
@@ -924,6 +926,9 @@ class GuestCpu:
                 if gate is None:
                     return _Exception(GP_VECTOR, idt_error)
                 selector, target, gate_type, ist = gate
+                if software and (int.from_bytes(raw[:8], "little") >> 45) & 3 < self.cpl:
+                    self.rip -= 2  # a fault, at the INT n (CD ib) itself
+                    return _Exception(GP_VECTOR, idt_error)
             else:
                 target, selector = struct.unpack("<HH", raw)
                 gate_type, ist, error_code = 0xE, 0, None
