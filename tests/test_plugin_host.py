@@ -636,3 +636,222 @@ def test_plugin_host_fixture_is_isolated_and_strict(
     host = plugin_host({"ioio": Claims()})
     assert host.config.strict and not host.config.autoload
     assert host.config.allow is None and host.config.origin == "isolated_host()"
+
+
+# --- a plugin calling sys.exit() is one broken plugin, not the end of sevsim ----------
+
+
+def _exiting_dist(root: Path) -> Path:
+    """An installed distribution whose plugin module calls sys.exit(3) when imported."""
+    info = root / "sevsim_demo_exits-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: sevsim-demo-exits\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[sevsim.plugins]\ndemo_exits = sevsim_demo_exits\n")
+    (root / "sevsim_demo_exits.py").write_text("import sys\n\nsys.exit(3)\n")
+    return root
+
+
+def test_sys_exit_at_import_is_reported_and_skipped(
+    installed: Callable[[str], None], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    installed("good")
+    monkeypatch.syspath_prepend(str(_exiting_dist(tmp_path)))
+    host = PluginHost(only("demo_exits", "demo_good"))
+    table = host.start()  # not strict: the run goes on without it
+    assert table.lookup(ExitKind.VMGEXIT, 0x8000_0F00).plugin == "demo_good"
+    info = by_name(host)["demo_exits"]
+    assert (info.status, info.why) == (FAILED, "SystemExit: the plugin called sys.exit(3)")
+    [problem] = host.problems()
+    assert problem.message == "plugin 'demo_exits' failed to load: " + info.why
+    assert not problem.fatal
+
+
+def test_sys_exit_at_import_is_fatal_under_strict(
+    installed: Callable[[str], None], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    installed("good")  # for the fixture's clean-up of sevsim_demo_* modules
+    monkeypatch.syspath_prepend(str(_exiting_dist(tmp_path)))
+    host = PluginHost(
+        PluginConfig(allow=frozenset({"demo_exits"}), strict=True, strict_source="--strict")
+    )
+    with pytest.raises(PluginError) as info:
+        host.start()
+    assert str(info.value) == (
+        "plugin 'demo_exits' failed to load: SystemExit: the plugin called sys.exit(3) "
+        "(fatal in strict mode: --strict)"
+    )
+
+
+class ExitsInConfigure:
+    @hookimpl
+    def sevsim_configure(self, settings: Any) -> None:
+        sys.exit()
+
+
+class ExitsInExitHandlers:
+    @hookimpl
+    def sevsim_exit_handlers(self) -> list[ExitHandler]:
+        raise SystemExit("no handlers today")
+
+
+@pytest.mark.parametrize(
+    ("plugin", "why"),
+    [
+        (ExitsInConfigure(), "SystemExit: the plugin called sys.exit()"),
+        (ExitsInExitHandlers(), "SystemExit: the plugin called sys.exit('no handlers today')"),
+    ],
+)
+def test_sys_exit_in_a_start_up_hook_is_a_load_failure(
+    plugin_host: Callable[..., PluginHost], plugin: object, why: str
+) -> None:
+    host = plugin_host({"quitter": plugin, "ioio": Claims((ExitKind.VMGEXIT, IOIO))},
+                       strict=False)  # fmt: skip
+    assert host.start().lookup(ExitKind.VMGEXIT, IOIO).plugin == "ioio"
+    assert by_name(host)["quitter"].status_line == f"failed: {why}"
+    assert not host.plugin_manager.has_plugin("quitter")
+    with pytest.raises(PluginError, match="fatal in strict mode"):
+        plugin_host({"quitter": plugin}).start()
+
+
+def test_keyboard_interrupt_in_a_plugin_still_stops_sevsim(
+    plugin_host: Callable[..., PluginHost],
+) -> None:
+    class Interrupted:
+        @hookimpl
+        def sevsim_exit_handlers(self) -> list[ExitHandler]:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        plugin_host({"ctrl_c": Interrupted()}, strict=False).start()
+
+
+# --- settings nobody reads ------------------------------------------------------------
+
+
+def test_settings_for_a_plugin_that_takes_none_are_refused(
+    plugin_host: Callable[..., PluginHost],
+) -> None:
+    host = plugin_host(
+        {"deaf": Claims((ExitKind.VMGEXIT, IOIO))}, settings={"deaf": {"ports": 3}}, strict=False
+    )
+    with pytest.raises(PluginError) as info:
+        host.start()
+    assert str(info.value) == (
+        "isolated_host(): [plugins.settings.deaf]: plugin 'deaf' takes no settings (it "
+        "implements neither sevsim_configure nor sevsim_exit_handlers(config)), so this "
+        "table would be ignored; remove it"
+    )
+    assert by_name(host)["deaf"].status == FAILED
+    assert [p.fatal for p in host.problems()] == [True]
+    # Without the table the same plugin is fine.
+    assert plugin_host({"deaf": Claims((ExitKind.VMGEXIT, IOIO))}).start()
+
+
+def test_settings_reach_a_plugin_through_configure_or_exit_handlers_config(
+    plugin_host: Callable[..., PluginHost],
+) -> None:
+    class ConfigureOnly:
+        @hookimpl
+        def sevsim_configure(self, settings: Any) -> None:
+            assert dict(settings) == {"x": 1}
+
+    class ConfigArgument:
+        @hookimpl
+        def sevsim_exit_handlers(self, config: Any) -> list[ExitHandler]:
+            assert dict(config) == {"y": 2}
+            return []
+
+    host = plugin_host(
+        {"c": ConfigureOnly(), "h": ConfigArgument()}, settings={"c": {"x": 1}, "h": {"y": 2}}
+    )
+    host.start()
+    assert host.problems() == []
+
+
+def test_settings_for_a_disabled_plugin_are_not_checked() -> None:
+    config = apply_cli(isolated_config(settings={"deaf": {"ports": 3}}), ["no:deaf"])
+    host = PluginHost(config, plugins={"deaf": Claims((ExitKind.VMGEXIT, IOIO))})
+    host.start()
+    assert by_name(host)["deaf"].status == DISABLED
+
+
+# --- owner rules that settle nothing --------------------------------------------------
+
+
+def test_owner_rule_naming_a_plugin_that_does_not_claim_the_code_is_fatal(
+    plugin_host: Callable[..., PluginHost],
+) -> None:
+    host = plugin_host(
+        {"ioio": Claims((ExitKind.VMGEXIT, IOIO)), "mmio": Claims((ExitKind.VMGEXIT, 0x8000_0001))},
+        owners={"0x7b": "mmio"}, strict=False,
+    )  # fmt: skip
+    with pytest.raises(PluginError) as info:
+        host.start()
+    assert str(info.value) == (
+        "isolated_host(): owners '0x7b' = 'mmio': plugin 'mmio' does not claim exit code "
+        "0x7b (it claims vmgexit 0x80000001 (SVM_VMGEXIT_MMIO_READ)), so the rule can never "
+        "apply; fix the code or the plugin name, or remove the rule"
+    )
+    [problem] = host.problems()
+    assert problem.fatal
+
+
+def test_owner_rule_of_the_wrong_kind_names_the_kind(
+    plugin_host: Callable[..., PluginHost],
+) -> None:
+    host = plugin_host({"ioio": Claims((ExitKind.VMGEXIT, IOIO))},
+                       owners={"msr_protocol:0x7b": "ioio"}, strict=False)  # fmt: skip
+    with pytest.raises(PluginError, match="does not claim exit code msr_protocol 0x7b"):
+        host.start()
+
+
+def test_owner_rule_for_an_uncontested_code_is_reported(
+    plugin_host: Callable[..., PluginHost],
+) -> None:
+    plugins = {"ioio": Claims((ExitKind.VMGEXIT, IOIO)), "mmio": Claims()}
+    host = plugin_host(plugins, owners={"0x7b": "ioio"}, strict=False)
+    assert host.start().lookup(ExitKind.VMGEXIT, IOIO).plugin == "ioio"
+    [problem] = host.problems()
+    assert problem == (
+        problem.__class__(
+            "isolated_host(): owners '0x7b' = 'ioio' settles nothing: 'ioio' is the only "
+            "active plugin claiming vmgexit 0x7b (SVM_EXIT_IOIO); remove the rule unless a "
+            "rival claimant is enabled again",
+            fatal=False,
+        )
+    )
+    with pytest.raises(PluginError, match=r"settles nothing.*fatal in strict mode"):
+        plugin_host(plugins, owners={"0x7b": "ioio"}).start()
+
+
+def test_owner_rule_shadowed_by_a_kind_specific_one_is_reported(
+    plugin_host: Callable[..., PluginHost],
+) -> None:
+    claim = (ExitKind.VMGEXIT, IOIO)
+    host = plugin_host({"ioio": Claims(claim), "rival": Claims(claim)},
+                       owners={"0x7b": "ioio", "vmgexit:0x7b": "rival"}, strict=False)  # fmt: skip
+    assert host.start().lookup(ExitKind.VMGEXIT, IOIO).plugin == "rival"
+    [problem] = host.problems()
+    assert problem.message == (
+        "isolated_host(): owners '0x7b' = 'ioio' settles nothing: isolated_host(): owners "
+        "'vmgexit:0x7b' = 'rival' decides vmgexit 0x7b (SVM_EXIT_IOIO) instead"
+    )
+
+
+def test_owner_rule_naming_a_disabled_plugin_is_not_checked() -> None:
+    config = apply_cli(isolated_config(owners={"0x7b": "rival"}), ["no:rival"])
+    host = PluginHost(config, plugins={"ioio": Claims((ExitKind.VMGEXIT, IOIO)),
+                                       "rival": Claims((ExitKind.VMGEXIT, IOIO))})  # fmt: skip
+    assert host.start().lookup(ExitKind.VMGEXIT, IOIO).plugin == "ioio"
+    assert host.problems() == []
+
+
+def test_owner_rule_naming_a_failed_plugin_is_not_checked_again(
+    plugin_host: Callable[..., PluginHost],
+) -> None:
+    host = plugin_host({"ioio": Claims((ExitKind.VMGEXIT, IOIO)), "broken": Raises()},
+                       owners={"0x7b": "broken"}, strict=False)  # fmt: skip
+    host.start()
+    assert [p.message for p in host.problems()] == [
+        "plugin 'broken' failed to load: RuntimeError: table on fire"
+    ]

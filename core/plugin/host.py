@@ -10,7 +10,25 @@ its :class:`~sevsim.kvm.dispatch.ExitHandler` records; settle conflicts with
 
 Loading never raises for a plugin's fault, so ``sevsim plugins`` can list a broken
 installation; :meth:`PluginHost.start` is where fatal problems (a conflict, rejected
-settings, any failure under strict) stop the run.
+settings, any failure under strict) stop the run. "A plugin's fault" includes a
+plugin that calls ``sys.exit()`` while it is imported or configured (SystemExit is
+caught like any exception there); only KeyboardInterrupt and GeneratorExit pass.
+
+Settings and owner rules are checked against what the active plugins really do:
+
+- ``[plugins.settings.NAME]`` for an active plugin that has no way to read it (no
+  ``sevsim_configure`` hook and no ``sevsim_exit_handlers`` taking ``config``) is
+  refused like settings the plugin rejected (the plugin fails, fatally): it would
+  otherwise be ignored without a word. A plugin that wants settings implements
+  ``sevsim_configure`` and validates them there.
+- A ``[plugins.owners]`` rule that settles nothing is a problem: naming an active
+  plugin that does not claim that code is fatal (that rule is wrong whichever other
+  plugins load); naming the only active claimant of a code is reported (listed by
+  ``sevsim plugins check``, a warning for ``sevsim run``, fatal under strict), since
+  it is right as soon as the rival plugin is enabled again. A rule naming a plugin
+  that is disabled or failed is not checked: a disabled plugin is never imported, so
+  what it claims is unknown, just as naming it in ``disable`` is fine. A name that
+  no installed plugin has is an error, as for every name the configuration mentions.
 """
 
 from __future__ import annotations
@@ -66,7 +84,14 @@ class Problem:
 
 
 class _RejectedSettings(Exception):
-    """A plugin's ``sevsim_configure`` raised ConfigError: the user's input, always fatal."""
+    """A plugin's ``sevsim_configure`` raised ConfigError, or the plugin takes no
+    settings but was given some: the user's input, always fatal."""
+
+
+#: What a plugin may raise while it is imported, configured or asked for its records
+#: and still count as one broken plugin: everything but KeyboardInterrupt and
+#: GeneratorExit (a plugin calling ``sys.exit()`` at import must not end sevsim).
+_PLUGIN_FAULTS = (Exception, SystemExit)
 
 
 def _one_line(text: str) -> str:
@@ -76,6 +101,9 @@ def _one_line(text: str) -> str:
 def _failure(error: BaseException) -> str:
     if isinstance(error, (_RejectedSettings, PluginError)):
         return _one_line(str(error))
+    if isinstance(error, SystemExit):
+        code = "" if error.code is None else repr(error.code)
+        return f"SystemExit: the plugin called sys.exit({code})"
     return _one_line(f"{type(error).__name__}: {error}")
 
 
@@ -189,7 +217,7 @@ class PluginHost:
                 infos[name] = self._info(candidate, FAILED, _failure(e))
                 self._problems.append(Problem(_failure(e), fatal=True))
                 continue
-            except Exception as e:
+            except _PLUGIN_FAULTS as e:
                 infos[name] = self._info(candidate, FAILED, _failure(e))
                 self._problems.append(
                     Problem(f"plugin {name!r} failed to load: {_failure(e)}", fatal=False)
@@ -198,6 +226,7 @@ class PluginHost:
             infos[name] = self._info(candidate, ACTIVE, why)
             claims.extend(owned)
         kept, contested = self._settle(claims)
+        self._check_owner_rules(infos, claims)
         self._table = ExitTable(kept)
         for field_name, entries in (("owns", kept), ("contested", contested)):
             for entry in entries:
@@ -262,7 +291,15 @@ class PluginHost:
 
     def _configure(self, name: str) -> Any:
         settings = self.config.settings_for(name)
-        for impl in self._impls("sevsim_configure", name):
+        impls = self._impls("sevsim_configure", name)
+        readers = [i for i in self._impls("sevsim_exit_handlers", name) if "config" in i.argnames]
+        if name in self.config.settings and not impls and not readers:
+            raise _RejectedSettings(
+                f"{self.config.settings_source(name)}: plugin {name!r} takes no settings "
+                "(it implements neither sevsim_configure nor sevsim_exit_handlers(config)), "
+                "so this table would be ignored; remove it"
+            )
+        for impl in impls:
             try:
                 result = _call(impl, settings=settings)
             except ConfigError as e:
@@ -315,3 +352,50 @@ class PluginHost:
             self._problems.append(Problem(message, True))
             contested.extend(group)
         return kept, contested
+
+    def _check_owner_rules(
+        self, infos: Mapping[str, PluginInfo], claims: list[ExitHandler]
+    ) -> None:
+        """Report the ``[plugins.owners]`` rules that settle nothing (see the module doc).
+
+        A rule settles something when it is the rule :meth:`PluginConfig.owner_rule`
+        picks for a code two or more active plugins claim; a rule picked for such a
+        code but naming a non-claimant is already part of that conflict's message.
+        """
+        grouped: dict[tuple[ExitKind, int], list[ExitHandler]] = {}
+        for claim in claims:
+            grouped.setdefault((claim.kind, claim.code), []).append(claim)
+        for rule in self.config.owners:
+            info = infos.get(rule.plugin)
+            if info is None or info.status != ACTIVE:
+                continue  # disabled or failed: what it would claim is unknown
+            matching = {
+                key: group for key, group in grouped.items()
+                if key[1] == rule.code and rule.kind in (None, key[0])
+            }  # fmt: skip
+            contested = [key for key, group in matching.items() if len(group) > 1]
+            if any(self.config.owner_rule(*key) == rule for key in contested):
+                continue
+            mine = [c for group in matching.values() for c in group if c.plugin == rule.plugin]
+            if not mine:
+                code = f"{rule.code:#x}"
+                if rule.kind is not None:
+                    code = f"{rule.kind.value} {code}"
+                owned = [c.describe() for c in claims if c.plugin == rule.plugin]
+                self._problems.append(Problem(
+                    f"{rule.source}: plugin {rule.plugin!r} does not claim exit code {code} "
+                    f"(it claims {', '.join(owned) or 'no exit code'}), so the rule can never "
+                    "apply; fix the code or the plugin name, or remove the rule",
+                    fatal=True,
+                ))  # fmt: skip
+                continue
+            if contested:
+                other = self.config.owner_rule(*contested[0])
+                assert other is not None
+                why = f"{other.source} decides {matching[contested[0]][0].describe()} instead"
+            else:
+                why = (
+                    f"{rule.plugin!r} is the only active plugin claiming {mine[0].describe()}; "
+                    "remove the rule unless a rival claimant is enabled again"
+                )
+            self._problems.append(Problem(f"{rule.source} settles nothing: {why}", fatal=False))
