@@ -52,8 +52,8 @@ def test_file_schema_is_read(tmp_path: Path) -> None:
         min_version = 1
         max_version = 2
 
-        [run]
-        this_table = "belongs to another component and is ignored here"
+        [kvm]
+        era = "newest"  # read by sevsim.vmm.config, accepted here
         """,
     )
     config = apply_file(PluginConfig(), path)
@@ -215,6 +215,9 @@ def test_parse_code(key: str | int, expected: tuple[ExitKind | None, int]) -> No
         ('[plugins]\nenable = ["x"]\ndisable = ["x"]\n', ["'x'", "both enable and disable"]),
         ("plugins = 3\n", ["'plugins' must be a table", "3"]),
         ("[plugins\n", ["not valid TOML"]),
+        ("[plugin]\nstrict = true\n", ["unknown top-level", "'plugin'", "[kvm], [plugins]"]),
+        ('[kvm]\nera = "newest"\n[run]\nquiet = true\n', ["'run'", "[kvm], [plugins]"]),
+        ("strict = true\n", ["top-level table(s) or key(s) 'strict'", "[plugins]"]),
     ],
 )
 def test_bad_file_input_names_value_origin_and_expectation(
@@ -273,3 +276,17 @@ def test_mentions_list_every_name_with_its_origin(tmp_path: Path) -> None:
         ("c", f"{path}: [plugins.owners] '0x7b' = 'c'"),
         ("d", f"{path}: [plugins.settings.d]"),
     ]
+
+
+def test_every_table_the_project_reads_is_accepted_and_nothing_else(tmp_path: Path) -> None:
+    from sevsim.plugin.config import TABLES
+    from sevsim.vmm.config import load_kvm_settings
+
+    assert set(TABLES) == {"kvm", "plugins"}
+    path = write(tmp_path, '[kvm]\nera = "v5.11"\n[plugins]\nstrict = true\n')
+    assert load_config(path, env={}).strict
+    assert load_kvm_settings(path).era == "v5.11"
+    # [kvm]'s own reader refuses a stray table too, even when called on its own.
+    path = write(tmp_path, '[kvm]\nera = "v5.11"\n[kvmm]\nera = "newest"\n')
+    with pytest.raises(ConfigError, match=r"unknown top-level table\(s\) or key\(s\) 'kvmm'"):
+        load_kvm_settings(path)

@@ -27,6 +27,12 @@ CONFIG_FILE = "sevsim.toml"
 ENV_ALLOW = "SEVSIM_PLUGINS"
 ENV_NO_AUTOLOAD = "SEVSIM_DISABLE_PLUGIN_AUTOLOAD"
 
+#: Every top-level table of ``sevsim.toml`` and the module that reads it; anything
+#: else in the file is refused, so a misspelt table name is an error, not ignored.
+TABLES = {
+    "kvm": "sevsim.vmm.config",
+    "plugins": "sevsim.plugin.config",
+}
 _PLUGINS_KEYS = ("autoload", "disable", "enable", "owners", "settings", "strict")
 _MAX_CODE = (1 << 64) - 1
 _TRUE = ("1", "true", "yes", "on")
@@ -155,6 +161,18 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
 
 
+def check_tables(document: Mapping[str, Any], where: str) -> None:
+    """Refuse top-level keys of ``sevsim.toml`` that no part of sevsim reads."""
+    unknown = sorted(set(document) - set(TABLES))
+    if unknown:
+        names = ", ".join(repr(k) for k in unknown)
+        accepted = ", ".join(f"[{t}]" for t in TABLES)
+        raise ConfigError(
+            f"{where}: unknown top-level table(s) or key(s) {names}; "
+            f"sevsim.toml has only these tables: {accepted}"
+        )
+
+
 def load_config(
     path: str | Path | None = None,
     *,
@@ -207,9 +225,14 @@ def isolated_config(
 
 
 def apply_file(config: PluginConfig, path: Path) -> PluginConfig:
-    """The ``[plugins]`` table of ``path`` over ``config``; other tables are not ours."""
+    """The ``[plugins]`` table of ``path`` over ``config``.
+
+    The other tables (:data:`TABLES`) are read by their own modules, but the file is
+    checked here as a whole: a top-level name no module reads is an error.
+    """
     where = str(path)
     document = read_toml(path)
+    check_tables(document, where)
     table = document.get("plugins", {})
     if not isinstance(table, dict):
         raise ConfigError(f"{where}: 'plugins' must be a table ([plugins]), got {table!r}")

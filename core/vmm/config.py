@@ -15,7 +15,7 @@ from attrs import frozen
 from sevsim.errors import ConfigError
 from sevsim.kvm.compat import ERAS
 from sevsim.kvm.vm import GHCB_VERSION_MAX, GHCB_VERSION_MIN
-from sevsim.plugin.config import read_toml
+from sevsim.plugin.config import check_tables, read_toml
 
 _KEYS = ("era", "ghcb_version")
 
@@ -32,7 +32,9 @@ class KvmSettings:
 
 def load_kvm_settings(file: Path | None, era: str | None = None) -> KvmSettings:
     """``[kvm]`` from ``file`` (if any), with ``--era`` over it."""
-    table = read_toml(file).get("kvm", {}) if file is not None else {}
+    document = read_toml(file) if file is not None else {}
+    check_tables(document, str(file))
+    table = document.get("kvm", {})
     where = f"{file}: [kvm]"
     if not isinstance(table, dict):
         raise ConfigError(f"{file}: 'kvm' must be a table ([kvm]), got {table!r}")
