@@ -7,6 +7,18 @@ and ``sevsim run -p no:ioio`` mean the same. A subcommand is a function
 :func:`add_command`; :func:`plugin_host` gives it the host the options describe.
 A :class:`~sevsim.errors.SevsimError` ends the command with one line on stderr and
 status 2, never a traceback.
+
+Exit statuses:
+
+- 0: success. For ``sevsim run``: the VM ended normally, i.e. the guest asked for
+  termination with the general reason (SEV_TERM, TERM_REQ set 0 code 0) or halted.
+- 1: ``sevsim plugins check`` found problems; ``sevsim run``: the VM did not end
+  normally (a termination request with any other reason, a shutdown, an internal
+  error, a failed KVM_RUN such as -EINTR after ``--timeout`` or -EINVAL for a
+  termination request in the v5.11 era); a last line on stderr says why
+  (:func:`sevsim.vmm.runner.abnormal_end`).
+- 2: a usage or configuration error (bad option value, bad ``sevsim.toml``, a
+  plugin problem that stops start-up).
 """
 
 from __future__ import annotations
@@ -14,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,12 +36,14 @@ from sevsim.kvm.dispatch import ExitHandler
 from sevsim.plugin.config import config_file, load_config
 from sevsim.plugin.host import ACTIVE, PluginHost, PluginInfo
 from sevsim.vmm.config import load_kvm_settings
-from sevsim.vmm.runner import run_image
+from sevsim.vmm.runner import TIMEOUT_EXPECTED, check_timeout, run_image
 
 #: Exit status for a usage or configuration error (as argparse uses).
 EXIT_ERROR = 2
 #: Exit status of ``sevsim plugins check`` when it found problems.
 EXIT_PROBLEMS = 1
+#: Exit status of ``sevsim run`` when the VM did not end normally.
+EXIT_VM_FAILED = 1
 
 
 def _plugin_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
@@ -50,10 +65,16 @@ def _plugin_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
 
 
 def add_command(
-    commands: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help: str
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    help: str,
+    epilog: str | None = None,
 ) -> argparse.ArgumentParser:
     """A subcommand parser that also accepts the plugin options."""
-    parser = commands.add_parser(name, help=help, description=help)
+    parser = commands.add_parser(
+        name, help=help, description=help, epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
     _plugin_options(parser, top=False)
     return parser
 
@@ -161,15 +182,41 @@ def cmd_run(args: argparse.Namespace) -> int:
                        timeout=args.timeout, uart_input=uart_input, **kvm.vm_args())  # fmt: skip
     for line in result.trace.summary(result.exit):
         print(line)
+    failure = result.failure
+    if failure is not None:
+        print(f"sevsim: run failed: {failure}", file=sys.stderr)
+        return EXIT_VM_FAILED
     return 0
 
 
+def _timeout(text: str) -> float:
+    """``--timeout``: a finite number of seconds > 0."""
+    try:
+        return check_timeout(float(text), "--timeout")
+    except (ValueError, SevsimError):
+        raise argparse.ArgumentTypeError(f"{text!r}: {TIMEOUT_EXPECTED}") from None
+
+
+_RUN_EPILOG = textwrap.dedent("""\
+    exit status:
+      0  the VM ended normally: the guest asked for termination with the general
+         reason (SEV_TERM, TERM_REQ set 0 code 0) or halted (HLT)
+      1  the VM ended any other way: a termination request with another reason,
+         shutdown, internal error, or a failed KVM_RUN (-EINTR after --timeout;
+         -EINVAL for a termination request in the v5.11 era); the last line on
+         stderr says why
+      2  a usage or configuration error
+""")
+
+
 def _add_run_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    run = add_command(commands, "run", "run the bundled demo guest and print its trace")
+    run = add_command(commands, "run", "run the bundled demo guest and print its trace",
+                      epilog=_RUN_EPILOG)  # fmt: skip
     run.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
     run.add_argument("--era", metavar="ERA", help="KVM behaviour: newest (default) or v5.11")
-    run.add_argument("--timeout", metavar="SECONDS", type=float, default=60.0,
-                     help="stop a guest that runs longer than this (default 60)")
+    run.add_argument("--timeout", metavar="SECONDS", type=_timeout, default=60.0,
+                     help="stop a guest that runs longer than this (default 60; "
+                          "a finite number > 0)")  # fmt: skip
     run.add_argument("--uart-input", metavar="TEXT", default="",
                      help="bytes the guest can read from the UART ('-': read standard input)")
     run.set_defaults(func=cmd_run)

@@ -15,7 +15,9 @@ Fixtures:
   GHCB contents and the KVM exit out.
 - ``run_guest``: :func:`run_guest`, which assembles a 64-bit guest, launches it as an
   SEV-ES guest with the chosen plugins, runs it to its first exit to userspace and
-  returns that exit with the trace of every exit before it.
+  returns that exit with the trace of every exit before it. A guest that never exits
+  ends after ``timeout`` seconds (default :data:`RUN_GUEST_TIMEOUT`, 60) with a
+  ``RunFailed("EINTR", ...)`` exit, so a test cannot hang.
 """
 
 from __future__ import annotations
@@ -42,6 +44,11 @@ from sevsim.plugin.host import PluginHost
 from sevsim.trace import Trace
 from sevsim.vmm.launch import launch_image
 from sevsim.vmm.machine import Devices
+from sevsim.vmm.runner import check_timeout
+
+#: :func:`run_guest`'s default time limit in seconds: far above what any test guest
+#: needs, low enough that a guest stuck in a loop fails its test instead of hanging it.
+RUN_GUEST_TIMEOUT = 60.0
 
 
 def isolated_host(
@@ -153,17 +160,24 @@ def run_guest(
     enable: Iterable[str] = (),
     settings: Mapping[str, Mapping[str, Any]] | None = None,
     vc_model: VcModel | None = None,
+    timeout: float = RUN_GUEST_TIMEOUT,
     **image_args: Any,
 ) -> GuestRun:
     """Assemble ``source`` at the image's code address, launch it with the standard
-    devices, and run it to the first exit to userspace."""
+    devices, and run it to the first exit to userspace.
+
+    ``timeout`` (seconds, a finite number > 0; default 60) bounds the run as
+    ``sevsim run --timeout`` does: a guest still running then ends with
+    ``RunFailed("EINTR", ...)`` as its exit (KVM_RUN interrupted), never a hang.
+    """
+    timeout = check_timeout(timeout, "run_guest(timeout=...)")
     host = isolated_host(plugins, enable=enable, settings=settings)
     trace = Trace()
     devices = Devices.standard()
     image = GuestImage(assemble(source, CODE), **image_args)
     vm = launch_image(Kvm(), image, handlers=host.start(), events=TeeSink(host.events, trace),
                       vc_model=vc_model, devices=devices)  # fmt: skip
-    exit_ = vm.vcpus[0].run()
+    exit_ = vm.vcpus[0].run(timeout)
     trace.record_exit(vm.vcpus[0], exit_)
     return GuestRun(exit_, trace, vm, devices)
 

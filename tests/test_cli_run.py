@@ -51,21 +51,22 @@ def test_bad_settings_are_one_line_errors(capsys, monkeypatch, tmp_path):
 def test_run_without_port_io_the_guest_gives_up_with_its_handlers_reason(capsys, monkeypatch,
                                                                           tmp_path):
     monkeypatch.chdir(tmp_path)
-    assert main(["run", "-q", "-p", "no:ioio"]) == 0
-    out = capsys.readouterr().out
-    assert "TERM_REQ set 2 code 3 (sevsim #VC handler: VMM_ERROR)" in out
+    assert main(["run", "-q", "-p", "no:ioio"]) == 1  # the guest gave up: not a normal end
+    captured = capsys.readouterr()
+    assert "TERM_REQ set 2 code 3 (sevsim #VC handler: VMM_ERROR)" in captured.out
+    assert captured.err.startswith("sevsim: run failed: the guest asked to terminate")
 
 
 def test_the_v5_11_era_from_the_command_line_and_the_config(capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     # 5.11 failed KVM_RUN on a termination request (the SEV_TERM event came later)
     # and offered GHCB protocol version 1 only.
-    assert main(["run", "--era", "v5.11"]) == 0
+    assert main(["run", "--era", "v5.11"]) == 1  # KVM_RUN failed: not a normal end
     out = capsys.readouterr().out
     assert "SEV_INFO_RESP max 1 min 1" in out
     assert "VM ended: KVM_RUN failed: -EINVAL: the guest requested termination (0x100)" in out
     (tmp_path / "sevsim.toml").write_text('[kvm]\nera = "v5.11"\nghcb_version = 1\n')
-    assert main(["run", "-q"]) == 0
+    assert main(["run", "-q"]) == 1
     assert "-EINVAL" in capsys.readouterr().out
     (tmp_path / "sevsim.toml").write_text('[kvm]\nera = "v4.0"\n')
     assert main(["run", "-q"]) == 2

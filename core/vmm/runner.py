@@ -5,23 +5,72 @@ observers plus a :class:`~sevsim.trace.Trace`, launch the image, then call
 ``Vcpu.run()`` until an exit this VMM cannot continue from. With no devices yet,
 every exit to userspace ends the run; a HLT does too, since nothing could wake
 the vCPU.
+
+How the run ended decides whether it succeeded (:func:`abnormal_end`, and
+``sevsim run``'s exit status): the guest asking for termination with the general
+reason (a SEV_TERM system event carrying TERM_REQ set 0 code 0, what the demo guest
+and :data:`sevsim.guest.snippets.TERMINATE` send) and a HLT are normal ends;
+everything else is a failure: a termination request with any other reason (the
+guest gave up, e.g. with its #VC handler's own reason set), a shutdown, an internal
+error, any other exit, and a failed KVM_RUN (``-errno``, including ``-EINTR`` when
+``timeout`` ran out and ``-EINVAL`` for a termination request in the v5.11 era,
+which failed KVM_RUN instead of reporting it).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from attrs import frozen
 
+from sevsim.arch.ghcb_msr import GhcbMsr, bits, info
+from sevsim.errors import ConfigError
 from sevsim.guest.image import GuestImage
 from sevsim.kvm.dispatch import ExitTable
 from sevsim.kvm.events import EventSink, TeeSink
-from sevsim.kvm.exits import KvmExit
+from sevsim.kvm.exits import Hlt, KvmExit, SystemEvent, SystemEventType
 from sevsim.kvm.vm import Kvm, Vm
-from sevsim.trace import Trace
+from sevsim.trace import Trace, describe_exit
 from sevsim.vmm.launch import launch_image
 from sevsim.vmm.machine import Devices
+
+#: What a time limit must be, for the messages that refuse one.
+TIMEOUT_EXPECTED = "expected a finite number of seconds > 0"
+
+
+def check_timeout(value: object, where: str) -> float:
+    """``value`` as a time limit in seconds: a finite number > 0, else a ConfigError
+    naming ``where`` (``--timeout``, ``run_guest(timeout=...)``) and the value."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ConfigError(f"{where} = {value!r}: {TIMEOUT_EXPECTED}")
+    return float(value)
+
+
+def abnormal_end(exit_: KvmExit) -> str | None:
+    """None if ``exit_`` is a normal end of a run (see the module doc), else why not."""
+    if isinstance(exit_, Hlt):
+        return None
+    if isinstance(exit_, SystemEvent) and exit_.type is SystemEventType.SEV_TERM:
+        msr = exit_.data[0] if exit_.data else None
+        if (
+            msr is not None
+            and info(msr) == GhcbMsr.TERM_REQ
+            and bits(msr, 15, 12) == 0
+            and bits(msr, 23, 16) == 0
+        ):
+            return None
+        return (
+            f"the guest asked to terminate with a failure reason: {describe_exit(exit_)} "
+            "(a normal end is reason set 0 code 0, or HLT)"
+        )
+    return f"the VM did not end normally: {describe_exit(exit_)}"
 
 
 @frozen
@@ -29,6 +78,11 @@ class RunResult:
     exit: KvmExit
     trace: Trace
     vm: Vm
+
+    @property
+    def failure(self) -> str | None:
+        """:func:`abnormal_end` of the exit: None when the run ended normally."""
+        return abnormal_end(self.exit)
 
 
 def run_image(
@@ -45,7 +99,10 @@ def run_image(
 ) -> RunResult:
     """Launch ``image`` on one vCPU and run it until it stops (or ``timeout`` seconds
     have passed: a spinning guest cannot hang the VMM); trace every exit, device
-    output and unclaimed access. ``uart_input`` is what the guest can read from COM1."""
+    output and unclaimed access. ``uart_input`` is what the guest can read from COM1.
+    ``timeout`` is None (no limit) or a finite number of seconds > 0."""
+    if timeout is not None:
+        timeout = check_timeout(timeout, "run_image(timeout=...)")
     trace = Trace(echo)
     console = LineConsole(lambda line: trace.note(f"      [uart] {line}"))
     devices = Devices.standard(console=console.write)
