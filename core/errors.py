@@ -11,6 +11,13 @@ class SevsimError(Exception):
     """Base of every error sevsim raises on purpose."""
 
 
+#: What code sevsim runs on someone else's behalf (a plugin's import, hooks, exit
+#: handlers and observers; a modeled #VC handler) may raise and still be contained
+#: as that code's own failure: everything but KeyboardInterrupt and GeneratorExit.
+#: A plugin or guest model calling ``sys.exit()`` must not end sevsim.
+FOREIGN_FAULTS = (Exception, SystemExit)
+
+
 class LayoutError(SevsimError):
     """A layout table was asked for a field it does not have, or a value does not fit."""
 

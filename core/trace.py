@@ -46,6 +46,13 @@ def disassemble(code: bytes, address: int, bits_: int = 64) -> str:
     return f"{insn.bytes.hex(' '):<14} {text}".rstrip()
 
 
+def describe_reason(reason_set: int, reason_code: int) -> str:
+    """A termination reason: ``set 1 code 4 (GHCB_TERM_CPUID)``."""
+    why = (_TERM_REASONS.get((reason_set, reason_code))
+           or G.term_reason_name(reason_set, reason_code))  # fmt: skip
+    return f"set {reason_set} code {reason_code} ({why})"
+
+
 def describe_msr(value: int) -> str:
     """A GHCB MSR protocol value in words, request or response."""
     code = G.info(value)
@@ -65,9 +72,7 @@ def describe_msr(value: int) -> str:
             shown = f" '{text.decode()}'" if all(32 <= b < 127 for b in text) else ""
             return f"{name} {data:#010x}{shown}"
         case GhcbMsr.TERM_REQ:
-            reason = (bits(value, 15, 12), bits(value, 23, 16))
-            why = _TERM_REASONS.get(reason) or G.term_reason_name(*reason)
-            return f"{name} set {reason[0]} code {reason[1]} ({why})"
+            return f"{name} {describe_reason(bits(value, 15, 12), bits(value, 23, 16))}"
         case GhcbMsr.HV_FT_RESP:
             return f"{name} features {value >> 12:#x}"
     return name
@@ -81,6 +86,8 @@ def describe_request(code: int, info1: int, info2: int) -> str:
         return f"{info2} bytes at {info1:#x}"
     if code == SvmExit.MSR:
         return "wrmsr" if info1 else "rdmsr"
+    if code == VmgExit.TERM_REQUEST:
+        return describe_reason(bits(info1, 3, 0), bits(info1, 11, 4))
     return f"info1 {info1:#x} info2 {info2:#x}"
 
 
@@ -102,7 +109,9 @@ def describe_response(info1: int, info2: int) -> str:
 def describe_exit(exit_: KvmExit) -> str:
     text = exit_.describe()
     if isinstance(exit_, SystemEvent) and exit_.type is SystemEventType.SEV_TERM and exit_.data:
-        text += f": {describe_msr(exit_.data[0])}"
+        data = exit_.data[0]
+        # The MSR protocol's request carries GHCBInfo; a GHCB TERM_REQUEST's is the page.
+        text += f": {describe_msr(data)}" if G.info(data) else f": GHCB at {data:#x}"
     return text
 
 
@@ -189,6 +198,12 @@ class Trace:
 
     def _on_vmgexit_exit(self, vcpu_id: int, exit_reason: int, info1: int, info2: int) -> None:
         self._line(f"      reply: {describe_response(info1, info2)}")
+
+    def _on_exit_handled(
+        self, vcpu_id: int, kind: str, code: int, plugin: str, notes: dict[str, Any]
+    ) -> None:
+        for text in notes.values():
+            self._line(f"      {plugin}: {text}")
 
     # -- the end of a run -------------------------------------------------------------------
 

@@ -68,7 +68,8 @@ def in_ring3(user_code: str):
 @pytest.mark.parametrize(
     ("insn", "vector"),
     [("in al, dx", 13), ("mov ecx, 0xc0010130; rdmsr", 13), ("mov ecx, 0xc0010130; wrmsr", 13),
-     ("wbinvd", 13), ("mov rax, dr7", 13), ("mov cr4, rax", 13), ("monitor", 6)],
+     ("wbinvd", 13), ("mov rax, dr7", 13), ("mov cr4, rax", 13), ("mov cr8, rax", 13),
+     ("mov rax, cr8", 13), ("monitor", 6)],
 )  # fmt: skip
 def test_privileged_instructions_fault_in_ring3_before_any_intercept(insn, vector):
     got_vector, error_code, rip = seen(in_ring3(insn))
@@ -148,3 +149,19 @@ def test_int_n_from_ring3_through_a_ring0_gate_is_gp():
     vector, error_code, rip = seen(in_ring3("int 0x1d"))
     assert (vector, error_code) == (13, 0x1D * 8 + 2)  # IDT bit set, the gate's index
     assert rip == USER  # a fault: RIP at the INT
+
+
+def test_cr8_is_the_cpus_tpr_and_survives_exits():
+    """Unicorn's CR8 is an APIC it does not have (reads 0); the CPU model keeps the TPR
+    itself, saves it in the VMSA's V_TPR at #VMEXIT and reloads it at VMRUN."""
+    source = f"""
+        mov eax, 9; mov cr8, rax                 /* CR8 write trap: an exit */
+        mov ecx, 0xC0010130; mov eax, 2; xor edx, edx; wrmsr; rep vmmcall   /* another */
+        mov rbx, cr8; mov r12, cr8
+        mov rsi, {RECORD}; mov [rsi], rbx; mov [rsi + 8], r12
+        {TERMINATE}
+    """
+    run = run_guest(source, enable=["msr_protocol", "crtraps"])
+    assert isinstance(run.exit, SystemEvent)
+    assert struct.unpack("<QQ", run.vm.memory.read(RECORD, 16)) == (9, 9)
+    assert run.vm.vcpus[0].cr.cr8 == 9  # and KVM's copy, from the trap

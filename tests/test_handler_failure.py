@@ -1,9 +1,14 @@
 """A plugin whose handler raises ends only its own VM, and says who and where."""
 
+import sys
+
+import pytest
 from guests import guest
 
 from sevsim import hookimpl
+from sevsim.arch.exits import SvmExit
 from sevsim.guest.snippets import TERMINATE
+from sevsim.guest.vc import VcHandler
 from sevsim.kvm.dispatch import ExitHandler, ExitKind
 from sevsim.kvm.exits import RunFailed, SystemEvent
 from sevsim.kvm.vm import Kvm
@@ -33,3 +38,40 @@ def test_raising_handler_ends_that_vm_only():
     good = isolated_host(enable=["msr_protocol"]).start()
     other = launch_image(kvm, guest(TERMINATE), handlers=good)
     assert isinstance(other.vcpus[0].run(), SystemEvent)
+
+
+class Quitter:
+    """A plugin that calls sys.exit() from its handler, its requires() or an observer."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    @hookimpl
+    def sevsim_exit_handlers(self, config):
+        def handler(ctx):
+            if self.where == "handler":
+                sys.exit(3)
+
+        def requires(ghcb):
+            if self.where == "requires":
+                sys.exit("bye")
+            return ()
+
+        yield ExitHandler(ExitKind.MSR_PROTOCOL, 0x100, handler)
+        yield ExitHandler(ExitKind.VMGEXIT, SvmExit.CPUID, handler, requires)
+
+    @hookimpl
+    def sevsim_vmexit(self, exit_code):
+        if self.where == "observer":
+            sys.exit(0)
+
+
+@pytest.mark.parametrize("where", ["handler", "requires", "observer"])
+def test_sys_exit_in_plugin_code_ends_only_that_vm(where):
+    host = isolated_host({"quitter": Quitter(where)})
+    vm = launch_image(Kvm(), guest("cpuid\n" + TERMINATE), handlers=host.start(),
+                      events=host.events, vc_model=VcHandler())  # fmt: skip
+    exit_ = vm.vcpus[0].run()  # must return, not raise SystemExit
+    assert isinstance(exit_, RunFailed)
+    assert "SystemExit" in (exit_.why if where != "observer" else vm.dead)
+    assert vm.dead is not None

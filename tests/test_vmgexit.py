@@ -499,6 +499,33 @@ def test_rdtsc_is_a_kvm_internal_error():
     assert out.exit.data == (0x6E, 0)  # [exit code, last vCPU entry]
 
 
+def test_hv_features_replies_the_feature_bitmap_in_info_2():
+    out = core().vmgexit(page(VmgExit.HV_FEATURES))
+    assert out.exit is None
+    assert reply(out) == (0, 0x3)  # GHCB_HV_FT_SNP | GHCB_HV_FT_SNP_AP_CREATION
+
+
+def test_term_request_ends_kvm_run_with_sev_term_carrying_the_ghcb_gpa():
+    out = core().vmgexit(page(VmgExit.TERM_REQUEST, 1 | 4 << 4))  # set 1, code 4 (CPUID)
+    assert out.exit == SystemEvent(SysEv.SEV_TERM, (GHCB,))
+
+
+def test_unsupported_event_fails_kvm_run_with_einval():
+    out = core().vmgexit(page(VmgExit.UNSUPPORTED_EVENT, 0x1D, 0x400))
+    assert isinstance(out.exit, RunFailed) and out.exit.errno == "EINVAL"
+    assert "exit_info_1 0x1d, exit_info_2 0x400" in out.exit.why
+
+
+@pytest.mark.parametrize(
+    "code", [VmgExit.HV_FEATURES, VmgExit.TERM_REQUEST, VmgExit.UNSUPPORTED_EVENT], ids=hex
+)
+@pytest.mark.parametrize("field", ["sw_exit_code", "sw_exit_info_1", "sw_exit_info_2"])
+def test_protocol_requests_need_the_three_sw_fields(code, field):
+    out = core().vmgexit(without(page(code), field))
+    assert out.exit is None
+    assert reply(out) == (MALFORMED, GhcbErr.MISSING_INPUT)
+
+
 def test_rdpmc_counter_0_reads_zero():
     d = core()
     out = d.vmgexit(page(SvmExit.RDPMC, rcx=0, rax=U64, rdx=U64))

@@ -157,3 +157,13 @@ def test_term_request_fails_kvm_run_with_einval():
 )
 def test_requests_added_after_5_11_fail_kvm_run_with_einval(request_):
     assert einval(v5_11().msr_protocol(request_))
+
+
+@pytest.mark.parametrize("code", [VmgExit.HV_FEATURES, VmgExit.TERM_REQUEST], ids=hex)
+def test_ghcb_protocol_2_requests_are_invalid_events(code):
+    """5.11 had no HV_FEATURES or TERM_REQUEST case: the exit code fails validation."""
+    assert internal_error(v5_11().vmgexit(page(code))) == (code, 0)
+
+
+def test_unsupported_event_fails_kvm_run_with_einval():
+    assert einval(v5_11().vmgexit(page(VmgExit.UNSUPPORTED_EVENT)))

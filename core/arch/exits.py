@@ -8,6 +8,7 @@ from enum import IntEnum
 class SvmExit(IntEnum):
     """Automatic exit codes (APM vol. 2 appendix C) that an SEV-ES guest can cause."""
 
+    READ_CR8 = 0x008
     READ_DR7 = 0x027
     WRITE_DR7 = 0x037
     EXCP_BASE = 0x040

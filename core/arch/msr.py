@@ -32,17 +32,26 @@ EFER_LME = 1 << 8
 EFER_LMA = 1 << 10
 EFER_NX = 1 << 11
 EFER_SVME = 1 << 12
+EFER_FFXSR = 1 << 14
+EFER_AUTOIBRS = 1 << 21
 
 CR0_PE = 1 << 0
 CR0_ET = 1 << 4
 CR0_NE = 1 << 5
 CR0_WP = 1 << 16
+CR0_NW = 1 << 29
+CR0_CD = 1 << 30
 CR0_PG = 1 << 31
 CR4_PSE = 1 << 4
 CR4_PAE = 1 << 5
 CR4_MCE = 1 << 6
 CR4_OSFXSR = 1 << 9
 CR4_OSXMMEXCPT = 1 << 10
+CR4_LA57 = 1 << 12
+CR4_PCIDE = 1 << 17
+CR4_SMEP = 1 << 20
+CR4_SMAP = 1 << 21
+CR4_PKE = 1 << 22
 
 #: Power-on PAT value (APM vol. 2, A.3).
 PAT_DEFAULT = 0x0007_0406_0007_0406

@@ -52,6 +52,7 @@ from sevsim.arch import msr as M
 from sevsim.arch.exits import SvmExit
 from sevsim.arch.vmcb import EventInj
 from sevsim.arch.vmsa import Segment
+from sevsim.errors import FOREIGN_FAULTS
 from sevsim.hw.intercept import MAX_INSN, Action, Sensitive, candidate_offsets, classify
 from sevsim.hw.memory import PAGE_MASK, GuestMemory, PageForm
 from sevsim.hw.paging import (
@@ -101,7 +102,7 @@ _GPR_NAME = {
     **{f"r{i}d": f"r{i}" for i in range(8, 16)},
 }
 _CR_IDS = {0: x86.UC_X86_REG_CR0, 2: x86.UC_X86_REG_CR2, 3: x86.UC_X86_REG_CR3,
-           4: x86.UC_X86_REG_CR4, 8: x86.UC_X86_REG_CR8}  # fmt: skip
+           4: x86.UC_X86_REG_CR4}  # fmt: skip
 #: VMSA fields held in MSRs of the Unicorn CPU.
 _MSR_FIELDS = {
     "efer": M.MSR_EFER, "star": M.MSR_STAR, "lstar": M.MSR_LSTAR, "cstar": M.MSR_CSTAR,
@@ -203,6 +204,9 @@ class GuestCpu:
         self.sev_status = sev_status
         #: MSR 0xC0010130 as the guest last wrote it (hardware state, not in the VMSA).
         self.ghcb_msr = 0
+        #: CR8, the task priority (TPR[7:4]). Unicorn's CR8 is an APIC it lacks, so the
+        #: CPU model keeps it; the VMSA holds it in V_TPR (``vintr_ctrl`` bits 3:0).
+        self.tpr = 0
         #: Set by VMRUN from the VMCB: exit code -> intercepted?
         self.intercepted: Callable[[int], bool] = lambda code: True
         #: Set by VMRUN from the MSR permission map: (msr, write) -> intercepted?
@@ -370,6 +374,7 @@ class GuestCpu:
         uc.reg_write(x86.UC_X86_REG_RIP, state.get("rip", 0))
         uc.reg_write(x86.UC_X86_REG_DR7, state.get("dr7", 0x400))
         self.ghcb_msr = state.get("ghcb_msr", self.ghcb_msr)
+        self.tpr = state.get("vintr_ctrl", 0) & 0xF
 
     def _load_segment_caches(self, state: dict[str, Any]) -> None:
         """Forge the hidden segment state of a real-mode VMSA.
@@ -414,6 +419,7 @@ class GuestCpu:
         state["rip"] = uc.reg_read(x86.UC_X86_REG_RIP)
         state["dr7"] = uc.reg_read(x86.UC_X86_REG_DR7)
         state["cpl"] = self.cpl
+        state["vintr_ctrl"] = self.tpr
         code, info1, info2 = self.guest_exit
         state.update(guest_exit_code=code, guest_exit_info_1=info1, guest_exit_info_2=info2)
         return state
@@ -619,7 +625,8 @@ class GuestCpu:
         if site.action is Action.NAE and not self.intercepted(site.exit_code):
             return
         if site.action is Action.CR_WRITE and not self.intercepted(site.exit_code):
-            return
+            if site.exit_code != SvmExit.CR8_WRITE_TRAP:  # CR8 always needs the model
+                return
         self._stop = _AtSite(site, address)
         uc.emu_stop()
 
@@ -642,7 +649,7 @@ class GuestCpu:
         if code == SvmExit.RDPMC:
             pce = self.uc.reg_read(x86.UC_X86_REG_CR4) & (1 << 8)
             return None if pce else _Exception(GP_VECTOR, 0)
-        if code in _CPL0_ONLY or site.action in (Action.HARDWARE_MSR, Action.CR_WRITE):
+        if code in _CPL0_ONLY or site.action in _CPL0_ACTIONS:
             return _Exception(GP_VECTOR, 0)
         return None
 
@@ -753,7 +760,7 @@ class GuestCpu:
                     return forwarded
             event, self._deferred_event = self._deferred_event, None
             return None if event is None else self.deliver_exception(*event)
-        except Exception as exc:  # guest software crashed: the vCPU is lost
+        except FOREIGN_FAULTS as exc:  # guest software crashed: the vCPU is lost
             self._vc_run = None
             return HwExit(SvmExit.SHUTDOWN, why=f"modeled #VC handler failed: {exc!r}")
         return HwExit(SvmExit.VMGEXIT, why="VMGEXIT from the modeled #VC handler",
@@ -819,12 +826,25 @@ class GuestCpu:
                 self.rip += site.length
                 return None
             if self._efer_write_trapped(site):
+                efer = (self.reg("rdx") & 0xFFFF_FFFF) << 32 | self.reg("rax") & 0xFFFF_FFFF
+                if not _valid_efer_write(efer, self.paging_mode()):
+                    return self.deliver_exception(GP_VECTOR, 0)
                 return self._write_trap(linear, SvmExit.EFER_WRITE_TRAP,
                                         lambda: self.uc.msr_read(M.MSR_EFER))  # fmt: skip
+        if site.action is Action.CR8_READ:
+            self.set_reg(_GPR_NAME[site.operand], self.tpr)
+            self.rip += site.length
+            return None
         if site.action is Action.CR_WRITE:
             cr = site.exit_code - SvmExit.CR0_WRITE_TRAP
-            if not _valid_cr_write(cr, self.reg(_GPR_NAME[site.operand]), self.paging_mode()):
+            value = self.reg(_GPR_NAME[site.operand])
+            if not _valid_cr_write(cr, value, self.paging_mode()):
                 return self.deliver_exception(GP_VECTOR, 0)
+            if cr == 8:  # retires in the CPU model: trap-like, RIP moves on
+                self.tpr = value
+                self.rip += site.length
+                intercepted = self.intercepted(site.exit_code)
+                return HwExit(site.exit_code, info1=value) if intercepted else None
             return self._write_trap(linear, site.exit_code,
                                     lambda: self.uc.reg_read(_CR_IDS[cr]))  # fmt: skip
         return self.raise_vc(site.exit_code)
@@ -1005,6 +1025,10 @@ _CR4_VALID = 0x7FF | (1 << 11) | (1 << 16) | (1 << 17) | (1 << 18) | (1 << 20) |
     1 << 22) | (1 << 23)  # fmt: skip
 
 
+#: Actions whose instructions #GP outside CPL 0 (RDMSR/WRMSR, MOV to and from CRs).
+_CPL0_ACTIONS = (Action.HARDWARE_MSR, Action.CR_WRITE, Action.CR8_READ)
+
+
 def _valid_cr_write(cr: int, value: int, mode: PagingMode) -> bool:
     """The architectural checks of MOV to CR0/CR4/CR8 (APM vol. 2, 3.1)."""
     if cr == 0:
@@ -1018,6 +1042,20 @@ def _valid_cr_write(cr: int, value: int, mode: PagingMode) -> bool:
     if cr == 8:
         return not value >> 4
     return True
+
+
+#: EFER bits this CPU model implements (SCE, LME, LMA, NXE, SVME, LMSLE, FFXSR, TCE,
+#: MCOMMIT, INTWB, UAIEN, AIBRSE); setting any other is #GP.
+_EFER_VALID = 0x1 | 0x100 | 0x400 | 0x800 | 0x1000 | 0x2000 | 0x4000 | 0x8000 | (1 << 17) | (
+    1 << 18) | (1 << 20) | (1 << 21)  # fmt: skip
+
+
+def _valid_efer_write(value: int, mode: PagingMode) -> bool:
+    """The architectural checks of WRMSR to EFER (APM vol. 2, 3.1.7 and 14.6.1):
+    reserved bits, and LME may not change while paging is on. A write of LMA is
+    ignored by the processor, not refused."""
+    lme_changes = mode.paging and (value ^ mode.efer) & M.EFER_LME
+    return not (value & ~_EFER_VALID or lme_changes)
 
 
 def _descriptor(seg: Segment) -> bytes:

@@ -33,7 +33,8 @@ MAX_INSN = 15
 # Opcode byte sequences that begin a sensitive instruction (after any prefixes).
 _OPCODES = re.compile(
     rb"\x0f\x01[\xd8-\xdf\xf9\xc8\xc9]"  # VMRUN..INVLPGA (VMMCALL/VMGEXIT), RDTSCP, MONITOR, MWAIT
-    rb"|\x0f[\x30\x32\x33\xa2\x08\x09\x21\x23\x22]"  # WRMSR RDMSR RDPMC CPUID INVD WBINVD MOV DR/CR
+    # WRMSR RDMSR RDPMC CPUID INVD WBINVD, MOV from/to DR and CR
+    rb"|\x0f[\x30\x32\x33\xa2\x08\x09\x21\x23\x20\x22]"
     rb"|[\xe4-\xe7\xec-\xef\x6c-\x6f]",  # IN, OUT, INS, OUTS
     re.DOTALL,
 )
@@ -65,6 +66,7 @@ class Action(Enum):
     AUTOMATIC_EXIT = "automatic_exit"  # #VMEXIT straight to the hypervisor (VMGEXIT)
     HARDWARE_MSR = "hardware_msr"  # RDMSR/WRMSR: hardware, #VC or native, by ECX
     CR_WRITE = "cr_write"  # MOV to CR: native, then a write trap if armed
+    CR8_READ = "cr8_read"  # MOV from CR8: the CPU's TPR, which Unicorn does not keep
 
 
 @frozen
@@ -75,7 +77,7 @@ class Sensitive:
     length: int
     action: Action
     mnemonic: str
-    #: For MOV to/from CR or DR: the register number; for MOV to CR: the GPR source.
+    #: The GPR of a MOV to CR (its source) or from CR8 (its destination).
     operand: str = ""
 
 
@@ -122,7 +124,10 @@ def classify(code: bytes, bits: int) -> Sensitive | None:
     if base == "mov" and "dr7" in insn.op_str:
         write = insn.op_str.startswith("dr7")
         exit_code = SvmExit.WRITE_DR7 if write else SvmExit.READ_DR7
-        return Sensitive(exit_code, insn.size, Action.NAE, mnemonic, insn.op_str)
+        return Sensitive(exit_code, insn.size, Action.NAE, mnemonic)
+    if base == "mov" and insn.op_str.endswith(", cr8"):
+        return Sensitive(SvmExit.READ_CR8, insn.size, Action.CR8_READ, mnemonic,
+                         insn.op_str.split(",")[0])  # fmt: skip
     if base == "mov" and insn.op_str.startswith("cr"):
         cr = int(insn.op_str.split(",")[0][2:])
         return Sensitive(SvmExit.CR0_WRITE_TRAP + cr, insn.size, Action.CR_WRITE, mnemonic,

@@ -19,7 +19,7 @@ from sevsim.arch import msr as M
 from sevsim.arch.exits import SvmExit
 from sevsim.arch.vmcb import VMCB_CONTROL, NestedCtl
 from sevsim.arch.vmsa import SEGMENT_NAMES, VMSA, VMSA_PAGE_SIZE, Segment
-from sevsim.errors import GuestMemoryError
+from sevsim.errors import FOREIGN_FAULTS, GuestMemoryError
 from sevsim.hw.cpu import GuestCpu, HwExit, VcModel
 from sevsim.hw.crypto import PageCipher
 from sevsim.hw.memory import GuestMemory
@@ -214,7 +214,7 @@ class Svm:
         memory.install_key(key)
         try:
             return self._run(vmcb, memory, vmsa, deadline)
-        except Exception as exc:  # nothing a guest does may take the host down
+        except FOREIGN_FAULTS as exc:  # nothing a guest does may take the host down
             why = f"simulator fault: {type(exc).__name__}: {exc}"
             return self._record(vmcb, HwExit(SvmExit.SHUTDOWN, why=why))
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from sevsim.arch.exits import GhcbErr
+from sevsim.arch.exits import GhcbErr, VmgExit
 from sevsim.arch.ghcb import Ghcb
 from sevsim.arch.ghcb_msr import GhcbMsr
 from sevsim.errors import ConfigError
@@ -42,6 +42,10 @@ class Newest:
 
     def knows_msr_request(self, code: int) -> bool:
         """Whether this KVM had the MSR-protocol request ``code`` at all."""
+        return True
+
+    def knows_vmgexit(self, code: int) -> bool:
+        """Whether this KVM's own switch had the GHCB request ``code``."""
         return True
 
     def bad_scratch(self, ctx: ExitContext, error: GhcbErr) -> O.Outcome:
@@ -76,6 +80,9 @@ class V5_11(Newest):
     def knows_msr_request(self, code: int) -> bool:
         return code in _V5_11_MSR_REQUESTS
 
+    def knows_vmgexit(self, code: int) -> bool:
+        return code not in _V5_16_VMGEXITS
+
     def bad_scratch(self, ctx: ExitContext, error: GhcbErr) -> O.Outcome:
         return O.Fail("EINVAL", f"invalid scratch area ({error.name})")
 
@@ -86,6 +93,9 @@ class V5_11(Newest):
 
 #: The MSR-protocol requests of the original series: SEV_INFO, CPUID, TERM_REQ.
 _V5_11_MSR_REQUESTS = frozenset({GhcbMsr.SEV_INFO_REQ, GhcbMsr.CPUID_REQ, GhcbMsr.TERM_REQ})
+
+#: GHCB requests KVM's switch gained with GHCB protocol version 2 (5.16).
+_V5_16_VMGEXITS = frozenset({VmgExit.HV_FEATURES, VmgExit.TERM_REQUEST})
 
 ERAS = {era.name: era for era in (Newest(), V5_11())}
 

@@ -38,6 +38,7 @@ EVENTS: dict[str, tuple[str, ...]] = {
     "msr_protocol_exit": ("vcpu_id", "ghcb_gpa", "result"),
     "vc": ("vcpu_id", "exit_code", "rip"),
     "vmexit": ("vcpu_id", "exit_code", "info1", "info2"),
+    "exit_handled": ("vcpu_id", "kind", "code", "plugin", "notes"),
 }
 
 

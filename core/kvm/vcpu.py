@@ -17,10 +17,11 @@ from sevsim.arch.exits import SNP_ONLY_VMGEXITS, GhcbErr, SvmExit
 from sevsim.arch.ghcb import GHCB_PAGE_SIZE, GHCB_USAGE_DEFAULT, Ghcb
 from sevsim.arch.vmcb import VMCB_CONTROL
 from sevsim.arch.vmsa import VMSA, VMSA_PAGE_SIZE, Segment
-from sevsim.errors import GuestMemoryError, VcpuError
+from sevsim.errors import FOREIGN_FAULTS, GuestMemoryError, VcpuError
 from sevsim.hw import HwExit
 from sevsim.kvm import outcome as O
 from sevsim.kvm.context import ExitContext
+from sevsim.kvm.control_regs import ControlRegs
 from sevsim.kvm.dispatch import ExitHandler, ExitKind, code_name
 from sevsim.kvm.exits import (
     FailEntry,
@@ -69,6 +70,8 @@ class Vcpu:
         self.xcr0 = 1
         #: DR7 as the guest last wrote it through the GHCB (tracked, without effect).
         self.dr7 = 0x400
+        #: CR0/CR4/CR8/EFER as KVM knows them: the initial state, then the write traps.
+        self.cr = ControlRegs()
         self.msrs = MsrModel()
         self._ghcb: Ghcb | None = None
         self._ghcb_gpa = 0
@@ -103,6 +106,7 @@ class Vcpu:
             raise VcpuError(f"vCPU {self.id}: DR7 {dr7:#x} has breakpoints set; KVM refuses "
                             "LAUNCH_UPDATE_VMSA while the guest is being debugged (-EINVAL)")
         values = {k: (v.pack() if isinstance(v, Segment) else v) for k, v in state.items()}
+        self.cr = ControlRegs.from_state(state)
         self.vmsa.host_write(0, bytes(VMSA.pack(values, size=VMSA_PAGE_SIZE)))
 
     # -- KVM_RUN ---------------------------------------------------------------------
@@ -195,7 +199,7 @@ class Vcpu:
         self._ctx = ctx
         try:
             result = handler.handler(ctx)
-        except Exception as exc:  # a plugin bug must not take the host down
+        except FOREIGN_FAULTS as exc:  # a plugin bug must not take the host down
             return self._plugin_failed(handler, exc)
         if result is not None and not isinstance(result, O.Resume | O.ExitToUser | O.Fail):
             return self._plugin_failed(handler, f"returned {result!r}, expected an outcome "
@@ -204,12 +208,14 @@ class Vcpu:
         for name, value in values.items():
             if not isinstance(value, int) or not 0 <= value < 1 << 64:
                 return self._plugin_failed(handler, f"left {name} = {value!r}, not a u64")
+        self.vm.emit("exit_handled", vcpu_id=self.id, kind=ctx.kind.value, code=ctx.code,
+                     plugin=handler.plugin or "<direct registration>", notes=ctx.notes)  # fmt: skip
         return O.RESUME if result is None else result
 
     @staticmethod
-    def _plugin_failed(handler: ExitHandler, problem: Exception | str) -> O.ExitToUser:
+    def _plugin_failed(handler: ExitHandler, problem: BaseException | str) -> O.ExitToUser:
         who = handler.plugin or "<direct registration>"
-        if isinstance(problem, Exception):
+        if isinstance(problem, BaseException):
             last = traceback.extract_tb(problem.__traceback__)[-1]
             problem = (f"raised {type(problem).__name__}: {problem} "
                        f"(at {last.filename}:{last.lineno})")  # fmt: skip
@@ -280,13 +286,13 @@ class Vcpu:
         if not all(snapshot.is_valid(name) for name in _ALWAYS_REQUIRED):
             return None, GhcbErr.MISSING_INPUT
         handler = self.vm.lookup(ExitKind.VMGEXIT, code)
-        if handler is None:
+        if handler is None or not self.vm.compat.knows_vmgexit(code):
             # The SNP codes fail with KVM's default reason, MISSING_INPUT, for SEV-ES.
             snp = code in SNP_ONLY_VMGEXITS
             return None, GhcbErr.MISSING_INPUT if snp else GhcbErr.INVALID_EVENT
         try:
             required = handler.required_fields(snapshot)
-        except Exception as exc:  # the plugin's requires() is plugin code too
+        except FOREIGN_FAULTS as exc:  # the plugin's requires() is plugin code too
             raise _RequiresFailed(handler, exc) from exc
         if not all(snapshot.is_valid(name) for name in required):
             return None, GhcbErr.MISSING_INPUT
@@ -334,7 +340,7 @@ class Vcpu:
 class _RequiresFailed(Exception):
     """A handler's ``requires`` callable failed while the exit was being validated."""
 
-    def __init__(self, handler: ExitHandler, problem: Exception) -> None:
+    def __init__(self, handler: ExitHandler, problem: BaseException) -> None:
         super().__init__(str(problem))
         self.handler = handler
         self.problem = problem

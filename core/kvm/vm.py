@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from sevsim.arch import ghcb_msr
-from sevsim.errors import SevFirmwareError, VcpuError
+from sevsim.errors import FOREIGN_FAULTS, SevFirmwareError, VcpuError
 from sevsim.hw import GuestMemoryView, LaunchMeasurement, LaunchSession, Platform, Policy
 from sevsim.kvm.asid import AsidAllocator
 from sevsim.kvm.buses import EmptyBus, GuestBus
@@ -20,6 +20,7 @@ from sevsim.kvm.compat import era as compat_era
 from sevsim.kvm.cpuid import CpuidModel
 from sevsim.kvm.dispatch import ExitHandler, ExitKind, ExitTable
 from sevsim.kvm.events import EVENTS, EventSink, NullSink
+from sevsim.kvm.ghcb_requests import ghcb_request_handlers
 from sevsim.kvm.intercepts import core_handlers
 from sevsim.kvm.vcpu import Vcpu
 
@@ -75,8 +76,9 @@ class Vm:
         self.platform = kvm.platform
         self.name = name
         self.handlers = handlers
-        #: KVM's own handlers (reused SVM intercepts); a plugin's claim takes precedence.
-        self.core_handlers = ExitTable(core_handlers())
+        #: KVM's own handlers (reused SVM intercepts, the protocol requests of its own
+        #: switch); a plugin's claim takes precedence.
+        self.core_handlers = ExitTable([*core_handlers(), *ghcb_request_handlers()])
         self.compat = compat_era(era)
         self.ghcb_version = ghcb_version
         self.plugin_settings = plugin_settings
@@ -105,7 +107,7 @@ class Vm:
         if name in self._wanted:
             try:
                 self._events.emit(name, **fields)
-            except Exception as exc:
+            except FOREIGN_FAULTS as exc:
                 self._wanted = frozenset()
                 self.terminate(f"observer of {name!r} failed: {type(exc).__name__}: {exc}")
 

@@ -309,3 +309,35 @@ def sevsim_vmexit(vcpu_id: int, exit_code: int, info1: int, info2: int) -> None:
         >>> host.events.emit("vmexit", vcpu_id=0, exit_code=0x90, info1=0x80050033, info2=0)
         CR0 <- 0x80050033
     """
+
+
+@hookspec
+def sevsim_exit_handled(
+    vcpu_id: int, kind: str, code: int, plugin: str, notes: dict[str, Any]
+) -> None:
+    """A handler from the dispatch table finished: ``kind`` is the
+    :class:`~sevsim.kvm.dispatch.ExitKind` value (``"vmgexit"``, ``"msr_protocol"``,
+    ``"vmexit"``), ``plugin`` the owner of the row, and ``notes`` what the handler put
+    in ``ctx.notes`` to explain itself (the trace prints them).
+
+    Example::
+
+        >>> from collections import Counter
+        >>> from sevsim.plugin.hookspecs import hookimpl
+        >>> from sevsim.testing import isolated_host
+        >>> class PerPlugin:
+        ...     def __init__(self):
+        ...         self.handled = Counter()
+        ...     @hookimpl
+        ...     def sevsim_exit_handled(self, plugin, notes):
+        ...         self.handled[plugin] += 1
+        ...         for key, text in notes.items():
+        ...             print(f"{plugin}: {key}: {text}")
+        >>> watcher = PerPlugin()
+        >>> host = isolated_host({"perplugin": watcher})
+        >>> host.events.emit("exit_handled", vcpu_id=0, kind="vmgexit", code=0x7B,
+        ...                  plugin="ioio", notes={"ioio": "out 1 byte to port 0x3f8"})
+        ioio: ioio: out 1 byte to port 0x3f8
+        >>> watcher.handled
+        Counter({'ioio': 1})
+    """

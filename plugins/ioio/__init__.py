@@ -4,9 +4,10 @@ An SEV-ES guest's IN/OUT/INS/OUTS becomes a #VC; its handler sends SVM_EXIT_IOIO
 through the GHCB with the instruction described in ``sw_exit_info_1`` (KVM's
 ``io_interception``): port in bits 31:16, data size one-hot in 6:4, address size in
 9:7, REP in bit 3, string in bit 2, IN in bit 0. A plain OUT carries its value in
-RAX; an IN gets it back in RAX (bytes above the access size keep RAX's value). A
-string operation moves its data through the scratch area, with the element count in
-``sw_exit_info_2`` (the 5.15 fix: earlier KVM read that field as a byte count).
+RAX; an IN gets it back in RAX (a 1- or 2-byte IN keeps the rest of RAX, a 4-byte
+IN zero-extends it, as the CPU's own IN does in 64-bit mode). A string operation
+moves its data through the scratch area, with the element count in ``sw_exit_info_2``
+(the 5.15 fix: earlier KVM read that field as a byte count).
 """
 
 from __future__ import annotations
@@ -39,16 +40,20 @@ def io_interception(ctx: ExitContext) -> O.Outcome | None:
     if info is None:
         ctx.bad_input(GhcbErr.INVALID_INPUT)
         return None
-    ctx.notes["ioio"] = info.describe()
     if info.string:
         return string_io(ctx, info)
     bus = ctx.vm.io_bus
     mask = (1 << (8 * info.size)) - 1
     if info.is_in:
         value = int.from_bytes(bus.read(info.port, info.size), "little")
-        ctx.regs["rax"] = (ctx.regs["rax"] & ~mask) | value
+        # complete_fast_pio_in: a 4-byte IN replaces RAX, as a 32-bit register write does.
+        keep = ctx.regs["rax"] & ~mask if info.size < 4 else 0
+        ctx.regs["rax"] = keep | value
+        ctx.notes["ioio"] = f"port {info.port:#x} -> {value:#x}"
     else:
-        bus.write(info.port, (ctx.regs["rax"] & mask).to_bytes(info.size, "little"))
+        value = ctx.regs["rax"] & mask
+        bus.write(info.port, value.to_bytes(info.size, "little"))
+        ctx.notes["ioio"] = f"port {info.port:#x} <- {value:#x}"
     return None
 
 

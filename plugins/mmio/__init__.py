@@ -23,6 +23,17 @@ from sevsim.kvm.scratch import Scratch
 MMIO_CHUNK = 8
 
 
+#: Bytes of a long (string) access the trace shows before eliding the rest.
+SHOWN_BYTES = 16
+
+
+def describe(gpa: int, data: bytes | bytearray) -> str:
+    """``4 bytes at 0xd0000000: 78 56 34 12``, for the trace (long moves elided)."""
+    shown = bytes(data[:SHOWN_BYTES]).hex(" ")
+    more = " ..." if len(data) > SHOWN_BYTES else ""
+    return f"{len(data)} bytes at {gpa:#x}: {shown}{more}"
+
+
 def mmio_read(ctx: ExitContext) -> Outcome | None:
     scratch = ctx.map_scratch(ctx.exit_info_2, sync=True)
     if not isinstance(scratch, Scratch):
@@ -31,7 +42,7 @@ def mmio_read(ctx: ExitContext) -> Outcome | None:
     for offset in range(0, scratch.length, MMIO_CHUNK):
         size = min(MMIO_CHUNK, scratch.length - offset)
         scratch.data[offset : offset + size] = bus.read(gpa + offset, size)
-    ctx.notes["mmio"] = f"read {scratch.length} bytes at {gpa:#x}"
+    ctx.notes["mmio"] = f"read {describe(gpa, scratch.data)}"
     return None
 
 
@@ -42,7 +53,7 @@ def mmio_write(ctx: ExitContext) -> Outcome | None:
     gpa, bus = ctx.exit_info_1, ctx.vm.mmio_bus
     for offset in range(0, scratch.length, MMIO_CHUNK):
         bus.write(gpa + offset, bytes(scratch.data[offset : offset + MMIO_CHUNK]))
-    ctx.notes["mmio"] = f"wrote {scratch.length} bytes at {gpa:#x}"
+    ctx.notes["mmio"] = f"wrote {describe(gpa, scratch.data)}"
     return None
 
 

@@ -36,7 +36,6 @@ from sevsim.arch.ghcb_msr import (
     GhcbMsr,
     bits,
     sev_info_resp,
-    term_reason_name,
     with_bits,
 )
 from sevsim.errors import ConfigError
@@ -95,7 +94,6 @@ def cpuid(ctx: ExitContext) -> None:
     function, register = bits(ctx.msr, 63, 32), bits(ctx.msr, 31, 30)
     leaf = cpuid_leaf(ctx.vcpu, function, 0)  # KVM's CPUID handler; no sub-leaf here
     value = (leaf.eax, leaf.ebx, leaf.ecx, leaf.edx)[register]
-    ctx.notes["cpuid"] = f"fn {function:#x} {'ABCD'[register]}X -> {value:#010x}"
     reply = with_bits(ctx.msr, 63, 32, value)  # bits 31:12 keep the guest's value
     ctx.msr = with_bits(reply, 11, 0, GhcbMsr.CPUID_RESP)
 
@@ -105,14 +103,12 @@ def hv_features(ctx: ExitContext) -> None:
 
 
 def term_request(ctx: ExitContext) -> O.Outcome:
-    reason_set, reason_code = bits(ctx.msr, 15, 12), bits(ctx.msr, 23, 16)
-    ctx.notes["reason"] = term_reason_name(reason_set, reason_code)
     return terminate(ctx)
 
 
 def snp_only(ctx: ExitContext) -> O.Outcome:
     """KVM terminates a non-SNP guest that sends an SNP request."""
-    ctx.notes["reason"] = f"{GhcbMsr(ctx.code).linux_name} from a non-SNP guest"
+    ctx.notes["snp"] = f"{GhcbMsr(ctx.code).linux_name} from a non-SNP guest: terminated"
     return terminate(ctx)
 
 

@@ -101,3 +101,16 @@ def test_bad_size_is_invalid_input():
     reply = ioio(driver(), 0x3F8 << 16 | 3 << 4, rax=0)
     assert (reply.ghcb["sw_exit_info_1"], reply.ghcb["sw_exit_info_2"]) == (
         2, GhcbErr.INVALID_INPUT)
+
+
+@pytest.mark.parametrize(
+    ("size", "rax", "expected"),
+    [(1, 0xAAAA_BBBB_CCCC_DD00, 0xAAAA_BBBB_CCCC_DDE9),  # debugcon reads back 0xe9
+     (2, 0xAAAA_BBBB_CCCC_DD00, 0xAAAA_BBBB_CCCC_FFFF),  # wider: unclaimed, all ones
+     (4, 0xAAAA_BBBB_CCCC_DD00, 0x0000_0000_FFFF_FFFF)],
+    ids=["byte", "word", "dword"],
+)  # fmt: skip
+def test_in_keeps_the_rest_of_rax_below_4_bytes_and_zero_extends_at_4(size, rax, expected):
+    """complete_fast_pio_in: RAX is the starting value only for sizes below 4."""
+    d = driver()
+    assert ioio(d, info1(0x402, size, IN), rax=rax).ghcb["rax"] == expected

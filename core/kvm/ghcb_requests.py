@@ -1,0 +1,44 @@
+"""The GHCB-protocol requests ``sev_handle_vmgexit`` answers itself.
+
+Version 2 of the GHCB protocol added three requests that are about the protocol
+rather than about an instruction: the guest asks which hypervisor features exist,
+asks to be terminated (with a reason, once it has a GHCB page), or reports an event
+it cannot handle. KVM answers them in its own switch, so they are core rows here, not
+a plugin's. The original series (5.11) knew only UNSUPPORTED_EVENT; the era switch
+(:mod:`sevsim.kvm.compat`) makes the other two invalid events there.
+"""
+
+from __future__ import annotations
+
+from sevsim.arch.exits import VmgExit
+from sevsim.arch.ghcb_msr import GHCB_HV_FT_SUPPORTED
+from sevsim.kvm import outcome as O
+from sevsim.kvm.context import ExitContext
+from sevsim.kvm.dispatch import ExitHandler, ExitKind
+
+
+def hv_features(ctx: ExitContext) -> None:
+    """The feature bitmap in ``sw_exit_info_2`` (the same one the MSR protocol gives)."""
+    ctx.success(GHCB_HV_FT_SUPPORTED)
+
+
+def term_request(ctx: ExitContext) -> O.Outcome:
+    """The reason is in ``sw_exit_info_1`` (set in bits 3:0, code in 11:4; the trace
+    decodes it, as KVM logs it); KVM_RUN ends with a SEV_TERM event whose data is the
+    GHCB's GPA, where the VMM can read the request."""
+    return ctx.vm.compat.terminate(ctx.vcpu.ghcb_gpa)
+
+
+def unsupported_event(ctx: ExitContext) -> O.Outcome:
+    """The guest met an event it cannot handle; KVM logs it and fails KVM_RUN."""
+    return O.Fail("EINVAL", f"the guest reported an unsupported event (exit_info_1 "
+                  f"{ctx.exit_info_1:#x}, exit_info_2 {ctx.exit_info_2:#x})")  # fmt: skip
+
+
+def ghcb_request_handlers() -> tuple[ExitHandler, ...]:
+    rows = (
+        (VmgExit.HV_FEATURES, hv_features),
+        (VmgExit.TERM_REQUEST, term_request),
+        (VmgExit.UNSUPPORTED_EVENT, unsupported_event),
+    )
+    return tuple(ExitHandler(ExitKind.VMGEXIT, code, h, plugin="kvm") for code, h in rows)
