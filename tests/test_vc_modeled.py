@@ -42,6 +42,7 @@ from sevsim.guest.decode import (
 )
 from sevsim.guest.image import CODE, GHCB_GPA, GuestImage
 from sevsim.guest.vc import GuestPanic, VcHandler, VmmError, verify_exception_info
+from sevsim.guest.vc_native import TermReason, term_request
 from sevsim.hw import GuestFault
 from sevsim.kvm import intercepts
 from sevsim.kvm.dispatch import ExitHandler, ExitKind
@@ -891,6 +892,72 @@ def test_rdtscp_results_are_taken_when_a_hypervisor_emulates_it():
     with pytest.raises(StopIteration):
         next(steps)
     assert [view.regs[n] for n in ("rax", "rdx", "rcx", "rip")] == [1, 2, 3, 0x1003]
+
+
+class UnmappedAbove(FakeView):
+    """A FakeView whose page tables map nothing from ``limit`` on (a #PF, not MMIO)."""
+
+    def __init__(self, code: bytes, limit: int) -> None:
+        super().__init__(code)
+        self.limit = limit
+
+    def translate(self, vaddr: int) -> tuple[int, bool]:
+        if vaddr >= self.limit:
+            raise GuestFault(vaddr)
+        return vaddr, False
+
+
+def test_an_instruction_in_mmio_is_a_nested_vc_with_the_native_reason():
+    """FakeView maps every address but has RAM only below 0x10000: above it is MMIO,
+    where reading the instruction would be a #VC inside the #VC handler."""
+    view = FakeView(b"")
+    view.regs["rip"] = 0x20000
+    handler = VcHandler()
+    steps = handler(view, SvmExit.NPF)
+    next(steps)
+    assert view.ghcb_msr == term_request(TermReason.NESTED_VC) == 0x62100
+    assert handler.log == ["#VC inside the #VC handler (exit-code 0x400 IP: 0x20000): "
+                           "the instruction at 0x20000 is in MMIO"]  # fmt: skip
+    with pytest.raises(GuestPanic):
+        next(steps)
+    assert view.regs["rip"] == 0x20000
+
+
+def test_an_instruction_that_runs_into_mmio_is_a_nested_vc():
+    view = FakeView(b"")
+    view.memory[0xFFFF] = 0x8B  # mov eax, [rbx]: the ModRM byte would be at 0x10000
+    view.regs["rip"] = 0xFFFF
+    handler = VcHandler()
+    next(handler(view, SvmExit.NPF))
+    assert view.ghcb_msr == term_request(TermReason.NESTED_VC)
+    assert handler.log[0].endswith("the instruction at 0xffff runs into MMIO at 0x10000")
+
+
+def test_an_unmapped_instruction_is_still_a_general_termination():
+    view = UnmappedAbove(b"", 0x10000)
+    view.regs["rip"] = 0x20000
+    handler = VcHandler()
+    next(handler(view, SvmExit.NPF))
+    assert view.ghcb_msr == 0x100
+    assert "#VC handler fault at IP 0x20000" in handler.log[0]
+
+
+@pytest.mark.parametrize(("view", "nested"), [
+    (FakeView(b"\xf3\x6e"), True),  # rep outsb: RSI in MMIO
+    (UnmappedAbove(b"\xf3\x6e", 0x10000), False),  # RSI not mapped at all: #PF
+])  # fmt: skip
+def test_a_string_io_buffer_in_mmio_is_a_nested_vc_and_unmapped_is_pf(view, nested):
+    view.regs.update(rsi=0xFFFE, rcx=4, rdx=0x3F8)  # two bytes in RAM, two beyond
+    handler = VcHandler()
+    steps = handler(view, SvmExit.IOIO)
+    if nested:
+        next(steps)
+        assert view.ghcb_msr == term_request(TermReason.NESTED_VC)
+        assert handler.log[0].endswith("the string IO buffer reaches MMIO at 0x10000")
+    else:
+        with pytest.raises(StopIteration) as done:
+            next(steps)
+        assert done.value.value == 14 and view.ghcb_msr == 0 and handler.log == []
 
 
 def _reply(info1: int, info2: int) -> Ghcb:

@@ -24,6 +24,7 @@ from sevsim.guest.vc_native import (
     DR7_RESET,
     HANDLER_SIZE,
     STATE_DR7,
+    STATE_IN_VC,
     STATE_OFFSET,
     STATE_VC_COUNT,
     VC_HANDLER_ADDRESS,
@@ -788,6 +789,39 @@ def test_mmio_address_the_page_walk_cannot_translate_terminates():
     # mov eax, [rbx] with RBX beyond the 4 GiB the page tables map
     r = run(f"mov rbx, 0x100000000\n{_fake_vc(SvmExit.NPF)}", data={0x32000: b"\x8b\x03"})
     assert r.exit == SystemEvent(SystemEventType.SEV_TERM, (term_request(TermReason.PAGE_WALK),))
+
+
+def test_a_vc_in_an_exception_handler_run_inside_the_vc_handler_terminates():
+    """KVM injects #GP right after the handler's VMGEXIT (bad RDPMC counter); the guest's
+    #GP handler then does port IO, which would reuse the GHCB the #VC handler is in
+    the middle of using (and, on IST1, its stack): a nested #VC. (A jump into MMIO, the
+    other way to nest, is in test_vc_nested.py, next to the modeled handler.)"""
+    handler = 0x30200
+    r = run("mov ecx, 7; rdpmc", idt={13: handler},
+            data={handler: assemble("mov al, 0x42; out 0x80, al; hlt", handler)})  # fmt: skip
+    assert r.exit == SystemEvent(SystemEventType.SEV_TERM,
+                                 (term_request(TermReason.NESTED_VC),))  # fmt: skip
+    assert r.devices.post.codes == []
+
+
+@pytest.mark.parametrize("ist", [True, False])
+def test_the_in_vc_flag_is_cleared_on_iretq_and_on_forwarding(ist):
+    """#VCs after an emulated one and after a forwarded #GP are not taken for nested."""
+    r = run(f"""
+        mov al, 1
+        out 0x80, al
+        mov ecx, 0x12345678
+        rdmsr
+        mov al, 2
+        out 0x80, al
+        mov rax, {STATE}
+        mov rax, [rax + {STATE_IN_VC}]
+        mov [r15], rax
+    """, ist=ist)
+    done(r)
+    assert r.devices.post.codes == [1, 2]
+    assert exception_record(r)["count"] == 1
+    assert results(r, 1) == (0,)
 
 
 # -- long loops ---------------------------------------------------------------------------------

@@ -41,7 +41,14 @@ Where this handler departs from Linux, on purpose:
   raises the next #VC; only REP forms retry (Linux retries whenever RCX is non-zero);
 - CPL 3 failures terminate the VM (Linux sends SIGBUS to the process instead), and a
   fault on guest memory forwards #PF without an error code or CR2 (a
-  :data:`~sevsim.hw.VcModel` returns only a vector).
+  :data:`~sevsim.hw.VcModel` returns only a vector);
+- when the handler's own read of the instruction, or of a string IO buffer, reaches
+  an address the guest maps but that has no RAM behind it (MMIO: a jump into an MMIO
+  region, ``rep outsb`` from one), guest code would take a #VC inside its #VC
+  handler. The native handler (``sevsim.guest.vc_native``) cannot handle that and
+  terminates with its own reason set and code ``NESTED_VC``; this handler ends the
+  same guest the same way (:class:`NestedVc`), so that both handlers agree. Linux
+  would take that nested #VC on its backup GHCB and emulate the read.
 """
 
 from __future__ import annotations
@@ -83,6 +90,7 @@ from sevsim.guest.decode import (
     segment_base,
 )
 from sevsim.guest.image import GHCB_GPA
+from sevsim.guest.vc_native import TERM_REASON_SET, TermReason
 from sevsim.hw import GuestFault, GuestView
 
 #: The newest GHCB protocol version Linux speaks (``GHCB_PROTOCOL_MAX``).
@@ -110,10 +118,12 @@ class EsResult(Enum):
 class VcFailure(Exception):
     """The handler cannot go on (``ES_UNSUPPORTED``, ``ES_VMM_ERROR``, ``ES_DECODE_FAILED``).
 
-    ``template`` is the kernel's log line for that result.
+    ``template`` is the kernel's log line for that result; ``reason`` the (set, code)
+    of the termination request it ends in.
     """
 
     template: ClassVar[str]
+    reason: ClassVar[tuple[int, int]] = (SEV_TERM_SET_GEN, GHCB_SEV_ES_GEN_REQ)
 
     def line(self, exit_code: int, rip: int) -> str:
         return f"{self.template.format(code=exit_code, ip=rip)}: {self}"
@@ -129,6 +139,14 @@ class VmmError(VcFailure):
 
 class DecodeFailed(VcFailure):
     template = "Failed to decode instruction (exit-code {code:#04x} IP: {ip:#x})"
+
+
+class NestedVc(VcFailure):
+    """The handler's own access would raise a #VC (it reaches MMIO): the native
+    handler's ``NESTED_VC``, with its reason set, so that both end the guest alike."""
+
+    template = "#VC inside the #VC handler (exit-code {code:#04x} IP: {ip:#x})"
+    reason = (TERM_REASON_SET, int(TermReason.NESTED_VC))
 
 
 class ForwardException(Exception):
@@ -213,7 +231,7 @@ class VcHandler:
         except ForwardException as exc:
             return exc.vector
         except VcFailure as exc:
-            yield from self.terminate(view, exc.line(error_code, rip))
+            yield from self.terminate(view, exc.line(error_code, rip), exc.reason)
             return None  # not reached: terminate() does not come back
         except GuestFault as exc:
             yield from self.terminate(view, f"#VC handler fault at IP {rip:#x}: {exc}")
@@ -231,9 +249,17 @@ class VcHandler:
         try:
             code = view.read(linear, MAX_INSN)
         except GuestFault:  # the instruction ends before an unmapped page
-            code = view.read(linear, 0x1000 - (linear & 0xFFF))
+            try:
+                code = view.read(linear, 0x1000 - (linear & 0xFFF))
+            except GuestFault:
+                if reaches_mmio(view, linear):  # a fetch from MMIO: #VC(NPF) at RIP
+                    raise NestedVc(f"the instruction at {linear:#x} is in MMIO") from None
+                raise
         insn = decode(code, rip, view.bits)
         if insn is None:
+            after = linear + len(code)
+            if len(code) < MAX_INSN and reaches_mmio(view, after):  # runs into MMIO
+                raise NestedVc(f"the instruction at {linear:#x} runs into MMIO at {after:#x}")
             raise DecodeFailed(f"cannot decode {code.hex()} in {view.bits}-bit mode")
         return EmCtxt(view, exit_code, insn)
 
@@ -282,10 +308,15 @@ class VcHandler:
         ghcb.raw[:] = view.read(self.ghcb_vaddr, GHCB_PAGE_SIZE)
         verify_exception_info(ghcb)
 
-    def terminate(self, view: GuestView, why: str) -> Exchange:
+    def terminate(
+        self,
+        view: GuestView,
+        why: str,
+        reason: tuple[int, int] = (SEV_TERM_SET_GEN, GHCB_SEV_ES_GEN_REQ),
+    ) -> Exchange:
         """``sev_es_terminate``: ask for termination; a hypervisor that resumes us gets a panic."""
         self.log.append(why)
-        view.ghcb_msr = term_req(SEV_TERM_SET_GEN, GHCB_SEV_ES_GEN_REQ)
+        view.ghcb_msr = term_req(*reason)
         yield  # VMGEXIT
         raise GuestPanic(f"Returned from Terminate-Request to Hypervisor after: {why}")
 
@@ -615,17 +646,47 @@ def _write_elements(view: GuestView, start: int, size: int, data: bytes, directi
         _guest_write(view, start, data)
 
 
+def reaches_mmio(view: GuestView, vaddr: int) -> bool:
+    """Whether guest code touching ``vaddr`` takes a #VC(NPF): the guest's tables map
+    it, but no RAM is behind it (MMIO). Not mapped at all is a #PF instead."""
+    try:
+        view.translate(vaddr)
+    except GuestFault:
+        return False
+    try:
+        view.read(vaddr, 1)
+    except GuestFault:
+        return True
+    return False
+
+
+def _buffer_fault(view: GuestView, vaddr: int, size: int) -> Exception:
+    """What a fault on a string IO buffer becomes: a nested #VC if a page of it is
+    MMIO (the first page the access cannot read decides), else #PF."""
+    page = vaddr & ~0xFFF
+    while page < vaddr + size:
+        at = max(page, vaddr)
+        try:
+            view.read(at, 1)
+        except GuestFault:
+            if reaches_mmio(view, at):
+                return NestedVc(f"the string IO buffer reaches MMIO at {at:#x}")
+            break
+        page += 0x1000
+    return ForwardException(PF_VECTOR)
+
+
 def _guest_read(view: GuestView, vaddr: int, size: int) -> bytes:
     if not size:
         return b""
     try:
         return view.read(vaddr, size)
     except GuestFault:
-        raise ForwardException(PF_VECTOR) from None
+        raise _buffer_fault(view, vaddr, size) from None
 
 
 def _guest_write(view: GuestView, vaddr: int, data: bytes) -> None:
     try:
         view.write(vaddr, data)
     except GuestFault:
-        raise ForwardException(PF_VECTOR) from None
+        raise _buffer_fault(view, vaddr, len(data)) from None

@@ -26,7 +26,8 @@ Layout (position-dependent: assembled for one address, ``HANDLER_SIZE`` bytes)
 ``address + 0x2000``   private state page (``STATE_OFFSET``), see ``STATE_*``:
                        +0x00 #VCs taken, +0x08 last exit code, +0x10 last RIP,
                        +0x18 DR7 as the guest last wrote it (reset 0x400),
-                       +0x20/+0x28 sw_exit_info_1/2 of a failed VMGEXIT
+                       +0x20/+0x28 sw_exit_info_1/2 of a failed VMGEXIT,
+                       +0x30 1 while a #VC is being handled (``STATE_IN_VC``)
 =====================  =========================================================
 
 The state lives on its own page because a write to a page the CPU model has scanned
@@ -34,10 +35,19 @@ for code makes it rescan that page. Everything else lives on the stack the #VC r
 on (IST1 if the gate says so, else the interrupted stack): 0x100 bytes below the
 interrupt frame, the 16 GPRs indexed by their x86 register number (slot 4 holds the
 interrupted RSP, so ``[rsp + ...]`` operands decode like any other base) and the
-decoder's locals. The handler is therefore reentrant, except for the one GHCB page,
-which is not (as in Linux without its backup GHCB): nothing in the handler itself
-raises a #VC (the GHCB MSR and the FS/GS base MSRs are not intercepted; CR4 and XCR0
-reads run natively).
+decoder's locals. Nothing in the handler itself raises a #VC when the guest is sane
+(the GHCB MSR and the FS/GS base MSRs are not intercepted; CR4 and XCR0 reads run
+natively), but its reads of the instruction and of string IO buffers do when those
+lie in MMIO (a jump into an MMIO region, ``rep outsb`` from one), and an exception the
+hypervisor injects right after its VMGEXIT runs the guest's own handler inside it.
+Such a nested #VC cannot be handled: on IST1 its frame overwrites the outer #VC's
+(the stack is not shifted as Linux shifts it), and on any stack it would reuse the
+one GHCB page while the outer #VC still owns it (Linux has a backup GHCB for one
+level of nesting and gives up on the next). So the handler keeps an "in #VC" flag
+(``STATE_IN_VC``), set on entry and cleared just before it IRETQs or jumps to a
+forwarded exception's handler, and a #VC that finds it set terminates the guest
+with ``NESTED_VC`` instead of looping or corrupting the outer one. The flag lives
+in the one state page: one vCPU, as for the GHCB.
 
 Supported (64-bit code only; prefixes 66, 67, F2/F3, REX, FS/GS, and the ignored
 null segment overrides and LOCK)
@@ -79,7 +89,8 @@ anything else is a VMM error.
 Unsupported: an exit code it does not handle, an instruction it cannot decode (MMIO
 through MOVS, XCHG, arithmetic on memory, a register operand, ...), a VMM error, an
 exception it may not forward (NMI, #DF, #MC, #VC, a vector above 31, or an absent
-gate) or an MMIO address the page walk cannot translate. Each ends the guest the way
+gate), an MMIO address the page walk cannot translate, or a #VC taken inside the
+handler (an instruction fetched from MMIO among them). Each ends the guest the way
 Linux's ``sev_es_terminate`` does: the GHCB MSR protocol TERM_REQ with reason set
 ``TERM_REASON_SET`` (2, this handler's own) and the code from :class:`TermReason`,
 then a HLT loop in case the hypervisor resumes it.
@@ -116,6 +127,8 @@ STATE_LAST_RIP = 0x10
 STATE_DR7 = 0x18
 STATE_FAILED_INFO1 = 0x20
 STATE_FAILED_INFO2 = 0x28
+#: Non-zero while the handler is handling a #VC: a #VC that finds it set is nested.
+STATE_IN_VC = 0x30
 DR7_RESET = 0x400
 
 #: Reason set of the handler's TERM_REQ (0 is the GHCB spec's, 1 Linux's).
@@ -144,6 +157,10 @@ class TermReason(IntEnum):
     BAD_EXCEPTION = 4
     #: The MMIO address does not translate through the guest's page tables.
     PAGE_WALK = 5
+    #: A #VC arrived while the handler was handling one (e.g. the instruction at RIP
+    #: is fetched from MMIO, so reading it raises #VC again): the handler is not
+    #: reentrant, as Linux's is not past its backup GHCB.
+    NESTED_VC = 6
 
 
 def term_request(reason: TermReason) -> int:
@@ -251,6 +268,9 @@ vc_entry:
     mov [r15 + {STATE_LAST_RIP:#x}], rax
     mov rax, [rbp + {F_ERR:#x}]
     mov [r15 + {STATE_LAST_EXIT_CODE:#x}], rax
+    cmp qword ptr [r15 + {STATE_IN_VC:#x}], 0
+    jne vc_nested
+    mov qword ptr [r15 + {STATE_IN_VC:#x}], 1
     mov rdi, {ghcb:#x}
     call vc_prefixes
     mov rax, [rbp + {F_ERR:#x}]
@@ -289,6 +309,8 @@ vc_done:
 vc_resume:
     mov rax, [rbp + 0x20]
     mov [rbp + {F_RSP:#x}], rax
+    mov rax, {state:#x}
+    mov qword ptr [rax + {STATE_IN_VC:#x}], 0
     {_restore("rsp")}
     add rsp, {_FRAME + 8:#x}
     iretq
@@ -402,6 +424,9 @@ vc_bad_exception:
     jmp vc_terminate
 vc_walk_failed:
     mov eax, {TermReason.PAGE_WALK}
+    jmp vc_terminate
+vc_nested:
+    mov eax, {TermReason.NESTED_VC}
 vc_terminate:
     shl eax, 16
     or eax, {term:#x}
@@ -506,6 +531,8 @@ vc_fwd_no_error:
     mov [r10 - 8], r9
     sub r10, 8
     mov [rbp + {L["L_NEWSP"]:#x}], r10
+    mov rax, {state:#x}
+    mov qword ptr [rax + {STATE_IN_VC:#x}], 0
     and r8d, 0xf
     cmp r8d, 0xf
     jne vc_fwd_go
