@@ -161,6 +161,7 @@ def run_guest(
     settings: Mapping[str, Mapping[str, Any]] | None = None,
     vc_model: VcModel | None = None,
     timeout: float = RUN_GUEST_TIMEOUT,
+    vm_args: Mapping[str, Any] | None = None,
     **image_args: Any,
 ) -> GuestRun:
     """Assemble ``source`` at the image's code address, launch it with the standard
@@ -169,6 +170,8 @@ def run_guest(
     ``timeout`` (seconds, a finite number > 0; default 60) bounds the run as
     ``sevsim run --timeout`` does: a guest still running then ends with
     ``RunFailed("EINTR", ...)`` as its exit (KVM_RUN interrupted), never a hang.
+    ``vm_args`` go to KVM_CREATE_VM (``era``, ``ghcb_version``, ``cpuid``); the other
+    keyword arguments describe the :class:`~sevsim.guest.image.GuestImage`.
     """
     timeout = check_timeout(timeout, "run_guest(timeout=...)")
     host = isolated_host(plugins, enable=enable, settings=settings)
@@ -176,7 +179,7 @@ def run_guest(
     devices = Devices.standard()
     image = GuestImage(assemble(source, CODE), **image_args)
     vm = launch_image(Kvm(), image, handlers=host.start(), events=TeeSink(host.events, trace),
-                      vc_model=vc_model, devices=devices)  # fmt: skip
+                      vc_model=vc_model, devices=devices, **(vm_args or {}))  # fmt: skip
     exit_ = vm.vcpus[0].run(timeout)
     trace.record_exit(vm.vcpus[0], exit_)
     return GuestRun(exit_, trace, vm, devices)

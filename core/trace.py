@@ -18,9 +18,12 @@ from capstone import CS_ARCH_X86, CS_MODE_16, CS_MODE_32, CS_MODE_64, Cs
 
 from sevsim.arch import ghcb_msr as G
 from sevsim.arch.exits import GhcbErr, GhcbResp, SvmExit, VmgExit, exit_name
+from sevsim.arch.ghcb import GHCB_PAGE_SIZE, Ghcb
 from sevsim.arch.ghcb_msr import GhcbMsr, bits
 from sevsim.arch.ioio import IoioInfo
+from sevsim.errors import GuestMemoryError
 from sevsim.guest.vc_native import TERM_REASON_SET, TermReason
+from sevsim.hw import GuestMemoryView
 from sevsim.kvm.dispatch import ExitKind
 from sevsim.kvm.exits import Hlt, KvmExit, SystemEvent, SystemEventType
 
@@ -106,12 +109,44 @@ def describe_response(info1: int, info2: int) -> str:
     return f"info1 {info1:#x} info2 {info2:#x}"
 
 
-def describe_exit(exit_: KvmExit) -> str:
+def term_reason(exit_: KvmExit, memory: GuestMemoryView | None = None) -> tuple[int, int] | None:
+    """(reason set, reason code) of a SEV_TERM exit, if it can be known.
+
+    An MSR-protocol request carries the reason in the value itself. A GHCB
+    TERM_REQUEST's data is the GHCB's GPA; the reason is in that page's
+    ``sw_exit_info_1`` (set in bits 3:0, code in 11:4), which the VMM reads from the
+    shared page, as a VMM would, when given ``memory``.
+    """
+    if not (isinstance(exit_, SystemEvent) and exit_.type is SystemEventType.SEV_TERM):
+        return None
+    if not exit_.data:
+        return None
+    data = exit_.data[0]
+    if G.info(data) == GhcbMsr.TERM_REQ:
+        return bits(data, 15, 12), bits(data, 23, 16)
+    if G.info(data) or memory is None:
+        return None
+    try:
+        request = Ghcb(memory.read(data, GHCB_PAGE_SIZE))
+    except GuestMemoryError:
+        return None
+    if request["sw_exit_code"] != VmgExit.TERM_REQUEST:
+        return None
+    info1 = request["sw_exit_info_1"]
+    return bits(info1, 3, 0), bits(info1, 11, 4)
+
+
+def describe_exit(exit_: KvmExit, memory: GuestMemoryView | None = None) -> str:
+    """An exit in words; a GHCB termination request's reason is read with ``memory``."""
     text = exit_.describe()
     if isinstance(exit_, SystemEvent) and exit_.type is SystemEventType.SEV_TERM and exit_.data:
         data = exit_.data[0]
-        # The MSR protocol's request carries GHCBInfo; a GHCB TERM_REQUEST's is the page.
-        text += f": {describe_msr(data)}" if G.info(data) else f": GHCB at {data:#x}"
+        if G.info(data):  # the MSR protocol's request, reason included
+            return f"{text}: {describe_msr(data)}"
+        text += f": GHCB TERM_REQUEST at {data:#x}"
+        reason = term_reason(exit_, memory)
+        if reason is not None:
+            text += f" {describe_reason(*reason)}"
     return text
 
 
@@ -209,17 +244,17 @@ class Trace:
 
     def record_exit(self, vcpu: Any, exit_: KvmExit) -> None:
         """The exit ``Vcpu.run`` returned to userspace."""
-        self._line(f"      -> to userspace: {describe_exit(exit_)}")
+        self._line(f"      -> to userspace: {describe_exit(exit_, vcpu.vm.memory)}")
 
     def note(self, text: str) -> None:
         """A line of the VMM's own (launch digest, warnings)."""
         self._line(text)
 
-    def summary(self, exit_: KvmExit) -> list[str]:
+    def summary(self, exit_: KvmExit, memory: GuestMemoryView | None = None) -> list[str]:
         def counted(counter: Counter[str]) -> str:
             return ", ".join(f"{name} {n}" for name, n in sorted(counter.items())) or "none"
 
-        ended = describe_exit(exit_)
+        ended = describe_exit(exit_, memory)
         if isinstance(exit_, Hlt):
             ended += " (the guest halted and no interrupt source can wake it)"
         return [f"VM ended: {ended}", f"exits: {counted(self.exits)}",

@@ -5,6 +5,7 @@ from sevsim.arch.ghcb import GHCB_SAVE_AREA, valid_bit
 from sevsim.guest.image import GHCB_GPA
 from sevsim.kvm.exits import RunFailed, SystemEvent, SystemEventType
 from sevsim.testing import run_guest
+from sevsim.vmm.runner import abnormal_end
 
 RESULT = GHCB_GPA + 0x800  # in the shared page, where the host can read it back
 
@@ -36,7 +37,17 @@ def test_hv_features_then_term_request_with_a_reason():
     assert int.from_bytes(run.vm.memory.read(RESULT, 8), "little") == 0x3
     text = "\n".join(run.trace.lines)
     assert "GHCB SVM_VMGEXIT_TERM_REQUEST  set 1 code 4 (GHCB_TERM_CPUID)" in text
-    assert "SEV_TERM [0x7000]: GHCB at 0x7000" in text
+    ended = "SEV_TERM [0x7000]: GHCB TERM_REQUEST at 0x7000 set 1 code 4 (GHCB_TERM_CPUID)"
+    assert ended in text
+    failure = abnormal_end(run.exit, run.vm.memory)
+    assert failure is not None and ended in failure
+
+
+def test_a_general_request_through_the_ghcb_is_a_normal_end():
+    run = run_guest(request(VmgExit.TERM_REQUEST, 0))
+    assert run.exit == SystemEvent(SystemEventType.SEV_TERM, (GHCB_GPA,))
+    assert abnormal_end(run.exit, run.vm.memory) is None
+    assert abnormal_end(run.exit) is not None  # without the page, the reason is unknown
 
 
 def test_unsupported_event_fails_kvm_run():

@@ -109,3 +109,20 @@ def test_page_faults_carry_the_exact_address_and_error_code(access, address, err
     cr2, code, rip = struct.unpack("<QQQ", run.vm.memory.read(RECORD, 24))
     assert (hex(cr2), code) == (hex(address), error_code)
     assert rip == (address if access.startswith("jmp") else 0x2000A)
+
+
+@pytest.mark.parametrize(
+    ("source", "info1"),
+    [("mov eax, [rax]", 0x9), ("mov [rax], eax", 0xB), ("jmp rax", 0x19)],
+    ids=["read", "write", "fetch"],
+)
+def test_mmio_npf_records_the_access_kind_like_a_reserved_bit_npt_fault(source, info1):
+    """The #VC's exit information (kept in the VMSA, where only the hardware reads it):
+    present | reserved (the MMIO SPTE), plus write or instruction fetch. The GPA is
+    the page's: the model learns only the page from Unicorn's TLB fill (hardware
+    reports the byte; no guest handler can read it, as it decodes the access itself)."""
+    run = run_guest(f"mov rax, 0xd0000010; {source}\nhlt", enable=["msr_protocol"],
+                    idt={29: HANDLER}, data=BLOBS)  # fmt: skip
+    assert isinstance(run.exit, SystemEvent), run.trace.lines
+    cpu = run.vm.vcpus[0].vmsa._page.cpu  # white box: the CPU model's record
+    assert cpu.guest_exit == (SvmExit.NPF, info1, 0xD000_0000)

@@ -406,6 +406,13 @@ class Observer:
         self.calls.append(("vmexit", {"vcpu_id": vcpu_id, "exit_code": exit_code,
                                       "info1": info1, "info2": info2}))  # fmt: skip
 
+    @hookimpl
+    def sevsim_exit_handled(
+        self, vcpu_id: int, kind: str, code: int, plugin: str, notes: dict[str, Any]
+    ) -> None:
+        self.calls.append(("exit_handled", {"vcpu_id": vcpu_id, "kind": kind, "code": code,
+                                            "plugin": plugin, "notes": notes}))  # fmt: skip
+
 
 def test_every_event_reaches_its_observer_hook(plugin_host: Callable[..., PluginHost]) -> None:
     observer = Observer()

@@ -21,7 +21,7 @@ import pytest
 from attrs import frozen
 
 from sevsim.guest.asm import assemble
-from sevsim.guest.image import CODE, GHCB_GPA, PT, GuestImage
+from sevsim.guest.image import CODE, GHCB_GPA, PT
 from sevsim.guest.snippets import TERMINATE
 from sevsim.guest.vc import VcHandler
 from sevsim.guest.vc_native import (
@@ -31,12 +31,9 @@ from sevsim.guest.vc_native import (
     term_request,
     vc_image_args,
 )
-from sevsim.kvm.events import TeeSink
 from sevsim.kvm.exits import KvmExit, SystemEvent, SystemEventType
-from sevsim.kvm.vm import Kvm
-from sevsim.testing import isolated_host
+from sevsim.testing import run_guest
 from sevsim.trace import Trace
-from sevsim.vmm.launch import launch_image
 from sevsim.vmm.machine import MMIO_TEST_GPA, Devices
 
 NESTED = SystemEvent(SystemEventType.SEV_TERM, (term_request(TermReason.NESTED_VC),))
@@ -74,18 +71,12 @@ def run(
     """``source`` as an SEV-ES guest with the native or the modeled #VC handler."""
     args: dict = {"idt": idt or {}} if modeled else vc_image_args(idt=idt)
     data = {**args.pop("data", {}), **(data or {})}
-    image = GuestImage(assemble(f"{source}\n{TERMINATE}\nhlt", CODE),
-                       shared=frozenset({GHCB_GPA}), data=data, **args)  # fmt: skip
-    host = isolated_host(enable=("msr_protocol", "ioio", "mmio"))
-    trace, devices = Trace(), Devices.standard()
     handler = VcHandler() if modeled else None
-    vm = launch_image(Kvm(), image, handlers=host.start(), events=TeeSink(host.events, trace),
-                      vc_model=handler, devices=devices)  # fmt: skip
     start = time.monotonic()
-    exit_ = vm.vcpus[0].run(timeout=TIMEOUT)
-    seconds = time.monotonic() - start
-    trace.record_exit(vm.vcpus[0], exit_)
-    return Run(exit_, seconds, trace, devices, handler)
+    guest = run_guest(f"{source}\n{TERMINATE}\nhlt", enable=("msr_protocol", "ioio", "mmio"),
+                      vc_model=handler, timeout=TIMEOUT, shared=frozenset({GHCB_GPA}),
+                      data=data, **args)  # fmt: skip
+    return Run(guest.exit, time.monotonic() - start, guest.trace, guest.devices, handler)
 
 
 #: name -> (set-up, the instruction that faults, the exit code of the first #VC)

@@ -35,6 +35,7 @@ from unicorn import (
     UC_HOOK_MEM_UNMAPPED,
     UC_HOOK_TLB_FILL,
     UC_MEM_FETCH,
+    UC_MEM_FETCH_UNMAPPED,
     UC_MEM_WRITE,
     UC_MEM_WRITE_UNMAPPED,
     UC_MODE_32,
@@ -175,6 +176,7 @@ class _Npf:
 
     gpa: int
     write: bool
+    fetch: bool = False
 
 
 Stop = _AtSite | _Exception | _Halted | _Interrupted | _Npf
@@ -522,7 +524,7 @@ class GuestCpu:
         if fault is not None and fault.gpa is not None and fault.error_code is None and t:
             # MMIO: the #VC handler decodes the access itself; the page's GPA is enough,
             # and refusing the fill keeps the TLB intact (no flush per MMIO access).
-            self._stop = _Npf(fault.gpa, kind == ACCESS_WRITE)
+            self._stop = _Npf(fault.gpa, kind == ACCESS_WRITE, kind == ACCESS_FETCH)
             return False
         if fault is not None:
             # Unicorn tells the fill hook only the page. Map the page to a physical page
@@ -679,7 +681,8 @@ class GuestCpu:
         elif fault.gpa is None:
             self._stop = _Exception(PF_VECTOR, fault.error_code, exact)
         else:
-            self._stop = _Npf(fault.gpa | (address & 0xFFF), access == UC_MEM_WRITE_UNMAPPED)
+            self._stop = _Npf(fault.gpa | (address & 0xFFF), access == UC_MEM_WRITE_UNMAPPED,
+                              access == UC_MEM_FETCH_UNMAPPED)  # fmt: skip
         self._flush_after_stop = True
         return False
 
@@ -807,9 +810,11 @@ class GuestCpu:
                 return HwExit(SvmExit.INTR, why="the host's time slice ended")
             case _Exception(vector, error_code, cr2, software):
                 return self.deliver_exception(vector, error_code, cr2, software=software)
-            case _Npf(gpa, write):
-                # exit_info_1: a #PF-style error code (present, reserved: the MMIO SPTE)
-                return self.raise_vc(SvmExit.NPF, 0x9 | (0x2 if write else 0), gpa)
+            case _Npf(gpa, write, fetch):
+                # exit_info_1: a #PF-style error code (present, reserved: the MMIO SPTE;
+                # write, instruction fetch)
+                code = 0x9 | (0x2 if write else 0) | (0x10 if fetch else 0)
+                return self.raise_vc(SvmExit.NPF, code, gpa)
             case _AtSite(site, rip):
                 return self._handle_site(site, rip)
         raise AssertionError(f"unknown stop {stop!r}")

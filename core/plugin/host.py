@@ -40,7 +40,7 @@ from typing import Any
 import pluggy
 from attrs import define, evolve, field, frozen
 
-from sevsim.errors import ConfigError, PluginError
+from sevsim.errors import FOREIGN_FAULTS, ConfigError, PluginError
 from sevsim.kvm.dispatch import ExitHandler, ExitKind, ExitTable
 from sevsim.plugin import hookspecs
 from sevsim.plugin.config import PluginConfig
@@ -86,12 +86,6 @@ class Problem:
 class _RejectedSettings(Exception):
     """A plugin's ``sevsim_configure`` raised ConfigError, or the plugin takes no
     settings but was given some: the user's input, always fatal."""
-
-
-#: What a plugin may raise while it is imported, configured or asked for its records
-#: and still count as one broken plugin: everything but KeyboardInterrupt and
-#: GeneratorExit (a plugin calling ``sys.exit()`` at import must not end sevsim).
-_PLUGIN_FAULTS = (Exception, SystemExit)
 
 
 def _one_line(text: str) -> str:
@@ -217,7 +211,7 @@ class PluginHost:
                 infos[name] = self._info(candidate, FAILED, _failure(e))
                 self._problems.append(Problem(_failure(e), fatal=True))
                 continue
-            except _PLUGIN_FAULTS as e:
+            except FOREIGN_FAULTS as e:
                 infos[name] = self._info(candidate, FAILED, _failure(e))
                 self._problems.append(
                     Problem(f"plugin {name!r} failed to load: {_failure(e)}", fatal=False)

@@ -8,8 +8,9 @@ the vCPU.
 
 How the run ended decides whether it succeeded (:func:`abnormal_end`, and
 ``sevsim run``'s exit status): the guest asking for termination with the general
-reason (a SEV_TERM system event carrying TERM_REQ set 0 code 0, what the demo guest
-and :data:`sevsim.guest.snippets.TERMINATE` send) and a HLT are normal ends;
+reason (a SEV_TERM system event for a termination request with set 0 code 0, what
+the demo guest and :data:`sevsim.guest.snippets.TERMINATE` send, through the GHCB MSR
+or a GHCB page) and a HLT are normal ends;
 everything else is a failure: a termination request with any other reason (the
 guest gave up, e.g. with its #VC handler's own reason set), a shutdown, an internal
 error, any other exit, and a failed KVM_RUN (``-errno``, including ``-EINTR`` when
@@ -25,14 +26,14 @@ from typing import Any
 
 from attrs import frozen
 
-from sevsim.arch.ghcb_msr import GhcbMsr, bits, info
 from sevsim.errors import ConfigError
 from sevsim.guest.image import GuestImage
+from sevsim.hw import GuestMemoryView
 from sevsim.kvm.dispatch import ExitTable
 from sevsim.kvm.events import EventSink, TeeSink
 from sevsim.kvm.exits import Hlt, KvmExit, SystemEvent, SystemEventType
 from sevsim.kvm.vm import Kvm, Vm
-from sevsim.trace import Trace, describe_exit
+from sevsim.trace import Trace, describe_exit, term_reason
 from sevsim.vmm.launch import launch_image
 from sevsim.vmm.machine import Devices
 
@@ -53,24 +54,21 @@ def check_timeout(value: object, where: str) -> float:
     return float(value)
 
 
-def abnormal_end(exit_: KvmExit) -> str | None:
-    """None if ``exit_`` is a normal end of a run (see the module doc), else why not."""
+def abnormal_end(exit_: KvmExit, memory: GuestMemoryView | None = None) -> str | None:
+    """None if ``exit_`` is a normal end of a run (see the module doc), else why not.
+
+    ``memory`` lets a GHCB termination request's reason be read from its page.
+    """
     if isinstance(exit_, Hlt):
         return None
     if isinstance(exit_, SystemEvent) and exit_.type is SystemEventType.SEV_TERM:
-        msr = exit_.data[0] if exit_.data else None
-        if (
-            msr is not None
-            and info(msr) == GhcbMsr.TERM_REQ
-            and bits(msr, 15, 12) == 0
-            and bits(msr, 23, 16) == 0
-        ):
+        if term_reason(exit_, memory) == (0, 0):
             return None
         return (
-            f"the guest asked to terminate with a failure reason: {describe_exit(exit_)} "
-            "(a normal end is reason set 0 code 0, or HLT)"
+            f"the guest asked to terminate with a failure reason: "
+            f"{describe_exit(exit_, memory)} (a normal end is reason set 0 code 0, or HLT)"
         )
-    return f"the VM did not end normally: {describe_exit(exit_)}"
+    return f"the VM did not end normally: {describe_exit(exit_, memory)}"
 
 
 @frozen
@@ -82,7 +80,7 @@ class RunResult:
     @property
     def failure(self) -> str | None:
         """:func:`abnormal_end` of the exit: None when the run ended normally."""
-        return abnormal_end(self.exit)
+        return abnormal_end(self.exit, self.vm.memory)
 
 
 def run_image(

@@ -121,7 +121,7 @@ def efer_trap(ctx: ExitContext) -> None:
 
 
 @hookimpl
-def sevsim_exit_handlers(config: object) -> Iterator[ExitHandler]:
+def sevsim_exit_handlers() -> Iterator[ExitHandler]:
     kind = ExitKind.VMEXIT
     yield ExitHandler(kind, SvmExit.EFER_WRITE_TRAP, efer_trap)
     for code in (SvmExit.CR0_WRITE_TRAP, SvmExit.CR4_WRITE_TRAP, SvmExit.CR8_WRITE_TRAP):

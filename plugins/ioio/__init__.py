@@ -76,5 +76,5 @@ def string_io(ctx: ExitContext, info: IoioInfo) -> O.Outcome | None:
 
 
 @hookimpl
-def sevsim_exit_handlers(config: object) -> Iterator[ExitHandler]:
+def sevsim_exit_handlers() -> Iterator[ExitHandler]:
     yield ExitHandler(ExitKind.VMGEXIT, SvmExit.IOIO, io_interception, requires)

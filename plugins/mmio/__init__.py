@@ -58,6 +58,6 @@ def mmio_write(ctx: ExitContext) -> Outcome | None:
 
 
 @hookimpl
-def sevsim_exit_handlers(config: object) -> Iterator[ExitHandler]:
+def sevsim_exit_handlers() -> Iterator[ExitHandler]:
     yield ExitHandler(ExitKind.VMGEXIT, VmgExit.MMIO_READ, mmio_read, ("sw_scratch",))
     yield ExitHandler(ExitKind.VMGEXIT, VmgExit.MMIO_WRITE, mmio_write, ("sw_scratch",))
