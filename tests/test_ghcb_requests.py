@@ -1,8 +1,9 @@
 """The GHCB protocol's own requests, sent by guest code through the whole path."""
 
 from sevsim.arch.exits import VmgExit
-from sevsim.arch.ghcb import GHCB_SAVE_AREA, valid_bit
+from sevsim.arch.ghcb import GHCB_SAVE_AREA
 from sevsim.guest.image import GHCB_GPA
+from sevsim.guest.snippets import ghcb_vmgexit
 from sevsim.kvm.exits import RunFailed, SystemEvent, SystemEventType
 from sevsim.testing import run_guest
 from sevsim.vmm.runner import abnormal_end
@@ -10,28 +11,11 @@ from sevsim.vmm.runner import abnormal_end
 RESULT = GHCB_GPA + 0x800  # in the shared page, where the host can read it back
 
 
-def request(code: int, info1: int = 0) -> str:
-    """Fill the GHCB for ``code`` (the three sw_* fields valid), then VMGEXIT."""
-    sw = ("sw_exit_code", "sw_exit_info_1", "sw_exit_info_2")
-    bitmap = sum(1 << valid_bit(name) for name in sw)
-    bitmap_at = GHCB_SAVE_AREA.offset("valid_bitmap")
-    return f"""
-        mov rdi, {GHCB_GPA}
-        mov rax, {code}; mov [rdi + {GHCB_SAVE_AREA.offset("sw_exit_code")}], rax
-        mov rax, {info1}; mov [rdi + {GHCB_SAVE_AREA.offset("sw_exit_info_1")}], rax
-        xor eax, eax; mov [rdi + {GHCB_SAVE_AREA.offset("sw_exit_info_2")}], rax
-        mov rax, {bitmap & (1 << 64) - 1}; mov [rdi + {bitmap_at}], rax
-        mov rax, {bitmap >> 64}; mov [rdi + {bitmap_at + 8}], rax
-        mov ecx, 0xC0010130; mov eax, {GHCB_GPA}; xor edx, edx; wrmsr
-        rep vmmcall
-    """
-
-
 def test_hv_features_then_term_request_with_a_reason():
     info2 = GHCB_SAVE_AREA.offset("sw_exit_info_2")
-    source = (request(VmgExit.HV_FEATURES)
+    source = (ghcb_vmgexit(VmgExit.HV_FEATURES)
               + f"mov rax, [rdi + {info2}]; mov rsi, {RESULT}; mov [rsi], rax"
-              + request(VmgExit.TERM_REQUEST, 1 | 4 << 4))  # fmt: skip
+              + ghcb_vmgexit(VmgExit.TERM_REQUEST, 1 | 4 << 4))  # fmt: skip
     run = run_guest(source)
     assert run.exit == SystemEvent(SystemEventType.SEV_TERM, (GHCB_GPA,))
     assert int.from_bytes(run.vm.memory.read(RESULT, 8), "little") == 0x3
@@ -44,13 +28,13 @@ def test_hv_features_then_term_request_with_a_reason():
 
 
 def test_a_general_request_through_the_ghcb_is_a_normal_end():
-    run = run_guest(request(VmgExit.TERM_REQUEST, 0))
+    run = run_guest(ghcb_vmgexit(VmgExit.TERM_REQUEST, 0))
     assert run.exit == SystemEvent(SystemEventType.SEV_TERM, (GHCB_GPA,))
     assert abnormal_end(run.exit, run.vm.memory) is None
     assert abnormal_end(run.exit) is not None  # without the page, the reason is unknown
 
 
 def test_unsupported_event_fails_kvm_run():
-    run = run_guest(request(VmgExit.UNSUPPORTED_EVENT, 0x29))
+    run = run_guest(ghcb_vmgexit(VmgExit.UNSUPPORTED_EVENT, 0x29))
     assert isinstance(run.exit, RunFailed) and run.exit.errno == "EINVAL"
     assert "exit_info_1 0x29" in run.exit.why

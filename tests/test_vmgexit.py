@@ -36,7 +36,7 @@ OUTSIDE = 0x9000  # guest RAM outside the GHCB page
 UNCLAIMED_MMIO = 0xE000_0000
 #: A software exit code no built-in handler owns, for recording handlers.
 SW_CODE = SVM_EXIT_SW + 1
-PLUGINS = ("msr_protocol", "ioio", "mmio")
+PLUGINS = ("msr_protocol", "ioio", "mmio", "apboot", "nmi")
 MALFORMED = GhcbResp.MALFORMED_INPUT
 #: The valid bits KVM sets in the page it hands back: rax, rcx, rdx, rbx, info_1, info_2.
 RETURNED_BITS = {63, 97, 98, 99, 115, 116}
@@ -388,6 +388,11 @@ REQUESTS = [
     ("mmio_read", VmgExit.MMIO_READ, MMIO_TEST_GPA, 8, {"sw_scratch": SHARED}, ("sw_scratch",)),
     ("mmio_write", VmgExit.MMIO_WRITE, MMIO_TEST_GPA + 8, 8, {"sw_scratch": SHARED},
      ("sw_scratch",)),
+    ("nmi_complete", VmgExit.NMI_COMPLETE, 0, 0, {}, ()),
+    ("ap_hlt_loop", VmgExit.AP_HLT_LOOP, 0, 0, {}, ()),
+    ("ap_jump_table_set", VmgExit.AP_JUMP_TABLE, 0, 0x9000, {}, ()),
+    ("ap_jump_table_get", VmgExit.AP_JUMP_TABLE, 1, 0, {}, ()),
+    ("hv_features", VmgExit.HV_FEATURES, 0, 0, {}, ()),
 ]  # fmt: skip
 
 
@@ -517,11 +522,14 @@ def test_unsupported_event_fails_kvm_run_with_einval():
 
 
 @pytest.mark.parametrize(
-    "code", [VmgExit.HV_FEATURES, VmgExit.TERM_REQUEST, VmgExit.UNSUPPORTED_EVENT], ids=hex
-)
+    "code",
+    [VmgExit.HV_FEATURES, VmgExit.TERM_REQUEST, VmgExit.UNSUPPORTED_EVENT,
+     VmgExit.NMI_COMPLETE, VmgExit.AP_HLT_LOOP, VmgExit.AP_JUMP_TABLE],
+    ids=hex,
+)  # fmt: skip
 @pytest.mark.parametrize("field", ["sw_exit_code", "sw_exit_info_1", "sw_exit_info_2"])
-def test_protocol_requests_need_the_three_sw_fields(code, field):
-    out = core().vmgexit(without(page(code), field))
+def test_codes_without_extra_inputs_still_need_the_three_sw_fields(code, field):
+    out = full().vmgexit(without(page(code), field))
     assert out.exit is None
     assert reply(out) == (MALFORMED, GhcbErr.MISSING_INPUT)
 
@@ -782,13 +790,15 @@ def test_msr_hv_features_and_term_request():
     assert full().msr_protocol(0x100).exit == SystemEvent(SysEv.SEV_TERM, (0x100,))
 
 
-@pytest.mark.parametrize("value", [0x0FF, 0xFFF, 0x1234_5678_9ABC_D003, 0x006])
+@pytest.mark.parametrize("value", [0x0FF, 0xFFF, 0x1234_5678_9ABC_D003, 0x008])
 def test_unknown_msr_request_leaves_the_msr_and_resumes(value):
     out = full().msr_protocol(value)
     assert out.exit is None and out.msr == value
 
 
-@pytest.mark.parametrize("value", [GhcbMsr.SEV_INFO_REQ, cpuid_req(0, 0), GhcbMsr.TERM_REQ])
+@pytest.mark.parametrize(
+    "value", [GhcbMsr.SEV_INFO_REQ, cpuid_req(0, 0), GhcbMsr.TERM_REQ, GhcbMsr.AP_RESET_HOLD_REQ]
+)
 def test_msr_request_without_the_plugin_is_ignored(value):
     out = core().msr_protocol(value)
     assert out.exit is None and out.msr == value

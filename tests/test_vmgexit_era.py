@@ -152,7 +152,8 @@ def test_term_request_fails_kvm_run_with_einval():
 
 @pytest.mark.parametrize(
     "request_",
-    [GhcbMsr.HV_FT_REQ, GhcbMsr.PREF_GPA_REQ, GhcbMsr.REG_GPA_REQ, GhcbMsr.PSC_REQ],
+    [GhcbMsr.HV_FT_REQ, GhcbMsr.AP_RESET_HOLD_REQ, GhcbMsr.PREF_GPA_REQ, GhcbMsr.REG_GPA_REQ,
+     GhcbMsr.PSC_REQ],
     ids=lambda v: v.name,
 )
 def test_requests_added_after_5_11_fail_kvm_run_with_einval(request_):

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from sevsim.arch.ghcb import GHCB_SAVE_AREA, valid_bit
 from sevsim.arch.ghcb_msr import term_req
+from sevsim.guest.image import GHCB_GPA
+
+_SW_FIELDS = ("sw_exit_code", "sw_exit_info_1", "sw_exit_info_2")
+_SW_BITMAP = sum(1 << valid_bit(name) for name in _SW_FIELDS)
 
 
 def terminate(reason_set: int = 0, reason_code: int = 0) -> str:
@@ -21,3 +26,26 @@ def terminate(reason_set: int = 0, reason_code: int = 0) -> str:
 
 #: The general termination request (set 0, code 0), as KVM's sev_smoke_test sends it.
 TERMINATE = terminate()
+
+
+def ghcb_vmgexit(
+    code: int, info1: int | str = 0, info2: int | str = 0, ghcb: int = GHCB_GPA
+) -> str:
+    """Ask through the GHCB page at ``ghcb`` (mapped at the same virtual address):
+    ``sw_exit_code``, ``sw_exit_info_1/2`` (immediates, or registers other than RAX,
+    RCX, RDX and RDI), only those three marked valid, GHCB MSR = the page, VMGEXIT.
+
+    Leaves RDI pointing at the GHCB, for reading the reply; clobbers RAX, RCX, RDX.
+    """
+    bitmap = GHCB_SAVE_AREA.offset("valid_bitmap")
+    at = {name: GHCB_SAVE_AREA.offset(name) for name in _SW_FIELDS}
+    return f"""
+    mov rdi, {ghcb}
+    mov rax, {code}; mov [rdi + {at["sw_exit_code"]}], rax
+    mov rax, {info1}; mov [rdi + {at["sw_exit_info_1"]}], rax
+    mov rax, {info2}; mov [rdi + {at["sw_exit_info_2"]}], rax
+    mov rax, {_SW_BITMAP & (1 << 64) - 1}; mov [rdi + {bitmap}], rax
+    mov rax, {_SW_BITMAP >> 64}; mov [rdi + {bitmap + 8}], rax
+    mov ecx, 0xC0010130; mov eax, {ghcb & 0xFFFF_FFFF}; mov edx, {ghcb >> 32}; wrmsr
+    rep vmmcall
+"""

@@ -73,6 +73,7 @@ _CPL0_ONLY = frozenset({
     SvmExit.VMLOAD, SvmExit.VMSAVE, SvmExit.STGI, SvmExit.CLGI, SvmExit.SKINIT,
     SvmExit.INVLPGA,
 })  # fmt: skip
+NMI_VECTOR = 2
 VC_VECTOR = 29
 DF_VECTOR = 8
 GP_VECTOR = 13
@@ -920,6 +921,8 @@ class GuestCpu:
         if not event_inj & EventInj.VALID:
             return None
         vector = event_inj & EventInj.VECTOR_MASK
+        if (event_inj >> EventInj.TYPE_SHIFT) & 7 == EventInj.TYPE_NMI:
+            vector = NMI_VECTOR  # the vector field is ignored for an NMI
         code = error_code if event_inj & EventInj.EV else None
         if self._vc_run is not None:
             self._deferred_event = (vector, code)

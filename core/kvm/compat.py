@@ -53,6 +53,10 @@ class Newest:
         ctx.bad_input(error)
         return O.RESUME
 
+    def bad_subcode(self, ctx: ExitContext) -> None:
+        """A request with a subcode KVM does not know (AP_JUMP_TABLE): INVALID_INPUT."""
+        ctx.bad_input(GhcbErr.INVALID_INPUT)
+
     def terminate(self, value: int) -> O.Outcome:
         """The guest asked for termination: KVM_EXIT_SYSTEM_EVENT, SEV_TERM, raw MSR value."""
         return O.ExitToUser(SystemEvent(SystemEventType.SEV_TERM, (value,)))
@@ -86,11 +90,16 @@ class V5_11(Newest):
     def bad_scratch(self, ctx: ExitContext, error: GhcbErr) -> O.Outcome:
         return O.Fail("EINVAL", f"invalid scratch area ({error.name})")
 
+    def bad_subcode(self, ctx: ExitContext) -> None:
+        """5.11 answered an unknown subcode with #UD for the guest to raise."""
+        ctx.inject_exception(UD_VECTOR)
+
     def terminate(self, value: int) -> O.Outcome:
         """5.11 logged the request and failed KVM_RUN (SEV_TERM events came in ~5.19)."""
         return O.Fail("EINVAL", f"the guest requested termination ({value:#x})")
 
 
+UD_VECTOR = 6
 #: The MSR-protocol requests of the original series: SEV_INFO, CPUID, TERM_REQ.
 _V5_11_MSR_REQUESTS = frozenset({GhcbMsr.SEV_INFO_REQ, GhcbMsr.CPUID_REQ, GhcbMsr.TERM_REQ})
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from sevsim.arch import ghcb_msr
 from sevsim.arch.exits import SNP_ONLY_VMGEXITS, GhcbErr, SvmExit
 from sevsim.arch.ghcb import GHCB_PAGE_SIZE, GHCB_USAGE_DEFAULT, Ghcb
-from sevsim.arch.vmcb import VMCB_CONTROL
+from sevsim.arch.vmcb import VMCB_CONTROL, EventInj
 from sevsim.arch.vmsa import VMSA, VMSA_PAGE_SIZE, Segment
 from sevsim.errors import FOREIGN_FAULTS, GuestMemoryError, VcpuError
 from sevsim.hw import HwExit
@@ -24,6 +24,7 @@ from sevsim.kvm.context import ExitContext
 from sevsim.kvm.control_regs import ControlRegs
 from sevsim.kvm.dispatch import ExitHandler, ExitKind, code_name
 from sevsim.kvm.exits import (
+    ApResetHold,
     FailEntry,
     Hlt,
     InternalError,
@@ -33,6 +34,7 @@ from sevsim.kvm.exits import (
     Shutdown,
 )
 from sevsim.kvm.msrs import MsrModel
+from sevsim.kvm.pending import NMI_EVENT, ApResetHoldType, MpState, NmiState
 from sevsim.kvm.svm_setup import init_vmcb
 
 if TYPE_CHECKING:
@@ -73,6 +75,11 @@ class Vcpu:
         #: CR0/CR4/CR8/EFER as KVM knows them: the initial state, then the write traps.
         self.cr = ControlRegs()
         self.msrs = MsrModel()
+        self.nmi_state = NmiState()
+        #: ``KVM_MP_STATE_*``; AP_RESET_HOLD while an AP is parked (see ``deliver_sipi``).
+        self.mp_state = MpState.RUNNABLE
+        self.ap_reset_hold_type = ApResetHoldType.NONE
+        self.received_first_sipi = False
         self._ghcb: Ghcb | None = None
         self._ghcb_gpa = 0
         self._ctx: ExitContext | None = None
@@ -133,8 +140,12 @@ class Vcpu:
             raise VcpuError(f"vCPU {self.id}: VM is terminated: {self.vm.dead}")
         if not self.guest_state_protected:
             raise VcpuError(f"vCPU {self.id}: run LAUNCH_UPDATE_VMSA before KVM_RUN")
+        if self.mp_state is MpState.AP_RESET_HOLD:  # KVM would block until a signal
+            return RunFailed("EINTR", f"vCPU {self.id} is parked in AP reset hold; only an "
+                             "INIT-SIPI (deliver_sipi) releases it")  # fmt: skip
         while True:
             self.prepare_switch_to_guest()
+            self._inject_pending_events()
             self.debug = self.vm.platform.vmrun(self.vmcb, self.vm.memory, deadline)
             for rip, code in self.debug.vcs:  # the simulator's view, for the trace only
                 self.vm.emit("vc", vcpu_id=self.id, exit_code=code, rip=rip)
@@ -222,6 +233,49 @@ class Vcpu:
         why = f"handler of plugin {who!r} for {handler.describe()} {problem}"
         return O.ExitToUser(RunFailed("EIO", why, plugin=who))
 
+    # -- events between runs: NMIs, AP reset hold and SIPI ------------------------------
+
+    def nmi(self) -> None:
+        """KVM_NMI: queue an NMI; it is injected at an entry when NMIs are unmasked."""
+        self.nmi_state.queued += 1
+
+    def _inject_pending_events(self) -> None:
+        """``inject_pending_event``: an NMI goes into EVENTINJ unless another event
+        (an exception KVM queued) already occupies it this entry."""
+        nmi = self.nmi_state
+        nmi.process()
+        if VMCB_CONTROL.get(self.vmcb, "event_inj") & EventInj.VALID:
+            return
+        if nmi.take():
+            self.queue_event(NMI_EVENT)
+
+    def ap_reset_hold(self, kind: ApResetHoldType) -> O.Outcome:
+        """``kvm_emulate_ap_reset_hold``: park this vCPU until a SIPI. Without an
+        in-kernel LAPIC KVM tells userspace (KVM_EXIT_AP_RESET_HOLD); the GHCB of an
+        AP_HLT_LOOP stays mapped, to be answered by the SIPI."""
+        self.ap_reset_hold_type = kind
+        self.mp_state = MpState.AP_RESET_HOLD
+        return O.ExitToUser(ApResetHold())
+
+    def deliver_sipi(self, vector: int) -> None:
+        """A SIPI from the local APIC (sevsim's LAPIC is in the VMM, which calls this).
+
+        ``sev_vcpu_deliver_sipi_vector``: the first SIPI is swallowed (the AP starts
+        from its VMSA; KVM cannot set its CS:IP). A later one answers the AP's reset
+        hold request and makes it runnable; the vector is ignored either way, since
+        the AP reads its jump table itself.
+        """
+        if not 0 <= vector <= 0xFF:
+            raise VcpuError(f"vCPU {self.id}: SIPI vector {vector!r} is not in 0..0xff")
+        if not self.received_first_sipi:
+            self.received_first_sipi = True
+            return
+        if self.ap_reset_hold_type is ApResetHoldType.NAE and self._ctx is not None:
+            self._ctx.success(1)
+        elif self.ap_reset_hold_type is ApResetHoldType.MSR_PROTO:
+            self._set_ghcb_msr(1 << 12 | ghcb_msr.GhcbMsr.AP_RESET_HOLD_RESP)
+        self.mp_state = MpState.RUNNABLE
+
     # -- VMGEXIT (sev_handle_vmgexit) ----------------------------------------------------
 
     def queue_event(self, event_inj: int, error_code: int = 0) -> None:
@@ -302,6 +356,7 @@ class Vcpu:
         """``sev_es_unmap_ghcb``: scratch back, trace, sync registers, release the GHCB."""
         ghcb, ctx = self._ghcb, self._ctx
         self._ctx = None
+        self.ap_reset_hold_type = ApResetHoldType.NONE
         if ghcb is None:
             return
         self._ghcb = None

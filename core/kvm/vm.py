@@ -91,6 +91,8 @@ class Vm:
         self.io_bus: GuestBus = EmptyBus()
         self.mmio_bus: GuestBus = EmptyBus()
         self.asid = kvm.asids.new(es=True)
+        #: ``sev->ap_jump_table``: where the guest said its APs restart (AP_JUMP_TABLE).
+        self.ap_jump_table = 0
         self.handle: int | None = None
         self.vcpus: list[Vcpu] = []
         self.dead: str | None = None
