@@ -13,7 +13,8 @@ Exit statuses:
 - 0: success. For ``sevsim run``: the VM ended normally, i.e. the guest asked for
   termination with the general reason (SEV_TERM, TERM_REQ set 0 code 0) or halted.
 - 1: ``sevsim plugins check`` found problems; ``sevsim run``: the VM did not end
-  normally (a termination request with any other reason, a shutdown, an internal
+  normally (a termination request with any other reason, or a halt after such a
+  request that no plugin handled, a shutdown, an internal
   error, a failed KVM_RUN such as -EINTR after ``--timeout`` or -EINVAL for a
   termination request in the v5.11 era); a last line on stderr says why
   (:func:`sevsim.vmm.runner.abnormal_end`).
@@ -180,7 +181,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     uart_input = sys.stdin.buffer.read() if args.uart_input == "-" else args.uart_input.encode()
     result = run_image(demo_image(), table, host.events, echo=echo, plugin_settings=settings,
                        timeout=args.timeout, uart_input=uart_input, **kvm.vm_args())  # fmt: skip
-    for line in result.trace.summary(result.exit, result.vm.memory):
+    for line in result.trace.summary(result.exit):
         print(line)
     failure = result.failure
     if failure is not None:
@@ -201,8 +202,9 @@ _RUN_EPILOG = textwrap.dedent("""\
     exit status:
       0  the VM ended normally: the guest asked for termination with the general
          reason (SEV_TERM, TERM_REQ set 0 code 0) or halted (HLT)
-      1  the VM ended any other way: a termination request with another reason,
-         shutdown, internal error, or a failed KVM_RUN (-EINTR after --timeout;
+      1  the VM ended any other way: a termination request with another reason
+         (or a halt after such a request nobody handled), shutdown, internal
+         error, or a failed KVM_RUN (-EINTR after --timeout;
          -EINVAL for a termination request in the v5.11 era); the last line on
          stderr says why
       2  a usage or configuration error

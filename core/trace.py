@@ -18,12 +18,9 @@ from capstone import CS_ARCH_X86, CS_MODE_16, CS_MODE_32, CS_MODE_64, Cs
 
 from sevsim.arch import ghcb_msr as G
 from sevsim.arch.exits import GhcbErr, GhcbResp, SvmExit, VmgExit, exit_name
-from sevsim.arch.ghcb import GHCB_PAGE_SIZE, Ghcb
 from sevsim.arch.ghcb_msr import GhcbMsr, bits
 from sevsim.arch.ioio import IoioInfo
-from sevsim.errors import GuestMemoryError
 from sevsim.guest.vc_native import TERM_REASON_SET, TermReason
-from sevsim.hw import GuestMemoryView
 from sevsim.kvm.dispatch import ExitKind
 from sevsim.kvm.exits import Hlt, KvmExit, SystemEvent, SystemEventType
 
@@ -109,44 +106,29 @@ def describe_response(info1: int, info2: int) -> str:
     return f"info1 {info1:#x} info2 {info2:#x}"
 
 
-def term_reason(exit_: KvmExit, memory: GuestMemoryView | None = None) -> tuple[int, int] | None:
-    """(reason set, reason code) of a SEV_TERM exit, if it can be known.
-
-    An MSR-protocol request carries the reason in the value itself. A GHCB
-    TERM_REQUEST's data is the GHCB's GPA; the reason is in that page's
-    ``sw_exit_info_1`` (set in bits 3:0, code in 11:4), which the VMM reads from the
-    shared page, as a VMM would, when given ``memory``.
-    """
-    if not (isinstance(exit_, SystemEvent) and exit_.type is SystemEventType.SEV_TERM):
+def msr_term_reason(value: int) -> tuple[int, int] | None:
+    """(reason set, reason code) of a GHCB MSR value that is a TERM_REQ, else None."""
+    if G.info(value) != GhcbMsr.TERM_REQ:
         return None
-    if not exit_.data:
-        return None
-    data = exit_.data[0]
-    if G.info(data) == GhcbMsr.TERM_REQ:
-        return bits(data, 15, 12), bits(data, 23, 16)
-    if G.info(data) or memory is None:
-        return None
-    try:
-        request = Ghcb(memory.read(data, GHCB_PAGE_SIZE))
-    except GuestMemoryError:
-        return None
-    if request["sw_exit_code"] != VmgExit.TERM_REQUEST:
-        return None
-    info1 = request["sw_exit_info_1"]
-    return bits(info1, 3, 0), bits(info1, 11, 4)
+    return bits(value, 15, 12), bits(value, 23, 16)
 
 
-def describe_exit(exit_: KvmExit, memory: GuestMemoryView | None = None) -> str:
-    """An exit in words; a GHCB termination request's reason is read with ``memory``."""
+def is_sev_term(exit_: KvmExit) -> bool:
+    return isinstance(exit_, SystemEvent) and exit_.type is SystemEventType.SEV_TERM
+
+
+def describe_exit(exit_: KvmExit, ghcb_reason: tuple[int, int] | None = None) -> str:
+    """An exit in words. A SEV_TERM from the MSR protocol carries its reason; one from
+    a GHCB TERM_REQUEST carries the GHCB's GPA, and its reason (``ghcb_reason``) is
+    known only to whoever saw the request (KVM logs it; the trace records it)."""
     text = exit_.describe()
-    if isinstance(exit_, SystemEvent) and exit_.type is SystemEventType.SEV_TERM and exit_.data:
-        data = exit_.data[0]
-        if G.info(data):  # the MSR protocol's request, reason included
+    if is_sev_term(exit_) and exit_.data:  # type: ignore[attr-defined]
+        data = exit_.data[0]  # type: ignore[attr-defined]
+        if G.info(data):
             return f"{text}: {describe_msr(data)}"
         text += f": GHCB TERM_REQUEST at {data:#x}"
-        reason = term_reason(exit_, memory)
-        if reason is not None:
-            text += f" {describe_reason(*reason)}"
+        if ghcb_reason is not None:
+            text += f" {describe_reason(*ghcb_reason)}"
     return text
 
 
@@ -159,9 +141,15 @@ class Trace:
         self.exits: Counter[str] = Counter()
         #: What the guest asked for: MSR-protocol requests and GHCB exit codes.
         self.requests: Counter[str] = Counter()
+        #: The reason of each vCPU's last GHCB TERM_REQUEST (from the request, as KVM
+        #: logs it: the SEV_TERM exit carries only the GHCB's address).
+        self.ghcb_term_reasons: dict[int, tuple[int, int]] = {}
+        #: The reason of a TERM_REQ that no plugin handled (the guest went on), if any.
+        self.ignored_termination: tuple[int, int] | None = None
         self._echo = echo
         self._vms: list[Any] = []
         self._seq = 0
+        self._request: int | None = None
 
     # -- EventSink --------------------------------------------------------------------
 
@@ -217,15 +205,18 @@ class Trace:
         vcpu = self._vcpu(vcpu_id)
         code = G.info(ghcb_gpa)
         handled = vcpu is not None and vcpu.vm.lookup(ExitKind.MSR_PROTOCOL, code)
-        if not handled and ghcb_gpa == getattr(self, "_request", None):
+        if not handled and ghcb_gpa == self._request:
             self._line("      ignored: no plugin handles this request; the guest reads its "
                        "own value back")  # fmt: skip
+            self.ignored_termination = msr_term_reason(ghcb_gpa) or self.ignored_termination
             return
         self._line(f"      reply        {ghcb_gpa:#018x}  {describe_msr(ghcb_gpa)}")
 
     def _on_vmgexit_enter(self, vcpu_id: int, exit_reason: int, info1: int, info2: int) -> None:
         name = exit_name(exit_reason)
         self.requests[f"GHCB {name}"] += 1
+        if exit_reason == VmgExit.TERM_REQUEST:
+            self.ghcb_term_reasons[vcpu_id] = bits(info1, 3, 0), bits(info1, 11, 4)
         self._line(f"      GHCB {name}  {describe_request(exit_reason, info1, info2)}")
 
     def _on_vc(self, vcpu_id: int, exit_code: int, rip: int) -> None:
@@ -244,17 +235,30 @@ class Trace:
 
     def record_exit(self, vcpu: Any, exit_: KvmExit) -> None:
         """The exit ``Vcpu.run`` returned to userspace."""
-        self._line(f"      -> to userspace: {describe_exit(exit_, vcpu.vm.memory)}")
+        self._line(f"      -> to userspace: {self.describe_exit(exit_, vcpu.id)}")
 
     def note(self, text: str) -> None:
         """A line of the VMM's own (launch digest, warnings)."""
         self._line(text)
 
-    def summary(self, exit_: KvmExit, memory: GuestMemoryView | None = None) -> list[str]:
+    def term_reason(self, exit_: KvmExit, vcpu_id: int = 0) -> tuple[int, int] | None:
+        """(reason set, reason code) of a SEV_TERM exit of ``vcpu_id``, if known."""
+        if not is_sev_term(exit_) or not exit_.data:  # type: ignore[attr-defined]
+            return None
+        data = exit_.data[0]  # type: ignore[attr-defined]
+        if G.info(data):
+            return msr_term_reason(data)
+        return self.ghcb_term_reasons.get(vcpu_id)
+
+    def describe_exit(self, exit_: KvmExit, vcpu_id: int = 0) -> str:
+        """:func:`describe_exit` with the GHCB termination reason this trace saw."""
+        return describe_exit(exit_, self.ghcb_term_reasons.get(vcpu_id))
+
+    def summary(self, exit_: KvmExit, vcpu_id: int = 0) -> list[str]:
         def counted(counter: Counter[str]) -> str:
             return ", ".join(f"{name} {n}" for name, n in sorted(counter.items())) or "none"
 
-        ended = describe_exit(exit_, memory)
+        ended = self.describe_exit(exit_, vcpu_id)
         if isinstance(exit_, Hlt):
             ended += " (the guest halted and no interrupt source can wake it)"
         return [f"VM ended: {ended}", f"exits: {counted(self.exits)}",

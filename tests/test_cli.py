@@ -73,9 +73,18 @@ def test_run_ending_normally_exits_0(capsys: pytest.CaptureFixture[str]) -> None
     assert captured.err == ""
 
 
-def test_run_that_halts_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["run", "-q", "-p", "no:msr_protocol"]) == 0
-    assert "VM ended: Hlt" in capsys.readouterr().out
+def test_a_halt_after_an_unhandled_failure_request_exits_1(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Without msr_protocol the demo guest cannot negotiate, asks to terminate with
+    PROT_UNSUPPORTED, nobody handles that, and it halts: the run failed."""
+    assert main(["run", "-q", "-p", "no:msr_protocol"]) == 1
+    captured = capsys.readouterr()
+    assert "VM ended: Hlt" in captured.out
+    assert captured.err == (
+        "sevsim: run failed: the guest halted after a termination request nobody "
+        "handled: set 0 code 1 (GHCB_SEV_ES_PROT_UNSUPPORTED)\n"
+    )
 
 
 def test_run_with_a_failure_reason_exits_1_with_one_line(

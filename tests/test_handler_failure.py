@@ -9,10 +9,11 @@ from sevsim import hookimpl
 from sevsim.arch.exits import SvmExit
 from sevsim.guest.snippets import TERMINATE
 from sevsim.guest.vc import VcHandler
+from sevsim.kvm import outcome as O
 from sevsim.kvm.dispatch import ExitHandler, ExitKind
-from sevsim.kvm.exits import RunFailed, SystemEvent
+from sevsim.kvm.exits import RunFailed, SystemEvent, SystemEventType
 from sevsim.kvm.vm import Kvm
-from sevsim.testing import isolated_host
+from sevsim.testing import isolated_host, run_guest
 from sevsim.vmm.launch import launch_image
 
 
@@ -75,3 +76,25 @@ def test_sys_exit_in_plugin_code_ends_only_that_vm(where):
     assert isinstance(exit_, RunFailed)
     assert "SystemExit" in (exit_.why if where != "observer" else vm.dead)
     assert vm.dead is not None
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: O.ExitToUser(42), lambda: O.ExitToUser(None), lambda: O.Fail(5, None),
+     lambda: O.ExitToUser(SystemEvent(SystemEventType.SEV_TERM, (None,))),
+     lambda: O.ExitToUser(SystemEvent(6, (1,))), lambda: O.ExitToUser(RunFailed("EIO", 3))],
+    ids=["exit-int", "exit-none", "fail-types", "data-none", "type-int", "why-int"],
+)  # fmt: skip
+def test_a_malformed_outcome_is_the_plugins_failure_not_a_crash(make):
+    """Each outcome and exit checks its fields when made: the plugin's handler raises,
+    kvm names it, and the trace of the run still completes."""
+
+    class Malformed:
+        @hookimpl
+        def sevsim_exit_handlers(self):
+            yield ExitHandler(ExitKind.MSR_PROTOCOL, 0x100, lambda ctx: make())
+
+    run = run_guest(TERMINATE, {"malformed": Malformed()})
+    assert isinstance(run.exit, RunFailed) and run.exit.plugin == "malformed"
+    assert "raised TypeError" in run.exit.why
+    assert run.trace.lines[-1].startswith("      -> to userspace: KVM_RUN failed: -EIO")

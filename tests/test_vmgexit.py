@@ -350,11 +350,16 @@ def test_rax_to_rdx_the_guest_did_not_supply_go_back_as_zero():
     assert [out.ghcb[n] for n in ("rax", "rbx", "rcx", "rdx")] == [0, 0, 0, 0]
 
 
-def test_ghcb_is_written_back_at_the_next_vmrun_not_before():
+def test_reply_is_in_the_page_at_once_registers_at_the_next_vmrun():
+    """KVM writes the mapped page: the cleared bitmap and the reply are there when the
+    exit is handled; sev_es_sync_to_ghcb adds RAX..RDX (and their bits) at entry."""
     d = core()
-    g = page(SvmExit.CPUID, rax=0, rcx=0)
+    g = page(SvmExit.CPUID, 0x11, 0x22, rax=0, rcx=0)
     assert handle_only(d, g) == O.RESUME
-    assert d.vm.memory.read(GHCB, 0x1000) == g.raw  # still the guest's request
+    now = Ghcb(d.vm.memory.read(GHCB, 0x1000))
+    assert (now["sw_exit_info_1"], now["sw_exit_info_2"]) == (0, 0)
+    assert bits(now.valid_bitmap) == {115, 116}  # cleared, then the info fields set
+    assert now["rax"] == 0 and now["rbx"] == 0  # the result is not there yet
     d.vcpu.prepare_switch_to_guest()
     after = Ghcb(d.vm.memory.read(GHCB, 0x1000))
     assert after["rax"] == 0xD and bits(after.valid_bitmap) == RETURNED_BITS

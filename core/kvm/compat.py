@@ -71,6 +71,10 @@ class V5_11(Newest):
         return O.Fail("EINVAL", why)
 
     def bad_input(self, ctx: ExitContext, error: GhcbErr, snapshot: Ghcb) -> O.Outcome:
+        # 5.11 validated the live page before syncing from it: a refused request leaves
+        # the guest's valid bitmap in place.
+        if ctx.ghcb is not None:
+            ctx.ghcb.valid_bitmap = snapshot.valid_bitmap
         # data[0] is the exit code, except for a bad usage, caught before it was read.
         code = 0 if error is GhcbErr.INVALID_USAGE else snapshot["sw_exit_code"]
         return O.ExitToUser(InternalError(

@@ -11,6 +11,7 @@ from __future__ import annotations
 from enum import IntEnum
 
 from attrs import field, frozen
+from attrs.validators import instance_of, optional
 
 
 class KvmExitReason(IntEnum):
@@ -47,6 +48,17 @@ class InternalErrorSub(IntEnum):
     UNEXPECTED_EXIT_REASON = 4
 
 
+def _u64s(instance: object, attribute: object, value: object) -> None:
+    """``data`` words: a tuple of integers that fit 64 bits, as in ``struct kvm_run``."""
+    if not isinstance(value, tuple) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 64 for v in value
+    ):
+        raise TypeError(f"exit data must be a tuple of u64 integers, not {value!r}")
+
+
+_STR = instance_of(str)
+
+
 @frozen
 class KvmExit:
     """Base of every exit; ``reason`` is the KVM_EXIT_* number (None for RunFailed)."""
@@ -61,8 +73,8 @@ class KvmExit:
 class SystemEvent(KvmExit):
     """KVM_EXIT_SYSTEM_EVENT; SEV_TERM carries the guest's termination request."""
 
-    type: SystemEventType
-    data: tuple[int, ...] = ()
+    type: SystemEventType = field(validator=instance_of(SystemEventType))
+    data: tuple[int, ...] = field(default=(), validator=_u64s)
     reason: KvmExitReason = field(init=False, default=KvmExitReason.SYSTEM_EVENT)
 
     def describe(self) -> str:
@@ -74,7 +86,7 @@ class SystemEvent(KvmExit):
 class Shutdown(KvmExit):
     """KVM_EXIT_SHUTDOWN: the guest triple-faulted (or VMRUN found a tampered VMSA)."""
 
-    why: str = ""
+    why: str = field(default="", validator=_STR)
     reason: KvmExitReason = field(init=False, default=KvmExitReason.SHUTDOWN)
 
     def describe(self) -> str:
@@ -92,9 +104,9 @@ class Hlt(KvmExit):
 class InternalError(KvmExit):
     """KVM_EXIT_INTERNAL_ERROR with its suberror and data words."""
 
-    suberror: InternalErrorSub
-    data: tuple[int, ...] = ()
-    why: str = ""
+    suberror: InternalErrorSub = field(validator=instance_of(InternalErrorSub))
+    data: tuple[int, ...] = field(default=(), validator=_u64s)
+    why: str = field(default="", validator=_STR)
     reason: KvmExitReason = field(init=False, default=KvmExitReason.INTERNAL_ERROR)
 
     def describe(self) -> str:
@@ -107,8 +119,8 @@ class InternalError(KvmExit):
 class FailEntry(KvmExit):
     """KVM_EXIT_FAIL_ENTRY: VMRUN refused the guest state (SVM_EXIT_ERR)."""
 
-    hardware_entry_failure_reason: int
-    why: str = ""
+    hardware_entry_failure_reason: int = field(validator=instance_of(int))
+    why: str = field(default="", validator=_STR)
     reason: KvmExitReason = field(init=False, default=KvmExitReason.FAIL_ENTRY)
 
 
@@ -126,9 +138,9 @@ class RunFailed(KvmExit):
     ``plugin`` names the plugin whose handler raised, when that is the cause.
     """
 
-    errno: str
-    why: str
-    plugin: str | None = None
+    errno: str = field(validator=_STR)
+    why: str = field(validator=_STR)
+    plugin: str | None = field(default=None, validator=optional(_STR))
 
     def describe(self) -> str:
         who = f" [plugin {self.plugin}]" if self.plugin else ""

@@ -2,12 +2,14 @@
 
 ``Resume`` is KVM's ``return 1`` (re-enter the guest), ``ExitToUser`` is ``return 0``
 with ``kvm_run`` filled, ``Fail`` is a negative errno from KVM_RUN. A handler that
-returns ``None`` resumes.
+returns ``None`` resumes. Each checks its fields when it is made, so a plugin that
+builds a wrong one fails inside its own handler, where kvm names it.
 """
 
 from __future__ import annotations
 
-from attrs import frozen
+from attrs import field, frozen
+from attrs.validators import instance_of
 
 from sevsim.kvm.exits import KvmExit
 
@@ -21,15 +23,15 @@ class Resume:
 class ExitToUser:
     """Stop KVM_RUN and hand ``exit`` to the VMM."""
 
-    exit: KvmExit
+    exit: KvmExit = field(validator=instance_of(KvmExit))
 
 
 @frozen
 class Fail:
     """KVM_RUN fails with ``-errno``; the VM is not runnable until the VMM acts."""
 
-    errno: str
-    why: str
+    errno: str = field(validator=instance_of(str))
+    why: str = field(validator=instance_of(str))
 
 
 Outcome = Resume | ExitToUser | Fail

@@ -30,14 +30,14 @@ class Scratch:
     length: int
     sync: bool
     in_ghcb: bool
-    data: bytearray
+    #: Inside the GHCB, a view of the mapped page itself (KVM works in place); else
+    #: KVM's own copy of the guest's buffer.
+    data: bytearray | memoryview
 
-    def write_back(self, ghcb: Ghcb, memory: GuestMemoryView, ghcb_gpa: int) -> None:
-        """Hand the data back to the guest (``sev_es_unmap_ghcb``'s scratch part)."""
-        if self.in_ghcb:
-            offset = self.gpa - ghcb_gpa
-            ghcb.raw[offset : offset + self.length] = self.data
-        elif self.sync:
+    def write_back(self, memory: GuestMemoryView) -> None:
+        """Hand a copied area back to the guest (``sev_es_unmap_ghcb``'s scratch part);
+        one in the GHCB page is already there."""
+        if not self.in_ghcb and self.sync:
             memory.write(self.gpa, self.data)
 
 
@@ -54,7 +54,8 @@ def setup_scratch(
         if scratch_gpa < lo or end > hi:
             return GhcbErr.INVALID_SCRATCH_AREA
         offset = scratch_gpa - ghcb_gpa
-        return Scratch(scratch_gpa, length, sync, True, ghcb.raw[offset : offset + length])
+        view = memoryview(ghcb.raw)[offset : offset + length]
+        return Scratch(scratch_gpa, length, sync, True, view)
     if length > GHCB_SCRATCH_AREA_LIMIT:
         return GhcbErr.INVALID_SCRATCH_AREA
     try:

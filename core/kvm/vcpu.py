@@ -272,6 +272,7 @@ class Vcpu:
             return
         if self.ap_reset_hold_type is ApResetHoldType.NAE and self._ctx is not None:
             self._ctx.success(1)
+            self._write_ghcb()
         elif self.ap_reset_hold_type is ApResetHoldType.MSR_PROTO:
             self._set_ghcb_msr(1 << 12 | ghcb_msr.GhcbMsr.AP_RESET_HOLD_RESP)
         self.mp_state = MpState.RUNNABLE
@@ -310,10 +311,24 @@ class Vcpu:
                           snapshot["sw_exit_info_2"], ghcb=ghcb, regs=self.regs)  # fmt: skip
         self._ctx = ctx
         if error is not None:
-            return self.vm.compat.bad_input(ctx, error, snapshot)
-        ctx.success()
-        assert handler is not None
-        return self._call(handler, ctx)
+            result = self.vm.compat.bad_input(ctx, error, snapshot)
+        else:
+            ctx.success()
+            assert handler is not None
+            result = self._call(handler, ctx)
+        self._write_ghcb()
+        return result
+
+    def _write_ghcb(self) -> None:
+        """KVM works on the mapped GHCB page: what it wrote there (valid bitmap cleared,
+        reply, a scratch area inside the page) is in guest memory at once, even when
+        KVM_RUN now returns to userspace. Only RAX..RDX wait for the next entry."""
+        if self._ghcb is None:
+            return
+        try:
+            self.vm.memory.write(self._ghcb_gpa, self._ghcb.raw)
+        except GuestMemoryError:  # the VMM removed the region meanwhile: nothing to write
+            pass
 
     def _sync_from_ghcb(self, ghcb: Ghcb) -> Ghcb:
         """``sev_es_sync_from_ghcb``: snapshot, zero the GPRs, take the valid ones."""
@@ -359,17 +374,14 @@ class Vcpu:
         self.ap_reset_hold_type = ApResetHoldType.NONE
         if ghcb is None:
             return
-        self._ghcb = None
         if ctx is not None and ctx.scratch is not None:
-            ctx.scratch.write_back(ghcb, self.vm.memory, self._ghcb_gpa)
+            ctx.scratch.write_back(self.vm.memory)
         self.vm.emit("vmgexit_exit", vcpu_id=self.id, exit_reason=ghcb["sw_exit_code"],
                      info1=ghcb["sw_exit_info_1"], info2=ghcb["sw_exit_info_2"])  # fmt: skip
         for name in _SYNCED_OUT:
             ghcb[name] = self.regs[name]
-        try:
-            self.vm.memory.write(self._ghcb_gpa, ghcb.raw)
-        except GuestMemoryError:  # the VMM removed the region meanwhile: nothing to write
-            pass
+        self._write_ghcb()
+        self._ghcb = None
 
     # -- the GHCB MSR protocol (sev_handle_vmgexit_msr_protocol) -----------------------
 

@@ -10,7 +10,8 @@ How the run ended decides whether it succeeded (:func:`abnormal_end`, and
 ``sevsim run``'s exit status): the guest asking for termination with the general
 reason (a SEV_TERM system event for a termination request with set 0 code 0, what
 the demo guest and :data:`sevsim.guest.snippets.TERMINATE` send, through the GHCB MSR
-or a GHCB page) and a HLT are normal ends;
+or a GHCB page) and a HLT are normal ends, unless the HLT follows a termination
+request with a failure reason that nobody handled;
 everything else is a failure: a termination request with any other reason (the
 guest gave up, e.g. with its #VC handler's own reason set), a shutdown, an internal
 error, any other exit, and a failed KVM_RUN (``-errno``, including ``-EINTR`` when
@@ -28,12 +29,11 @@ from attrs import frozen
 
 from sevsim.errors import ConfigError
 from sevsim.guest.image import GuestImage
-from sevsim.hw import GuestMemoryView
 from sevsim.kvm.dispatch import ExitTable
 from sevsim.kvm.events import EventSink, TeeSink
-from sevsim.kvm.exits import Hlt, KvmExit, SystemEvent, SystemEventType
+from sevsim.kvm.exits import Hlt, KvmExit
 from sevsim.kvm.vm import Kvm, Vm
-from sevsim.trace import Trace, describe_exit, term_reason
+from sevsim.trace import Trace, describe_exit, describe_reason, is_sev_term, msr_term_reason
 from sevsim.vmm.launch import launch_image
 from sevsim.vmm.machine import Devices
 
@@ -54,21 +54,30 @@ def check_timeout(value: object, where: str) -> float:
     return float(value)
 
 
-def abnormal_end(exit_: KvmExit, memory: GuestMemoryView | None = None) -> str | None:
+def abnormal_end(exit_: KvmExit, trace: Trace | None = None) -> str | None:
     """None if ``exit_`` is a normal end of a run (see the module doc), else why not.
 
-    ``memory`` lets a GHCB termination request's reason be read from its page.
+    ``trace`` (the run's) knows what the exit alone does not: the reason of a GHCB
+    termination request, and a termination request nobody handled before a HLT.
     """
     if isinstance(exit_, Hlt):
-        return None
-    if isinstance(exit_, SystemEvent) and exit_.type is SystemEventType.SEV_TERM:
-        if term_reason(exit_, memory) == (0, 0):
+        ignored = trace.ignored_termination if trace is not None else None
+        if ignored in (None, (0, 0)):
+            return None
+        return (f"the guest halted after a termination request nobody handled: "
+                f"{describe_reason(*ignored)}")  # fmt: skip
+    if is_sev_term(exit_):
+        reason = trace.term_reason(exit_) if trace is not None else None
+        if reason is None and exit_.data:  # type: ignore[attr-defined]
+            reason = msr_term_reason(exit_.data[0])  # type: ignore[attr-defined]
+        described = trace.describe_exit(exit_) if trace is not None else describe_exit(exit_)
+        if reason == (0, 0):
             return None
         return (
             f"the guest asked to terminate with a failure reason: "
-            f"{describe_exit(exit_, memory)} (a normal end is reason set 0 code 0, or HLT)"
+            f"{described} (a normal end is reason set 0 code 0, or HLT)"
         )
-    return f"the VM did not end normally: {describe_exit(exit_, memory)}"
+    return f"the VM did not end normally: {describe_exit(exit_)}"
 
 
 @frozen
@@ -80,7 +89,7 @@ class RunResult:
     @property
     def failure(self) -> str | None:
         """:func:`abnormal_end` of the exit: None when the run ended normally."""
-        return abnormal_end(self.exit, self.vm.memory)
+        return abnormal_end(self.exit, self.trace)
 
 
 def run_image(
