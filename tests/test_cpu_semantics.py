@@ -165,3 +165,26 @@ def test_cr8_is_the_cpus_tpr_and_survives_exits():
     assert isinstance(run.exit, SystemEvent)
     assert struct.unpack("<QQ", run.vm.memory.read(RECORD, 16)) == (9, 9)
     assert run.vm.vcpus[0].cr.cr8 == 9  # and KVM's copy, from the trap
+
+
+def test_v_tpr_of_the_initial_state_is_cr8_and_the_other_vintr_bits_survive():
+    run = run_guest(f"mov rax, cr8; mov rsi, {RECORD}; mov [rsi], rax\n" + TERMINATE,
+                    enable=["msr_protocol"], registers={"vintr_ctrl": 0x1_0305})  # fmt: skip
+    vcpu = run.vm.vcpus[0]
+    assert isinstance(run.exit, SystemEvent)
+    assert vcpu.cr.cr8 == 5  # KVM's copy, from KVM_SET_SREGS
+    assert struct.unpack("<Q", run.vm.memory.read(RECORD, 8))[0] == 5  # the guest's CR8
+    cpu = vcpu.vmsa._page.cpu  # white box: what #VMEXIT saves into the VMSA
+    assert cpu.save_state()["vintr_ctrl"] == 0x1_0305
+
+
+def test_efer_writes_are_checked_even_without_the_trap_armed():
+    """Unicorn drops unknown EFER bits silently; the CPU model raises #GP as hardware."""
+    vm = launch(guest("mov ecx, 0xC0000080; rdmsr; or eax, 0x10000; wrmsr; hlt",
+                      idt=HANDLERS, data=BLOBS))  # fmt: skip
+    vcpu = vm.vcpus[0]
+    intercepts = bytearray(VMCB_CONTROL.get(vcpu.vmcb, "intercepts"))
+    intercepts[143 // 8] &= ~(1 << 143 % 8)  # no TRAP_EFER_WRITE
+    VMCB_CONTROL.set(vcpu.vmcb, "intercepts", bytes(intercepts))
+    assert isinstance(vcpu.run(), SystemEvent)
+    assert struct.unpack("<QQ", vm.memory.read(RECORD, 16)) == (13, 0)

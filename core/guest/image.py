@@ -78,6 +78,9 @@ class GuestImage:
     #: Extra private bytes to place: gpa -> data.
     data: Mapping[int, bytes] = field(factory=dict)
     entry: int = CODE
+    #: VMSA fields that replace the defaults of :meth:`initial_state` (e.g. ``rflags``,
+    #: ``vintr_ctrl``); names are checked when the VMM sets the state.
+    registers: Mapping[str, object] = field(factory=dict)
 
     def memory(self) -> dict[int, bytes]:
         """Guest-physical address -> bytes, for every private range of the image."""
@@ -131,10 +134,11 @@ class GuestImage:
         return ranges
 
     def initial_state(self) -> dict[str, object]:
-        """VMSA fields of a vCPU already in 64-bit long mode at ``entry``."""
+        """VMSA fields of a vCPU already in 64-bit long mode at ``entry``, with
+        ``registers`` over the defaults."""
         code = Segment(CODE64_SEL, 0xA9B, 0xFFFF_FFFF, 0)
         data = Segment(DATA_SEL, 0xC93, 0xFFFF_FFFF, 0)
-        return {
+        defaults = {
             "cs": code, "ss": data, "ds": data, "es": data, "fs": data, "gs": data,
             "gdtr": Segment(0, 0, (len(GDT_ENTRIES) + 2 + len(USER_GDT_ENTRIES)) * 8 - 1, GDT),
             "idtr": Segment(0, 0, 256 * 16 - 1, IDT),
@@ -148,6 +152,7 @@ class GuestImage:
             "dr7": 0x400, "dr6": 0xFFFF_0FF0, "g_pat": M.PAT_DEFAULT, "xcr0": 1,
             "mxcsr": 0x1F80, "x87_fcw": 0x37F,
         }  # fmt: skip
+        return {**defaults, **self.registers}
 
 
 def _refuse_overlaps(items: Iterable[tuple[int, bytes]]) -> None:

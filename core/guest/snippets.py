@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from sevsim.arch.exits import VmgExit
 from sevsim.arch.ghcb import GHCB_SAVE_AREA, valid_bit
 from sevsim.arch.ghcb_msr import term_req
 from sevsim.guest.image import GHCB_GPA
@@ -48,4 +49,22 @@ def ghcb_vmgexit(
     mov rax, {_SW_BITMAP >> 64}; mov [rdi + {bitmap + 8}], rax
     mov ecx, 0xC0010130; mov eax, {ghcb & 0xFFFF_FFFF}; mov edx, {ghcb >> 32}; wrmsr
     rep vmmcall
+"""
+
+
+def nmi_complete(backup: int, ghcb: int = GHCB_GPA) -> str:
+    """End an NMI handler with NMI_COMPLETE without disturbing an interrupted GHCB user.
+
+    The NMI may have arrived in the middle of a #VC handler's exchange (KVM injects
+    it at the entry right after that handler's VMGEXIT), so, as Linux's
+    ``__sev_get_ghcb``/``__sev_put_ghcb`` do with their backup GHCB, the page is saved
+    to ``backup`` (4 KiB of private memory) and restored around the request.
+    Preserves every register but the flags; assumes DF clear.
+    """
+    return f"""
+    push rax; push rcx; push rdx; push rsi; push rdi
+    mov rsi, {ghcb}; mov rdi, {backup}; mov ecx, 512; rep movsq
+    {ghcb_vmgexit(VmgExit.NMI_COMPLETE, ghcb=ghcb)}
+    mov rsi, {backup}; mov rdi, {ghcb}; mov ecx, 512; rep movsq
+    pop rdi; pop rsi; pop rdx; pop rcx; pop rax
 """

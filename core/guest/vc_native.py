@@ -65,8 +65,9 @@ null segment overrides and LOCK)
 - RDPMC (0x6f), RDTSCP (0x87), WBINVD (0x89), INVD (0x76), MONITOR (0x8a),
   MWAIT (0x8b): the GHCB call with the registers KVM requires.
 - VMMCALL (0x81): RAX, RBX, RCX, RDX, RSI and the CPL of the interrupted code -> RAX.
-- DR7: a write is sent (WRITE_DR7, RAX) and remembered; a read returns the remembered
-  value without an exit, as Linux does (the hypervisor cannot know the real one).
+- DR7: a write is sent (WRITE_DR7, RAX) and remembered, as Linux does: reserved bits
+  cleared and bit 10 set, #GP if the upper half is not zero; a read returns the
+  remembered value without an exit (the hypervisor cannot know the real one).
 - MMIO (NPF, 0x400) for ``mov r/m, reg`` (88, 89), ``mov reg, r/m`` (8A, 8B),
   ``mov r/m, imm`` (C6, C7: imm8/16/32, sign-extended for REX.W), ``movzx``/``movsx``
   byte/word loads (0F B6/B7/BE/BF) and the ``moffs`` forms (A0-A3): ModRM with SIB,
@@ -109,6 +110,7 @@ from sevsim.arch.exits import SvmExit, VmgExit
 from sevsim.arch.ghcb import GHCB, GHCB_SAVE_AREA, SHARED_BUFFER_END, SHARED_BUFFER_START
 from sevsim.arch.ghcb import valid_bit as _valid_bit
 from sevsim.arch.msr import MSR_AMD64_SEV_ES_GHCB, MSR_FS_BASE, MSR_GS_BASE
+from sevsim.arch.vmcb import EventInj
 from sevsim.guest.asm import AssemblyError, assemble
 from sevsim.guest.image import GHCB_GPA, IMAGE_END
 
@@ -137,6 +139,7 @@ TERM_REASON_SET = 2
 PROTOCOL_VERSION = 1
 
 VC_VECTOR = 29
+GP_VECTOR = 13
 #: Exceptions that push an error code (#DF #TS #NP #SS #GP #PF #AC #CP #VC #SX).
 _ERROR_CODE_VECTORS = (8, 10, 11, 12, 13, 14, 17, 21, 29, 30)
 #: Exceptions the handler refuses to forward: NMI, #DF, #MC, #VC.
@@ -742,6 +745,14 @@ vc_dr7_write:
     call vc_dr7_operand
     call vc_ghcb_reset
     mov rax, [rbp + rbx * 8]
+    mov rdx, rax
+    shr rdx, 32
+    jz vc_dr7_fits
+    mov edx, {EventInj.exception(GP_VECTOR, 0):#x}   /* upper half set: #GP(0) */
+    jmp vc_forward_exception
+vc_dr7_fits:                /* as Linux: reserved bits cleared, bit 10 set */
+    and eax, 0xffff23ff
+    or eax, 0x400
     mov [r15 + {STATE_DR7:#x}], rax
     {_set("rax", "rax")}
     mov r8d, {SvmExit.WRITE_DR7:#x}

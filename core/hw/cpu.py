@@ -210,6 +210,7 @@ class GuestCpu:
         #: CR8, the task priority (TPR[7:4]). Unicorn's CR8 is an APIC it lacks, so the
         #: CPU model keeps it; the VMSA holds it in V_TPR (``vintr_ctrl`` bits 3:0).
         self.tpr = 0
+        self._vintr_ctrl = 0
         #: Set by VMRUN from the VMCB: exit code -> intercepted?
         self.intercepted: Callable[[int], bool] = lambda code: True
         #: Set by VMRUN from the MSR permission map: (msr, write) -> intercepted?
@@ -377,7 +378,8 @@ class GuestCpu:
         uc.reg_write(x86.UC_X86_REG_RIP, state.get("rip", 0))
         uc.reg_write(x86.UC_X86_REG_DR7, state.get("dr7", 0x400))
         self.ghcb_msr = state.get("ghcb_msr", self.ghcb_msr)
-        self.tpr = state.get("vintr_ctrl", 0) & 0xF
+        self._vintr_ctrl = state.get("vintr_ctrl", 0)
+        self.tpr = self._vintr_ctrl & 0xF
 
     def _load_segment_caches(self, state: dict[str, Any]) -> None:
         """Forge the hidden segment state of a real-mode VMSA.
@@ -422,7 +424,7 @@ class GuestCpu:
         state["rip"] = uc.reg_read(x86.UC_X86_REG_RIP)
         state["dr7"] = uc.reg_read(x86.UC_X86_REG_DR7)
         state["cpl"] = self.cpl
-        state["vintr_ctrl"] = self.tpr
+        state["vintr_ctrl"] = self._vintr_ctrl & ~0xF | self.tpr  # V_TPR: bits 3:0
         code, info1, info2 = self.guest_exit
         state.update(guest_exit_code=code, guest_exit_info_1=info1, guest_exit_info_2=info2)
         return state
@@ -623,7 +625,7 @@ class GuestCpu:
             uc.emu_stop()
             return
         if site.action is Action.HARDWARE_MSR and self._msr_is_native(site):
-            if not self._efer_write_trapped(site):
+            if not self._is_efer_write(site):  # EFER writes are checked, maybe trapped
                 return
         if site.action is Action.NAE and not self.intercepted(site.exit_code):
             return
@@ -656,13 +658,11 @@ class GuestCpu:
             return _Exception(GP_VECTOR, 0)
         return None
 
-    def _efer_write_trapped(self, site: Sensitive) -> bool:
-        """A passthrough WRMSR to EFER still ends in the EFER write trap, if armed."""
-        return (
-            site.mnemonic == "wrmsr"
-            and self.uc.reg_read(x86.UC_X86_REG_ECX) == M.MSR_EFER
-            and self.intercepted(SvmExit.EFER_WRITE_TRAP)
-        )
+    def _is_efer_write(self, site: Sensitive) -> bool:
+        """A WRMSR to EFER: Unicorn drops bits it does not know instead of faulting, so
+        the model checks the write; a passthrough one still ends in the EFER write
+        trap, if armed."""
+        return site.mnemonic == "wrmsr" and self.uc.reg_read(x86.UC_X86_REG_ECX) == M.MSR_EFER
 
     def _msr_is_native(self, site: Sensitive) -> bool:
         ecx = self.uc.reg_read(x86.UC_X86_REG_ECX)
@@ -831,11 +831,12 @@ class GuestCpu:
                 self._hardware_msr(site, ecx)
                 self.rip += site.length
                 return None
-            if self._efer_write_trapped(site):
+            if self._is_efer_write(site) and self._msr_is_native(site):
                 efer = (self.reg("rdx") & 0xFFFF_FFFF) << 32 | self.reg("rax") & 0xFFFF_FFFF
                 if not _valid_efer_write(efer, self.paging_mode()):
                     return self.deliver_exception(GP_VECTOR, 0)
-                return self._write_trap(linear, SvmExit.EFER_WRITE_TRAP,
+                armed = self.intercepted(SvmExit.EFER_WRITE_TRAP)
+                return self._write_trap(linear, SvmExit.EFER_WRITE_TRAP if armed else None,
                                         lambda: self.uc.msr_read(M.MSR_EFER))  # fmt: skip
         if site.action is Action.CR8_READ:
             self.set_reg(_GPR_NAME[site.operand], self.tpr)
@@ -865,10 +866,11 @@ class GuestCpu:
         # WRMSR to SEV_STATUS is ignored: the register is read-only.
 
     def _write_trap(
-        self, linear: int, exit_code: int, new_value: Callable[[], int]
+        self, linear: int, exit_code: int | None, new_value: Callable[[], int]
     ) -> HwExit | None:
-        """The write retires natively (a single step), then the trap exit reports the
-        new value in exit_info_1. A fault in that step is delivered instead."""
+        """The write retires natively (a single step), then the trap exit, if armed
+        (``exit_code``), reports the new value in exit_info_1. A fault in that step is
+        delivered instead."""
         self._skip_site = linear
         self._stop = None
         try:
@@ -877,7 +879,7 @@ class GuestCpu:
             return self._handle(self._stop or self._stop_for_error(err))
         if self._stop is not None:
             return self._handle(self._stop)
-        return HwExit(exit_code, info1=new_value())
+        return None if exit_code is None else HwExit(exit_code, info1=new_value())
 
     # -- exception delivery -----------------------------------------------------------
 

@@ -89,7 +89,7 @@ class V5_11(Newest):
         return code in _V5_11_MSR_REQUESTS
 
     def knows_vmgexit(self, code: int) -> bool:
-        return code not in _V5_16_VMGEXITS
+        return code not in _GHCB_V2_VMGEXITS
 
     def bad_scratch(self, ctx: ExitContext, error: GhcbErr) -> O.Outcome:
         return O.Fail("EINVAL", f"invalid scratch area ({error.name})")
@@ -107,8 +107,9 @@ UD_VECTOR = 6
 #: The MSR-protocol requests of the original series: SEV_INFO, CPUID, TERM_REQ.
 _V5_11_MSR_REQUESTS = frozenset({GhcbMsr.SEV_INFO_REQ, GhcbMsr.CPUID_REQ, GhcbMsr.TERM_REQ})
 
-#: GHCB requests KVM's switch gained with GHCB protocol version 2 (5.16).
-_V5_16_VMGEXITS = frozenset({VmgExit.HV_FEATURES, VmgExit.TERM_REQUEST})
+#: GHCB protocol version 2 requests, which KVM's switch gained with its GHCB v2
+#: support (the SNP series), long after 5.11.
+_GHCB_V2_VMGEXITS = frozenset({VmgExit.HV_FEATURES, VmgExit.TERM_REQUEST})
 
 ERAS = {era.name: era for era in (Newest(), V5_11())}
 

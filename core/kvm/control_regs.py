@@ -4,8 +4,8 @@ For an ordinary guest KVM reads these from the VMCB save area. For an SEV-ES gue
 the save area is the encrypted VMSA, so KVM's copy is all it has: set from the
 VMM's initial state before launch, then updated only by the write traps the
 hardware raises after the guest's own writes (REFERENCE.md section 5, the
-``crtraps`` plugin). What KVM_GET_SREGS reports for such a guest comes from here,
-and it can lag behind the guest when the traps are not handled.
+``crtraps`` plugin). KVM's MMU role, LMA and what it would report of the guest's
+control registers come from here; without the traps handled, it lags behind.
 """
 
 from __future__ import annotations
@@ -32,12 +32,13 @@ class ControlRegs:
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> ControlRegs:
-        """KVM_SET_SREGS before launch: the VMM's CR0/CR4/EFER (VMSA field names)."""
+        """KVM_SET_SREGS before launch: the VMM's CR0/CR4/EFER and V_TPR (VMSA names)."""
         regs = cls()
         for name in ("cr0", "cr4", "efer"):
             if name in state:
                 setattr(regs, name, state[name])
         regs.efer &= ~M.EFER_SVME
+        regs.cr8 = state.get("vintr_ctrl", 0) & 0xF  # V_TPR
         return regs
 
     @property

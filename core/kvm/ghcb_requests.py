@@ -1,11 +1,12 @@
 """The GHCB-protocol requests ``sev_handle_vmgexit`` answers itself.
 
-Version 2 of the GHCB protocol added three requests that are about the protocol
-rather than about an instruction: the guest asks which hypervisor features exist,
-asks to be terminated (with a reason, once it has a GHCB page), or reports an event
-it cannot handle. KVM answers them in its own switch, so they are core rows here, not
-a plugin's. The original series (5.11) knew only UNSUPPORTED_EVENT; the era switch
-(:mod:`sevsim.kvm.compat`) makes the other two invalid events there.
+Three requests are about the protocol rather than about an instruction: the guest
+reports an event it cannot handle (UNSUPPORTED_EVENT, in the protocol from version 1),
+asks which hypervisor features exist (HV_FEATURES) or asks to be terminated with a
+reason once it has a GHCB page (TERM_REQUEST), both of version 2. KVM answers them in
+its own switch, so they are core rows here, not a plugin's. KVM learnt the version-2
+pair with its GHCB v2 support (the SNP series); the era switch
+(:mod:`sevsim.kvm.compat`) makes them invalid events for 5.11.
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ from sevsim.kvm.exits import (
     KvmExit,
     RunFailed,
     Shutdown,
+    SystemEvent,
 )
 from sevsim.kvm.msrs import MsrModel
 from sevsim.kvm.pending import NMI_EVENT, ApResetHoldType, MpState, NmiState
@@ -140,13 +141,20 @@ class Vcpu:
             raise VcpuError(f"vCPU {self.id}: VM is terminated: {self.vm.dead}")
         if not self.guest_state_protected:
             raise VcpuError(f"vCPU {self.id}: run LAUNCH_UPDATE_VMSA before KVM_RUN")
-        if self.mp_state is MpState.AP_RESET_HOLD:  # KVM would block until a signal
-            return RunFailed("EINTR", f"vCPU {self.id} is parked in AP reset hold; only an "
-                             "INIT-SIPI (deliver_sipi) releases it")  # fmt: skip
+        if self.mp_state is MpState.AP_RESET_HOLD:
+            # vcpu_block: an NMI wakes a parked vCPU; otherwise KVM_RUN would block
+            # until a signal, which sevsim reports at once.
+            if not (self.nmi_state.queued or self.nmi_state.pending):
+                return RunFailed("EINTR", f"vCPU {self.id} is parked in AP reset hold; "
+                                 "an INIT-SIPI (deliver_sipi) or an NMI wakes it")  # fmt: skip
+            self.mp_state = MpState.RUNNABLE
         while True:
             self.prepare_switch_to_guest()
-            self._inject_pending_events()
-            self.debug = self.vm.platform.vmrun(self.vmcb, self.vm.memory, deadline)
+            # req_immediate_exit: an event still waits, so leave the guest right after
+            # entry (the host IPIs itself) and inject it at the next one.
+            immediate = self._inject_pending_events()
+            entry_deadline = time.monotonic() if immediate else deadline
+            self.debug = self.vm.platform.vmrun(self.vmcb, self.vm.memory, entry_deadline)
             for rip, code in self.debug.vcs:  # the simulator's view, for the trace only
                 self.vm.emit("vc", vcpu_id=self.id, exit_code=code, rip=rip)
             result = self.handle_exit()
@@ -239,34 +247,43 @@ class Vcpu:
         """KVM_NMI: queue an NMI; it is injected at an entry when NMIs are unmasked."""
         self.nmi_state.queued += 1
 
-    def _inject_pending_events(self) -> None:
+    def _inject_pending_events(self) -> bool:
         """``inject_pending_event``: an NMI goes into EVENTINJ unless another event
-        (an exception KVM queued) already occupies it this entry."""
+        (an exception KVM queued) already occupies it this entry; then True, for an
+        immediate exit that lets the NMI in at the next entry."""
         nmi = self.nmi_state
         nmi.process()
         if VMCB_CONTROL.get(self.vmcb, "event_inj") & EventInj.VALID:
-            return
+            return bool(nmi.pending) and not nmi.masked
         if nmi.take():
             self.queue_event(NMI_EVENT)
+        return False
 
     def ap_reset_hold(self, kind: ApResetHoldType) -> O.Outcome:
-        """``kvm_emulate_ap_reset_hold``: park this vCPU until a SIPI. Without an
-        in-kernel LAPIC KVM tells userspace (KVM_EXIT_AP_RESET_HOLD); the GHCB of an
-        AP_HLT_LOOP stays mapped, to be answered by the SIPI."""
+        """``kvm_emulate_ap_reset_hold``: park this vCPU until a SIPI.
+
+        sevsim's LAPIC lives in the VMM, so KVM tells it, as KVM does without an
+        in-kernel LAPIC (KVM_EXIT_AP_RESET_HOLD); and it records the parked state as an
+        in-kernel LAPIC would (mp_state AP_RESET_HOLD, the hold type), so that the
+        VMM's SIPI can be answered the SEV-ES way (:meth:`deliver_sipi`). The GHCB of
+        an AP_HLT_LOOP stays mapped until the next entry.
+        """
         self.ap_reset_hold_type = kind
         self.mp_state = MpState.AP_RESET_HOLD
         return O.ExitToUser(ApResetHold())
 
     def deliver_sipi(self, vector: int) -> None:
-        """A SIPI from the local APIC (sevsim's LAPIC is in the VMM, which calls this).
+        """An INIT-SIPI from the local APIC (sevsim's LAPIC is in the VMM, which calls
+        this where KVM's ``kvm_apic_accept_events`` would).
 
         ``sev_vcpu_deliver_sipi_vector``: the first SIPI is swallowed (the AP starts
-        from its VMSA; KVM cannot set its CS:IP). A later one answers the AP's reset
-        hold request and makes it runnable; the vector is ignored either way, since
-        the AP reads its jump table itself.
+        from its VMSA; KVM cannot set its CS:IP); a later one answers the AP's reset
+        hold request. Either way the vCPU is runnable again, and the vector is
+        ignored: the AP reads its jump table itself.
         """
         if not 0 <= vector <= 0xFF:
             raise VcpuError(f"vCPU {self.id}: SIPI vector {vector!r} is not in 0..0xff")
+        self.mp_state = MpState.RUNNABLE
         if not self.received_first_sipi:
             self.received_first_sipi = True
             return
@@ -275,7 +292,6 @@ class Vcpu:
             self._write_ghcb()
         elif self.ap_reset_hold_type is ApResetHoldType.MSR_PROTO:
             self._set_ghcb_msr(1 << 12 | ghcb_msr.GhcbMsr.AP_RESET_HOLD_RESP)
-        self.mp_state = MpState.RUNNABLE
 
     # -- VMGEXIT (sev_handle_vmgexit) ----------------------------------------------------
 
@@ -394,7 +410,8 @@ class Vcpu:
         ctx = ExitContext(self, ExitKind.MSR_PROTOCOL, code, msr=value)
         result = self._call(handler, ctx)
         self._set_ghcb_msr(ctx.msr)
-        if not isinstance(result, O.ExitToUser):
+        terminated = isinstance(result, O.ExitToUser) and isinstance(result.exit, SystemEvent)
+        if not terminated:  # newest KVM skips the event on the terminate path only
             self.vm.emit("msr_protocol_exit", vcpu_id=self.id, ghcb_gpa=ctx.msr,
                          result=1 if isinstance(result, O.Resume) else 0)  # fmt: skip
         return result

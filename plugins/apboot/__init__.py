@@ -14,10 +14,11 @@ MSR 0x006   AP_RESET_HOLD_REQ            park the vCPU; a later SIPI replies 0x0
                                          with result 1 in bits 63:12
 ==========  ===========================  ===========================================
 
-Parking ends KVM_RUN with KVM_EXIT_AP_RESET_HOLD (sevsim has no in-kernel LAPIC);
-the vCPU stays parked until the VMM's LAPIC delivers a SIPI
-(:meth:`sevsim.kvm.vcpu.Vcpu.deliver_sipi`). The very first SIPI of a vCPU is
-swallowed, since that AP starts from its VMSA.
+Parking ends KVM_RUN with KVM_EXIT_AP_RESET_HOLD (sevsim's LAPIC is in the VMM) and
+the vCPU stays parked (KVM_RUN: -EINTR) until the VMM's LAPIC delivers an INIT-SIPI
+(:meth:`sevsim.kvm.vcpu.Vcpu.deliver_sipi`) or an NMI wakes it. The very first SIPI
+of a vCPU is swallowed, since that AP starts from its VMSA: the AP runs on, reads
+"not released" and parks again, as Linux's ``sev_es_ap_hlt_loop`` does.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ pytest_plugins = ["sevsim.testing"]
 RESULT = GHCB_GPA + 0x800  # the shared page: the host reads the guest's findings there
 INFO2 = GHCB_SAVE_AREA.offset("sw_exit_info_2")
 ENABLE = ["apboot", "msr_protocol"]
+NMI_HANDLER = 0x30000
 
 
 def driver(era: str = "newest") -> ExitDriver:
@@ -79,25 +80,30 @@ def test_a_parked_vcpu_waits_for_its_second_sipi(source):
     run = run_guest(source, enable=ENABLE)
     vcpu = run.vm.vcpus[0]
     assert run.exit == ApResetHold() and vcpu.mp_state is MpState.AP_RESET_HOLD
+    if source is MSR:  # the reply (result 0) is traced although KVM_RUN exits
+        assert "reply        0x0000000000000007  AP_RESET_HOLD_RESP" in "\n".join(run.trace.lines)
     blocked = vcpu.run()
     assert isinstance(blocked, RunFailed) and blocked.errno == "EINTR"
     vcpu.deliver_sipi(0x10)  # the first SIPI: swallowed (the AP started from its VMSA)
-    assert vcpu.mp_state is MpState.AP_RESET_HOLD
-    vcpu.deliver_sipi(0x10)
     assert vcpu.mp_state is MpState.RUNNABLE
+    assert vcpu.run() == ApResetHold()  # not released: the guest parked again
+    vcpu.deliver_sipi(0x10)
     assert isinstance(vcpu.run(), SystemEvent)
     parked = int.from_bytes(run.vm.memory.read(RESULT + 8, 8), "little")
-    assert parked == 1  # released on the first park: the reply said so
+    assert parked == 2  # the second park was answered "released"
     assert int.from_bytes(run.vm.memory.read(RESULT, 8), "little") == 0x9000
 
 
-def test_a_vcpu_resumed_without_sipi_parks_again():
-    """Linux's loop: KVM answers 0 until a SIPI, so the guest asks again."""
-    run = run_guest(NAE, enable=ENABLE)
+def test_an_nmi_wakes_a_parked_vcpu_which_parks_again():
+    """vcpu_block: a pending NMI makes the vCPU runnable; KVM answered nothing, so
+    once its NMI handler returns the guest asks again."""
+    run = run_guest(NAE, enable=[*ENABLE, "nmi"], idt={2: NMI_HANDLER},
+                    data={NMI_HANDLER: b"\x48\xcf"})  # iretq  # fmt: skip
     vcpu = run.vm.vcpus[0]
-    vcpu.mp_state = MpState.RUNNABLE  # what a VMM without LAPIC could do (KVM_SET_MP_STATE)
+    vcpu.nmi()
     assert vcpu.run() == ApResetHold()
     assert int.from_bytes(run.vm.memory.read(RESULT + 8, 8), "little") == 2
+    assert vcpu.nmi_state.masked  # delivered (the handler did not send NMI_COMPLETE)
 
 
 def test_sipi_vector_must_be_a_byte():

@@ -1,38 +1,60 @@
 """NMI injection and NMI_COMPLETE: the guest's NMI handler ends with the VMGEXIT."""
 
+from typing import Any
+
 import pytest
 
-from sevsim.arch.exits import VmgExit
-from sevsim.guest.image import CODE, GHCB_GPA
-from sevsim.guest.snippets import TERMINATE, ghcb_vmgexit
+from sevsim import hookimpl
+from sevsim.arch.exits import SvmExit
+from sevsim.guest.asm import assemble
+from sevsim.guest.image import GHCB_GPA
+from sevsim.guest.snippets import TERMINATE, nmi_complete
+from sevsim.guest.vc import VcHandler
+from sevsim.guest.vc_native import vc_image_args
 from sevsim.kvm.exits import Hlt, SystemEvent
 from sevsim.testing import run_guest
 
 pytest_plugins = ["sevsim.testing"]
 
 COUNT = GHCB_GPA + 0x800  # NMIs the guest handled, in the shared page
-#: A 2-byte jump over the NMI handler, which starts at CODE + 2.
-GUEST = f"""
-    jmp main
-    push rax; push rcx; push rdx; push rdi; push rsi
-    mov rsi, {COUNT}; inc qword ptr [rsi]
-    {ghcb_vmgexit(VmgExit.NMI_COMPLETE)}
-    pop rsi; pop rdi; pop rdx; pop rcx; pop rax
-    iretq
+RESULT = COUNT + 8
+NMI_HANDLER, GP_HANDLER, BACKUP = 0x30000, 0x30800, 0x38000
+#: Counts, says NMI_COMPLETE (keeping an interrupted #VC handler's GHCB), returns.
+HANDLERS = {
+    NMI_HANDLER: assemble(f"""
+        push rsi; mov rsi, {COUNT}; inc qword ptr [rsi]; pop rsi
+        {nmi_complete(BACKUP)}
+        iretq
+    """, NMI_HANDLER),
+    # A #GP handler that waits for an NMI to have been handled, then terminates.
+    GP_HANDLER: assemble(f"""
+    spin:
+        mov rsi, {COUNT}; cmp qword ptr [rsi], 0
+        je spin
+        {TERMINATE}
+    """, GP_HANDLER),
+}
+WAIT_FOR_TWO = f"""
 main:
     hlt
     mov rsi, {COUNT}; cmp qword ptr [rsi], 2
     jb main
     {TERMINATE}
 """
+ENABLE = ["nmi", "msr_protocol", "ioio"]
 
 
 def handled(run) -> int:
     return int.from_bytes(run.vm.memory.read(COUNT, 8), "little")
 
 
+def guest(source: str, enable=ENABLE, **args: Any):
+    return run_guest(source, enable=enable, idt={2: NMI_HANDLER, 13: GP_HANDLER},
+                     data=HANDLERS, **args)  # fmt: skip
+
+
 def test_queued_nmis_are_injected_one_per_nmi_complete():
-    run = run_guest(GUEST, enable=["nmi", "msr_protocol"], idt={2: CODE + 2})
+    run = guest(WAIT_FOR_TWO)
     vcpu = run.vm.vcpus[0]
     assert run.exit == Hlt()
     for _ in range(3):
@@ -41,12 +63,11 @@ def test_queued_nmis_are_injected_one_per_nmi_complete():
     assert handled(run) == 2
     nmi = vcpu.nmi_state
     assert (nmi.pending, nmi.masked, nmi.window_exits) == (0, False, 2)
-    text = "\n".join(run.trace.lines)
-    assert text.count("nmi: NMIs unmasked") == 2
+    assert "\n".join(run.trace.lines).count("nmi: NMIs unmasked") == 2
 
 
 def test_without_the_plugin_nmis_stay_masked_after_the_first():
-    run = run_guest(GUEST, enable=["msr_protocol"], idt={2: CODE + 2})
+    run = guest(WAIT_FOR_TWO, enable=["msr_protocol"])
     vcpu = run.vm.vcpus[0]
     vcpu.nmi()
     vcpu.nmi()
@@ -56,12 +77,57 @@ def test_without_the_plugin_nmis_stay_masked_after_the_first():
     assert "error INVALID_EVENT" in "\n".join(run.trace.lines)
 
 
-@pytest.mark.parametrize(("queued", "pending"), [(1, 1), (2, 2), (5, 2)])
-def test_at_most_two_nmis_wait_while_unmasked(queued, pending):
-    """``process_nmi``: one in service plus one latched, whatever KVM_NMI was called."""
-    run = run_guest("hlt", enable=["nmi", "msr_protocol"], idt={2: CODE})
+def test_while_one_nmi_is_in_service_only_one_more_waits():
+    """``process_nmi``: the limit is 1 while masked, so of three NMIs queued during the
+    first one's handling, one is delivered after NMI_COMPLETE."""
+    run = guest(WAIT_FOR_TWO, enable=["msr_protocol"])  # no NMI_COMPLETE: stays masked
     vcpu = run.vm.vcpus[0]
-    for _ in range(queued):
+    vcpu.nmi()
+    assert vcpu.run() == Hlt() and handled(run) == 1 and vcpu.nmi_state.masked
+    for _ in range(3):
         vcpu.nmi()
-    vcpu.nmi_state.process()
-    assert vcpu.nmi_state.pending == pending
+    assert vcpu.run() == Hlt()
+    assert vcpu.nmi_state.pending == 1
+
+
+class NmiOn:
+    """Queues an NMI (KVM_NMI from the VMM) while kvm handles exits with ``code``."""
+
+    def __init__(self, code: int) -> None:
+        self.code, self.vm = code, None
+
+    @hookimpl
+    def sevsim_vm_created(self, vm):
+        self.vm = vm
+
+    @hookimpl
+    def sevsim_exit_handled(self, vcpu_id: int, code: int):
+        if code == self.code:
+            self.vm.vcpus[vcpu_id].nmi()
+
+
+@pytest.mark.parametrize("modeled", [False, True], ids=["native", "modeled"])
+def test_an_nmi_inside_the_vc_handler_leaves_its_reply_intact(modeled):
+    """The NMI arrives right after the native handler's VMGEXIT (the modeled one ends
+    its exchange first); the NMI handler's own GHCB request must not clobber the
+    reply the #VC handler has yet to read."""
+    source = f"mov dx, 0x3fd; in al, dx; mov rsi, {RESULT}; mov [rsi], rax\n{TERMINATE}"
+    args = {"idt": {2: NMI_HANDLER}, "data": HANDLERS}
+    args = args if modeled else vc_image_args(**args)
+    run = run_guest(source, {"nmi_on": NmiOn(SvmExit.IOIO)}, enable=ENABLE,
+                    vc_model=VcHandler() if modeled else None, **args)  # fmt: skip
+    assert isinstance(run.exit, SystemEvent), run.trace.lines[-6:]
+    assert int.from_bytes(run.vm.memory.read(RESULT, 8), "little") & 0xFF == 0x60  # LSR
+    assert handled(run) == 1
+
+
+def test_an_nmi_behind_an_exception_still_gets_in():
+    """An exception occupies EVENTINJ: KVM asks for an immediate exit and injects the
+    NMI at the next entry, so a guest spinning in its #GP handler still takes it."""
+    source = "mov ecx, 9; rdpmc"  # counter 9: KVM queues #GP through EVENTINJ
+    args = vc_image_args(idt={2: NMI_HANDLER, 13: GP_HANDLER}, data=HANDLERS)
+    run = run_guest(source, {"nmi_on": NmiOn(SvmExit.RDPMC)}, enable=ENABLE, timeout=10,
+                    **args)  # fmt: skip
+    assert isinstance(run.exit, SystemEvent), run.exit  # not RunFailed EINTR: no NMI
+    assert handled(run) == 1
+    assert run.trace.exits["INTR"] == 1  # the immediate exit
