@@ -93,7 +93,7 @@ class Delivered:
 class ExitDriver:
     """Plays the hardware for one exit at a time: no Unicorn, no guest code.
 
-    It records a VMGEXIT #VMEXIT in the vCPU's VMCB (GHCB MSR value included), lets
+    It records a #VMEXIT in the vCPU's VMCB (for a VMGEXIT, the GHCB MSR value), lets
     kvm handle it exactly as after a real VMRUN, then does what the next VMRUN does
     before entering the guest (``prepare_switch_to_guest``: GHCB sync and write-back).
     """
@@ -106,10 +106,13 @@ class ExitDriver:
         self.devices.attach(self.vm)
         self.vcpu = self.vm.create_vcpu()
 
-    def _deliver(self, ghcb_msr: int) -> KvmExit | None:
+    def _deliver(self, ghcb_msr: int, code: int = SvmExit.VMGEXIT, info1: int = 0,
+                 info2: int = 0) -> KvmExit | None:  # fmt: skip
         vmcb = self.vcpu.vmcb
-        VMCB_CONTROL.set(vmcb, "exit_code", SvmExit.VMGEXIT)
-        VMCB_CONTROL.set(vmcb, "exit_code_hi", 0)
+        VMCB_CONTROL.set(vmcb, "exit_code", code & 0xFFFF_FFFF)
+        VMCB_CONTROL.set(vmcb, "exit_code_hi", code >> 32)
+        VMCB_CONTROL.set(vmcb, "exit_info_1", info1)
+        VMCB_CONTROL.set(vmcb, "exit_info_2", info2)
         VMCB_CONTROL.set(vmcb, "ghcb_gpa", ghcb_msr)
         result = self.vcpu.handle_exit()
         self.vcpu.prepare_switch_to_guest()
@@ -123,6 +126,11 @@ class ExitDriver:
         """The guest wrote ``value`` to the GHCB MSR and executed VMGEXIT."""
         exit_ = self._deliver(value)
         return Delivered(exit_, VMCB_CONTROL.get(self.vcpu.vmcb, "ghcb_gpa"))
+
+    def vmexit(self, code: int, info1: int = 0, info2: int = 0) -> Delivered:
+        """An automatic #VMEXIT (a CR/EFER write trap, HLT, ...) with its exit info."""
+        msr = VMCB_CONTROL.get(self.vcpu.vmcb, "ghcb_gpa")
+        return Delivered(self._deliver(msr, code, info1, info2), msr)
 
     def vmgexit(self, ghcb: Ghcb | Mapping[str, int], ghcb_gpa: int = GHCB_GPA) -> Delivered:
         """The guest filled a GHCB at ``ghcb_gpa`` (fields set mark themselves valid)."""
