@@ -181,7 +181,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     uart_input = sys.stdin.buffer.read() if args.uart_input == "-" else args.uart_input.encode()
     result = run_image(demo_image(), table, host.events, echo=echo, plugin_settings=settings,
                        timeout=args.timeout, uart_input=uart_input, **kvm.vm_args())  # fmt: skip
-    for line in result.trace.summary(result.exit):
+    for line in result.trace.summary(result.exit, result.vm.vcpus[0]):
         print(line)
     failure = result.failure
     if failure is not None:

@@ -142,10 +142,11 @@ class Trace:
         #: What the guest asked for: MSR-protocol requests and GHCB exit codes.
         self.requests: Counter[str] = Counter()
         #: The reason of each vCPU's last GHCB TERM_REQUEST (from the request, as KVM
-        #: logs it: the SEV_TERM exit carries only the GHCB's address).
-        self.ghcb_term_reasons: dict[int, tuple[int, int]] = {}
-        #: The reason of a TERM_REQ that no plugin handled (the guest went on), if any.
-        self.ignored_termination: tuple[int, int] | None = None
+        #: logs it: the SEV_TERM exit carries only the GHCB's address), by vCPU.
+        self._ghcb_term_reasons: dict[Any, tuple[int, int]] = {}
+        #: The reason of a vCPU's last TERM_REQ that no plugin handled (the guest went
+        #: on), by vCPU.
+        self._ignored_terminations: dict[Any, tuple[int, int]] = {}
         self._echo = echo
         self._vms: list[Any] = []
         self._seq = 0
@@ -208,7 +209,9 @@ class Trace:
         if not handled and ghcb_gpa == self._request:
             self._line("      ignored: no plugin handles this request; the guest reads its "
                        "own value back")  # fmt: skip
-            self.ignored_termination = msr_term_reason(ghcb_gpa) or self.ignored_termination
+            reason = msr_term_reason(ghcb_gpa)
+            if reason is not None:
+                self._ignored_terminations[vcpu] = reason
             return
         self._line(f"      reply        {ghcb_gpa:#018x}  {describe_msr(ghcb_gpa)}")
 
@@ -216,7 +219,8 @@ class Trace:
         name = exit_name(exit_reason)
         self.requests[f"GHCB {name}"] += 1
         if exit_reason == VmgExit.TERM_REQUEST:
-            self.ghcb_term_reasons[vcpu_id] = bits(info1, 3, 0), bits(info1, 11, 4)
+            reason = bits(info1, 3, 0), bits(info1, 11, 4)
+            self._ghcb_term_reasons[self._vcpu(vcpu_id)] = reason
         self._line(f"      GHCB {name}  {describe_request(exit_reason, info1, info2)}")
 
     def _on_vc(self, vcpu_id: int, exit_code: int, rip: int) -> None:
@@ -235,30 +239,34 @@ class Trace:
 
     def record_exit(self, vcpu: Any, exit_: KvmExit) -> None:
         """The exit ``Vcpu.run`` returned to userspace."""
-        self._line(f"      -> to userspace: {self.describe_exit(exit_, vcpu.id)}")
+        self._line(f"      -> to userspace: {self.describe_exit(exit_, vcpu)}")
 
     def note(self, text: str) -> None:
         """A line of the VMM's own (launch digest, warnings)."""
         self._line(text)
 
-    def term_reason(self, exit_: KvmExit, vcpu_id: int = 0) -> tuple[int, int] | None:
-        """(reason set, reason code) of a SEV_TERM exit of ``vcpu_id``, if known."""
+    def term_reason(self, exit_: KvmExit, vcpu: Any) -> tuple[int, int] | None:
+        """(reason set, reason code) of a SEV_TERM exit of ``vcpu``, if known."""
         if not is_sev_term(exit_) or not exit_.data:  # type: ignore[attr-defined]
             return None
         data = exit_.data[0]  # type: ignore[attr-defined]
         if G.info(data):
             return msr_term_reason(data)
-        return self.ghcb_term_reasons.get(vcpu_id)
+        return self._ghcb_term_reasons.get(vcpu)
 
-    def describe_exit(self, exit_: KvmExit, vcpu_id: int = 0) -> str:
+    def ignored_termination(self, vcpu: Any) -> tuple[int, int] | None:
+        """The reason of ``vcpu``'s last termination request nobody handled, if any."""
+        return self._ignored_terminations.get(vcpu)
+
+    def describe_exit(self, exit_: KvmExit, vcpu: Any) -> str:
         """:func:`describe_exit` with the GHCB termination reason this trace saw."""
-        return describe_exit(exit_, self.ghcb_term_reasons.get(vcpu_id))
+        return describe_exit(exit_, self._ghcb_term_reasons.get(vcpu))
 
-    def summary(self, exit_: KvmExit, vcpu_id: int = 0) -> list[str]:
+    def summary(self, exit_: KvmExit, vcpu: Any) -> list[str]:
         def counted(counter: Counter[str]) -> str:
             return ", ".join(f"{name} {n}" for name, n in sorted(counter.items())) or "none"
 
-        ended = self.describe_exit(exit_, vcpu_id)
+        ended = self.describe_exit(exit_, vcpu)
         if isinstance(exit_, Hlt):
             ended += " (the guest halted and no interrupt source can wake it)"
         return [f"VM ended: {ended}", f"exits: {counted(self.exits)}",

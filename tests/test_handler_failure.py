@@ -6,15 +6,17 @@ import pytest
 from guests import guest
 
 from sevsim import hookimpl
-from sevsim.arch.exits import SvmExit
+from sevsim.arch.exits import SVM_EXIT_SW, SvmExit
 from sevsim.guest.snippets import TERMINATE
 from sevsim.guest.vc import VcHandler
 from sevsim.kvm import outcome as O
 from sevsim.kvm.dispatch import ExitHandler, ExitKind
 from sevsim.kvm.exits import RunFailed, SystemEvent, SystemEventType
 from sevsim.kvm.vm import Kvm
-from sevsim.testing import isolated_host, run_guest
+from sevsim.testing import ExitDriver, isolated_host, run_guest
 from sevsim.vmm.launch import launch_image
+
+SW_CODE = SVM_EXIT_SW + 1
 
 
 class Buggy:
@@ -98,3 +100,29 @@ def test_a_malformed_outcome_is_the_plugins_failure_not_a_crash(make):
     assert isinstance(run.exit, RunFailed) and run.exit.plugin == "malformed"
     assert "raised TypeError" in run.exit.why
     assert run.trace.lines[-1].startswith("      -> to userspace: KVM_RUN failed: -EIO")
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    [lambda s: s.data.extend(b"\0" * 8), lambda s: setattr(s, "data", None)],
+    ids=["grown", "replaced"],
+)
+def test_a_scratch_area_left_spoiled_is_the_plugins_failure(spoil):
+    """kvm writes a scratch area back at the next entry: one a handler grew or replaced
+    would write past the guest's buffer or fail there, so it is refused at once."""
+
+    class Spoiler:
+        @hookimpl
+        def sevsim_exit_handlers(self):
+            def handler(ctx):
+                spoil(ctx.map_scratch(8, sync=True))
+
+            yield ExitHandler(ExitKind.VMGEXIT, SW_CODE, handler, ("sw_scratch",))
+
+    d = ExitDriver(isolated_host({"spoiler": Spoiler()}).start())
+    d.vm.memory.write(0x9000, bytes(32))
+    out = d.vmgexit({"sw_exit_code": SW_CODE, "sw_exit_info_1": 0, "sw_exit_info_2": 8,
+                     "sw_scratch": 0x9000})  # fmt: skip
+    assert isinstance(out.exit, RunFailed) and out.exit.plugin == "spoiler"
+    assert "left ctx.scratch" in out.exit.why
+    assert d.vm.memory.read(0x9000, 32) == bytes(32)  # nothing written past the area

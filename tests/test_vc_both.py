@@ -14,6 +14,8 @@ import struct
 import pytest
 from attrs import frozen
 
+from sevsim import hookimpl
+from sevsim.arch.exits import SvmExit
 from sevsim.guest.asm import assemble
 from sevsim.guest.image import CODE
 from sevsim.guest.snippets import TERMINATE
@@ -25,6 +27,7 @@ from sevsim.guest.vc_native import (
     term_request,
     vc_image_args,
 )
+from sevsim.kvm.dispatch import ExitHandler, ExitKind
 from sevsim.kvm.exits import SystemEvent, SystemEventType
 from sevsim.testing import run_guest
 from sevsim.vmm.machine import MMIO_TEST_GPA
@@ -352,3 +355,29 @@ def test_native_and_modeled_handlers_agree(program):
 
 def test_every_program_has_expected_results():
     assert set(EXPECT) == set(PROGRAMS)
+
+
+class RefuseDr7Writes:
+    """A hypervisor that answers every DR7 write with #GP."""
+
+    @hookimpl
+    def sevsim_exit_handlers(self):
+        yield ExitHandler(ExitKind.VMGEXIT, SvmExit.WRITE_DR7,
+                          lambda ctx: ctx.inject_exception(13), ("rax",))  # fmt: skip
+
+
+@pytest.mark.parametrize("modeled", [False, True], ids=["native", "modeled"])
+def test_a_refused_dr7_write_is_not_remembered(modeled):
+    """Linux records the new DR7 only once the hypervisor took it; the #GP handler here
+    skips the 3-byte MOV, and the read that follows still sees the old value."""
+    skip = 0x38200
+    args = {"idt": {13: skip}}
+    args = args if modeled else vc_image_args(**args)
+    skipper = assemble("add qword ptr [rsp + 8], 3; add rsp, 8; iretq", skip)
+    data = {**args.pop("data", {}), skip: skipper}
+    run_ = run_guest(f"mov rax, 0x4f1; mov dr7, rax; mov rbx, dr7; mov rsi, {OUT}; "
+                     f"mov [rsi], rbx\n{TERMINATE}", {"refuse": RefuseDr7Writes()},
+                     enable=["msr_protocol"], vc_model=VcHandler() if modeled else None,
+                     shared=frozenset({0x7000, OUT}), data=data, **args)  # fmt: skip
+    assert isinstance(run_.exit, SystemEvent), run_.trace.lines[-6:]
+    assert struct.unpack("<Q", run_.vm.memory.read(OUT, 8))[0] == RESET

@@ -26,6 +26,7 @@ from sevsim.kvm.context import ExitContext
 from sevsim.kvm.dispatch import ExitHandler, ExitKind, ExitTable
 from sevsim.kvm.exits import InternalError, InternalErrorSub, KvmExit, RunFailed, SystemEvent
 from sevsim.kvm.exits import SystemEventType as SysEv
+from sevsim.kvm.ghcb_map import MappedGhcb
 from sevsim.kvm.scratch import setup_scratch
 from sevsim.testing import Delivered, ExitDriver, isolated_host
 from sevsim.vmm.machine import MMIO_TEST_GPA
@@ -365,6 +366,29 @@ def test_reply_is_in_the_page_at_once_registers_at_the_next_vmrun():
     assert after["rax"] == 0xD and bits(after.valid_bitmap) == RETURNED_BITS
 
 
+def test_kvm_writes_only_the_fields_it_sets_into_the_page():
+    """Bytes KVM does not write keep whatever is in the page by then: here what the
+    VMM wrote into the shared buffer between the exit and the next entry."""
+    d = core()
+    g = page(SvmExit.CPUID, rax=0, rcx=0)
+    g.raw[0x900:0x904] = b"gues"
+    assert handle_only(d, g) == O.RESUME
+    d.vm.memory.write(GHCB + 0x900, b"vmm!")
+    d.vcpu.prepare_switch_to_guest()
+    after = Ghcb(d.vm.memory.read(GHCB, 0x1000))
+    assert after.raw[0x900:0x904] == b"vmm!" and after["rax"] == 0xD
+
+
+def test_a_copied_scratch_area_overlapping_the_ghcb_page_is_written_back_intact():
+    """KVM only checks where a scratch area starts: one starting 8 bytes below the GHCB
+    is copied, and its write-back into the page is not undone by the GHCB's own."""
+    d = full()
+    d.devices.mmio_test.buffer[:16] = bytes(range(1, 17))
+    out = d.vmgexit(page(VmgExit.MMIO_READ, MMIO_TEST_GPA + 0x100, 16, sw_scratch=GHCB - 8))
+    assert reply(out) == (0, 0)
+    assert d.vm.memory.read(GHCB - 8, 16) == bytes(range(1, 17))  # the device's bytes
+
+
 # -- 7. the reused SVM intercepts and the plugins: valid bits per exit code -------------------
 
 #: (id, code, info1, info2, fields of a complete request, the valid bits it needs)
@@ -667,7 +691,8 @@ class ReadableEverywhere:
     ids=["ends_exactly_at_2_64", "ends_past_2_64", "last_byte_plus_one"],
 )  # fmt: skip
 def test_scratch_that_wraps_past_2_64_is_invalid_scratch_area(gpa, length):
-    result = setup_scratch(Ghcb(), GHCB, gpa, length, False, ReadableEverywhere())  # type: ignore[arg-type]
+    result = setup_scratch(MappedGhcb(bytes(0x1000), GHCB), gpa, length, False,
+                           ReadableEverywhere())  # type: ignore[arg-type]
     assert result == GhcbErr.INVALID_SCRATCH_AREA
 
 
@@ -724,8 +749,8 @@ def scribbling_handler(sync: bool) -> Callable[[ExitContext], None]:
 
     def handler(ctx: ExitContext) -> None:
         assert ctx.ghcb is not None
-        scratch = setup_scratch(ctx.ghcb, ctx.vcpu.ghcb_gpa, ctx.ghcb["sw_scratch"],
-                                ctx.exit_info_2, sync, ctx.vm.memory)  # fmt: skip
+        scratch = setup_scratch(ctx.ghcb, ctx.ghcb["sw_scratch"], ctx.exit_info_2, sync,
+                                ctx.vm.memory)  # fmt: skip
         assert not isinstance(scratch, GhcbErr)
         ctx.scratch = scratch
         scratch.data[:] = b"\xaa" * scratch.length

@@ -55,16 +55,19 @@ def ghcb_vmgexit(
 def nmi_complete(backup: int, ghcb: int = GHCB_GPA) -> str:
     """End an NMI handler with NMI_COMPLETE without disturbing an interrupted GHCB user.
 
-    The NMI may have arrived in the middle of a #VC handler's exchange (KVM injects
-    it at the entry right after that handler's VMGEXIT), so, as Linux's
-    ``__sev_get_ghcb``/``__sev_put_ghcb`` do with their backup GHCB, the page is saved
-    to ``backup`` (4 KiB of private memory) and restored around the request.
-    Preserves every register but the flags; assumes DF clear.
+    The NMI may have arrived in the middle of an exchange (KVM injects it at the entry
+    right after a #VC handler's VMGEXIT, or after an MSR-protocol request), so, as
+    Linux's ``__sev_get_ghcb``/``__sev_put_ghcb`` do with their backup GHCB, the page
+    is saved to ``backup`` (4 KiB of private memory) and restored around the request,
+    and the GHCB MSR (which may hold an MSR-protocol reply) with it. Preserves every
+    register but the flags; assumes DF clear.
     """
     return f"""
     push rax; push rcx; push rdx; push rsi; push rdi
+    mov ecx, 0xC0010130; rdmsr; push rax; push rdx
     mov rsi, {ghcb}; mov rdi, {backup}; mov ecx, 512; rep movsq
     {ghcb_vmgexit(VmgExit.NMI_COMPLETE, ghcb=ghcb)}
     mov rsi, {backup}; mov rdi, {ghcb}; mov ecx, 512; rep movsq
+    pop rdx; pop rax; mov ecx, 0xC0010130; wrmsr
     pop rdi; pop rsi; pop rdx; pop rcx; pop rax
 """

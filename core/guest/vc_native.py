@@ -188,6 +188,7 @@ _LOCALS = {
     "L_NEWSP": 0xD8,  # exception forwarding: the stack pointer to RET from
     "L_CHUNK": 0xE0,  # string IO: elements in this VMGEXIT
     "L_STEP": 0xE8,  # string IO: +size or -size (DF)
+    "L_DR7": 0xF0,  # DR7 write: the value to remember once the hypervisor took it
 }
 _FRAME = 0x100  # error code; then RIP, CS, RFLAGS, RSP, SS
 F_ERR, F_RIP, F_CS, F_RFLAGS, F_RSP, F_SS = (_FRAME + 8 * i for i in range(6))
@@ -753,12 +754,14 @@ vc_dr7_write:
 vc_dr7_fits:                /* as Linux: reserved bits cleared, bit 10 set */
     and eax, 0xffff23ff
     or eax, 0x400
-    mov [r15 + {STATE_DR7:#x}], rax
+    mov [rbp + {L["L_DR7"]:#x}], rax
     {_set("rax", "rax")}
     mov r8d, {SvmExit.WRITE_DR7:#x}
     xor r9d, r9d
     xor r10d, r10d
     call vc_hv_call
+    mov rax, [rbp + {L["L_DR7"]:#x}]   /* accepted: remember it, as Linux does */
+    mov [r15 + {STATE_DR7:#x}], rax
     jmp vc_done
 vc_dr7_operand:             /* RBX = the GPR of a MOV to/from DR7; R12 past it */
     movzx eax, byte ptr [r12 + 2]

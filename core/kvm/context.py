@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any
 from attrs import define, field
 
 from sevsim.arch.exits import GhcbErr, GhcbResp
-from sevsim.arch.ghcb import Ghcb
 from sevsim.arch.vmcb import EventInj
 from sevsim.kvm.dispatch import ExitKind
+from sevsim.kvm.ghcb_map import MappedGhcb
 from sevsim.kvm.outcome import Outcome
 from sevsim.kvm.scratch import Scratch, setup_scratch
 
@@ -40,7 +40,7 @@ class ExitContext:
     code: int
     exit_info_1: int = 0
     exit_info_2: int = 0
-    ghcb: Ghcb | None = None
+    ghcb: MappedGhcb | None = None
     msr: int = 0
     regs: dict[str, int] = field(factory=dict)
     #: The scratch area of this exit, once a handler asked for it.
@@ -61,7 +61,7 @@ class ExitContext:
 
     # -- GHCB replies (sw_exit_info_1 / sw_exit_info_2) -------------------------------
 
-    def _ghcb(self) -> Ghcb:
+    def _ghcb(self) -> MappedGhcb:
         if self.ghcb is None:
             raise RuntimeError(f"{self.kind.value} exit {self.code:#x} has no GHCB to answer in")
         return self.ghcb
@@ -93,8 +93,7 @@ class ExitContext:
         """``setup_vmgexit_scratch``: the scratch area of this exit, or the outcome to
         return instead (the guest already told INVALID_SCRATCH_AREA, or -EFAULT)."""
         ghcb = self._ghcb()
-        result = setup_scratch(ghcb, self.vcpu.ghcb_gpa, ghcb["sw_scratch"], length, sync,
-                               self.vm.memory)  # fmt: skip
+        result = setup_scratch(ghcb, ghcb["sw_scratch"], length, sync, self.vm.memory)
         if isinstance(result, GhcbErr):
             return self.vm.compat.bad_scratch(self, result)
         if isinstance(result, Scratch):

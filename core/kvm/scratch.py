@@ -11,14 +11,10 @@ from __future__ import annotations
 from attrs import define
 
 from sevsim.arch.exits import GhcbErr
-from sevsim.arch.ghcb import (
-    GHCB_SCRATCH_AREA_LIMIT,
-    SHARED_BUFFER_END,
-    SHARED_BUFFER_START,
-    Ghcb,
-)
+from sevsim.arch.ghcb import GHCB_SCRATCH_AREA_LIMIT, SHARED_BUFFER_END, SHARED_BUFFER_START
 from sevsim.errors import GuestMemoryError
 from sevsim.hw import GuestMemoryView
+from sevsim.kvm.ghcb_map import MappedGhcb
 from sevsim.kvm.outcome import Fail
 
 
@@ -30,22 +26,29 @@ class Scratch:
     length: int
     sync: bool
     in_ghcb: bool
-    #: Inside the GHCB, a view of the mapped page itself (KVM works in place); else
-    #: KVM's own copy of the guest's buffer.
+    #: The bytes, ``length`` of them, to read and (for a read operation) fill in
+    #: place: a view of the mapped GHCB page inside it (KVM works there), else KVM's
+    #: copy of the guest's buffer. Assign slices of the same size; a handler that
+    #: leaves a different length is a plugin bug, and kvm says so.
     data: bytearray | memoryview
 
     def write_back(self, memory: GuestMemoryView) -> None:
         """Hand a copied area back to the guest (``sev_es_unmap_ghcb``'s scratch part);
         one in the GHCB page is already there."""
         if not self.in_ghcb and self.sync:
-            memory.write(self.gpa, self.data)
+            memory.write(self.gpa, bytes(self.data[: self.length]))
 
 
 def setup_scratch(
-    ghcb: Ghcb, ghcb_gpa: int, scratch_gpa: int, length: int, sync: bool, memory: GuestMemoryView
+    ghcb: MappedGhcb,
+    scratch_gpa: int,
+    length: int,
+    sync: bool,
+    memory: GuestMemoryView,
 ) -> Scratch | GhcbErr | Fail:
     """Map ``length`` bytes at ``scratch_gpa``, or say why not: INVALID_SCRATCH_AREA for
     the guest, or (newest KVM) -EFAULT when guest memory cannot be read at all."""
+    ghcb_gpa = ghcb.gpa
     end = scratch_gpa + length
     if scratch_gpa == 0 or length < 0 or end % (1 << 64) < scratch_gpa:  # u64 wrap
         return GhcbErr.INVALID_SCRATCH_AREA
@@ -54,6 +57,7 @@ def setup_scratch(
         if scratch_gpa < lo or end > hi:
             return GhcbErr.INVALID_SCRATCH_AREA
         offset = scratch_gpa - ghcb_gpa
+        ghcb.touch(offset, length)  # KVM's pointer into the mapped page: writes land
         view = memoryview(ghcb.raw)[offset : offset + length]
         return Scratch(scratch_gpa, length, sync, True, view)
     if length > GHCB_SCRATCH_AREA_LIMIT:

@@ -34,8 +34,10 @@ from sevsim.kvm.exits import (
     Shutdown,
     SystemEvent,
 )
+from sevsim.kvm.ghcb_map import MappedGhcb
 from sevsim.kvm.msrs import MsrModel
 from sevsim.kvm.pending import NMI_EVENT, ApResetHoldType, MpState, NmiState
+from sevsim.kvm.scratch import Scratch
 from sevsim.kvm.svm_setup import init_vmcb
 
 if TYPE_CHECKING:
@@ -81,7 +83,7 @@ class Vcpu:
         self.mp_state = MpState.RUNNABLE
         self.ap_reset_hold_type = ApResetHoldType.NONE
         self.received_first_sipi = False
-        self._ghcb: Ghcb | None = None
+        self._ghcb: MappedGhcb | None = None
         self._ghcb_gpa = 0
         self._ctx: ExitContext | None = None
         self._dead: str | None = None
@@ -144,7 +146,8 @@ class Vcpu:
         if self.mp_state is MpState.AP_RESET_HOLD:
             # vcpu_block: an NMI wakes a parked vCPU; otherwise KVM_RUN would block
             # until a signal, which sevsim reports at once.
-            if not (self.nmi_state.queued or self.nmi_state.pending):
+            nmi = self.nmi_state
+            if not (nmi.queued or (nmi.pending and not nmi.masked)):  # kvm_vcpu_has_events
                 return RunFailed("EINTR", f"vCPU {self.id} is parked in AP reset hold; "
                                  "an INIT-SIPI (deliver_sipi) or an NMI wakes it")  # fmt: skip
             self.mp_state = MpState.RUNNABLE
@@ -223,6 +226,13 @@ class Vcpu:
         if result is not None and not isinstance(result, O.Resume | O.ExitToUser | O.Fail):
             return self._plugin_failed(handler, f"returned {result!r}, expected an outcome "
                                        "(sevsim.kvm.outcome) or None")  # fmt: skip
+        scratch = ctx.scratch
+        if scratch is not None and not (isinstance(scratch, Scratch)
+                                        and isinstance(scratch.data, bytearray | memoryview)
+                                        and len(scratch.data) == scratch.length):  # fmt: skip
+            ctx.scratch = None  # nothing of it goes back to the guest
+            return self._plugin_failed(handler, f"left ctx.scratch = {scratch!r}, not the "
+                                       "area it mapped with its length")  # fmt: skip
         values = {"GHCB MSR": ctx.msr, **{n: ctx.regs[n] for n in _SYNCED_OUT if n in ctx.regs}}
         for name, value in values.items():
             if not isinstance(value, int) or not 0 <= value < 1 << 64:
@@ -254,7 +264,7 @@ class Vcpu:
         nmi = self.nmi_state
         nmi.process()
         if VMCB_CONTROL.get(self.vmcb, "event_inj") & EventInj.VALID:
-            return bool(nmi.pending) and not nmi.masked
+            return bool(nmi.pending)  # -EBUSY, whether or not NMIs are masked
         if nmi.take():
             self.queue_event(NMI_EVENT)
         return False
@@ -313,7 +323,7 @@ class Vcpu:
             raw = self.vm.memory.read(ghcb_gpa, GHCB_PAGE_SIZE)
         except GuestMemoryError:
             return self.vm.compat.ghcb_unmapped(f"GHCB GPA {ghcb_gpa:#x} is not guest RAM")
-        ghcb = Ghcb(raw)
+        ghcb = MappedGhcb(raw, ghcb_gpa)
         code = ghcb["sw_exit_code"]
         self.vm.emit("vmgexit_enter", vcpu_id=self.id, exit_reason=code,
                      info1=ghcb["sw_exit_info_1"], info2=ghcb["sw_exit_info_2"])  # fmt: skip
@@ -339,12 +349,8 @@ class Vcpu:
         """KVM works on the mapped GHCB page: what it wrote there (valid bitmap cleared,
         reply, a scratch area inside the page) is in guest memory at once, even when
         KVM_RUN now returns to userspace. Only RAX..RDX wait for the next entry."""
-        if self._ghcb is None:
-            return
-        try:
-            self.vm.memory.write(self._ghcb_gpa, self._ghcb.raw)
-        except GuestMemoryError:  # the VMM removed the region meanwhile: nothing to write
-            pass
+        if self._ghcb is not None:
+            self._ghcb.flush(self.vm.memory)
 
     def _sync_from_ghcb(self, ghcb: Ghcb) -> Ghcb:
         """``sev_es_sync_from_ghcb``: snapshot, zero the GPRs, take the valid ones."""

@@ -54,30 +54,31 @@ def check_timeout(value: object, where: str) -> float:
     return float(value)
 
 
-def abnormal_end(exit_: KvmExit, trace: Trace | None = None) -> str | None:
-    """None if ``exit_`` is a normal end of a run (see the module doc), else why not.
+def abnormal_end(exit_: KvmExit, trace: Trace | None = None, vcpu: Any = None) -> str | None:
+    """None if ``exit_`` (of ``vcpu``) is a normal end of a run (see the module doc),
+    else why not.
 
     ``trace`` (the run's) knows what the exit alone does not: the reason of a GHCB
     termination request, and a termination request nobody handled before a HLT.
     """
     if isinstance(exit_, Hlt):
-        ignored = trace.ignored_termination if trace is not None else None
+        ignored = trace.ignored_termination(vcpu) if trace is not None else None
         if ignored in (None, (0, 0)):
             return None
         return (f"the guest halted after a termination request nobody handled: "
                 f"{describe_reason(*ignored)}")  # fmt: skip
+    described = trace.describe_exit(exit_, vcpu) if trace is not None else describe_exit(exit_)
     if is_sev_term(exit_):
-        reason = trace.term_reason(exit_) if trace is not None else None
+        reason = trace.term_reason(exit_, vcpu) if trace is not None else None
         if reason is None and exit_.data:  # type: ignore[attr-defined]
             reason = msr_term_reason(exit_.data[0])  # type: ignore[attr-defined]
-        described = trace.describe_exit(exit_) if trace is not None else describe_exit(exit_)
         if reason == (0, 0):
             return None
         return (
             f"the guest asked to terminate with a failure reason: "
             f"{described} (a normal end is reason set 0 code 0, or HLT)"
         )
-    return f"the VM did not end normally: {describe_exit(exit_)}"
+    return f"the VM did not end normally: {described}"
 
 
 @frozen
@@ -89,7 +90,7 @@ class RunResult:
     @property
     def failure(self) -> str | None:
         """:func:`abnormal_end` of the exit: None when the run ended normally."""
-        return abnormal_end(self.exit, self.trace)
+        return abnormal_end(self.exit, self.trace, self.vm.vcpus[0])
 
 
 def run_image(

@@ -104,6 +104,10 @@ def test_an_nmi_wakes_a_parked_vcpu_which_parks_again():
     assert vcpu.run() == ApResetHold()
     assert int.from_bytes(run.vm.memory.read(RESULT + 8, 8), "little") == 2
     assert vcpu.nmi_state.masked  # delivered (the handler did not send NMI_COMPLETE)
+    vcpu.nmi()  # a new KVM_NMI wakes it (KVM_REQ_NMI), but cannot be injected: masked
+    assert vcpu.run() == ApResetHold() and vcpu.nmi_state.pending == 1
+    blocked = vcpu.run()  # a pending NMI that is not allowed does not wake it again
+    assert isinstance(blocked, RunFailed) and blocked.errno == "EINTR"
 
 
 def test_sipi_vector_must_be_a_byte():

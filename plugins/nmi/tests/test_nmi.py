@@ -48,8 +48,8 @@ def handled(run) -> int:
     return int.from_bytes(run.vm.memory.read(COUNT, 8), "little")
 
 
-def guest(source: str, enable=ENABLE, **args: Any):
-    return run_guest(source, enable=enable, idt={2: NMI_HANDLER, 13: GP_HANDLER},
+def guest(source: str, enable=ENABLE, plugins=None, **args: Any):
+    return run_guest(source, plugins, enable=enable, idt={2: NMI_HANDLER, 13: GP_HANDLER},
                      data=HANDLERS, **args)  # fmt: skip
 
 
@@ -131,3 +131,18 @@ def test_an_nmi_behind_an_exception_still_gets_in():
     assert isinstance(run.exit, SystemEvent), run.exit  # not RunFailed EINTR: no NMI
     assert handled(run) == 1
     assert run.trace.exits["INTR"] == 1  # the immediate exit
+
+
+def test_an_nmi_after_an_msr_protocol_request_leaves_the_reply_in_the_msr():
+    """The NMI comes in right after the VMGEXIT of a CPUID request through the GHCB
+    MSR; the NMI handler's own request must not cost the guest its reply."""
+    source = f"""
+        mov ecx, 0xC0010130; mov eax, 4; xor edx, edx; wrmsr   /* CPUID fn 0, EAX */
+        rep vmmcall
+        rdmsr; mov rsi, {RESULT}; mov [rsi], eax; mov [rsi + 4], edx
+        {TERMINATE}
+    """
+    run = guest(source, plugins={"nmi_on": NmiOn(0x004)})
+    assert isinstance(run.exit, SystemEvent), run.trace.lines[-6:]
+    assert int.from_bytes(run.vm.memory.read(RESULT, 8), "little") == 0xD_0000_0005
+    assert handled(run) == 1
