@@ -50,6 +50,12 @@ class MappedGhcb(Ghcb):
 
     def flush(self, memory: GuestMemoryView) -> None:
         """Write what KVM wrote into the guest's page, and forget it."""
-        written, self._written = sorted(self._written), set()
-        for offset, length in written:
-            memory.write(self.gpa + offset, bytes(self.raw[offset : offset + length]))
+        spans: list[list[int]] = []
+        for offset, length in sorted(self._written):  # merged: one write per run
+            if spans and offset <= spans[-1][1]:
+                spans[-1][1] = max(spans[-1][1], offset + length)
+            else:
+                spans.append([offset, offset + length])
+        self._written = set()
+        for start, end in spans:
+            memory.write(self.gpa + start, bytes(self.raw[start:end]))
