@@ -8,18 +8,10 @@ and ``sevsim run -p no:ioio`` mean the same. A subcommand is a function
 A :class:`~sevsim.errors.SevsimError` ends the command with one line on stderr and
 status 2, never a traceback.
 
-Exit statuses:
-
-- 0: success. For ``sevsim run``: the VM ended normally, i.e. the guest asked for
-  termination with the general reason (SEV_TERM, TERM_REQ set 0 code 0) or halted.
-- 1: ``sevsim plugins check`` found problems; ``sevsim run``: the VM did not end
-  normally (a termination request with any other reason, or a halt after such a
-  request that no plugin handled, a shutdown, an internal
-  error, a failed KVM_RUN such as -EINTR after ``--timeout`` or -EINVAL for a
-  termination request in the v5.11 era); a last line on stderr says why
-  (:func:`sevsim.vmm.runner.abnormal_end`).
-- 2: a usage or configuration error (bad option value, bad ``sevsim.toml``, a
-  plugin problem that stops start-up).
+Exit statuses: 0 success; 1 ``sevsim plugins check`` found problems, or the VM of
+``sevsim run`` did not end normally (the rules are :mod:`sevsim.vmm.runner`'s, and
+``sevsim run --help`` lists them), with a last line on stderr saying why; 2 a usage
+or configuration error.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeGuard
 
 from capstone import CS_ARCH_X86, CS_MODE_16, CS_MODE_32, CS_MODE_64, Cs
 
@@ -72,7 +72,7 @@ def describe_msr(value: int) -> str:
             shown = f" '{text.decode()}'" if all(32 <= b < 127 for b in text) else ""
             return f"{name} {data:#010x}{shown}"
         case GhcbMsr.TERM_REQ:
-            return f"{name} {describe_reason(bits(value, 15, 12), bits(value, 23, 16))}"
+            return f"{name} {describe_reason(*G.term_reason(value))}"  # type: ignore[misc]
         case GhcbMsr.HV_FT_RESP:
             return f"{name} features {value >> 12:#x}"
     return name
@@ -87,7 +87,7 @@ def describe_request(code: int, info1: int, info2: int) -> str:
     if code == SvmExit.MSR:
         return "wrmsr" if info1 else "rdmsr"
     if code == VmgExit.TERM_REQUEST:
-        return describe_reason(bits(info1, 3, 0), bits(info1, 11, 4))
+        return describe_reason(*G.ghcb_term_reason(info1))
     return f"info1 {info1:#x} info2 {info2:#x}"
 
 
@@ -106,24 +106,29 @@ def describe_response(info1: int, info2: int) -> str:
     return f"info1 {info1:#x} info2 {info2:#x}"
 
 
-def msr_term_reason(value: int) -> tuple[int, int] | None:
-    """(reason set, reason code) of a GHCB MSR value that is a TERM_REQ, else None."""
-    if G.info(value) != GhcbMsr.TERM_REQ:
-        return None
-    return bits(value, 15, 12), bits(value, 23, 16)
-
-
-def is_sev_term(exit_: KvmExit) -> bool:
+def is_sev_term(exit_: KvmExit) -> TypeGuard[SystemEvent]:
     return isinstance(exit_, SystemEvent) and exit_.type is SystemEventType.SEV_TERM
 
 
+Reason = tuple[int, int]
+
+
+def term_reason(exit_: KvmExit, ghcb_reason: Reason | None = None) -> Reason | None:
+    """(reason set, reason code) of a SEV_TERM exit, if known. The MSR protocol's
+    request carries it; a GHCB TERM_REQUEST's exit carries only the GHCB's GPA, and
+    its reason (``ghcb_reason``) is known only to whoever saw the request (KVM logs
+    it; the trace records it)."""
+    if not is_sev_term(exit_) or not exit_.data:
+        return None
+    return G.term_reason(exit_.data[0]) if G.info(exit_.data[0]) else ghcb_reason
+
+
 def describe_exit(exit_: KvmExit, ghcb_reason: tuple[int, int] | None = None) -> str:
-    """An exit in words. A SEV_TERM from the MSR protocol carries its reason; one from
-    a GHCB TERM_REQUEST carries the GHCB's GPA, and its reason (``ghcb_reason``) is
-    known only to whoever saw the request (KVM logs it; the trace records it)."""
+    """An exit in words, a termination request's reason included when known
+    (:func:`term_reason`)."""
     text = exit_.describe()
-    if is_sev_term(exit_) and exit_.data:  # type: ignore[attr-defined]
-        data = exit_.data[0]  # type: ignore[attr-defined]
+    if is_sev_term(exit_) and exit_.data:
+        data = exit_.data[0]
         if G.info(data):
             return f"{text}: {describe_msr(data)}"
         text += f": GHCB TERM_REQUEST at {data:#x}"
@@ -209,7 +214,7 @@ class Trace:
         if not handled and ghcb_gpa == self._request:
             self._line("      ignored: no plugin handles this request; the guest reads its "
                        "own value back")  # fmt: skip
-            reason = msr_term_reason(ghcb_gpa)
+            reason = G.term_reason(ghcb_gpa)
             if reason is not None:
                 self._ignored_terminations[vcpu] = reason
             return
@@ -219,8 +224,7 @@ class Trace:
         name = exit_name(exit_reason)
         self.requests[f"GHCB {name}"] += 1
         if exit_reason == VmgExit.TERM_REQUEST:
-            reason = bits(info1, 3, 0), bits(info1, 11, 4)
-            self._ghcb_term_reasons[self._vcpu(vcpu_id)] = reason
+            self._ghcb_term_reasons[self._vcpu(vcpu_id)] = G.ghcb_term_reason(info1)
         self._line(f"      GHCB {name}  {describe_request(exit_reason, info1, info2)}")
 
     def _on_vc(self, vcpu_id: int, exit_code: int, rip: int) -> None:
@@ -246,13 +250,8 @@ class Trace:
         self._line(text)
 
     def term_reason(self, exit_: KvmExit, vcpu: Any) -> tuple[int, int] | None:
-        """(reason set, reason code) of a SEV_TERM exit of ``vcpu``, if known."""
-        if not is_sev_term(exit_) or not exit_.data:  # type: ignore[attr-defined]
-            return None
-        data = exit_.data[0]  # type: ignore[attr-defined]
-        if G.info(data):
-            return msr_term_reason(data)
-        return self._ghcb_term_reasons.get(vcpu)
+        """:func:`term_reason` of an exit of ``vcpu``, with the reason this trace saw."""
+        return term_reason(exit_, self._ghcb_term_reasons.get(vcpu))
 
     def ignored_termination(self, vcpu: Any) -> tuple[int, int] | None:
         """The reason of ``vcpu``'s last termination request nobody handled, if any."""

@@ -121,8 +121,8 @@ def test_module_doc_documents_the_exit_statuses() -> None:
     import sevsim.cli
 
     doc = " ".join((sevsim.cli.__doc__ or "").split())
-    assert "- 0: success. For ``sevsim run``: the VM ended normally" in doc
-    assert "- 1: ``sevsim plugins check`` found problems; ``sevsim run``: the VM did not" in doc
+    assert "Exit statuses: 0 success; 1 ``sevsim plugins check`` found problems, or" in doc
+    assert "2 a usage or configuration error" in doc
 
 
 # --- run --timeout ------------------------------------------------------------------------

@@ -88,6 +88,19 @@ def term_req(reason_set: int, reason_code: int) -> int:
     return (reason_code << 16) | (reason_set << 12) | GhcbMsr.TERM_REQ
 
 
+def term_reason(value: int) -> tuple[int, int] | None:
+    """(reason set, reason code) of a GHCB MSR value that is a TERM_REQ, else None."""
+    if info(value) != GhcbMsr.TERM_REQ:
+        return None
+    return bits(value, 15, 12), bits(value, 23, 16)
+
+
+def ghcb_term_reason(info1: int) -> tuple[int, int]:
+    """(reason set, reason code) of a GHCB-page TERM_REQUEST: ``sw_exit_info_1`` holds
+    the set in bits 3:0 and the code in bits 11:4."""
+    return bits(info1, 3, 0), bits(info1, 11, 4)
+
+
 #: Termination reason names, by (set, code): set 0 general, set 1 Linux.
 TERM_REASONS: dict[tuple[int, int], str] = {
     (0, 0): "GHCB_SEV_ES_GEN_REQ",

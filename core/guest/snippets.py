@@ -5,6 +5,7 @@ from __future__ import annotations
 from sevsim.arch.exits import VmgExit
 from sevsim.arch.ghcb import GHCB_SAVE_AREA, valid_bit
 from sevsim.arch.ghcb_msr import term_req
+from sevsim.arch.msr import MSR_AMD64_SEV_ES_GHCB
 from sevsim.guest.image import GHCB_GPA
 
 _SW_FIELDS = ("sw_exit_code", "sw_exit_info_1", "sw_exit_info_2")
@@ -17,7 +18,7 @@ def terminate(reason_set: int = 0, reason_code: int = 0) -> str:
     Clobbers RAX, RCX and RDX. With no hypervisor answering, execution goes on after it.
     """
     return f"""
-    mov ecx, 0xC0010130
+    mov ecx, {MSR_AMD64_SEV_ES_GHCB:#x}
     mov eax, {term_req(reason_set, reason_code):#x}
     xor edx, edx
     wrmsr
@@ -47,7 +48,7 @@ def ghcb_vmgexit(
     mov rax, {info2}; mov [rdi + {at["sw_exit_info_2"]}], rax
     mov rax, {_SW_BITMAP & (1 << 64) - 1}; mov [rdi + {bitmap}], rax
     mov rax, {_SW_BITMAP >> 64}; mov [rdi + {bitmap + 8}], rax
-    mov ecx, 0xC0010130; mov eax, {ghcb & 0xFFFF_FFFF}; mov edx, {ghcb >> 32}; wrmsr
+    mov ecx, {MSR_AMD64_SEV_ES_GHCB:#x}; mov eax, {ghcb & 0xFFFF_FFFF}; mov edx, {ghcb >> 32}; wrmsr
     rep vmmcall
 """
 
@@ -64,10 +65,10 @@ def nmi_complete(backup: int, ghcb: int = GHCB_GPA) -> str:
     """
     return f"""
     push rax; push rcx; push rdx; push rsi; push rdi
-    mov ecx, 0xC0010130; rdmsr; push rax; push rdx
+    mov ecx, {MSR_AMD64_SEV_ES_GHCB:#x}; rdmsr; push rax; push rdx
     mov rsi, {ghcb}; mov rdi, {backup}; mov ecx, 512; rep movsq
     {ghcb_vmgexit(VmgExit.NMI_COMPLETE, ghcb=ghcb)}
     mov rsi, {backup}; mov rdi, {ghcb}; mov ecx, 512; rep movsq
-    pop rdx; pop rax; mov ecx, 0xC0010130; wrmsr
+    pop rdx; pop rax; mov ecx, {MSR_AMD64_SEV_ES_GHCB:#x}; wrmsr
     pop rdi; pop rsi; pop rdx; pop rcx; pop rax
 """

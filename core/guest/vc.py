@@ -68,6 +68,7 @@ from sevsim.arch.ghcb import (
     Ghcb,
 )
 from sevsim.arch.ghcb_msr import term_req
+from sevsim.arch.vectors import Vector
 from sevsim.arch.vmcb import EventInj
 from sevsim.guest.decode import (
     GPR_PARTS,
@@ -100,7 +101,7 @@ SEV_TERM_SET_GEN = 0
 GHCB_SEV_ES_GEN_REQ = 0
 DR7_RESET_VALUE = 0x400
 X86_EFLAGS_DF = 1 << 10
-GP_VECTOR, UD_VECTOR, PF_VECTOR = 13, 6, 14
+GP_VECTOR, UD_VECTOR, PF_VECTOR = Vector.GP, Vector.UD, Vector.PF
 SHARED_BUFFER_SIZE = SHARED_BUFFER_END - SHARED_BUFFER_START
 _EVTINJ_TYPE_MASK = 7 << EventInj.TYPE_SHIFT
 
@@ -312,7 +313,7 @@ class VcHandler:
         self,
         view: GuestView,
         why: str,
-        reason: tuple[int, int] = (SEV_TERM_SET_GEN, GHCB_SEV_ES_GEN_REQ),
+        reason: tuple[int, int] = VcFailure.reason,
     ) -> Exchange:
         """``sev_es_terminate``: ask for termination; a hypervisor that resumes us gets a panic."""
         self.log.append(why)

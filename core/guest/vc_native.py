@@ -110,6 +110,7 @@ from sevsim.arch.exits import SvmExit, VmgExit
 from sevsim.arch.ghcb import GHCB, GHCB_SAVE_AREA, SHARED_BUFFER_END, SHARED_BUFFER_START
 from sevsim.arch.ghcb import valid_bit as _valid_bit
 from sevsim.arch.msr import MSR_AMD64_SEV_ES_GHCB, MSR_FS_BASE, MSR_GS_BASE
+from sevsim.arch.vectors import Vector
 from sevsim.arch.vmcb import EventInj
 from sevsim.guest.asm import AssemblyError, assemble
 from sevsim.guest.image import GHCB_GPA, IMAGE_END
@@ -138,8 +139,7 @@ TERM_REASON_SET = 2
 #: GHCB protocol version written in each request (KVM does not read it).
 PROTOCOL_VERSION = 1
 
-VC_VECTOR = 29
-GP_VECTOR = 13
+VC_VECTOR = Vector.VC
 #: Exceptions that push an error code (#DF #TS #NP #SS #GP #PF #AC #CP #VC #SX).
 _ERROR_CODE_VECTORS = (8, 10, 11, 12, 13, 14, 17, 21, 29, 30)
 #: Exceptions the handler refuses to forward: NMI, #DF, #MC, #VC.
@@ -749,7 +749,7 @@ vc_dr7_write:
     mov rdx, rax
     shr rdx, 32
     jz vc_dr7_fits
-    mov edx, {EventInj.exception(GP_VECTOR, 0):#x}   /* upper half set: #GP(0) */
+    mov edx, {EventInj.exception(Vector.GP, 0):#x}   /* upper half set: #GP(0) */
     jmp vc_forward_exception
 vc_dr7_fits:                /* as Linux: reserved bits cleared, bit 10 set */
     and eax, 0xffff23ff

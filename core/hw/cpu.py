@@ -51,6 +51,7 @@ from unicorn import x86_const as x86
 
 from sevsim.arch import msr as M
 from sevsim.arch.exits import SvmExit
+from sevsim.arch.vectors import Vector
 from sevsim.arch.vmcb import EventInj
 from sevsim.arch.vmsa import Segment
 from sevsim.errors import FOREIGN_FAULTS
@@ -73,12 +74,10 @@ _CPL0_ONLY = frozenset({
     SvmExit.VMLOAD, SvmExit.VMSAVE, SvmExit.STGI, SvmExit.CLGI, SvmExit.SKINIT,
     SvmExit.INVLPGA,
 })  # fmt: skip
-NMI_VECTOR = 2
-VC_VECTOR = 29
-DF_VECTOR = 8
-GP_VECTOR = 13
-PF_VECTOR = 14
-UD_VECTOR = 6
+#: Actions whose instructions #GP outside CPL 0 (RDMSR/WRMSR, MOV to and from CRs).
+_CPL0_ACTIONS = (Action.HARDWARE_MSR, Action.CR_WRITE, Action.CR8_READ)
+NMI_VECTOR, VC_VECTOR, DF_VECTOR = Vector.NMI, Vector.VC, Vector.DF
+GP_VECTOR, PF_VECTOR, UD_VECTOR = Vector.GP, Vector.PF, Vector.UD
 #: Exceptions whose delivery pushes an error code.
 _ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
 _CONTRIBUTORY = frozenset({0, 10, 11, 12, 13})
@@ -624,14 +623,14 @@ class GuestCpu:
             self._stop = fault
             uc.emu_stop()
             return
-        if site.action is Action.HARDWARE_MSR and self._msr_is_native(site):
-            if not self._is_efer_write(site):  # EFER writes are checked, maybe trapped
-                return
+        native_msr = site.action is Action.HARDWARE_MSR and self._msr_is_native(site)
+        if native_msr and not self._is_efer_write(site):  # EFER: checked, maybe trapped
+            return
         if site.action is Action.NAE and not self.intercepted(site.exit_code):
             return
-        if site.action is Action.CR_WRITE and not self.intercepted(site.exit_code):
-            if site.exit_code != SvmExit.CR8_WRITE_TRAP:  # CR8 always needs the model
-                return
+        untrapped_cr = site.action is Action.CR_WRITE and not self.intercepted(site.exit_code)
+        if untrapped_cr and site.exit_code != SvmExit.CR8_WRITE_TRAP:  # CR8: the model's
+            return
         self._stop = _AtSite(site, address)
         uc.emu_stop()
 
@@ -1035,10 +1034,6 @@ _CR4_VALID = 0x7FF | (1 << 11) | (1 << 16) | (1 << 17) | (1 << 18) | (1 << 20) |
     1 << 22) | (1 << 23)  # fmt: skip
 
 
-#: Actions whose instructions #GP outside CPL 0 (RDMSR/WRMSR, MOV to and from CRs).
-_CPL0_ACTIONS = (Action.HARDWARE_MSR, Action.CR_WRITE, Action.CR8_READ)
-
-
 def _valid_cr_write(cr: int, value: int, mode: PagingMode) -> bool:
     """The architectural checks of MOV to CR0/CR4/CR8 (APM vol. 2, 3.1)."""
     if cr == 0:
@@ -1056,8 +1051,10 @@ def _valid_cr_write(cr: int, value: int, mode: PagingMode) -> bool:
 
 #: EFER bits this CPU model implements (SCE, LME, LMA, NXE, SVME, LMSLE, FFXSR, TCE,
 #: MCOMMIT, INTWB, UAIEN, AIBRSE); setting any other is #GP.
-_EFER_VALID = 0x1 | 0x100 | 0x400 | 0x800 | 0x1000 | 0x2000 | 0x4000 | 0x8000 | (1 << 17) | (
-    1 << 18) | (1 << 20) | (1 << 21)  # fmt: skip
+_EFER_VALID = (
+    M.EFER_SCE | M.EFER_LME | M.EFER_LMA | M.EFER_NX | M.EFER_SVME | 1 << 13 | M.EFER_FFXSR
+    | 1 << 15 | 1 << 17 | 1 << 18 | 1 << 20 | M.EFER_AUTOIBRS
+)  # fmt: skip
 
 
 def _valid_efer_write(value: int, mode: PagingMode) -> bool:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from sevsim.arch.exits import GhcbErr, VmgExit
 from sevsim.arch.ghcb import Ghcb
 from sevsim.arch.ghcb_msr import GhcbMsr
+from sevsim.arch.vectors import Vector
 from sevsim.errors import ConfigError
 from sevsim.kvm import outcome as O
 from sevsim.kvm.context import ExitContext
@@ -96,14 +97,13 @@ class V5_11(Newest):
 
     def bad_subcode(self, ctx: ExitContext) -> None:
         """5.11 answered an unknown subcode with #UD for the guest to raise."""
-        ctx.inject_exception(UD_VECTOR)
+        ctx.inject_exception(Vector.UD)
 
     def terminate(self, value: int) -> O.Outcome:
         """5.11 logged the request and failed KVM_RUN (SEV_TERM events came in ~5.19)."""
         return O.Fail("EINVAL", f"the guest requested termination ({value:#x})")
 
 
-UD_VECTOR = 6
 #: The MSR-protocol requests of the original series: SEV_INFO, CPUID, TERM_REQ.
 _V5_11_MSR_REQUESTS = frozenset({GhcbMsr.SEV_INFO_REQ, GhcbMsr.CPUID_REQ, GhcbMsr.TERM_REQ})
 

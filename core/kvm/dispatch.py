@@ -87,6 +87,11 @@ class ExitHandler:
             return fields
         return tuple(self.requires)
 
+    @property
+    def owner(self) -> str:
+        """The owning plugin's name, for messages (tests may register rows directly)."""
+        return self.plugin or "<direct registration>"
+
     def describe(self) -> str:
         return f"{self.kind.value} {code_name(self.kind, self.code)}"
 
@@ -108,8 +113,7 @@ class ExitTable:
             first = self._rows[key]
             raise PluginError(
                 f"exit code conflict: {entry.describe()} is claimed by both "
-                f"{first.plugin or '<direct registration>'!r} and "
-                f"{entry.plugin or '<direct registration>'!r}"
+                f"{first.owner!r} and {entry.owner!r}"
             )
         self._rows[key] = entry
         return entry

@@ -27,7 +27,8 @@ def term_request(ctx: ExitContext) -> O.Outcome:
     """The reason is in ``sw_exit_info_1`` (set in bits 3:0, code in 11:4; the trace
     decodes it, as KVM logs it); KVM_RUN ends with a SEV_TERM event whose data is the
     GHCB's GPA, where the VMM can read the request."""
-    return ctx.vm.compat.terminate(ctx.vcpu.ghcb_gpa)
+    assert ctx.ghcb is not None  # a GHCB-page request always has its page
+    return ctx.vm.compat.terminate(ctx.ghcb.gpa)
 
 
 def unsupported_event(ctx: ExitContext) -> O.Outcome:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from sevsim.arch.exits import SvmExit
 from sevsim.arch.ghcb import Ghcb
+from sevsim.arch.vectors import Vector
 from sevsim.hw import CpuidLeaf
 from sevsim.kvm import outcome as O
 from sevsim.kvm.context import ExitContext
@@ -23,8 +24,7 @@ from sevsim.kvm.dispatch import ExitHandler, ExitKind
 if TYPE_CHECKING:
     from sevsim.kvm.vcpu import Vcpu
 
-GP_VECTOR = 13
-UD_VECTOR = 6
+GP_VECTOR, UD_VECTOR = Vector.GP, Vector.UD
 #: AMD's legacy PMU: four counters (``kvm_emulate_rdpmc`` on a PMU v1 guest).
 PMC_COUNT = 4
 #: KVM hypercall numbers and errors (``include/uapi/linux/kvm_para.h``).

@@ -36,7 +36,7 @@ class Scratch:
         """Hand a copied area back to the guest (``sev_es_unmap_ghcb``'s scratch part);
         one in the GHCB page is already there."""
         if not self.in_ghcb and self.sync:
-            memory.write(self.gpa, bytes(self.data[: self.length]))
+            memory.write(self.gpa, bytes(self.data))
 
 
 def setup_scratch(

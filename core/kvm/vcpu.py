@@ -84,7 +84,6 @@ class Vcpu:
         self.ap_reset_hold_type = ApResetHoldType.NONE
         self.received_first_sipi = False
         self._ghcb: MappedGhcb | None = None
-        self._ghcb_gpa = 0
         self._ctx: ExitContext | None = None
         self._dead: str | None = None
         #: The simulator's debug record of the last exit (why, rip, instruction): not
@@ -124,11 +123,6 @@ class Vcpu:
     @property
     def dead(self) -> str | None:
         return self._dead
-
-    @property
-    def ghcb_gpa(self) -> int:
-        """GPA of the GHCB mapped for the exit being handled (``svm->sev_es.ghcb_gpa``)."""
-        return self._ghcb_gpa
 
     def run(self, timeout: float | None = None) -> KvmExit:
         """KVM_RUN: run until an exit userspace must see.
@@ -238,12 +232,12 @@ class Vcpu:
             if not isinstance(value, int) or not 0 <= value < 1 << 64:
                 return self._plugin_failed(handler, f"left {name} = {value!r}, not a u64")
         self.vm.emit("exit_handled", vcpu_id=self.id, kind=ctx.kind.value, code=ctx.code,
-                     plugin=handler.plugin or "<direct registration>", notes=ctx.notes)  # fmt: skip
+                     plugin=handler.owner, notes=ctx.notes)  # fmt: skip
         return O.RESUME if result is None else result
 
     @staticmethod
     def _plugin_failed(handler: ExitHandler, problem: BaseException | str) -> O.ExitToUser:
-        who = handler.plugin or "<direct registration>"
+        who = handler.owner
         if isinstance(problem, BaseException):
             last = traceback.extract_tb(problem.__traceback__)[-1]
             problem = (f"raised {type(problem).__name__}: {problem} "
@@ -262,6 +256,8 @@ class Vcpu:
         (an exception KVM queued) already occupies it this entry; then True, for an
         immediate exit that lets the NMI in at the next entry."""
         nmi = self.nmi_state
+        if not (nmi.queued or nmi.pending):
+            return False
         nmi.process()
         if VMCB_CONTROL.get(self.vmcb, "event_inj") & EventInj.VALID:
             return bool(nmi.pending)  # -EBUSY, whether or not NMIs are masked
@@ -327,7 +323,7 @@ class Vcpu:
         code = ghcb["sw_exit_code"]
         self.vm.emit("vmgexit_enter", vcpu_id=self.id, exit_reason=code,
                      info1=ghcb["sw_exit_info_1"], info2=ghcb["sw_exit_info_2"])  # fmt: skip
-        self._ghcb, self._ghcb_gpa = ghcb, ghcb_gpa
+        self._ghcb = ghcb
         snapshot = self._sync_from_ghcb(ghcb)
         try:
             handler, error = self._validate(snapshot, code)

@@ -315,7 +315,8 @@ def sevsim_vmexit(vcpu_id: int, exit_code: int, info1: int, info2: int) -> None:
 def sevsim_exit_handled(
     vcpu_id: int, kind: str, code: int, plugin: str, notes: dict[str, Any]
 ) -> None:
-    """A handler from the dispatch table finished: ``kind`` is the
+    """A handler from the dispatch table returned a valid outcome (a handler that
+    failed ends the VM instead, and is not reported here): ``kind`` is the
     :class:`~sevsim.kvm.dispatch.ExitKind` value (``"vmgexit"``, ``"msr_protocol"``,
     ``"vmexit"``), ``plugin`` the owner of the row, and ``notes`` what the handler put
     in ``ctx.notes`` to explain itself (the trace prints them).

@@ -88,6 +88,14 @@ class _RejectedSettings(Exception):
     settings but was given some: the user's input, always fatal."""
 
 
+def _by_code(claims: list[ExitHandler]) -> dict[tuple[ExitKind, int], list[ExitHandler]]:
+    """The claims grouped by the (kind, code) they claim."""
+    grouped: dict[tuple[ExitKind, int], list[ExitHandler]] = {}
+    for claim in claims:
+        grouped.setdefault((claim.kind, claim.code), []).append(claim)
+    return grouped
+
+
 def _one_line(text: str) -> str:
     return " ".join(text.split())
 
@@ -324,9 +332,7 @@ class PluginHost:
     ) -> tuple[list[ExitHandler], list[ExitHandler]]:
         """(kept, contested): one record per (kind, code), a sole claim or the owner
         rule's choice; the claims in unsettled conflicts, each a fatal problem."""
-        grouped: dict[tuple[ExitKind, int], list[ExitHandler]] = {}
-        for claim in claims:
-            grouped.setdefault((claim.kind, claim.code), []).append(claim)
+        grouped = _by_code(claims)
         kept, contested = [], []
         for (kind, code), group in sorted(grouped.items(), key=lambda g: (g[0][0].value, g[0][1])):
             rule = self.config.owner_rule(kind, code) if len(group) > 1 else None
@@ -356,9 +362,7 @@ class PluginHost:
         picks for a code two or more active plugins claim; a rule picked for such a
         code but naming a non-claimant is already part of that conflict's message.
         """
-        grouped: dict[tuple[ExitKind, int], list[ExitHandler]] = {}
-        for claim in claims:
-            grouped.setdefault((claim.kind, claim.code), []).append(claim)
+        grouped = _by_code(claims)
         for rule in self.config.owners:
             info = infos.get(rule.plugin)
             if info is None or info.status != ACTIVE:

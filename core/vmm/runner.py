@@ -33,7 +33,7 @@ from sevsim.kvm.dispatch import ExitTable
 from sevsim.kvm.events import EventSink, TeeSink
 from sevsim.kvm.exits import Hlt, KvmExit
 from sevsim.kvm.vm import Kvm, Vm
-from sevsim.trace import Trace, describe_exit, describe_reason, is_sev_term, msr_term_reason
+from sevsim.trace import Trace, describe_exit, describe_reason, is_sev_term, term_reason
 from sevsim.vmm.launch import launch_image
 from sevsim.vmm.machine import Devices
 
@@ -69,9 +69,7 @@ def abnormal_end(exit_: KvmExit, trace: Trace | None = None, vcpu: Any = None) -
                 f"{describe_reason(*ignored)}")  # fmt: skip
     described = trace.describe_exit(exit_, vcpu) if trace is not None else describe_exit(exit_)
     if is_sev_term(exit_):
-        reason = trace.term_reason(exit_, vcpu) if trace is not None else None
-        if reason is None and exit_.data:  # type: ignore[attr-defined]
-            reason = msr_term_reason(exit_.data[0])  # type: ignore[attr-defined]
+        reason = trace.term_reason(exit_, vcpu) if trace is not None else term_reason(exit_)
         if reason == (0, 0):
             return None
         return (

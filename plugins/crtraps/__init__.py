@@ -32,11 +32,11 @@ from collections.abc import Iterator
 from sevsim import hookimpl
 from sevsim.arch import msr as M
 from sevsim.arch.exits import SvmExit
+from sevsim.arch.vectors import Vector
 from sevsim.kvm.context import ExitContext
 from sevsim.kvm.control_regs import ControlRegs
 from sevsim.kvm.dispatch import ExitHandler, ExitKind
 
-GP_VECTOR = 13
 #: Bits whose change makes KVM rebuild its MMU context (KVM_MMU_*_ROLE_BITS).
 CR0_ROLE_BITS = M.CR0_PG | M.CR0_WP
 CR4_ROLE_BITS = M.CR4_PSE | M.CR4_PAE | M.CR4_SMEP | M.CR4_SMAP | M.CR4_PKE | M.CR4_LA57
@@ -63,7 +63,7 @@ def _changes(name: str, old: int, new: int, role_bits: int) -> str:
 def _refuse(ctx: ExitContext, why: str) -> None:
     """``kvm_complete_insn_gp`` with an error: #GP through EVENTINJ."""
     ctx.notes["refused"] = why
-    ctx.queue_exception(GP_VECTOR, 0)
+    ctx.queue_exception(Vector.GP, 0)
 
 
 def set_cr0(regs: ControlRegs, cr0: int) -> None:

@@ -102,10 +102,6 @@ def hv_features(ctx: ExitContext) -> None:
     ctx.msr = GHCB_HV_FT_SUPPORTED << 12 | GhcbMsr.HV_FT_RESP
 
 
-def term_request(ctx: ExitContext) -> O.Outcome:
-    return terminate(ctx)
-
-
 def snp_only(ctx: ExitContext) -> O.Outcome:
     """KVM terminates a non-SNP guest that sends an SNP request."""
     ctx.notes["snp"] = f"{GhcbMsr(ctx.code).linux_name} from a non-SNP guest: terminated"
@@ -118,6 +114,6 @@ def sevsim_exit_handlers(config: Settings) -> Iterator[ExitHandler]:
     yield ExitHandler(kind, GhcbMsr.SEV_INFO_REQ, lambda ctx: sev_info(config, ctx))
     yield ExitHandler(kind, GhcbMsr.CPUID_REQ, cpuid)
     yield ExitHandler(kind, GhcbMsr.HV_FT_REQ, hv_features)
-    yield ExitHandler(kind, GhcbMsr.TERM_REQ, term_request)
+    yield ExitHandler(kind, GhcbMsr.TERM_REQ, terminate)
     for code in sorted(SNP_ONLY_REQUESTS):
         yield ExitHandler(kind, code, snp_only)
