@@ -27,7 +27,7 @@ MMIO_CHUNK = 8
 SHOWN_BYTES = 16
 
 
-def describe(gpa: int, data: bytes | bytearray) -> str:
+def describe(gpa: int, data: bytes | bytearray | memoryview) -> str:
     """``4 bytes at 0xd0000000: 78 56 34 12``, for the trace (long moves elided)."""
     shown = bytes(data[:SHOWN_BYTES]).hex(" ")
     more = " ..." if len(data) > SHOWN_BYTES else ""
