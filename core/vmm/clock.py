@@ -1,0 +1,114 @@
+"""Guest time for the VMM's devices: one clock per machine, and timers on it.
+
+Devices (the PIT, the RTC, each local APIC's timer, the ACPI PM timer) read the
+machine's time from :class:`MachineClock` and arm :class:`Timer` objects on it; they
+never read the host clock themselves. The run loop owns the clock: it moves it
+forward (from the host's monotonic clock, or, with ``--icount``, from the number of
+guest instructions executed) and fires the timers that came due, so that the same
+guest with the same inputs sees the same times when time is counted in
+instructions.
+
+Time is in nanoseconds since the machine was created.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Callable
+
+from sevsim.errors import SevsimError
+
+
+class ClockError(SevsimError):
+    """The clock was moved backwards, or a timer was armed with a bad deadline."""
+
+
+class Timer:
+    """A one-shot timer a device owns: armed for a deadline, re-armed for the next.
+
+    The callback runs when the clock reaches the deadline (at the run loop's next
+    look at the clock, never from another thread); it may re-arm the timer, which is
+    how periodic devices work.
+    """
+
+    __slots__ = ("_callback", "_clock", "_deadline", "_generation", "name")
+
+    def __init__(self, clock: MachineClock, callback: Callable[[], None], name: str) -> None:
+        self._clock = clock
+        self._callback = callback
+        self._deadline: int | None = None
+        self._generation = 0
+        self.name = name
+
+    @property
+    def deadline(self) -> int | None:
+        """When the timer fires (ns), or None when it is not armed."""
+        return self._deadline
+
+    def arm(self, deadline_ns: int) -> None:
+        """Fire at ``deadline_ns``; replaces any earlier arming. A deadline in the past
+        fires at the clock's next advance."""
+        if not isinstance(deadline_ns, int) or deadline_ns < 0:
+            raise ClockError(f"timer {self.name!r}: deadline {deadline_ns!r} is not a time >= 0 ns")
+        self._generation += 1
+        self._deadline = deadline_ns
+        self._clock._schedule(self, deadline_ns, self._generation)
+
+    def cancel(self) -> None:
+        self._generation += 1
+        self._deadline = None
+
+    def _fire(self, generation: int) -> bool:
+        """Run the callback if this queue entry is still the current arming."""
+        if generation != self._generation or self._deadline is None:
+            return False
+        self._deadline = None
+        self._callback()
+        return True
+
+
+class MachineClock:
+    """The machine's time, moved forward only by the run loop.
+
+    ``now_ns`` is what every device reads; :meth:`advance` sets a later time and fires
+    the timers due by then, earliest first (timers due at the same time fire in the
+    order they were armed).
+    """
+
+    def __init__(self) -> None:
+        self._now = 0
+        self._queue: list[tuple[int, int, int, Timer]] = []
+        self._order = itertools.count()
+
+    def now_ns(self) -> int:
+        return self._now
+
+    def timer(self, callback: Callable[[], None], name: str = "timer") -> Timer:
+        """A new, unarmed timer that calls ``callback`` when it fires."""
+        return Timer(self, callback, name)
+
+    def _schedule(self, timer: Timer, deadline: int, generation: int) -> None:
+        heapq.heappush(self._queue, (deadline, next(self._order), generation, timer))
+
+    def next_deadline(self) -> int | None:
+        """The earliest armed timer's deadline, or None: how long the run loop may let
+        a vCPU run before a device needs attention."""
+        while self._queue:
+            deadline, _, generation, timer = self._queue[0]
+            if generation == timer._generation and timer.deadline == deadline:
+                return deadline
+            heapq.heappop(self._queue)  # cancelled or re-armed since
+        return None
+
+    def advance(self, now_ns: int) -> int:
+        """Move time to ``now_ns`` (never backwards) and fire every timer due by then;
+        returns how many fired."""
+        if now_ns < self._now:
+            raise ClockError(f"machine clock cannot go back from {self._now} ns to {now_ns} ns")
+        self._now = now_ns
+        fired = 0
+        while self._queue and self._queue[0][0] <= now_ns:
+            _, _, generation, timer = heapq.heappop(self._queue)
+            fired += timer._fire(generation)
+        return fired
