@@ -103,12 +103,17 @@ class MachineClock:
 
     def advance(self, now_ns: int) -> int:
         """Move time to ``now_ns`` (never backwards) and fire every timer due by then;
-        returns how many fired."""
+        returns how many fired.
+
+        Each callback runs with the clock at its own deadline, so a periodic device
+        that re-arms "one period from now" keeps its rhythm across a long advance.
+        """
         if now_ns < self._now:
             raise ClockError(f"machine clock cannot go back from {self._now} ns to {now_ns} ns")
-        self._now = now_ns
         fired = 0
         while self._queue and self._queue[0][0] <= now_ns:
-            _, _, generation, timer = heapq.heappop(self._queue)
+            deadline, _, generation, timer = heapq.heappop(self._queue)
+            self._now = max(self._now, deadline)
             fired += timer._fire(generation)
+        self._now = now_ns
         return fired
