@@ -33,7 +33,7 @@ from sevsim.arch.ghcb import Ghcb
 from sevsim.arch.vmcb import VMCB_CONTROL
 from sevsim.guest.asm import assemble
 from sevsim.guest.image import CODE, GHCB_GPA, GuestImage
-from sevsim.hw import VcModel
+from sevsim.hw import Platform, VcModel
 from sevsim.kvm import outcome as O
 from sevsim.kvm.dispatch import ExitTable
 from sevsim.kvm.events import EventSink, TeeSink
@@ -151,14 +151,35 @@ def exit_driver() -> Callable[..., ExitDriver]:
     return ExitDriver
 
 
+class SimLog:
+    """Records the simulator's view of a run (:mod:`sevsim.hw.sim`): what a test may
+    check that no hypervisor could see, such as why a vCPU shut down."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+
+    def wants(self, name: str) -> bool:
+        return True
+
+    def emit(self, name: str, **fields: Any) -> None:
+        self.events.append((name, fields))
+
+    def why(self, vcpu: int = 0) -> str:
+        """The simulator's account of ``vcpu``'s last exit that has one ("" if none)."""
+        return next((f["why"] for name, f in reversed(self.events)
+                     if name == "sim_exit" and f["vcpu"] == vcpu and f["why"]), "")  # fmt: skip
+
+
 @frozen
 class GuestRun:
-    """The first exit to userspace of a guest, and the trace of everything before it."""
+    """The first exit to userspace of a guest, and the trace of everything before it;
+    ``sim`` holds the simulator's own view of the run."""
 
     exit: KvmExit
     trace: Trace
     vm: Any
     devices: Devices
+    sim: SimLog
 
 
 def run_guest(
@@ -186,11 +207,13 @@ def run_guest(
     trace = Trace()
     devices = Devices.standard()
     image = GuestImage(assemble(source, CODE), **image_args)
-    vm = launch_image(Kvm(), image, handlers=host.start(), events=TeeSink(host.events, trace),
+    sim = SimLog()
+    kvm = Kvm(Platform(sim=TeeSink(host.sim, trace, sim)))
+    vm = launch_image(kvm, image, handlers=host.start(), events=TeeSink(host.events, trace),
                       vc_model=vc_model, devices=devices, **(vm_args or {}))  # fmt: skip
     exit_ = vm.vcpus[0].run(timeout)
     trace.record_exit(vm.vcpus[0], exit_)
-    return GuestRun(exit_, trace, vm, devices)
+    return GuestRun(exit_, trace, vm, devices, sim)
 
 
 @pytest.fixture(name="run_guest")

@@ -140,8 +140,12 @@ def describe_exit(exit_: KvmExit, ghcb_reason: tuple[int, int] | None = None) ->
 class Trace:
     """Records a run as lines of text (and echoes them, if asked) plus exit counts."""
 
-    def __init__(self, echo: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self, echo: Callable[[str], None] | None = None, *, hypervisor_view: bool = False
+    ) -> None:
         self.lines: list[str] = []
+        #: Show only what KVM could see: no guest RIP, instruction or #VC.
+        self.hypervisor_view = hypervisor_view
         #: #VMEXITs by exit code name.
         self.exits: Counter[str] = Counter()
         #: What the guest asked for: MSR-protocol requests and GHCB exit codes.
@@ -156,10 +160,15 @@ class Trace:
         self._vms: list[Any] = []
         self._seq = 0
         self._request: int | None = None
+        #: The silicon's account of each vCPU's last #VMEXIT (``sim_exit``), shown on
+        #: the exit's line; empty when the trace sees only what KVM sees.
+        self._sim_exits: dict[int, dict[str, Any]] = {}
 
     # -- EventSink --------------------------------------------------------------------
 
     def wants(self, name: str) -> bool:
+        if self.hypervisor_view and name.startswith("sim_"):
+            return False
         return hasattr(self, f"_on_{name}")
 
     def emit(self, name: str, **fields: Any) -> None:
@@ -188,17 +197,20 @@ class Trace:
                 return vm.vcpus[vcpu_id]
         return None
 
+    def _on_sim_exit(self, vm: str, vcpu: int, exit_code: int, rip: int | None, insn: bytes,
+                     bits: int, why: str) -> None:  # fmt: skip
+        self._sim_exits[vcpu] = {"rip": rip, "insn": insn, "bits": bits, "why": why}
+
     def _on_vmexit(self, vcpu_id: int, exit_code: int, info1: int, info2: int) -> None:
         self._seq += 1
         name = exit_name(exit_code).removeprefix("SVM_EXIT_")
         self.exits[name] += 1
         where = ""
-        vcpu = self._vcpu(vcpu_id)
-        debug = getattr(vcpu, "debug", None)
-        if debug is not None and debug.rip is not None:
-            where = f"  @{debug.rip:#x}  {disassemble(debug.insn, debug.rip, debug.bits)}"
-            if debug.why:
-                where += f"  [{debug.why}]"
+        seen = self._sim_exits.pop(vcpu_id, None)
+        if seen is not None and seen["rip"] is not None:
+            where = f"  @{seen['rip']:#x}  {disassemble(seen['insn'], seen['rip'], seen['bits'])}"
+            if seen["why"]:
+                where += f"  [{seen['why']}]"
         info = "" if exit_code == SvmExit.VMGEXIT else f" info1 {info1:#x} info2 {info2:#x}"
         self._line(f"#{self._seq:<4} vcpu{vcpu_id} {name}{info}{where}")
 
@@ -227,8 +239,10 @@ class Trace:
             self._ghcb_term_reasons[self._vcpu(vcpu_id)] = G.ghcb_term_reason(info1)
         self._line(f"      GHCB {name}  {describe_request(exit_reason, info1, info2)}")
 
-    def _on_vc(self, vcpu_id: int, exit_code: int, rip: int) -> None:
-        self._line(f"      #VC {exit_name(exit_code)} at {rip:#x} (guest's view)")
+    def _on_sim_vc(self, vm: str, vcpu: int, exit_code: int, rip: int, insn: bytes,
+                   bits: int) -> None:  # fmt: skip
+        self._line(f"      #VC {exit_name(exit_code)} at {rip:#x}  "
+                   f"{disassemble(insn, rip, bits)} (simulator's view)")  # fmt: skip
 
     def _on_vmgexit_exit(self, vcpu_id: int, exit_reason: int, info1: int, info2: int) -> None:
         self._line(f"      reply: {describe_response(info1, info2)}")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from sevsim.guest.asm import assemble
 from sevsim.guest.image import CODE, GuestImage
+from sevsim.hw import Platform
 from sevsim.kvm import outcome as O
 from sevsim.kvm.dispatch import ExitHandler, ExitKind, ExitTable
 from sevsim.kvm.exits import SystemEvent, SystemEventType
 from sevsim.kvm.vm import Kvm, Vm
+from sevsim.testing import SimLog
 from sevsim.vmm.launch import launch_image
 
 #: Terminate through the GHCB MSR protocol: GHCB MSR = 0x100, VMGEXIT.
@@ -25,6 +27,12 @@ def term_table() -> ExitTable:
 def launch(image: GuestImage, kvm: Kvm | None = None, table: ExitTable | None = None) -> Vm:
     """Launch the image as an SEV-ES guest with one vCPU; TERM_REQ ends the run."""
     return launch_image(kvm or Kvm(), image, handlers=table if table is not None else term_table())
+
+
+def watched_kvm() -> tuple[Kvm, SimLog]:
+    """A KVM on a platform whose simulator's view a test can read."""
+    sim = SimLog()
+    return Kvm(Platform(sim=sim)), sim
 
 
 def guest(source: str, **image_args) -> GuestImage:

@@ -7,15 +7,15 @@ and terminate; the tests read what the guest saw.
 import struct
 
 import pytest
-from guests import guest, launch
+from guests import guest, launch, watched_kvm
 
 from sevsim.arch.exits import SvmExit
 from sevsim.arch.vmcb import VMCB_CONTROL
 from sevsim.guest.asm import assemble
 from sevsim.guest.image import USER_CODE64_SEL, USER_DATA_SEL
 from sevsim.guest.snippets import TERMINATE
+from sevsim.hw.inspect import cpu_of
 from sevsim.kvm.exits import FailEntry, SystemEvent
-from sevsim.kvm.vm import Kvm
 from sevsim.testing import run_guest
 
 RECORD = 0x7900
@@ -138,11 +138,11 @@ def test_page_tables_outside_ram_fault_instead_of_crashing():
 
 
 def test_a_vmsa_runs_only_under_its_own_guests_key():
-    kvm = Kvm()
+    kvm, sim = watched_kvm()
     a, b = launch(guest("hlt"), kvm), launch(guest("hlt"), kvm)
     VMCB_CONTROL.set(a.vcpus[0].vmcb, "vmsa_pa", b.vcpus[0].vmsa.pa)
     exit_ = a.vcpus[0].run()
-    assert isinstance(exit_, FailEntry) and "another guest's key" in exit_.why
+    assert isinstance(exit_, FailEntry) and "another guest's key" in sim.why()
 
 
 def test_int_n_from_ring3_through_a_ring0_gate_is_gp():
@@ -174,7 +174,7 @@ def test_v_tpr_of_the_initial_state_is_cr8_and_the_other_vintr_bits_survive():
     assert isinstance(run.exit, SystemEvent)
     assert vcpu.cr.cr8 == 5  # KVM's copy, from KVM_SET_SREGS
     assert struct.unpack("<Q", run.vm.memory.read(RECORD, 8))[0] == 5  # the guest's CR8
-    cpu = vcpu.vmsa._page.cpu  # white box: what #VMEXIT saves into the VMSA
+    cpu = cpu_of(vcpu.vmsa)  # white box: what #VMEXIT saves into the VMSA
     assert cpu.save_state()["vintr_ctrl"] == 0x1_0305
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from sevsim.hw import SIM_EVENTS
 from sevsim.kvm.events import EVENTS
 from sevsim.plugin import hookspecs
 
@@ -23,7 +24,7 @@ START_UP = {"sevsim_configure", "sevsim_exit_handlers"}
 
 def test_hookspecs_are_found() -> None:
     assert START_UP <= set(HOOKSPECS)
-    assert len(HOOKSPECS) == len(START_UP) + len(EVENTS)
+    assert len(HOOKSPECS) == len(START_UP) + len(EVENTS) + len(SIM_EVENTS)
 
 
 def test_every_sevsim_function_in_the_module_is_a_hookspec() -> None:
@@ -35,13 +36,14 @@ def test_markers_use_the_project_name() -> None:
     assert hookspecs.hookspec.project_name == hookspecs.hookimpl.project_name == "sevsim"
 
 
-def test_observer_hooks_match_the_events_kvm_emits() -> None:
+def test_observer_hooks_match_the_events_kvm_and_the_silicon_emit() -> None:
     observers = {
         name: tuple(inspect.signature(getattr(hookspecs, name)).parameters)
         for name in HOOKSPECS
         if name not in START_UP
     }
-    assert observers == {f"sevsim_{event}": fields for event, fields in EVENTS.items()}
+    events = {**EVENTS, **SIM_EVENTS}
+    assert observers == {f"sevsim_{event}": fields for event, fields in events.items()}
 
 
 @pytest.mark.parametrize("name", HOOKSPECS)

@@ -12,6 +12,7 @@ import pytest
 from sevsim.arch.exits import SvmExit
 from sevsim.guest.asm import assemble
 from sevsim.guest.snippets import TERMINATE
+from sevsim.hw.inspect import cpu_of
 from sevsim.kvm.exits import SystemEvent
 from sevsim.testing import run_guest
 
@@ -124,5 +125,5 @@ def test_mmio_npf_records_the_access_kind_like_a_reserved_bit_npt_fault(source, 
     run = run_guest(f"mov rax, 0xd0000010; {source}\nhlt", enable=["msr_protocol"],
                     idt={29: HANDLER}, data=BLOBS)  # fmt: skip
     assert isinstance(run.exit, SystemEvent), run.trace.lines
-    cpu = run.vm.vcpus[0].vmsa._page.cpu  # white box: the CPU model's record
+    cpu = cpu_of(run.vm.vcpus[0].vmsa)  # white box: the CPU model's record
     assert cpu.guest_exit == (SvmExit.NPF, info1, 0xD000_0000)

@@ -8,7 +8,7 @@ from guests import guest, launch
 from sevsim.errors import GuestMemoryError
 from sevsim.guest.snippets import TERMINATE
 from sevsim.hw.crypto import new_key
-from sevsim.hw.memory import GuestMemory, PageForm
+from sevsim.hw.memory import SHARED, GuestMemory
 from sevsim.kvm.exits import SystemEvent
 
 PAGE = bytes(range(256)) * 16
@@ -87,9 +87,10 @@ def test_memory_model_unit_rules():
     with pytest.raises(GuestMemoryError, match="not inside one RAM region"):
         mem.host_read(0x3ff0, 0x20)
     mem.host_write(0x1000, PAGE)
-    assert mem.launch_encrypt(0x1000, 0x1000, new_key()) == PAGE
-    assert mem.form(0x1000) is PageForm.PRIVATE
-    assert mem.guest_read(0x1000, 16) == PAGE[:16]
+    key = new_key()
+    assert mem.launch_encrypt(0x1000, 0x1000, key) == PAGE
+    assert mem.owner(0x1000) == mem.key_id(key) != SHARED
+    assert mem.guest_read(0x1000, 16, mem.key_id(key)) == PAGE[:16]
     assert mem.host_read(0x1000, 16) != PAGE[:16]
     with pytest.raises(GuestMemoryError, match="already encrypted"):
         mem.launch_encrypt(0x1000, 0x1000, new_key())
@@ -102,7 +103,7 @@ def test_a_page_launched_in_part_shows_only_the_launched_bytes_as_plaintext():
     mem.add_ram(0, 0x2000)
     mem.host_write(0x1000, b"M" * 16 + b"U" * 16)
     assert mem.launch_encrypt(0x1000, 16, key) == b"M" * 16
-    seen = mem.guest_read(0x1000, 32)
+    seen = mem.guest_read(0x1000, 32, mem.key_id(key))
     assert seen[:16] == b"M" * 16
     assert seen[16:] != b"U" * 16
     # A later launch into the same page measures, and hands the guest, what the host
@@ -110,4 +111,4 @@ def test_a_page_launched_in_part_shows_only_the_launched_bytes_as_plaintext():
     # rest of the page's guest view; hardware would garble only its 16-byte blocks).
     mem.host_write(0x1020, b"N" * 16)
     assert mem.launch_encrypt(0x1020, 16, key) == b"N" * 16
-    assert mem.guest_read(0x1020, 16) == b"N" * 16
+    assert mem.guest_read(0x1020, 16, mem.key_id(key)) == b"N" * 16

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from sevsim.errors import ConfigError, PluginError
+from sevsim.hw import SIM_EVENTS
 from sevsim.kvm.dispatch import ExitHandler, ExitKind, ExitTable
 from sevsim.kvm.events import EVENTS
 from sevsim.kvm.outcome import RESUME
@@ -398,10 +399,6 @@ class Observer:
                                                  "result": result}))  # fmt: skip
 
     @hookimpl
-    def sevsim_vc(self, vcpu_id: int, exit_code: int, rip: int) -> None:
-        self.calls.append(("vc", {"vcpu_id": vcpu_id, "exit_code": exit_code, "rip": rip}))
-
-    @hookimpl
     def sevsim_vmexit(self, vcpu_id: int, exit_code: int, info1: int, info2: int) -> None:
         self.calls.append(("vmexit", {"vcpu_id": vcpu_id, "exit_code": exit_code,
                                       "info1": info1, "info2": info2}))  # fmt: skip
@@ -434,31 +431,56 @@ def test_nobody_listening_means_no_event_is_wanted(
 
 
 def test_wants_only_what_is_implemented(plugin_host: Callable[..., PluginHost]) -> None:
-    class VcOnly:
+    class ExitsOnly:
         @hookimpl
-        def sevsim_vc(self, exit_code: int) -> None:
+        def sevsim_vmexit(self, exit_code: int) -> None:
             pass
 
-    sink = plugin_host({"vconly": VcOnly()}).events
-    assert {event for event in EVENTS if sink.wants(event)} == {"vc"}
+    sink = plugin_host({"exitsonly": ExitsOnly()}).events
+    assert {event for event in EVENTS if sink.wants(event)} == {"vmexit"}
+
+
+def test_the_simulators_view_goes_only_to_the_sim_hooks(
+    plugin_host: Callable[..., PluginHost],
+) -> None:
+    class Watcher:
+        def __init__(self) -> None:
+            self.seen: list[tuple[str, int]] = []
+
+        @hookimpl
+        def sevsim_sim_vc(self, exit_code: int, rip: int) -> None:
+            self.seen.append(("vc", rip))
+
+        @hookimpl
+        def sevsim_sim_exit(self, exit_code: int, why: str) -> None:
+            self.seen.append(("exit", exit_code))
+
+    watcher = Watcher()
+    host = plugin_host({"watcher": watcher})
+    assert not any(host.events.wants(event) for event in EVENTS)  # kvm's events: none
+    assert {event for event in SIM_EVENTS if host.sim.wants(event)} == set(SIM_EVENTS)
+    host.sim.emit("sim_vc", vm="vm", vcpu=0, exit_code=0x72, rip=0x1000, insn=b"", bits=64)
+    host.sim.emit("sim_exit", vm="vm", vcpu=0, exit_code=0x403, rip=0x1004, insn=b"", bits=64,
+                  why="")  # fmt: skip
+    assert watcher.seen == [("vc", 0x1000), ("exit", 0x403)]
 
 
 def test_a_raising_observer_is_named(plugin_host: Callable[..., PluginHost]) -> None:
     class Quiet:
         @hookimpl
-        def sevsim_vc(self, rip: int) -> None:
+        def sevsim_vmexit(self, info1: int) -> None:
             pass
 
     class Loud:
         @hookimpl
-        def sevsim_vc(self, rip: int) -> None:
-            raise ValueError(f"cannot trace {rip:#x}")
+        def sevsim_vmexit(self, info1: int) -> None:
+            raise ValueError(f"cannot trace {info1:#x}")
 
     sink = plugin_host({"quiet": Quiet(), "loud": Loud()}).events
     with pytest.raises(PluginError) as info:
-        sink.emit("vc", vcpu_id=0, exit_code=0x72, rip=0x1000)
+        sink.emit("vmexit", vcpu_id=0, exit_code=0x72, info1=0x1000, info2=0)
     assert str(info.value) == (
-        "plugin 'loud' failed in observer hook sevsim_vc: ValueError: cannot trace 0x1000"
+        "plugin 'loud' failed in observer hook sevsim_vmexit: ValueError: cannot trace 0x1000"
     )
 
 

@@ -452,7 +452,7 @@ def test_bad_capabilities_are_config_errors(kwargs, message):
 
 @pytest.fixture
 def asids(psp) -> AsidAllocator:
-    return AsidAllocator(psp)
+    return AsidAllocator(psp, psp.caps)
 
 
 def test_allocator_hands_out_the_lowest_asid_of_each_kind(asids):
@@ -521,12 +521,12 @@ def test_no_es_asids_when_min_sev_asid_is_one():
     psp = Psp(SevCapabilities(max_sev_asid=4, min_sev_asid=1))
     psp.init()
     with pytest.raises(AsidError, match="no free SEV-ES ASID in an empty range"):
-        AsidAllocator(psp).new(es=True)
+        AsidAllocator(psp, psp.caps).new(es=True)
 
 
 def test_a_failing_flush_fails_the_allocation():
     psp = Psp(SevCapabilities(max_sev_asid=2, min_sev_asid=2))
-    asids = AsidAllocator(psp)
+    asids = AsidAllocator(psp, psp.caps)
     asids.free(asids.new(es=True))
     with pytest.raises(AsidError, match="cannot reclaim ASIDs \\[1\\]: DF_FLUSH failed"):
         asids.new(es=True)

@@ -43,14 +43,14 @@ from sevsim.guest.decode import (
 from sevsim.guest.image import CODE, GHCB_GPA, GuestImage
 from sevsim.guest.vc import GuestPanic, VcHandler, VmmError, verify_exception_info
 from sevsim.guest.vc_native import TermReason, term_request
-from sevsim.hw import GuestFault
+from sevsim.hw import GuestFault, Platform
 from sevsim.kvm import intercepts
 from sevsim.kvm.dispatch import ExitHandler, ExitKind
 from sevsim.kvm.events import TeeSink
 from sevsim.kvm.exits import Hlt, KvmExit, Shutdown, SystemEvent, SystemEventType
 from sevsim.kvm.vm import Kvm, Vm
 from sevsim.plugins import ioio, mmio
-from sevsim.testing import isolated_host
+from sevsim.testing import SimLog, isolated_host
 from sevsim.trace import Trace
 from sevsim.vmm.devices import MmioTestDevice
 from sevsim.vmm.launch import launch_image
@@ -92,6 +92,7 @@ class Run:
     devices: Devices
     handler: VcHandler
     trace: Trace
+    sim: SimLog
 
     def results(self, count: int, offset: int = 0) -> list[int]:
         raw = self.vm.memory.read(RESULTS + offset, 8 * count)
@@ -125,11 +126,13 @@ def run(
     blobs = {addr: assemble(src, addr) for addr, src in EXCEPTION_HANDLERS.items()}
     image = GuestImage(assemble(source, CODE), shared=SHARED, data={**blobs, **(data or {})},
                        idt={13: GP_HANDLER, 6: UD_HANDLER})  # fmt: skip
-    vm = launch_image(Kvm(), image, handlers=host.start(), events=TeeSink(host.events, trace),
+    sim = SimLog()
+    kvm = Kvm(Platform(sim=TeeSink(trace, sim)))
+    vm = launch_image(kvm, image, handlers=host.start(), events=TeeSink(host.events, trace),
                       vc_model=handler, devices=devices)  # fmt: skip
     exit_ = vm.vcpus[0].run()
     trace.record_exit(vm.vcpus[0], exit_)
-    return Run(exit_, vm, devices, handler, trace)
+    return Run(exit_, vm, devices, handler, trace, sim)
 
 
 def halted(result: Run) -> Run:
@@ -784,7 +787,7 @@ def test_a_ghcb_the_guest_does_not_map_makes_it_terminate():
 def test_a_hypervisor_that_ignores_termination_gets_a_panicked_guest():
     r = run("mov dx, 0x402\n out dx, al\n hlt", enable=[])
     assert isinstance(r.exit, Shutdown)
-    assert "Returned from Terminate-Request to Hypervisor" in r.exit.why
+    assert "Returned from Terminate-Request to Hypervisor" in r.sim.why()
 
 
 # -- the handler against a scripted hypervisor ---------------------------------------------

@@ -1,7 +1,7 @@
 """After LAUNCH_UPDATE_VMSA the host sees ciphertext and cannot change the state."""
 
 import pytest
-from guests import guest, launch
+from guests import guest, launch, watched_kvm
 
 from sevsim.arch.vmsa import VMSA, VMSA_PAGE_SIZE
 from sevsim.errors import VcpuError
@@ -25,7 +25,8 @@ def test_vmsa_reads_as_ciphertext():
 
 @pytest.mark.parametrize("after_a_run", [False, True])
 def test_one_changed_vmsa_byte_makes_the_next_run_a_shutdown(after_a_run):
-    vm = launch(guest("hlt\n" + LOOP))
+    kvm, sim = watched_kvm()
+    vm = launch(guest("hlt\n" + LOOP), kvm)
     vcpu = vm.vcpus[0]
     if after_a_run:
         vcpu.run()  # stops at HLT; the state now lives in the hardware
@@ -34,7 +35,7 @@ def test_one_changed_vmsa_byte_makes_the_next_run_a_shutdown(after_a_run):
     vcpu.vmsa.host_write(offset, bytes([byte[0] ^ 1]))
     exit_ = vcpu.run()
     assert isinstance(exit_, Shutdown)
-    assert "integrity" in exit_.why
+    assert "integrity" in sim.why()
 
 
 def test_writing_back_the_same_bytes_is_harmless():

@@ -14,6 +14,7 @@ class SvmExit(IntEnum):
     EXCP_BASE = 0x040
     INTR = 0x060
     NMI = 0x061
+    VINTR = 0x064
     RDTSC = 0x06E
     RDPMC = 0x06F
     CPUID = 0x072
@@ -36,6 +37,7 @@ class SvmExit(IntEnum):
     MONITOR = 0x08A
     MWAIT = 0x08B
     XSETBV = 0x08D
+    RDPRU = 0x08E
     EFER_WRITE_TRAP = 0x08F
     CR0_WRITE_TRAP = 0x090
     CR4_WRITE_TRAP = 0x094

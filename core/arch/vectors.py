@@ -9,6 +9,7 @@ class Vector(IntEnum):
     NMI = 2
     UD = 6  # invalid opcode
     DF = 8  # double fault
+    TS = 10  # invalid TSS
     GP = 13  # general protection
     PF = 14  # page fault
     VC = 29  # VMM communication (SEV-ES)

@@ -1,135 +1,127 @@
-"""Finding the instructions the hardware must stop in front of: the interception seam.
+"""Interception that is exact and costs nothing where nothing is sensitive.
 
-Unicorn cannot hook RDMSR, WRMSR, VMMCALL, RDPMC, ... by instruction type, and its
-IN/OUT/CPUID hooks fire mid-instruction. So before a code page first executes (the
-page walk sees the first instruction fetch from it), we scan its bytes for the
-opcodes of every sensitive instruction and place a single-address code hook on each
-position where such an instruction could start, including positions further back
-over legacy and REX prefixes. A hook fires only if an instruction really starts
-there, so false matches (opcode bytes inside immediates or data) cost nothing until
-executed, and then one decode. Interception is exact however the instruction is
-reached (fall-through, jumps, calls, RET, IRETQ), because the hook is keyed by the
-instruction's address, not by how control arrived.
+The CPU must stop in front of every sensitive instruction (:mod:`sevsim.hw.sites`)
+however control reaches it, including code the guest wrote or rewrote at run time
+and jumps into the middle of other instructions. Unicorn cannot hook RDMSR, WRMSR,
+VMMCALL, MOV CR... by type, and its IN/OUT/CPUID hooks fire in the middle of a
+translated block, too late to raise a #VC in front of the instruction.
 
-Cost: one scan per code page per mapping (a regex over 4 KiB plus a few bytes of the
-next page), one Unicorn hook per candidate, and a Python call only when a candidate
-executes. Unicorn checks code hooks linearly when it translates a block, so very large
-guests pay at translation time; the performance issue revisits this seam.
+How it is done: Unicorn reports every block it translates (``UC_HOOK_EDGE_GENERATED``,
+with the block's start and length) before the block runs. Those are exact
+instruction boundaries, so decoding the block with capstone finds exactly the
+instructions that will execute, whatever bytes lie around them. A block that holds
+a sensitive instruction not yet hooked gets a single-address code hook on it; the
+block is then dropped from the translation cache and the CPU stopped before it ran
+a single instruction, so that it is translated again with the hook in place. The
+hook stops the CPU in front of the instruction, with RIP at it. Code rewritten by the
+guest is retranslated by Unicorn and reported again; blocks whose bytes hold no
+opcode byte of any sensitive instruction (:data:`sevsim.hw.sites.CANDIDATE`) are
+not decoded at all.
+
+So the number of hooks follows the sensitive instructions the guest really
+executes, translation costs the same however much code has run, and a block costs
+one Python call when it is first translated. Unicorn reports a block as an edge from
+the last block that ran to its end, so until one block has (a stop in a hook does
+not count), a new block goes unreported: until then the CPU decodes the block at
+the start of each run itself (:meth:`prime`).
 """
 
 from __future__ import annotations
 
-import re
-from enum import Enum
+from collections.abc import Callable
+from typing import Any
 
-from attrs import frozen
-from capstone import CS_ARCH_X86, CS_MODE_16, CS_MODE_32, CS_MODE_64, Cs
+from unicorn import UC_HOOK_CODE, UC_HOOK_EDGE_GENERATED, Uc
 
-from sevsim.arch.exits import SvmExit
+from sevsim.hw.mmu import GuestAccessFault, Mmu
+from sevsim.hw.sites import CANDIDATE, MAX_INSN, Sensitive, classify, first_block, sensitive_in
 
-_PREFIXES = frozenset(b"\x26\x2e\x36\x3e\x64\x65\x66\x67\xf0\xf2\xf3" + bytes(range(0x40, 0x50)))
-MAX_INSN = 15
-
-# Opcode byte sequences that begin a sensitive instruction (after any prefixes).
-_OPCODES = re.compile(
-    rb"\x0f\x01[\xd8-\xdf\xf9\xc8\xc9]"  # VMRUN..INVLPGA (VMMCALL/VMGEXIT), RDTSCP, MONITOR, MWAIT
-    # WRMSR RDMSR RDPMC CPUID INVD WBINVD, MOV from/to DR and CR
-    rb"|\x0f[\x30\x32\x33\xa2\x08\x09\x21\x23\x20\x22]"
-    rb"|[\xe4-\xe7\xec-\xef\x6c-\x6f]",  # IN, OUT, INS, OUTS
-    re.DOTALL,
-)
+#: (address, site) -> None; the CPU's reaction to an instruction that is about to run.
+SiteHandler = Callable[[int, Sensitive], None]
 
 
-def candidate_offsets(code: bytes, limit: int) -> set[int]:
-    """Offsets below ``limit`` where a sensitive instruction could start in ``code``.
+class Interceptor:
+    """Hooks on the sensitive instructions of one engine."""
 
-    ``code`` may run past ``limit`` (into the next page) so that instructions that
-    start before ``limit`` and span the boundary are found.
-    """
-    found: set[int] = set()
-    for match in _OPCODES.finditer(code):
-        start = match.start()
-        back = start
-        while True:
-            if back < limit:
-                found.add(back)
-            if back == 0 or start - back >= MAX_INSN - 1 or code[back - 1] not in _PREFIXES:
-                break
-            back -= 1
-    return found
+    def __init__(
+        self, uc: Uc, mmu: Mmu, bits: Callable[[], int], on_site: SiteHandler,
+        retranslate: Callable[[], None],
+    ) -> None:  # fmt: skip
+        self.uc = uc
+        self.mmu = mmu
+        self._bits = bits
+        self._on_site = on_site
+        self._retranslate = retranslate
+        #: Address -> (code size it was decoded at, what it is, or None: not sensitive).
+        self._sites: dict[int, tuple[int, Sensitive | None]] = {}
+        self._hooks: dict[int, int] = {}
+        #: Blocks translated before their hooks existed, to drop from the cache.
+        self.stale_blocks: list[tuple[int, int]] = []
+        #: Unicorn reports new blocks (a block has run to its end since the engine
+        #: was made); until then each run's first block must be primed.
+        self.reporting = False
+        uc.hook_add(UC_HOOK_EDGE_GENERATED, self._on_block)
 
+    @property
+    def hook_count(self) -> int:
+        return len(self._hooks)
 
-class Action(Enum):
-    """What the hardware does with a sensitive instruction of an SEV-ES guest."""
+    def prime(self, address: int) -> None:
+        """Decode the block at ``address`` before a run, while Unicorn does not
+        report new blocks yet."""
+        code = self.mmu.code_at(address, 2 * 0x1000 - (address & 0xFFF))
+        if code and CANDIDATE.search(code):
+            self._place(first_block(code, address, self._bits()))
 
-    NAE = "nae"  # #VC with the exit code as error code (if intercepted)
-    AUTOMATIC_EXIT = "automatic_exit"  # #VMEXIT straight to the hypervisor (VMGEXIT)
-    HARDWARE_MSR = "hardware_msr"  # RDMSR/WRMSR: hardware, #VC or native, by ECX
-    CR_WRITE = "cr_write"  # MOV to CR: native, then a write trap if armed
-    CR8_READ = "cr8_read"  # MOV from CR8: the CPU's TPR, which Unicorn does not keep
+    def _on_block(self, uc: Uc, block: Any, _previous: Any, _data: Any) -> None:
+        self.reporting = True
+        pc, size = block.pc, block.size
+        code = self.mmu.code_at(pc, size)
+        if not code or not CANDIDATE.search(code):
+            self._forget(pc, pc + size, ())
+            return
+        bits = self._bits()
+        found = sensitive_in(code, pc, bits)
+        self._forget(pc, pc + size, {addr for addr, _ in found})
+        if self._place(found, bits):
+            self.stale_blocks.append((pc, pc + size))
+            self._retranslate()
 
+    def _place(self, found: list[tuple[int, Sensitive]], bits: int | None = None) -> bool:
+        """Record and hook the sites; True if a new hook had to be added."""
+        bits = self._bits() if bits is None else bits
+        added = False
+        for addr, site in found:
+            self._sites[addr] = (bits, site)
+            if addr not in self._hooks:
+                self._hooks[addr] = self.uc.hook_add(UC_HOOK_CODE, self._on_hit,
+                                                     begin=addr, end=addr)  # fmt: skip
+                added = True
+        return added
 
-@frozen
-class Sensitive:
-    """A decoded sensitive instruction: its exit code, length, and what to do."""
+    def _forget(self, start: int, end: int, keep: set[int] | tuple[()]) -> None:
+        """Hooked addresses inside a block that are no longer sensitive lose their hook."""
+        if not self._hooks:
+            return
+        for addr in [a for a in self._hooks if start <= a < end and a not in keep]:
+            self.uc.hook_del(self._hooks.pop(addr))
+            self._sites.pop(addr, None)
 
-    exit_code: int
-    length: int
-    action: Action
-    mnemonic: str
-    #: The GPR of a MOV to CR (its source) or from CR8 (its destination).
-    operand: str = ""
+    def _on_hit(self, uc: Uc, address: int, _size: int, _data: Any) -> None:
+        bits = self._bits()
+        known = self._sites.get(address)
+        if known is None or known[0] != bits:
+            try:
+                code = self.mmu.code_at(address, MAX_INSN)
+            except GuestAccessFault:
+                code = b""
+            known = (bits, classify(code, bits) if code else None)
+            self._sites[address] = known
+        if known[1] is not None:
+            self._on_site(address, known[1])
 
-
-_MODES = ((16, CS_MODE_16), (32, CS_MODE_32), (64, CS_MODE_64))
-_CS = {bits: Cs(CS_ARCH_X86, mode) for bits, mode in _MODES}
-
-_BY_MNEMONIC: dict[str, tuple[int, Action]] = {
-    "cpuid": (SvmExit.CPUID, Action.NAE),
-    "rdpmc": (SvmExit.RDPMC, Action.NAE),
-    "rdtscp": (SvmExit.RDTSCP, Action.NAE),
-    "invd": (SvmExit.INVD, Action.NAE),
-    "wbinvd": (SvmExit.WBINVD, Action.NAE),
-    "monitor": (SvmExit.MONITOR, Action.NAE),
-    "mwait": (SvmExit.MWAIT, Action.NAE),
-    "vmmcall": (SvmExit.VMMCALL, Action.NAE),
-    "vmrun": (SvmExit.VMRUN, Action.NAE),
-    "vmload": (SvmExit.VMLOAD, Action.NAE),
-    "vmsave": (SvmExit.VMSAVE, Action.NAE),
-    "stgi": (SvmExit.STGI, Action.NAE),
-    "clgi": (SvmExit.CLGI, Action.NAE),
-    "skinit": (SvmExit.SKINIT, Action.NAE),
-    "invlpga": (SvmExit.INVLPGA, Action.NAE),
-    "rdmsr": (SvmExit.MSR, Action.HARDWARE_MSR),
-    "wrmsr": (SvmExit.MSR, Action.HARDWARE_MSR),
-    **{m: (SvmExit.IOIO, Action.NAE) for m in ("in", "out", "insb", "insw", "insd",
-                                               "outsb", "outsw", "outsd")},
-}  # fmt: skip
-
-
-def classify(code: bytes, bits: int) -> Sensitive | None:
-    """Decode the instruction at the start of ``code`` and say if the hardware cares."""
-    insn = next(_CS[bits].disasm(code[:MAX_INSN], 0, 1), None)
-    if insn is None:
-        return None
-    prefixes = code[: insn.size]
-    mnemonic = insn.mnemonic
-    if mnemonic == "vmmcall" and b"\xf3" in prefixes[: insn.size - 3]:
-        return Sensitive(SvmExit.VMGEXIT, insn.size, Action.AUTOMATIC_EXIT, "vmgexit")
-    # capstone prints "rep insb" etc.; the exit is the same with or without REP.
-    base = mnemonic.split()[-1]
-    if base in _BY_MNEMONIC:
-        code_, action = _BY_MNEMONIC[base]
-        return Sensitive(code_, insn.size, action, mnemonic)
-    if base == "mov" and "dr7" in insn.op_str:
-        write = insn.op_str.startswith("dr7")
-        exit_code = SvmExit.WRITE_DR7 if write else SvmExit.READ_DR7
-        return Sensitive(exit_code, insn.size, Action.NAE, mnemonic)
-    if base == "mov" and insn.op_str.endswith(", cr8"):
-        return Sensitive(SvmExit.READ_CR8, insn.size, Action.CR8_READ, mnemonic,
-                         insn.op_str.split(",")[0])  # fmt: skip
-    if base == "mov" and insn.op_str.startswith("cr"):
-        cr = int(insn.op_str.split(",")[0][2:])
-        return Sensitive(SvmExit.CR0_WRITE_TRAP + cr, insn.size, Action.CR_WRITE, mnemonic,
-                         insn.op_str.split(",")[1].strip())  # fmt: skip
-    return None
+    def drop_stale_blocks(self) -> None:
+        """Remove blocks translated without their hooks from the translation cache."""
+        for start, end in self.stale_blocks:
+            self.uc.ctl_remove_cache(start, end)
+        self.stale_blocks.clear()

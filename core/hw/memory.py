@@ -1,40 +1,58 @@
 """Guest-physical memory and the memory-encryption engine in front of it.
 
-Every RAM region is one host buffer that each vCPU's Unicorn maps directly
-(``mem_map_ptr``), so guest code runs at native speed on plaintext. What is in
-DRAM follows from a per-page *form*:
+Every RAM region is one anonymous host mapping (``mmap``), committed by the host
+kernel only where it is touched, that each vCPU's Unicorn maps directly
+(``mem_map_ptr``): guest code runs at native speed on its plaintext. What DRAM holds
+follows from each page's *owner*:
 
-- ``SHARED``: DRAM holds the buffer's bytes as they are (the guest wrote them with
-  C=0, or the host wrote them);
-- ``PRIVATE``: DRAM holds ``AES-XTS(guest key, page address, buffer)``; the buffer is
-  the guest's plaintext view through C=1.
+- ``SHARED`` (0): DRAM holds the buffer's bytes as they are (the guest wrote them
+  with C=0, the host wrote them, or nobody touched the page yet);
+- a key id: DRAM holds ``AES-XTS(that key, page address, buffer)``; the buffer is
+  the plaintext a guest running under that key sees through C=1.
 
 Nothing is encrypted until someone looks (performance rule): the host's view of a
 private page is computed on each host read, and a host write into a private page
-lands in DRAM as written, so the guest sees its decryption. When the guest touches
-a page through the other C-bit value than its current form, the page converts:
-reading a private page with C=0 shows its ciphertext, reading a shared page with
-C=1 shows the decryption of whatever is there. That is what real hardware shows,
-because both views are derived from the same DRAM contents.
+lands in DRAM as written, so the guest sees its decryption. When a CPU touches a
+page with another key than its owner's (the other C-bit value, or another guest's
+key), the page converts: DRAM is unchanged, the buffer is re-derived from it. Reading
+a private page with C=0 shows its ciphertext; reading another guest's page through
+C=1 shows the decryption of its ciphertext under the wrong key; reading a fresh page
+through C=1 shows the decryption of zeros. That is what real hardware shows, because
+every view is derived from the same DRAM contents.
+
+A region may be a read-only memory slot (a flash chip's ROM view, as QEMU maps
+pflash for an SEV-ES guest): guest reads are served from memory, guest writes exit
+as MMIO. In "device mode" (a flash command in progress) reads exit too.
+
+CPUs register :attr:`GuestMemory.on_page_changed` callbacks: the buffer of a page
+changed behind their backs (its owner, or host-written bytes), so translations and
+translated code of that page may be stale.
 """
 
 from __future__ import annotations
 
+import bisect
 import ctypes
+import mmap
+from array import array
 from collections.abc import Callable, Iterator
 from enum import IntEnum
 
-from attrs import define, field, frozen
+from attrs import frozen
 
 from sevsim.errors import GuestMemoryError
 from sevsim.hw.crypto import PAGE_SIZE, PageCipher
 
 PAGE_MASK = ~(PAGE_SIZE - 1)
+#: Owner of a page whose DRAM holds the buffer's bytes unencrypted.
+SHARED = 0
 
 
-class PageForm(IntEnum):
-    SHARED = 0
-    PRIVATE = 1
+class Change(IntEnum):
+    """What changed about a page, for :attr:`GuestMemory.on_page_changed`."""
+
+    BYTES = 1  # the host wrote into it: translated code there is stale
+    VIEW = 2  # its owner changed (or it left ROM mode): translations are stale too
 
 
 @frozen
@@ -50,32 +68,38 @@ class MmioHole:
         return self.gpa + self.size
 
 
-@define(eq=False)
 class RamRegion:
-    """One RAM region: a host buffer plus the form of each of its pages."""
+    """One RAM region: a lazily committed host mapping plus each page's owner."""
 
-    gpa: int
-    size: int
-    name: str
-    buffer: ctypes.Array = field(repr=False)
-    forms: bytearray = field(repr=False)
+    __slots__ = ("_anchor", "_map", "address", "gpa", "name", "owner", "readonly", "romd",
+                 "size", "view")  # fmt: skip
 
-    @classmethod
-    def allocate(cls, gpa: int, size: int, name: str) -> RamRegion:
-        return cls(gpa, size, name, (ctypes.c_ubyte * size)(), bytearray(size // PAGE_SIZE))
+    def __init__(self, gpa: int, size: int, name: str, readonly: bool = False) -> None:
+        self.gpa, self.size, self.name = gpa, size, name
+        #: Guest writes exit as MMIO (a ROM device); ``romd`` False: reads exit too.
+        self.readonly = readonly
+        self.romd = True
+        self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
+        self._anchor = ctypes.c_char.from_buffer(self._map)
+        #: Host address of the mapping, for ``Uc.mem_map_ptr``.
+        self.address = ctypes.addressof(self._anchor)
+        self.view = memoryview(self._map)
+        #: Key id of each page (``SHARED`` for plaintext DRAM).
+        self.owner = array("I", bytes(4 * (size // PAGE_SIZE)))
 
     @property
     def end(self) -> int:
         return self.gpa + self.size
 
-    @property
-    def address(self) -> int:
-        """Host address of the buffer, for ``Uc.mem_map_ptr``."""
-        return ctypes.addressof(self.buffer)
+    def page_view(self, page: int) -> memoryview:
+        off = page - self.gpa
+        return self.view[off : off + PAGE_SIZE]
 
-    @property
-    def view(self) -> memoryview:
-        return memoryview(self.buffer).cast("B")
+    def release(self) -> None:
+        """Give the host memory back (the region is unusable afterwards)."""
+        self.view.release()
+        del self._anchor
+        self._map.close()
 
 
 def _check_range(what: str, gpa: int, size: int) -> None:
@@ -95,20 +119,22 @@ class GuestMemory:
 
     def __init__(self) -> None:
         self._ram: list[RamRegion] = []
+        self._starts: list[int] = []
         self._mmio: list[MmioHole] = []
-        self._cipher: PageCipher | None = None
-        #: Called with a page's guest-physical address when its form or bytes change
-        #: behind the CPUs' backs (conversion, host write into a private page).
-        self.on_page_changed: list[Callable[[int], None]] = []
+        #: Key id -> cipher (index 0, SHARED, has none).
+        self._ciphers: list[PageCipher | None] = [None]
+        self._key_ids: dict[bytes, int] = {}
+        self.on_page_changed: list[Callable[[int, Change], None]] = []
 
     # -- layout -------------------------------------------------------------------
 
-    def add_ram(self, gpa: int, size: int, name: str = "ram") -> RamRegion:
+    def add_ram(self, gpa: int, size: int, name: str = "ram", readonly: bool = False) -> RamRegion:
         _check_range(f"RAM region {name!r}", gpa, size)
         self._refuse_overlap(name, gpa, size)
-        region = RamRegion.allocate(gpa, size, name)
-        self._ram.append(region)
-        self._ram.sort(key=lambda r: r.gpa)
+        region = RamRegion(gpa, size, name, readonly)
+        at = bisect.bisect(self._starts, gpa)
+        self._ram.insert(at, region)
+        self._starts.insert(at, gpa)
         return region
 
     def add_mmio(self, gpa: int, size: int, name: str) -> MmioHole:
@@ -135,15 +161,11 @@ class GuestMemory:
         return tuple(self._mmio)
 
     def ram_at(self, gpa: int) -> RamRegion | None:
-        for region in self._ram:
-            if region.gpa <= gpa < region.end:
+        at = bisect.bisect(self._starts, gpa) - 1
+        if at >= 0:
+            region = self._ram[at]
+            if gpa < region.end:
                 return region
-        return None
-
-    def mmio_at(self, gpa: int) -> MmioHole | None:
-        for hole in self._mmio:
-            if hole.gpa <= gpa < hole.end:
-                return hole
         return None
 
     def _region(self, gpa: int, size: int) -> RamRegion:
@@ -155,20 +177,42 @@ class GuestMemory:
             )
         return region
 
-    # -- the memory controller's key ---------------------------------------------
+    def set_romd(self, gpa: int, romd: bool) -> None:
+        """Put a read-only region in ROM mode (reads from memory) or device mode (reads
+        exit as MMIO too), as QEMU's ``memory_region_rom_device_set_romd``."""
+        region = self._region(gpa, 1)
+        if not region.readonly:
+            raise GuestMemoryError(f"{region.name!r} is RAM, not a ROM device's memory slot")
+        if region.romd != romd:
+            region.romd = romd
+            for page in range(region.gpa, region.end, PAGE_SIZE):
+                self._changed(page, Change.VIEW)
 
-    def install_key(self, key: bytes | None) -> None:
-        """Bind (or, with None, unbind) the guest's encryption key, as ACTIVATE does."""
-        self._cipher = PageCipher(key) if key is not None else None
+    def release(self) -> None:
+        """Return every region's host memory (the VM is gone)."""
+        for region in self._ram:
+            region.release()
+        self._ram.clear()
+        self._starts.clear()
 
-    def _need_cipher(self, what: str) -> PageCipher:
-        if self._cipher is None:
-            raise GuestMemoryError(
-                f"{what}: no guest key is installed (LAUNCH_START/ACTIVATE first)"
-            )
-        return self._cipher
+    # -- keys -----------------------------------------------------------------------
 
-    # -- page forms ---------------------------------------------------------------
+    def key_id(self, key: bytes | None) -> int:
+        """The small number pages record for ``key`` (None: SHARED), assigned on first use."""
+        if key is None:
+            return SHARED
+        kid = self._key_ids.get(key)
+        if kid is None:
+            kid = self._key_ids[key] = len(self._ciphers)
+            self._ciphers.append(PageCipher(key))
+        return kid
+
+    def _cipher(self, kid: int) -> PageCipher:
+        cipher = self._ciphers[kid]
+        assert cipher is not None
+        return cipher
+
+    # -- page owners ------------------------------------------------------------------
 
     def _pages(self, gpa: int, size: int) -> Iterator[tuple[RamRegion, int, int, int]]:
         """(region, page gpa, start offset in page, length) for each page touched."""
@@ -181,52 +225,31 @@ class GuestMemory:
             yield region, page, start, length
             gpa += length
 
-    def form(self, gpa: int) -> PageForm:
+    def owner(self, gpa: int) -> int:
         region = self._region(gpa, 1)
-        return PageForm(region.forms[(gpa - region.gpa) // PAGE_SIZE])
+        return region.owner[(gpa - region.gpa) // PAGE_SIZE]
 
-    def _page_view(self, region: RamRegion, page: int) -> memoryview:
-        off = page - region.gpa
-        return region.view[off : off + PAGE_SIZE]
+    def _dram(self, region: RamRegion, page: int, owner: int) -> bytes:
+        data = region.page_view(page)
+        return bytes(data) if owner == SHARED else self._cipher(owner).encrypt(page, data)
 
-    def _dram(self, region: RamRegion, page: int) -> bytes:
-        """What DRAM holds for a page: the buffer, encrypted if the page is private."""
-        data = self._page_view(region, page)
-        if region.forms[(page - region.gpa) // PAGE_SIZE] == PageForm.PRIVATE:
-            return self._need_cipher(f"page {page:#x}").encrypt(page, data)
-        return bytes(data)
-
-    def _store_dram(self, region: RamRegion, page: int, dram: bytes) -> None:
-        view = self._page_view(region, page)
-        if region.forms[(page - region.gpa) // PAGE_SIZE] == PageForm.PRIVATE:
-            view[:] = self._need_cipher(f"page {page:#x}").decrypt(page, dram)
-        else:
-            view[:] = dram
-
-    def convert(self, gpa: int, form: PageForm) -> bool:
-        """Make the buffer show the page through ``form``; True if it changed.
-
-        Called by the CPU's page walk when the guest's translation of a page has the
-        other C-bit value. DRAM is unchanged; only the guest's view of it changes.
-        """
-        region = self._region(gpa, 1)
-        page = gpa & PAGE_MASK
+    def convert(self, region: RamRegion, page: int, kid: int) -> bool:
+        """Make the buffer show ``page`` as a CPU with key ``kid`` (SHARED: C=0) sees it;
+        True if it changed. DRAM is unchanged; only the view of it is re-derived."""
         index = (page - region.gpa) // PAGE_SIZE
-        if region.forms[index] == form:
+        owner = region.owner[index]
+        if owner == kid:
             return False
-        cipher = self._need_cipher(f"C-bit access to page {page:#x}")
-        view = self._page_view(region, page)
-        if form == PageForm.SHARED:  # DRAM (ciphertext) shows through as it is
-            view[:] = cipher.encrypt(page, view)
-        else:  # DRAM bytes are run through the decryption
-            view[:] = cipher.decrypt(page, view)
-        region.forms[index] = form
-        self._changed(page)
+        view = region.page_view(page)
+        dram = bytes(view) if owner == SHARED else self._cipher(owner).encrypt(page, view)
+        view[:] = dram if kid == SHARED else self._cipher(kid).decrypt(page, dram)
+        region.owner[index] = kid
+        self._changed(page, Change.VIEW)
         return True
 
-    def _changed(self, page: int) -> None:
+    def _changed(self, page: int, change: Change) -> None:
         for callback in self.on_page_changed:
-            callback(page)
+            callback(page, change)
 
     # -- the host's view ---------------------------------------------------------
 
@@ -234,11 +257,12 @@ class GuestMemory:
         """What the hypervisor reads: plaintext of shared pages, ciphertext of private ones."""
         out = bytearray()
         for region, page, start, length in self._pages(gpa, size):
-            if region.forms[(page - region.gpa) // PAGE_SIZE] == PageForm.PRIVATE:
-                out += self._dram(region, page)[start : start + length]
-            else:
+            owner = region.owner[(page - region.gpa) // PAGE_SIZE]
+            if owner == SHARED:
                 off = page + start - region.gpa
                 out += region.view[off : off + length]
+            else:
+                out += self._dram(region, page, owner)[start : start + length]
         return bytes(out)
 
     def host_write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
@@ -247,33 +271,33 @@ class GuestMemory:
         done = 0
         for region, page, start, length in self._pages(gpa, len(data)):
             chunk = data[done : done + length]
-            if region.forms[(page - region.gpa) // PAGE_SIZE] == PageForm.PRIVATE:
-                dram = bytearray(self._dram(region, page))
-                dram[start : start + length] = chunk
-                self._store_dram(region, page, bytes(dram))
-                self._changed(page)
-            else:
+            owner = region.owner[(page - region.gpa) // PAGE_SIZE]
+            if owner == SHARED:
                 off = page + start - region.gpa
                 region.view[off : off + length] = chunk
+            else:
+                cipher = self._cipher(owner)
+                dram = bytearray(cipher.encrypt(page, region.page_view(page)))
+                dram[start : start + length] = chunk
+                region.page_view(page)[:] = cipher.decrypt(page, dram)
+            self._changed(page, Change.BYTES)
             done += length
 
-    # -- the guest's view (hardware-internal) ------------------------------------------
+    # -- a CPU's view (hardware-internal) ----------------------------------------------
 
-    def guest_read(self, gpa: int, size: int, private: bool = True) -> bytes:
-        """Read as the guest would through a translation with C-bit ``private``."""
-        form = PageForm.PRIVATE if private else PageForm.SHARED
+    def guest_read(self, gpa: int, size: int, kid: int) -> bytes:
+        """Read as a CPU with key ``kid`` (SHARED for a C=0 translation) would."""
         out = bytearray()
         for region, page, start, length in self._pages(gpa, size):
-            self.convert(page, form)
+            self.convert(region, page, kid)
             off = page + start - region.gpa
             out += region.view[off : off + length]
         return bytes(out)
 
-    def guest_write(self, gpa: int, data: bytes | bytearray, private: bool = True) -> None:
-        form = PageForm.PRIVATE if private else PageForm.SHARED
+    def guest_write(self, gpa: int, data: bytes | bytearray, kid: int) -> None:
         done = 0
         for region, page, start, length in self._pages(gpa, len(data)):
-            self.convert(page, form)
+            self.convert(region, page, kid)
             off = page + start - region.gpa
             region.view[off : off + length] = data[done : done + length]
             done += length
@@ -288,22 +312,24 @@ class GuestMemory:
         byte outside the launched ranges shows the guest the decryption of what DRAM
         held, as on hardware, and cannot carry unmeasured code or data.
         """
-        self.install_key(key)
-        cipher = self._need_cipher("LAUNCH_UPDATE_DATA")
+        kid = self.key_id(key)
+        cipher = self._cipher(kid)
         measured = bytearray()
         for region, page, start, size in self._pages(gpa, length):
             index = (page - region.gpa) // PAGE_SIZE
-            view = self._page_view(region, page)
-            if region.forms[index] == PageForm.PRIVATE:
+            view = region.page_view(page)
+            owner = region.owner[index]
+            if owner != SHARED:
                 if size == PAGE_SIZE:
                     raise GuestMemoryError(f"page {page:#x} is already encrypted")
-                dram = cipher.encrypt(page, view)  # what the host sees there now
-                launched = dram[start : start + size]
+                launched = self._dram(region, page, owner)[start : start + size]
+                view[:] = cipher.decrypt(page, self._dram(region, page, owner))
             else:
                 launched = bytes(view[start : start + size])
                 if size < PAGE_SIZE:  # the rest of the page: decrypted DRAM, i.e. garbage
                     view[:] = cipher.decrypt(page, view)
             measured += launched
             view[start : start + size] = launched
-            region.forms[index] = PageForm.PRIVATE
+            region.owner[index] = kid
+            self._changed(page, Change.VIEW)
         return bytes(measured)

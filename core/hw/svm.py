@@ -17,22 +17,28 @@ from attrs import define, field
 
 from sevsim.arch import msr as M
 from sevsim.arch.exits import SvmExit
-from sevsim.arch.vmcb import VMCB_CONTROL, NestedCtl
+from sevsim.arch.vmcb import VMCB_CONTROL, IntState, NestedCtl
 from sevsim.arch.vmsa import SEGMENT_NAMES, VMSA, VMSA_PAGE_SIZE, Segment
 from sevsim.errors import FOREIGN_FAULTS, GuestMemoryError
-from sevsim.hw.cpu import GuestCpu, HwExit, VcModel
+from sevsim.hw.cpu import GuestCpu, HwExit
 from sevsim.hw.crypto import PageCipher
 from sevsim.hw.memory import GuestMemory
+from sevsim.hw.sim import SimSink
+from sevsim.hw.vc_model import VcModel
 
 #: Intercept vector bit numbers (APM vol. 2 appendix B; Linux ``INTERCEPT_*``).
 _INTERCEPT_BIT = {
-    SvmExit.READ_DR7: 39, SvmExit.WRITE_DR7: 55, SvmExit.RDTSC: 110, SvmExit.RDPMC: 111,
-    SvmExit.CPUID: 114, SvmExit.INVD: 118, SvmExit.HLT: 120, SvmExit.IOIO: 123,
-    SvmExit.MSR: 124, SvmExit.SHUTDOWN: 127, SvmExit.VMMCALL: 129, SvmExit.RDTSCP: 135,
+    SvmExit.READ_DR7: 39, SvmExit.WRITE_DR7: 55, SvmExit.VINTR: 100, SvmExit.RDTSC: 110,
+    SvmExit.RDPMC: 111, SvmExit.CPUID: 114, SvmExit.INVD: 118, SvmExit.HLT: 120,
+    SvmExit.INVLPGA: 122, SvmExit.IOIO: 123, SvmExit.MSR: 124, SvmExit.SHUTDOWN: 127,
+    SvmExit.VMRUN: 128, SvmExit.VMMCALL: 129, SvmExit.VMLOAD: 130, SvmExit.VMSAVE: 131,
+    SvmExit.STGI: 132, SvmExit.CLGI: 133, SvmExit.SKINIT: 134, SvmExit.RDTSCP: 135,
     SvmExit.WBINVD: 137, SvmExit.MONITOR: 138, SvmExit.MWAIT: 139, SvmExit.XSETBV: 141,
-    SvmExit.EFER_WRITE_TRAP: 143,
+    SvmExit.RDPRU: 142, SvmExit.EFER_WRITE_TRAP: 143,
     **{SvmExit.CR0_WRITE_TRAP + cr: 144 + cr for cr in range(16)},
 }  # fmt: skip
+#: ``int_ctl``: a virtual interrupt is pending (V_IRQ).
+V_IRQ = 1 << 8
 
 #: MSR permission map ranges: (first MSR, byte offset of its 2-bit entries).
 _MSRPM_RANGES = ((0x0000_0000, 0x000), (0xC000_0000, 0x800), (0xC001_0000, 0x1000))
@@ -57,12 +63,14 @@ class VmsaPage:
     """A VMSA page in host memory, and the hardware's protected copy of its state."""
 
     pa: int
+    #: Which vCPU this VMSA is, for the simulator's own view (sim events).
+    label: tuple[str, int]
     _plain: bytearray = field(factory=lambda: bytearray(VMSA_PAGE_SIZE), alias="plain")
     _cipher: PageCipher | None = field(default=None, alias="cipher")
     #: The launched fields, decoded; the CPU model starts from them.
     state: dict[str, Any] = field(factory=dict)
     cpu: GuestCpu | None = None
-    #: Guest software the model runs as the #VC handler (see ``Platform.load_vc_model``).
+    #: Guest software the model runs as the #VC handler, bound before launch.
     vc_model: VcModel | None = None
     #: Ciphertext the host wrote over the protected page, checked on VMRUN.
     _host_bytes: bytes | None = field(default=None, alias="host_bytes")
@@ -99,10 +107,8 @@ class VmsaPage:
     def plaintext(self) -> bytes:
         """The page as the hardware would decrypt it: the current register state."""
         if self.cpu is None:
-            return bytes(self._plain)
-        state = {**self.state, **self.cpu.save_state()}
-        values = {k: (v.pack() if isinstance(v, Segment) else v) for k, v in state.items()}
-        return bytes(VMSA.pack(values, size=VMSA_PAGE_SIZE))
+            return bytes(self._plain) if not self.protected else _pack(self.state)
+        return _pack({**self.state, **self.cpu.save_state()})
 
     # -- the SEV firmware's side --------------------------------------------------
 
@@ -132,6 +138,11 @@ class VmsaPage:
         return False
 
 
+def _pack(state: dict[str, Any]) -> bytes:
+    values = {k: (v.pack() if isinstance(v, Segment) else v) for k, v in state.items() if k in VMSA}
+    return bytes(VMSA.pack(values, size=VMSA_PAGE_SIZE))
+
+
 def decode_vmsa(page: bytes) -> dict[str, Any]:
     """VMSA fields as values: integers, byte strings, and :class:`Segment` for segments."""
     fields = VMSA.unpack(page)
@@ -156,8 +167,8 @@ class HostPages:
         self._next += (size + 0xFFF) & ~0xFFF
         return pa
 
-    def alloc_vmsa(self) -> VmsaPage:
-        page = VmsaPage(self._take(VMSA_PAGE_SIZE))
+    def alloc_vmsa(self, label: tuple[str, int]) -> VmsaPage:
+        page = VmsaPage(self._take(VMSA_PAGE_SIZE), label)
         self._vmsas[page.pa] = page
         return page
 
@@ -178,84 +189,100 @@ class HostPages:
         page = self._vmsas.pop(pa, None)
         if page is not None and page.cpu is not None:
             page.cpu.close()
+            page.cpu = None
 
 
 class Svm:
     """The SVM unit of a physical CPU: VMRUN an SEV-ES guest, report the #VMEXIT."""
 
-    def __init__(self, pages: HostPages, cbit: int, cpu_model: int | None = None) -> None:
+    def __init__(self, pages: HostPages, cbit: int, sim: SimSink) -> None:
         self.pages = pages
         self.cbit = cbit
-        self.cpu_model = cpu_model
+        self.sim = sim
 
     def vmrun(
         self, vmcb: bytearray, memory: GuestMemory, key: bytes | None, deadline: float | None
-    ) -> HwExit:
+    ) -> None:
         """Run the guest of ``vmcb`` until the next #VMEXIT, recorded in ``vmcb``.
 
         ``memory`` stands for the nested page tables (the guest-physical space),
         ``key`` for the memory controller's key slot of the VMCB's ASID and
         ``deadline`` (time.monotonic) for the host timer's next tick (an INTR exit).
-        The return
-        value carries the simulator's debug record of the exit (why, where, which
-        instruction): not visible to a real hypervisor, kept for the trace.
         """
         get = VMCB_CONTROL.get
         vmsa = self.pages.vmsa_at(get(vmcb, "vmsa_pa"))
         nested = get(vmcb, "nested_ctl")
         es = NestedCtl.SEV_ENABLE | NestedCtl.SEV_ES_ENABLE
         if vmsa is None or not vmsa.protected or nested & es != es:
-            return self._record(vmcb, HwExit(SvmExit.ERR, why="invalid vmsa_pa or SEV-ES off"))
+            self._record(vmcb, None, HwExit(SvmExit.ERR, why="invalid vmsa_pa or SEV-ES off"))
+            return
         if not vmsa.sealed_with(key):
             why = "the VMSA was sealed under another guest's key than this ASID's"
-            return self._record(vmcb, HwExit(SvmExit.ERR, why=why))
+            self._record(vmcb, vmsa, HwExit(SvmExit.ERR, why=why))
+            return
         if not vmsa.integrity_ok():
-            return self._record(vmcb, HwExit(SvmExit.SHUTDOWN, why="VMSA integrity check failed"))
-        memory.install_key(key)
+            self._record(vmcb, vmsa, HwExit(SvmExit.SHUTDOWN, why="VMSA integrity check failed"))
+            return
         try:
-            return self._run(vmcb, memory, vmsa, deadline)
+            hw_exit = self._run(vmcb, memory, vmsa, key, deadline)
         except FOREIGN_FAULTS as exc:  # nothing a guest does may take the host down
-            why = f"simulator fault: {type(exc).__name__}: {exc}"
-            return self._record(vmcb, HwExit(SvmExit.SHUTDOWN, why=why))
+            hw_exit = HwExit(SvmExit.SHUTDOWN, why=f"simulator fault: {type(exc).__name__}: {exc}")
+        self._record(vmcb, vmsa, hw_exit)
 
     def _run(
-        self, vmcb: bytearray, memory: GuestMemory, vmsa: VmsaPage, deadline: float | None
-    ) -> HwExit:
+        self, vmcb: bytearray, memory: GuestMemory, vmsa: VmsaPage, key: bytes | None,
+        deadline: float | None,
+    ) -> HwExit:  # fmt: skip
         get, put = VMCB_CONTROL.get, VMCB_CONTROL.set
         cpu = vmsa.cpu
         if cpu is None:
             cpu = vmsa.cpu = self._new_cpu(memory, vmsa)
+        cpu.rebind(memory)
+        cpu.set_key(memory.key_id(key))
         cpu.deadline = deadline
         cpu.ghcb_msr = get(vmcb, "ghcb_gpa")
         intercepts = int.from_bytes(get(vmcb, "intercepts"), "little")
         cpu.intercepted = lambda code: _intercepted(intercepts, code)
         msrpm = self.pages.buffer(get(vmcb, "msrpm_base_pa")) or bytes(MSRPM_SIZE)
         cpu.msr_intercepted = lambda msr, write: _msr_intercepted(msrpm, msr, write)
+        cpu.virq_pending = bool(get(vmcb, "int_ctl") & V_IRQ) and _intercepted(
+            intercepts, SvmExit.VINTR)  # fmt: skip
         event_inj = get(vmcb, "event_inj")
         put(vmcb, "event_inj", 0)
         hw_exit = cpu.inject(event_inj, get(vmcb, "event_inj_err")) or cpu.run()
         put(vmcb, "ghcb_gpa", cpu.ghcb_msr)
-        return self._record(vmcb, hw_exit)
+        # SEV-ES: the hardware tells the hypervisor the guest's IF in int_state.
+        if_flag = IntState.GUEST_INTERRUPT_MASK if cpu.interrupts_enabled() else 0
+        put(vmcb, "int_state", int(if_flag))
+        return hw_exit
 
     def _new_cpu(self, memory: GuestMemory, vmsa: VmsaPage) -> GuestCpu:
-        kwargs = {} if self.cpu_model is None else {"cpu_model": self.cpu_model}
-        cpu = GuestCpu(
-            memory, cbit=self.cbit, sev_status=M.MSR_AMD64_SEV_ENABLED | M.MSR_AMD64_SEV_ES_ENABLED,
-            **kwargs,
-        )  # fmt: skip
+        on_vc = None
+        if self.sim.wants("sim_vc"):
+            vm, vcpu = vmsa.label
+
+            def on_vc(exit_code: int, rip: int, insn: bytes, bits: int) -> None:
+                self.sim.emit("sim_vc", vm=vm, vcpu=vcpu, exit_code=exit_code, rip=rip,
+                              insn=insn, bits=bits)  # fmt: skip
+
+        status = M.MSR_AMD64_SEV_ENABLED | M.MSR_AMD64_SEV_ES_ENABLED
+        cpu = GuestCpu(memory, cbit=self.cbit, sev_status=status, on_vc=on_vc)
         cpu.load_state(vmsa.state)
         cpu.vc_model = vmsa.vc_model
         return cpu
 
-    @staticmethod
-    def _record(vmcb: bytearray, hw_exit: HwExit) -> HwExit:
+    def _record(self, vmcb: bytearray, vmsa: VmsaPage | None, hw_exit: HwExit) -> None:
         put = VMCB_CONTROL.set
         code = hw_exit.exit_code & 0xFFFF_FFFF_FFFF_FFFF
         put(vmcb, "exit_code", code & 0xFFFF_FFFF)
         put(vmcb, "exit_code_hi", code >> 32)
         put(vmcb, "exit_info_1", hw_exit.info1)
         put(vmcb, "exit_info_2", hw_exit.info2)
-        return hw_exit
+        if vmsa is not None and self.sim.wants("sim_exit"):
+            vm, vcpu = vmsa.label
+            rip, insn, bits = vmsa.cpu.exit_site() if vmsa.cpu is not None else (None, b"", 64)
+            self.sim.emit("sim_exit", vm=vm, vcpu=vcpu, exit_code=code, rip=rip, insn=insn,
+                          bits=bits, why=hw_exit.why)  # fmt: skip
 
 
 def _msr_intercepted(msrpm: bytes | bytearray, msr: int, write: bool) -> bool:

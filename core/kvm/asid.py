@@ -12,7 +12,7 @@ from __future__ import annotations
 from attrs import define, field
 
 from sevsim.errors import SevFirmwareError, SevsimError
-from sevsim.hw import Psp
+from sevsim.hw import SevCapabilities, SevFirmware
 
 
 class AsidError(SevsimError):
@@ -23,7 +23,8 @@ class AsidError(SevsimError):
 class AsidAllocator:
     """Hands out ASIDs per guest kind; flushes reclaimed ones through the firmware."""
 
-    psp: Psp
+    firmware: SevFirmware
+    caps: SevCapabilities
     #: ASIDs not available for allocation: bound to a VM or awaiting a flush.
     _used: set[int] = field(factory=set, init=False)
     #: Freed ASIDs that need a DF_FLUSH before reuse (``sev_reclaim_asid_bitmap``).
@@ -31,7 +32,7 @@ class AsidAllocator:
 
     def new(self, es: bool) -> int:
         """The lowest free ASID for an SEV-ES (``es``) or SEV guest."""
-        asids = self.psp.caps.asids_for(es)
+        asids = self.caps.asids_for(es)
         asid = self._first_free(asids)
         if asid is None and self._recycle(asids):
             asid = self._first_free(asids)
@@ -66,7 +67,7 @@ class AsidAllocator:
         if not any(a in asids for a in self._reclaim):
             return False
         try:
-            self.psp.df_flush()
+            self.firmware.df_flush()
         except SevFirmwareError as exc:
             raise AsidError(f"cannot reclaim ASIDs {sorted(self._reclaim)}: {exc}") from exc
         self._used -= self._reclaim

@@ -36,7 +36,6 @@ EVENTS: dict[str, tuple[str, ...]] = {
     "vmgexit_exit": ("vcpu_id", "exit_reason", "info1", "info2"),
     "msr_protocol_enter": ("vcpu_id", "ghcb_gpa"),
     "msr_protocol_exit": ("vcpu_id", "ghcb_gpa", "result"),
-    "vc": ("vcpu_id", "exit_code", "rip"),
     "vmexit": ("vcpu_id", "exit_code", "info1", "info2"),
     "exit_handled": ("vcpu_id", "kind", "code", "plugin", "notes"),
 }

@@ -18,7 +18,6 @@ from sevsim.arch.ghcb import GHCB_PAGE_SIZE, GHCB_USAGE_DEFAULT, Ghcb
 from sevsim.arch.vmcb import VMCB_CONTROL, EventInj
 from sevsim.arch.vmsa import VMSA, VMSA_PAGE_SIZE, Segment
 from sevsim.errors import FOREIGN_FAULTS, GuestMemoryError, VcpuError
-from sevsim.hw import HwExit
 from sevsim.kvm import outcome as O
 from sevsim.kvm.context import ExitContext
 from sevsim.kvm.control_regs import ControlRegs
@@ -60,7 +59,7 @@ class Vcpu:
         self.vm = vm
         self.id = vcpu_id
         platform = vm.platform
-        self.vmsa = platform.alloc_vmsa()
+        self.vmsa = platform.alloc_vmsa((vm.name, vcpu_id))
         self.msrpm_pa, msrpm = platform.alloc_msrpm()
         self.vmcb = bytearray(VMCB_CONTROL.size)
         init_vmcb(self.vmcb, msrpm, vm.asid, self.vmsa.pa, self.msrpm_pa)
@@ -86,9 +85,6 @@ class Vcpu:
         self._ghcb: MappedGhcb | None = None
         self._ctx: ExitContext | None = None
         self._dead: str | None = None
-        #: The simulator's debug record of the last exit (why, rip, instruction): not
-        #: part of what KVM sees, carried only for the trace.
-        self.debug: HwExit | None = None
 
     # -- before launch -------------------------------------------------------------
 
@@ -151,9 +147,7 @@ class Vcpu:
             # entry (the host IPIs itself) and inject it at the next one.
             immediate = self._inject_pending_events()
             entry_deadline = time.monotonic() if immediate else deadline
-            self.debug = self.vm.platform.vmrun(self.vmcb, self.vm.memory, entry_deadline)
-            for rip, code in self.debug.vcs:  # the simulator's view, for the trace only
-                self.vm.emit("vc", vcpu_id=self.id, exit_code=code, rip=rip)
+            self.vm.platform.vmrun(self.vmcb, self.vm.memory, entry_deadline)
             result = self.handle_exit()
             if self.vm.dead is not None and not isinstance(result, O.ExitToUser):
                 return RunFailed("EIO", self.vm.dead)
@@ -183,9 +177,9 @@ class Vcpu:
         if code == SvmExit.VMGEXIT:
             return self._vmgexit()
         if code == SvmExit.SHUTDOWN:
-            return O.ExitToUser(Shutdown(self._why()))
+            return O.ExitToUser(Shutdown())
         if code == SvmExit.ERR:
-            return O.ExitToUser(FailEntry(code, self._why()))
+            return O.ExitToUser(FailEntry(code))
         if code == SvmExit.INTR:  # the host's interrupt: handled by the host, resume
             return O.RESUME
         handler = self.vm.lookup(ExitKind.VMEXIT, code)
@@ -195,9 +189,6 @@ class Vcpu:
         if code == SvmExit.HLT:
             return O.ExitToUser(Hlt())
         return self.invalid_exit(code)
-
-    def _why(self) -> str:
-        return self.debug.why if self.debug is not None else ""
 
     def invalid_exit(self, code: int) -> O.ExitToUser:
         """``svm_handle_invalid_exit``: KVM_EXIT_INTERNAL_ERROR, UNEXPECTED_EXIT_REASON."""

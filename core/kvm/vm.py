@@ -13,7 +13,7 @@ from typing import Any
 
 from sevsim.arch import ghcb_msr
 from sevsim.errors import FOREIGN_FAULTS, SevFirmwareError, VcpuError
-from sevsim.hw import GuestMemoryView, LaunchMeasurement, LaunchSession, Platform, Policy
+from sevsim.hw import LaunchMeasurement, LaunchSession, Platform, Policy
 from sevsim.kvm.asid import AsidAllocator
 from sevsim.kvm.buses import EmptyBus, GuestBus
 from sevsim.kvm.compat import era as compat_era
@@ -33,7 +33,7 @@ class Kvm:
 
     def __init__(self, platform: Platform | None = None) -> None:
         self.platform = platform or Platform()
-        self.asids = AsidAllocator(self.platform.psp)
+        self.asids = AsidAllocator(self.platform.firmware, self.platform.caps)
 
     def create_vm(
         self,
@@ -86,7 +86,7 @@ class Vm:
         self.cpuid = cpuid
         self._events = events
         self._wanted = frozenset(n for n in EVENTS if events.wants(n))
-        self.memory = GuestMemoryView()
+        self.memory = kvm.platform.new_memory()
         #: The VMM's port-IO and MMIO buses (``attach_buses``).
         self.io_bus: GuestBus = EmptyBus()
         self.mmio_bus: GuestBus = EmptyBus()
@@ -158,7 +158,7 @@ class Vm:
 
     def launch_start(self, policy: int = Policy.ES, session: LaunchSession | None = None) -> int:
         """KVM_SEV_LAUNCH_START: a firmware guest context, bound to this VM's ASID."""
-        psp = self.platform.psp
+        psp = self.platform.firmware
         self.handle = self._firmware("LAUNCH_START", psp.launch_start, policy, session)
         self._firmware("ACTIVATE", psp.activate, self.handle, self.asid)
         return self.handle
@@ -166,7 +166,7 @@ class Vm:
     def launch_update_data(self, gpa: int, length: int) -> None:
         """KVM_SEV_LAUNCH_UPDATE_DATA: measure and encrypt what the VMM placed there."""
         handle = self._need_handle("LAUNCH_UPDATE_DATA")
-        self._firmware("LAUNCH_UPDATE_DATA", self.platform.psp.launch_update_data, handle,
+        self._firmware("LAUNCH_UPDATE_DATA", self.platform.firmware.launch_update_data, handle,
                        self.memory, gpa, length)  # fmt: skip
 
     def launch_update_vmsa(self) -> None:
@@ -178,21 +178,21 @@ class Vm:
                             "LAUNCH_UPDATE_VMSA runs once (-EINVAL)")  # fmt: skip
         for vcpu in self.vcpus:
             vcpu.sync_vmsa()
-            self._firmware("LAUNCH_UPDATE_VMSA", self.platform.psp.launch_update_vmsa, handle,
+            self._firmware("LAUNCH_UPDATE_VMSA", self.platform.firmware.launch_update_vmsa, handle,
                            vcpu.vmsa)  # fmt: skip
             vcpu.guest_state_protected = True
 
     def launch_measure(self) -> LaunchMeasurement:
         handle = self._need_handle("LAUNCH_MEASURE")
-        return self._firmware("LAUNCH_MEASURE", self.platform.psp.launch_measure, handle)
+        return self._firmware("LAUNCH_MEASURE", self.platform.firmware.launch_measure, handle)
 
     def launch_finish(self) -> None:
         handle = self._need_handle("LAUNCH_FINISH")
-        self._firmware("LAUNCH_FINISH", self.platform.psp.launch_finish, handle)
+        self._firmware("LAUNCH_FINISH", self.platform.firmware.launch_finish, handle)
 
     def launch_digest(self) -> bytes:
         """The launch digest the firmware measured (after LAUNCH_MEASURE)."""
-        return self.platform.psp.launch_digest(self._need_handle("launch_digest"))
+        return self.platform.firmware.launch_digest(self._need_handle("launch_digest"))
 
     # -- the end ---------------------------------------------------------------------------
 
@@ -203,7 +203,7 @@ class Vm:
 
     def destroy(self) -> None:
         """KVM_DESTROY_VM: DEACTIVATE, DECOMMISSION, free the ASID and host pages."""
-        psp = self.platform.psp
+        psp = self.platform.firmware
         if self.handle is not None:
             psp.deactivate(self.handle)
             psp.decommission(self.handle)

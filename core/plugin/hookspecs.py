@@ -267,31 +267,6 @@ def sevsim_msr_protocol_exit(vcpu_id: int, ghcb_gpa: int, result: Any) -> None:
 
 
 @hookspec
-def sevsim_vc(vcpu_id: int, exit_code: int, rip: int) -> None:
-    """The hardware raised #VC in the guest: ``exit_code`` is the #VC error code (the
-    exit code the instruction would have caused), ``rip`` the guest instruction.
-
-    Example::
-
-        >>> from collections import Counter
-        >>> from sevsim.plugin.hookspecs import hookimpl
-        >>> from sevsim.testing import isolated_host
-        >>> class VcCount:
-        ...     def __init__(self):
-        ...         self.by_code = Counter()
-        ...     @hookimpl
-        ...     def sevsim_vc(self, exit_code):
-        ...         self.by_code[exit_code] += 1
-        >>> counter = VcCount()
-        >>> host = isolated_host({"vccount": counter})
-        >>> for rip in (0x1000, 0x1004):
-        ...     host.events.emit("vc", vcpu_id=0, exit_code=0x72, rip=rip)
-        >>> counter.by_code
-        Counter({114: 2})
-    """
-
-
-@hookspec
 def sevsim_vmexit(vcpu_id: int, exit_code: int, info1: int, info2: int) -> None:
     """An automatic #VMEXIT (not a VMGEXIT): ``exit_code`` with ``exit_info_1/2`` from
     the VMCB control area, e.g. ``SVM_EXIT_CR0_WRITE_TRAP`` carrying the new CR0.
@@ -341,4 +316,62 @@ def sevsim_exit_handled(
         ioio: ioio: out 1 byte to port 0x3f8
         >>> watcher.handled
         Counter({'ioio': 1})
+    """
+
+
+# --- the simulator's view: one per sevsim.hw.sim.SIM_EVENTS entry ---------------------
+#
+# What only a simulator can see (the guest's RIP and instructions). Exit handlers
+# never receive these; ``sevsim plugins`` lists the plugins that implement them, and
+# ``sevsim run --hypervisor-view`` leaves them out of the trace.
+
+
+@hookspec
+def sevsim_sim_vc(vm: str, vcpu: int, exit_code: int, rip: int, insn: bytes, bits: int) -> None:
+    """The hardware raised #VC in the guest: ``exit_code`` is the #VC error code (the
+    exit code the instruction would have caused), ``rip`` and ``insn`` (its bytes, to
+    decode in ``bits``-bit mode) the guest instruction.
+
+    Example::
+
+        >>> from collections import Counter
+        >>> from sevsim.plugin.hookspecs import hookimpl
+        >>> from sevsim.testing import isolated_host
+        >>> class VcCount:
+        ...     def __init__(self):
+        ...         self.by_code = Counter()
+        ...     @hookimpl
+        ...     def sevsim_sim_vc(self, exit_code):
+        ...         self.by_code[exit_code] += 1
+        >>> counter = VcCount()
+        >>> host = isolated_host({"vccount": counter})
+        >>> for rip in (0x1000, 0x1004):
+        ...     host.sim.emit("sim_vc", vm="vm", vcpu=0, exit_code=0x72, rip=rip,
+        ...                   insn=b"\\x0f\\xa2", bits=64)
+        >>> counter.by_code
+        Counter({114: 2})
+    """
+
+
+@hookspec
+def sevsim_sim_exit(
+    vm: str, vcpu: int, exit_code: int, rip: int | None, insn: bytes, bits: int, why: str
+) -> None:
+    """A #VMEXIT, seen from the silicon: the guest instruction behind it (``rip``,
+    ``insn``) and, where the simulator knows more than the hypervisor, ``why`` (a
+    triple fault, a VMSA that failed its integrity check).
+
+    Example::
+
+        >>> from sevsim.plugin.hookspecs import hookimpl
+        >>> from sevsim.testing import isolated_host
+        >>> class Shutdowns:
+        ...     @hookimpl
+        ...     def sevsim_sim_exit(self, exit_code, why):
+        ...         if exit_code == 0x7F:
+        ...             print("shutdown:", why)
+        >>> host = isolated_host({"shutdowns": Shutdowns()})
+        >>> host.sim.emit("sim_exit", vm="vm", vcpu=0, exit_code=0x7F, rip=0x1000, insn=b"",
+        ...               bits=64, why="triple fault delivering #14")
+        shutdown: triple fault delivering #14
     """

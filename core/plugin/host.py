@@ -41,6 +41,7 @@ import pluggy
 from attrs import define, evolve, field, frozen
 
 from sevsim.errors import FOREIGN_FAULTS, ConfigError, PluginError
+from sevsim.hw import SIM_EVENTS
 from sevsim.kvm.dispatch import ExitHandler, ExitKind, ExitTable
 from sevsim.plugin import hookspecs
 from sevsim.plugin.config import PluginConfig
@@ -148,6 +149,7 @@ class PluginHost:
     _problems: list[Problem] = field(init=False, factory=list)
     _table: ExitTable = field(init=False, factory=ExitTable)
     _events: HookSink | None = field(init=False, default=None)
+    _sim: HookSink | None = field(init=False, default=None)
 
     # --- public API --------------------------------------------------------------------
 
@@ -177,6 +179,14 @@ class PluginHost:
         self.load()
         assert self._events is not None
         return self._events
+
+    @property
+    def sim(self) -> HookSink:
+        """The SimSink for the platform: the simulator's view, to the ``sevsim_sim_*``
+        hooks."""
+        self.load()
+        assert self._sim is not None
+        return self._sim
 
     @property
     def plugin_manager(self) -> pluggy.PluginManager:
@@ -239,6 +249,7 @@ class PluginHost:
                 )
         self._infos = infos
         self._events = HookSink.of(self._pm)
+        self._sim = HookSink.of(self._pm, SIM_EVENTS)
 
     def _check_mentions(self, candidates: Mapping[str, Candidate]) -> None:
         known = ", ".join(sorted(candidates)) or "none"

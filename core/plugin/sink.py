@@ -7,6 +7,7 @@ implements is never built, so observers cost nothing when none is installed.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import pluggy
@@ -26,11 +27,12 @@ class HookSink:
     wanted: frozenset[str]
 
     @classmethod
-    def of(cls, pm: pluggy.PluginManager) -> HookSink:
-        """A sink for the observers registered in ``pm`` now."""
+    def of(cls, pm: pluggy.PluginManager, events: Iterable[str] = EVENTS) -> HookSink:
+        """A sink for the observers of ``events`` registered in ``pm`` now (kvm's
+        events by default; :data:`sevsim.hw.SIM_EVENTS` for the simulator's view)."""
         wanted = {
             name
-            for name in EVENTS
+            for name in events
             if getattr(pm.hook, HOOK_PREFIX + name).get_hookimpls()
         }
         return cls(pm, frozenset(wanted))

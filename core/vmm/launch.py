@@ -72,13 +72,13 @@ def launch_image(
     (devices or Devices.standard()).attach(vm)
     for gpa, data in image.memory().items():
         vm.memory.write(gpa, data)
-    vm.create_vcpu().set_state(image.initial_state())
+    vcpu = vm.create_vcpu()
+    vcpu.set_state(image.initial_state())
+    vcpu.vmsa.bind_vc_model(vc_model)  # guest software, chosen before launch
     vm.launch_start(policy)
     for gpa, length in image.launch_ranges():
         vm.launch_update_data(gpa, length)
     vm.launch_update_vmsa()
     vm.launch_measure()
     vm.launch_finish()
-    if vc_model is not None:
-        vm.platform.load_vc_model(vm.vcpus[0].vmsa, vc_model)
     return vm

@@ -29,6 +29,7 @@ from attrs import frozen
 
 from sevsim.errors import ConfigError
 from sevsim.guest.image import GuestImage
+from sevsim.hw import Platform
 from sevsim.kvm.dispatch import ExitTable
 from sevsim.kvm.events import EventSink, TeeSink
 from sevsim.kvm.exits import Hlt, KvmExit
@@ -121,7 +122,7 @@ def run_image(
             )
         )
     vm = launch_image(
-        kvm or Kvm(), image, handlers=table, events=TeeSink(events, trace),
+        kvm or Kvm(Platform(sim=trace)), image, handlers=table, events=TeeSink(events, trace),
         plugin_settings={k: dict(v) for k, v in (plugin_settings or {}).items()},
         devices=devices, **vm_args,
     )  # fmt: skip

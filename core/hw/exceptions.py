@@ -1,0 +1,196 @@
+"""Exception and interrupt delivery through the guest's IDT, as the CPU does it.
+
+Unicorn does not deliver exceptions through a guest IDT: it stops and reports them.
+The model delivers them itself: it reads the gate, picks the stack (the TSS's RSP0
+on a privilege change, the IST slot the gate names), pushes the frame (SS, RSP,
+RFLAGS, CS, RIP and an error code where the vector has one, 16-byte aligned in long
+mode; 4-byte pushes in protected mode; IP, CS, FLAGS through the IVT in real mode),
+clears IF for an interrupt gate and loads CS:RIP. A fault while delivering becomes a
+double fault, a fault while delivering that is a triple fault: the SHUTDOWN exit.
+The guest's own IRET then runs natively.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from attrs import frozen
+from unicorn import x86_const as x86
+
+from sevsim.arch import msr as M
+from sevsim.arch.vectors import Vector
+from sevsim.arch.vmsa import Segment
+from sevsim.hw.mmu import GuestAccessFault, Mmu
+from sevsim.hw.regs import Registers
+
+#: Exceptions whose delivery pushes an error code.
+ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
+_CONTRIBUTORY = frozenset({0, 10, 11, 12, 13})
+_CLEARED = (1 << 8) | (1 << 14) | (1 << 16) | (1 << 17)  # TF NT RF VM
+_IF = 1 << 9
+
+
+@frozen
+class Event:
+    """An exception or interrupt to deliver."""
+
+    vector: int
+    error_code: int | None = None
+    cr2: int | None = None
+    #: INT n: no error code, whatever the vector, and the gate's DPL is checked.
+    software: bool = False
+
+
+def is_double_fault(first: int, second: int) -> bool:
+    """APM 8.2.9: contributory after contributory, or #PF/contributory after #PF."""
+    if first == Vector.PF:
+        return second == Vector.PF or second in _CONTRIBUTORY
+    return first in _CONTRIBUTORY and second in _CONTRIBUTORY
+
+
+def gate(raw: bytes) -> tuple[int, int, int, int, int] | None:
+    """(selector, target, type, IST, DPL) of a present interrupt or trap gate, else None.
+
+    16 bytes: a long-mode gate (types 0xE/0xF); 8 bytes: a 32-bit gate (0xE/0xF)
+    or a 16-bit one (0x6/0x7).
+    """
+    low = int.from_bytes(raw[:8], "little")
+    gate_type = (low >> 40) & 0xF
+    if not (low >> 47) & 1 or gate_type not in (0x6, 0x7, 0xE, 0xF):
+        return None
+    target = (low & 0xFFFF) | ((low >> 48) & 0xFFFF) << 16
+    if len(raw) == 16:
+        target |= int.from_bytes(raw[8:12], "little") << 32
+    return (low >> 16) & 0xFFFF, target, gate_type, (low >> 32) & 7, (low >> 45) & 3
+
+
+class Delivery:
+    """Delivers events into one vCPU (its registers and its MMU)."""
+
+    def __init__(self, regs: Registers, mmu: Mmu) -> None:
+        self.regs = regs
+        self.mmu = mmu
+
+    def deliver(self, event: Event) -> str | None:
+        """Deliver ``event``; a failed delivery escalates. Returns None, or why the CPU
+        shut down (a fault while delivering a double fault)."""
+        first = event.vector
+        current = event
+        while True:
+            if current.cr2 is not None:
+                self.regs.write(x86.UC_X86_REG_CR2, current.cr2)
+            code = current.error_code
+            if code is None and current.vector in ERROR_CODE_VECTORS and not current.software:
+                code = 0
+            fault = self._push_frame(current.vector, code, current.software)
+            if fault is None:
+                return None
+            if current.vector == Vector.DF:
+                return f"triple fault delivering #{first}"
+            if is_double_fault(current.vector, fault.vector):
+                current = Event(Vector.DF, 0)
+            else:
+                current = fault
+
+    def _push_frame(self, vector: int, error_code: int | None, software: bool) -> Event | None:
+        """Push an interrupt frame and enter the handler; the fault if that fails."""
+        regs = self.regs
+        mode = self.mmu.mode
+        long_mode, protected = bool(mode.efer & M.EFER_LMA), bool(mode.cr0 & M.CR0_PE)
+        word = 8 if long_mode else 4 if protected else 2
+        gate_size = 16 if long_mode else 8 if protected else 4
+        _, idt_base, idt_limit, _ = regs.table(x86.UC_X86_REG_IDTR)
+        idt_error = vector * 8 + 2
+        if vector * gate_size + gate_size - 1 > idt_limit:
+            return Event(Vector.GP, idt_error)
+        cs = regs.read(x86.UC_X86_REG_CS)
+        cpl = cs & 3
+        rip = regs.rip
+        try:
+            raw = self.mmu.read(idt_base + vector * gate_size, gate_size)
+            if protected:
+                parsed = gate(raw)
+                if parsed is None:
+                    return Event(Vector.GP, idt_error)
+                selector, target, gate_type, ist, dpl = parsed
+                if software and dpl < cpl:
+                    regs.rip = rip - 2  # a fault, at the INT n (CD ib) itself
+                    return Event(Vector.GP, idt_error)
+            else:
+                target, selector = struct.unpack("<HH", raw)
+                gate_type, ist, error_code = 0xE, 0, None
+            target_cs = self._descriptor(selector) if protected else None
+            if protected and (target_cs is None or not (target_cs.attrib >> 7) & 1):
+                return Event(Vector.GP, selector & ~3)
+            new_cpl = (target_cs.attrib >> 5) & 3 if target_cs is not None else 0
+            sp = old_sp = regs.read(x86.UC_X86_REG_RSP)
+            ss = regs.read(x86.UC_X86_REG_SS)
+            stack = None  # the stack segment a privilege change loads
+            if long_mode and (ist or new_cpl < cpl):
+                _, tss_base, _, _ = regs.table(x86.UC_X86_REG_TR)
+                slot = 0x24 + 8 * (ist - 1) if ist else 4 + 8 * new_cpl
+                sp = int.from_bytes(self.mmu.read(tss_base + slot, 8), "little")
+                if new_cpl < cpl:
+                    stack = Segment(new_cpl, new_cpl << 5, 0, 0)
+            elif protected and new_cpl < cpl:  # 32-bit: SS:ESP from the TSS
+                _, tss_base, _, _ = regs.table(x86.UC_X86_REG_TR)
+                sp, new_ss = struct.unpack("<IH", self.mmu.read(tss_base + 4 + 8 * new_cpl, 6))
+                stack = self._descriptor(new_ss)
+                if stack is None:
+                    return Event(Vector.TS, new_ss & ~3)
+            if long_mode:
+                sp &= ~0xF
+            stack_base = 0 if long_mode else (
+                stack.base if stack is not None else self._segment_base(ss, protected))
+            rflags = regs.rflags
+            frame = [rflags, cs, rip]
+            if long_mode or stack is not None:
+                frame = [ss, old_sp, *frame]
+            if error_code is not None:
+                frame.append(error_code)
+            mask = (1 << (8 * word)) - 1
+            sp = (sp - word * len(frame)) & (mask if word < 8 else (1 << 64) - 1)
+            fmt = {8: "Q", 4: "I", 2: "H"}[word]
+            data = struct.pack(f"<{len(frame)}{fmt}", *(v & mask for v in reversed(frame)))
+            self.mmu.write(stack_base + sp, data)
+        except GuestAccessFault as failed:
+            fault = failed.fault
+            if fault.npf_gpa is not None or fault.vector != Vector.PF:
+                return Event(Vector.GP, 0)
+            return Event(Vector.PF, fault.error_code, fault.vaddr)
+        regs.write(x86.UC_X86_REG_RSP, sp)
+        cleared = _CLEARED | (_IF if gate_type in (0xE, 0x6) else 0)
+        regs.rflags = rflags & ~cleared
+        if not protected:  # real mode: the base is the selector times 16
+            regs.set_segments({"cs": Segment(selector, 0x9B, 0xFFFF, selector << 4)})
+        elif target_cs is not None and ((selector & ~3 | new_cpl) != cs or stack is not None):
+            loads = {"cs": Segment(selector & ~3 | new_cpl, target_cs.attrib, target_cs.limit,
+                                   target_cs.base)}  # fmt: skip
+            if stack is not None:
+                loads["ss"] = stack
+            regs.set_segments(loads)
+        regs.rip = target
+        return None
+
+    def _descriptor(self, selector: int) -> Segment | None:
+        """The GDT descriptor of ``selector`` as a segment (None: null or past the limit)."""
+        _, base, limit, _ = self.regs.table(x86.UC_X86_REG_GDTR)
+        if selector & ~7 == 0 or selector & 4 or (selector | 7) > limit:
+            return None
+        raw = int.from_bytes(self.mmu.read(base + (selector & ~7), 8), "little")
+        seg_limit = (raw & 0xFFFF) | ((raw >> 48) & 0xF) << 16
+        attrib = ((raw >> 40) & 0xFF) | ((raw >> 52) & 0xF) << 8
+        if attrib & 0x800:  # granular: a limit in 4 KiB units
+            seg_limit = seg_limit << 12 | 0xFFF
+        seg_base = ((raw >> 16) & 0xFF_FFFF) | ((raw >> 56) & 0xFF) << 24
+        return Segment(selector, attrib, seg_limit, seg_base)
+
+    def _segment_base(self, selector: int, protected: bool) -> int:
+        """Base of a data segment: from the GDT in protected mode, selector*16 in real mode."""
+        if not protected:
+            return selector << 4
+        _, base, limit, _ = self.regs.table(x86.UC_X86_REG_GDTR)
+        if selector & ~7 == 0 or (selector | 7) > limit:
+            return 0
+        raw = int.from_bytes(self.mmu.read(base + (selector & ~7), 8), "little")
+        return ((raw >> 16) & 0xFF_FFFF) | ((raw >> 56) & 0xFF) << 24

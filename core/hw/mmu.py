@@ -1,0 +1,294 @@
+"""Address translation for one vCPU: Unicorn's TLB filled by sevsim's page walk.
+
+Unicorn's own walker treats the C-bit as a reserved bit, so the engine runs in
+``UC_TLB_VIRTUAL`` mode and asks :meth:`Mmu.tlb_fill` for every translation it
+lacks: the fill walks the guest's tables (:func:`sevsim.hw.paging.walk`), strips the
+C-bit, converts the page to the view that C-bit asks for (private under the CPU's
+key, or shared), and hands Unicorn the physical page with the permissions the
+tables grant. A page with no RAM behind it is MMIO: the fill refuses it and the
+access becomes a nested page fault (#VC NPF). A failed walk is a #PF whose exact
+address Unicorn does not give the fill hook, so the fill points the page at a
+physical page that does not exist; the access then reports its offset there.
+
+The model's own accesses (pushing an exception frame, reading the IDT or the
+instruction at RIP) go through the same TLB (``uc_vmem_translate``), so they cost
+one C call when the page is already mapped, and fall back to the Python walk only
+to compute the exact fault when there is one.
+
+Pages change behind Unicorn's back (a conversion to the other key, a host write):
+translations of a page that may still be in the TLB are flushed, and so is code
+translated from it; pages nobody mapped since the last flush cost nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any
+
+from attrs import frozen
+from unicorn import (
+    UC_CTL_IO_WRITE,
+    UC_CTL_TLB_FLUSH,
+    UC_MEM_FETCH,
+    UC_MEM_WRITE,
+    UC_PROT_EXEC,
+    UC_PROT_READ,
+    UC_PROT_WRITE,
+    Uc,
+)
+from unicorn.unicorn_py3.unicorn import uclib
+
+from sevsim.arch import msr as M
+from sevsim.hw.memory import PAGE_MASK, SHARED, Change, GuestMemory, RamRegion
+from sevsim.hw.paging import (
+    ACCESS_FETCH,
+    ACCESS_READ,
+    ACCESS_WRITE,
+    NonCanonical,
+    PageFault,
+    PagingMode,
+    Translation,
+    walk,
+)
+
+#: A physical page no guest has: failed translations point here (see tlb_fill).
+POISON = 0xDEAD_0000_0000
+_PROT = {ACCESS_READ: UC_PROT_READ, ACCESS_WRITE: UC_PROT_WRITE, ACCESS_FETCH: UC_PROT_EXEC}
+
+
+@frozen
+class Fault:
+    """Why a translation failed, as the CPU reports it.
+
+    ``vector`` 14 (#PF, with ``error_code`` and CR2 = ``vaddr``) or 13 (#GP(0): a
+    non-canonical address), or ``npf_gpa`` set: the page has no RAM (MMIO), a nested
+    page fault that an SEV-ES guest sees as #VC(NPF).
+    """
+
+    vaddr: int
+    access: int
+    vector: int = 0
+    error_code: int = 0
+    npf_gpa: int | None = None
+
+
+class GuestAccessFault(Exception):
+    """A model-side guest-virtual access faulted; carries the fault."""
+
+    def __init__(self, fault: Fault) -> None:
+        super().__init__(repr(fault))
+        self.fault = fault
+
+
+class _TableNpf(Exception):
+    """A page table lies in no RAM (the walk itself takes a nested fault)."""
+
+    def __init__(self, gpa: int) -> None:
+        super().__init__(f"page table at {gpa:#x} has no RAM")
+        self.gpa = gpa
+
+
+class Mmu:
+    """One vCPU's translations: the TLB fill, the model's accesses, page tracking.
+
+    ``mode`` (CR0/CR3/CR4/EFER) and ``kid`` (the memory key of the ASID the CPU runs
+    under) are kept current by the CPU, which sees every write to them.
+    """
+
+    def __init__(self, uc: Uc, memory: GuestMemory, cbit: int, cpl: Any) -> None:
+        self.uc = uc
+        self.memory = memory
+        self.mode = PagingMode(0, 0, 0, 0, cbit)
+        self.kid = SHARED
+        #: Reads the current privilege level (the CPU knows how).
+        self._cpl = cpl
+        #: The fault of the last refused fill, taken by the CPU when the access stops.
+        self.fault: Fault | None = None
+        #: A translation failed at the poison page: the access will report its offset.
+        self._pending: Fault | None = None
+        self._probing = False
+        #: Physical page -> TLB generation of its last fill; a page filled in the current
+        #: generation may still be mapped. Code pages: filled for an instruction fetch.
+        self._mapped: dict[int, int] = {}
+        self._generation = 0
+        self._code_pages: set[int] = set()
+        self.tlb_stale = False
+        self.code_stale = False
+        self._handle = uc._uch
+        self._paddr = ctypes.c_uint64()
+        self._paddr_ref = ctypes.byref(self._paddr)
+        memory.on_page_changed.append(self._page_changed)
+
+    def close(self) -> None:
+        if self._page_changed in self.memory.on_page_changed:
+            self.memory.on_page_changed.remove(self._page_changed)
+
+    # -- the TLB ------------------------------------------------------------------
+
+    def flush_tlb(self) -> None:
+        self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+        self._generation += 1
+        self.tlb_stale = False
+
+    def _page_changed(self, page: int, change: Change) -> None:
+        if page in self._code_pages:
+            self.code_stale = True
+        if change is Change.VIEW and self._mapped.get(page) == self._generation:
+            self.tlb_stale = True
+
+    def tlb_fill(self, uc: Uc, vaddr: int, access: int, entry: Any, _: Any) -> bool:
+        kind = ACCESS_FETCH if access == UC_MEM_FETCH else (
+            ACCESS_WRITE if access == UC_MEM_WRITE else ACCESS_READ)  # fmt: skip
+        cpl = self._cpl()
+        try:
+            t = walk(self.mode, vaddr, kind, cpl, self.read_table)
+        except _TableNpf as table:
+            return self._refuse(Fault(vaddr, kind, npf_gpa=table.gpa & PAGE_MASK), entry)
+        if isinstance(t, NonCanonical):
+            return self._refuse(Fault(vaddr, kind, vector=13), entry)
+        if isinstance(t, PageFault):
+            return self._refuse(Fault(vaddr, kind, vector=14, error_code=t.error_code), entry)
+        region = self.memory.ram_at(t.paddr)
+        if region is None or (region.readonly and (kind == ACCESS_WRITE or not region.romd)):
+            # MMIO: the #VC handler decodes the access itself and needs only the page;
+            # refusing the fill leaves the TLB as it is (no flush per MMIO access).
+            if not self._probing:
+                self.fault = Fault(vaddr, kind, npf_gpa=t.paddr)
+            return False
+        # Instruction fetches are always private; data follows the C-bit.
+        kid = self.kid if t.private or kind == ACCESS_FETCH else SHARED
+        if self.memory.convert(region, t.paddr, kid) and self.tlb_stale:
+            self.flush_tlb()  # another translation may still show the old view
+        self._mapped[t.paddr] = self._generation
+        writable = t.writable or (cpl == 0 and not self.mode.cr0 & M.CR0_WP)
+        perms = UC_PROT_READ | (UC_PROT_WRITE if writable and not region.readonly else 0)
+        if kind == ACCESS_FETCH or t.paddr in self._code_pages:
+            self._code_pages.add(t.paddr)
+            perms |= UC_PROT_EXEC if t.executable else 0
+        entry.paddr = t.paddr
+        entry.perms = perms
+        return True
+
+    def _refuse(self, fault: Fault, entry: Any) -> bool:
+        """A fault: map the page to a page that does not exist, so that the access
+        reports its exact offset (:meth:`unmapped`); a probe just fails."""
+        if self._probing:
+            return False
+        self._pending = fault
+        entry.paddr = POISON
+        entry.perms = UC_PROT_READ | UC_PROT_WRITE | UC_PROT_EXEC
+        return True
+
+    def take_fault(self) -> Fault | None:
+        """The fault of the last fill that was refused (an MMIO page), once."""
+        fault, self.fault = self.fault, None
+        return fault
+
+    def unmapped(self, access_write: bool, access_fetch: bool, address: int) -> Fault:
+        """The access that reached the poison page (or an address nothing maps): the
+        fault is exact now. The poison translation must leave the TLB afterwards."""
+        pending, self._pending = self._pending, None
+        self.tlb_stale = True
+        if pending is None or address & PAGE_MASK != POISON:
+            return Fault(address, ACCESS_READ, vector=13)
+        exact = pending.vaddr | (address & 0xFFF)
+        if pending.npf_gpa is not None:
+            return Fault(exact, pending.access, npf_gpa=pending.npf_gpa | (address & 0xFFF))
+        return Fault(exact, pending.access, pending.vector, pending.error_code)
+
+    def read_table(self, paddr: int, size: int) -> bytes:
+        """Page-table reads: always private; a table outside RAM is a nested fault."""
+        region = self.memory.ram_at(paddr)
+        if region is None:
+            raise _TableNpf(paddr)
+        self.memory.convert(region, paddr & PAGE_MASK, self.kid)
+        off = paddr - region.gpa
+        return region.view[off : off + size]
+
+    # -- the model's own guest-virtual accesses ------------------------------------
+
+    def translate(self, vaddr: int, access: int) -> tuple[RamRegion, int]:
+        """(region, physical address) of a supervisor access, through the TLB; raises
+        GuestAccessFault with the exact fault the CPU would take."""
+        self._probing = True
+        try:
+            ok = uclib.uc_vmem_translate(self._handle, vaddr, _PROT[access],
+                                         self._paddr_ref) == 0  # fmt: skip
+        finally:
+            self._probing = False
+        if ok and self._cpl() == 0:
+            paddr = self._paddr.value
+            region = self.memory.ram_at(paddr)
+            if region is not None:
+                return region, paddr
+        return self._walk(vaddr, access)
+
+    def _walk(self, vaddr: int, access: int) -> tuple[RamRegion, int]:
+        """The slow path: sevsim's walk at CPL 0, converting the page as a fill would."""
+        try:
+            t = walk(self.mode, vaddr, access, 0, self.read_table)
+        except _TableNpf as table:
+            raise GuestAccessFault(Fault(vaddr, access, npf_gpa=table.gpa)) from None
+        if isinstance(t, NonCanonical):
+            raise GuestAccessFault(Fault(vaddr, access, vector=13))
+        if isinstance(t, PageFault):
+            raise GuestAccessFault(Fault(vaddr, access, vector=14, error_code=t.error_code))
+        paddr = t.paddr | (vaddr & 0xFFF)
+        region = self.memory.ram_at(paddr)
+        if region is None or (region.readonly and (access == ACCESS_WRITE or not region.romd)):
+            raise GuestAccessFault(Fault(vaddr, access, npf_gpa=paddr))
+        kid = self.kid if t.private or access == ACCESS_FETCH else SHARED
+        if self.memory.convert(region, t.paddr, kid) and self.tlb_stale:
+            self.flush_tlb()
+        return region, paddr
+
+    def _access(self, vaddr: int, size: int, access: int, data: bytes | None) -> bytes:
+        out = bytearray()
+        done = 0
+        while done < size:
+            va = (vaddr + done) & 0xFFFF_FFFF_FFFF_FFFF
+            chunk = min(size - done, 0x1000 - (va & 0xFFF))
+            region, pa = self.translate(va, access)
+            off = pa - region.gpa
+            if data is None:
+                out += region.view[off : off + chunk]
+            else:
+                region.view[off : off + chunk] = data[done : done + chunk]
+                if (pa & PAGE_MASK) in self._code_pages:
+                    self.code_stale = True
+            done += chunk
+        return bytes(out)
+
+    def read(self, vaddr: int, size: int) -> bytes:
+        return self._access(vaddr, size, ACCESS_READ, None)
+
+    def write(self, vaddr: int, data: bytes) -> None:
+        self._access(vaddr, len(data), ACCESS_WRITE, data)
+
+    def fetch(self, vaddr: int, size: int) -> bytes:
+        """Instruction bytes as the CPU fetches them (always private)."""
+        return self._access(vaddr, size, ACCESS_FETCH, None)
+
+    def code_at(self, vaddr: int, size: int) -> bytes:
+        """The bytes of code Unicorn just translated (its pages are in the TLB), as far
+        as they can be read; empty if not even the first page can."""
+        try:
+            return self.fetch(vaddr, size)
+        except GuestAccessFault:
+            first = 0x1000 - (vaddr & 0xFFF)
+            if first >= size:
+                return b""
+            try:
+                return self.fetch(vaddr, first)
+            except GuestAccessFault:
+                return b""
+
+    def guest_physical(self, vaddr: int) -> tuple[int, bool]:
+        """(guest-physical address, private) of ``vaddr`` — Linux's slow_virt_to_phys."""
+        t = walk(self.mode, vaddr & PAGE_MASK, ACCESS_READ, 0, self.read_table)
+        if isinstance(t, PageFault | NonCanonical):
+            raise GuestAccessFault(Fault(vaddr, ACCESS_READ, vector=14))
+        return t.paddr | (vaddr & 0xFFF), t.private
+
+
+__all__ = ["POISON", "Fault", "GuestAccessFault", "Mmu", "Translation"]

@@ -1,0 +1,165 @@
+"""Which guest instructions the hardware must stop in front of, decoded with capstone.
+
+An SEV-ES guest's sensitive instructions (CPUID, IN/OUT/INS/OUTS, RDMSR/WRMSR, MOV
+to a control register, VMGEXIT, HLT, ...) each end in a #VC, an automatic exit, or
+a write the CPU model must retire itself. This module only decides *what* an
+instruction is; :mod:`sevsim.hw.intercept` decides where to look (at the exact
+instruction boundaries of every block Unicorn translates) and stops the CPU there.
+
+:data:`CANDIDATE` is a cheap byte filter: a run of code in which it finds nothing
+holds no sensitive instruction, so most translated blocks are never decoded.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+
+from attrs import frozen
+from capstone import CS_ARCH_X86, CS_MODE_16, CS_MODE_32, CS_MODE_64, Cs
+
+from sevsim.arch.exits import SvmExit
+
+MAX_INSN = 15
+
+#: Every opcode byte sequence a sensitive instruction contains after its prefixes:
+#: 0F 01 xx (VMRUN..INVLPGA, VMMCALL/VMGEXIT, MONITOR(X), MWAIT(X), RDTSCP, RDPRU,
+#: LMSW), RDMSR/WRMSR/RDPMC/CPUID/INVD/WBINVD/CLTS, MOV to/from CR and DR, and the
+#: one-byte IN/OUT/INS/OUTS and HLT.
+CANDIDATE = re.compile(
+    rb"\x0f[\x01\x06\x08\x09\x20-\x23\x30\x32\x33\xa2]|[\x6c-\x6f\xe4-\xe7\xec-\xef\xf4]",
+    re.DOTALL,
+)
+
+
+class Action(Enum):
+    """What the hardware does with a sensitive instruction of an SEV-ES guest."""
+
+    NAE = "nae"  # #VC with the exit code as error code (if intercepted)
+    AUTOMATIC_EXIT = "automatic_exit"  # #VMEXIT straight to the hypervisor (VMGEXIT, HLT)
+    HARDWARE_MSR = "hardware_msr"  # RDMSR/WRMSR: hardware, #VC or native, by ECX
+    CR_WRITE = "cr_write"  # MOV to CRn, LMSW, CLTS: retired by the model, then a trap if armed
+    CR8_READ = "cr8_read"  # MOV from CR8: the CPU's TPR, which Unicorn does not keep
+
+
+@frozen
+class Sensitive:
+    """A decoded sensitive instruction: its exit code, length, and what to do."""
+
+    exit_code: int
+    length: int
+    action: Action
+    mnemonic: str
+    #: The GPR of a MOV to CR (its source) or from CR8 (its destination); the CR0
+    #: image source of LMSW (a register name, or "" for a memory operand).
+    operand: str = ""
+
+
+_MODES = ((16, CS_MODE_16), (32, CS_MODE_32), (64, CS_MODE_64))
+_CS = {bits: Cs(CS_ARCH_X86, mode) for bits, mode in _MODES}
+
+_BY_MNEMONIC: dict[str, tuple[int, Action]] = {
+    "cpuid": (SvmExit.CPUID, Action.NAE),
+    "rdpmc": (SvmExit.RDPMC, Action.NAE),
+    "rdtscp": (SvmExit.RDTSCP, Action.NAE),
+    "rdpru": (SvmExit.RDPRU, Action.NAE),
+    "invd": (SvmExit.INVD, Action.NAE),
+    "wbinvd": (SvmExit.WBINVD, Action.NAE),
+    "monitor": (SvmExit.MONITOR, Action.NAE),
+    "monitorx": (SvmExit.MONITOR, Action.NAE),
+    "mwait": (SvmExit.MWAIT, Action.NAE),
+    "mwaitx": (SvmExit.MWAIT, Action.NAE),
+    "vmmcall": (SvmExit.VMMCALL, Action.NAE),
+    "vmrun": (SvmExit.VMRUN, Action.NAE),
+    "vmload": (SvmExit.VMLOAD, Action.NAE),
+    "vmsave": (SvmExit.VMSAVE, Action.NAE),
+    "stgi": (SvmExit.STGI, Action.NAE),
+    "clgi": (SvmExit.CLGI, Action.NAE),
+    "skinit": (SvmExit.SKINIT, Action.NAE),
+    "invlpga": (SvmExit.INVLPGA, Action.NAE),
+    "hlt": (SvmExit.HLT, Action.AUTOMATIC_EXIT),
+    "rdmsr": (SvmExit.MSR, Action.HARDWARE_MSR),
+    "wrmsr": (SvmExit.MSR, Action.HARDWARE_MSR),
+    "clts": (SvmExit.CR0_WRITE_TRAP, Action.CR_WRITE),
+    **{m: (SvmExit.IOIO, Action.NAE) for m in ("in", "out", "insb", "insw", "insd",
+                                               "outsb", "outsw", "outsd")},
+}  # fmt: skip
+
+VMGEXIT = b"\xf3\x0f\x01\xd9"
+
+
+def classify(code: bytes, bits: int) -> Sensitive | None:
+    """Decode the instruction at the start of ``code`` and say if the hardware cares."""
+    insn = next(_CS[bits].disasm(code[:MAX_INSN], 0, 1), None)
+    return None if insn is None else _sensitive(insn, code)
+
+
+def sensitive_in(code: bytes, address: int, bits: int) -> list[tuple[int, Sensitive]]:
+    """Every sensitive instruction among the instructions that start at ``address``
+    and follow one another through ``code`` (one translated block)."""
+    found = []
+    for insn in _CS[bits].disasm(code, address):
+        offset = insn.address - address
+        site = _sensitive(insn, code[offset : offset + MAX_INSN])
+        if site is not None:
+            found.append((insn.address, site))
+    return found
+
+
+def _sensitive(insn: object, code: bytes) -> Sensitive | None:
+    mnemonic: str = insn.mnemonic  # type: ignore[attr-defined]
+    size: int = insn.size  # type: ignore[attr-defined]
+    op_str: str = insn.op_str  # type: ignore[attr-defined]
+    if mnemonic == "vmmcall" and code[:size].endswith(b"\x0f\x01\xd9") and b"\xf3" in code[
+            : size - 3]:  # fmt: skip
+        return Sensitive(SvmExit.VMGEXIT, size, Action.AUTOMATIC_EXIT, "vmgexit")
+    # capstone prints "rep insb" etc.; the exit is the same with or without REP.
+    base = mnemonic.split()[-1]
+    known = _BY_MNEMONIC.get(base)
+    if known is not None:
+        return Sensitive(known[0], size, known[1], mnemonic)
+    if base == "lmsw":
+        operand = op_str if op_str in _WORD_GPRS else ""
+        return Sensitive(SvmExit.CR0_WRITE_TRAP, size, Action.CR_WRITE, mnemonic, operand)
+    if base != "mov":
+        return None
+    if "dr7" in op_str:
+        write = op_str.startswith("dr7")
+        return Sensitive(SvmExit.WRITE_DR7 if write else SvmExit.READ_DR7, size, Action.NAE,
+                         mnemonic)  # fmt: skip
+    if op_str.endswith(", cr8"):
+        return Sensitive(SvmExit.READ_CR8, size, Action.CR8_READ, mnemonic,
+                         op_str.split(",")[0])  # fmt: skip
+    if op_str.startswith("cr"):
+        target, source = (part.strip() for part in op_str.split(","))
+        return Sensitive(SvmExit.CR0_WRITE_TRAP + int(target[2:]), size, Action.CR_WRITE,
+                         mnemonic, source)  # fmt: skip
+    return None
+
+
+_WORD_GPRS = frozenset(("ax", "bx", "cx", "dx", "sp", "bp", "si", "di",
+                        *(f"r{i}w" for i in range(8, 16))))  # fmt: skip
+
+#: Instructions after which a translated block ends: a decode of a block that
+#: Unicorn has not told us about (the very first one an engine runs) stops there.
+BLOCK_ENDS = frozenset((
+    "jmp", "ljmp", "call", "lcall", "ret", "retf", "retfq", "iret", "iretd", "iretq",
+    "int", "int1", "int3", "into", "syscall", "sysret", "sysretq", "sysenter", "sysexit",
+    "hlt", "loop", "loope", "loopne", "jrcxz", "jecxz", "jcxz",
+))  # fmt: skip
+
+
+def first_block(code: bytes, address: int, bits: int) -> list[tuple[int, Sensitive]]:
+    """The sensitive instructions of the block that starts at ``address``: the
+    instructions up to the first one that ends a block (a jump, call, return,
+    interrupt, ...), as far as ``code`` goes."""
+    found = []
+    for insn in _CS[bits].disasm(code, address):
+        offset = insn.address - address
+        site = _sensitive(insn, code[offset : offset + MAX_INSN])
+        if site is not None:
+            found.append((insn.address, site))
+        base = insn.mnemonic.split()[-1]
+        if base in BLOCK_ENDS or base.startswith("j"):
+            break
+    return found
