@@ -68,6 +68,16 @@ class Bus:
         self._bases.insert(at, base)
         self._entries.insert(at, (new, device))
 
+    def remove(self, device: Device, base: int) -> None:
+        """Take ``device`` off the range it was inserted at ``base``: a window the guest
+        moves or turns off (the PIIX4 PM registers follow PMBA and PMREGMISC)."""
+        for at, (where, dev) in enumerate(self._entries):
+            if dev is device and where.base == base:
+                del self._bases[at]
+                del self._entries[at]
+                return
+        raise BusError(f"{self.name} bus: {device.name!r} is not inserted at {base:#x}")
+
     def find(self, address: int, size: int) -> tuple[Device, int] | None:
         """The device whose range holds all of [address, address+size), and the offset."""
         at = bisect.bisect(self._bases, address) - 1
