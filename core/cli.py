@@ -168,12 +168,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     for problem in host.problems():
         print(f"sevsim: warning: {problem.message}", file=sys.stderr)
     echo = None if args.quiet else print
-    settings = {info.name: host.config.settings_for(info.name) for info in host.plugins()}
     kvm = load_kvm_settings(config_file(args.config), args.era)
     uart_input = sys.stdin.buffer.read() if args.uart_input == "-" else args.uart_input.encode()
-    result = run_image(demo_image(), table, host.events, echo=echo, plugin_settings=settings,
+    result = run_image(demo_image(), table, host.events, echo=echo,
                        timeout=args.timeout, uart_input=uart_input, **kvm.vm_args())  # fmt: skip
-    for line in result.trace.summary(result.exit, result.vm.vcpus[0]):
+    for line in result.trace.summary(result.exit, 0):
         print(line)
     failure = result.failure
     if failure is not None:

@@ -51,6 +51,12 @@ from sevsim.vmm.runner import check_timeout
 RUN_GUEST_TIMEOUT = 60.0
 
 
+#: The plugins that are KVM's own rows (the reused SVM intercepts, the GHCB
+#: protocol's requests): every KVM has them, so an isolated host loads them too
+#: unless told otherwise.
+KVM_PLUGINS = ("svm_intercepts", "ghcb_protocol")
+
+
 def isolated_host(
     plugins: Mapping[str, object] | None = None,
     *,
@@ -58,14 +64,17 @@ def isolated_host(
     settings: Mapping[str, Mapping[str, Any]] | None = None,
     owners: Mapping[str | int, str] | None = None,
     strict: bool = True,
+    kvm: bool = True,
 ) -> PluginHost:
     """A host with exactly ``plugins`` (name -> module or object) plus the installed
-    entry-point plugins named in ``enable``.
+    entry-point plugins named in ``enable`` and, unless ``kvm`` is False, KVM's own
+    rows (:data:`KVM_PLUGINS`).
 
     ``settings`` maps a plugin name to its ``[plugins.settings.<name>]`` table and
-    ``owners`` is a ``[plugins.owners]`` table. Call ``.start()`` for the exit table
-    and use ``.events`` as kvm's event sink.
+    ``owners`` is a ``[plugins.owners]`` table. Call ``.start()`` for what kvm needs
+    (``Kvm().create_vm(handlers=host.start())``) and use ``.events`` as kvm's event sink.
     """
+    enable = (*KVM_PLUGINS, *enable) if kvm else tuple(enable)
     config = isolated_config(enable=enable, settings=settings, owners=owners, strict=strict)
     return PluginHost(config, plugins=plugins or {})
 
@@ -95,7 +104,8 @@ class ExitDriver:
 
     It records a #VMEXIT in the vCPU's VMCB (for a VMGEXIT, the GHCB MSR value), lets
     kvm handle it exactly as after a real VMRUN, then does what the next VMRUN does
-    before entering the guest (``prepare_switch_to_guest``: GHCB sync and write-back).
+    before entering the guest (``prepare_switch_to_guest``: GHCB sync and write-back;
+    ``inject_pending_events``: the plugins' events into EVENTINJ).
     """
 
     def __init__(self, table: ExitTable, events: EventSink | None = None, **vm_args: Any) -> None:
@@ -116,10 +126,11 @@ class ExitDriver:
         VMCB_CONTROL.set(vmcb, "ghcb_gpa", ghcb_msr)
         result = self.vcpu.handle_exit()
         self.vcpu.prepare_switch_to_guest()
+        self.vcpu.inject_pending_events()
         if isinstance(result, O.ExitToUser):
             return result.exit
         if isinstance(result, O.Fail):
-            return RunFailed(result.errno, result.why)
+            return RunFailed(result.errno, result.why, exit=result.exit)
         return None
 
     def msr_protocol(self, value: int) -> Delivered:
@@ -188,6 +199,7 @@ def run_guest(
     *,
     enable: Iterable[str] = (),
     settings: Mapping[str, Mapping[str, Any]] | None = None,
+    owners: Mapping[str | int, str] | None = None,
     vc_model: VcModel | None = None,
     timeout: float = RUN_GUEST_TIMEOUT,
     vm_args: Mapping[str, Any] | None = None,
@@ -203,7 +215,7 @@ def run_guest(
     keyword arguments describe the :class:`~sevsim.guest.image.GuestImage`.
     """
     timeout = check_timeout(timeout, "run_guest(timeout=...)")
-    host = isolated_host(plugins, enable=enable, settings=settings)
+    host = isolated_host(plugins, enable=enable, settings=settings, owners=owners)
     trace = Trace()
     devices = Devices.standard()
     image = GuestImage(assemble(source, CODE), **image_args)
@@ -212,7 +224,7 @@ def run_guest(
     vm = launch_image(kvm, image, handlers=host.start(), events=TeeSink(host.events, trace),
                       vc_model=vc_model, devices=devices, **(vm_args or {}))  # fmt: skip
     exit_ = vm.vcpus[0].run(timeout)
-    trace.record_exit(vm.vcpus[0], exit_)
+    trace.record_exit(0, exit_)
     return GuestRun(exit_, trace, vm, devices, sim)
 
 

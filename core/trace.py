@@ -80,7 +80,8 @@ def describe_msr(value: int) -> str:
 
 def describe_request(code: int, info1: int, info2: int) -> str:
     """A GHCB exit's ``sw_exit_info_1/2`` in words, for the codes that define them."""
-    if code == SvmExit.IOIO and (io := IoioInfo.decode(info1)) is not None:
+    if code == SvmExit.IOIO:
+        io = IoioInfo.decode(info1)
         return io.describe() + (f" x {info2}" if io.string else "")
     if code in (VmgExit.MMIO_READ, VmgExit.MMIO_WRITE):
         return f"{info2} bytes at {info1:#x}"
@@ -152,14 +153,15 @@ class Trace:
         self.requests: Counter[str] = Counter()
         #: The reason of each vCPU's last GHCB TERM_REQUEST (from the request, as KVM
         #: logs it: the SEV_TERM exit carries only the GHCB's address), by vCPU.
-        self._ghcb_term_reasons: dict[Any, tuple[int, int]] = {}
+        self._ghcb_term_reasons: dict[int, tuple[int, int]] = {}
         #: The reason of a vCPU's last TERM_REQ that no plugin handled (the guest went
         #: on), by vCPU.
-        self._ignored_terminations: dict[Any, tuple[int, int]] = {}
+        self._ignored_terminations: dict[int, tuple[int, int]] = {}
         self._echo = echo
-        self._vms: list[Any] = []
         self._seq = 0
-        self._request: int | None = None
+        #: The MSR-protocol request being handled, by vCPU, and whether a plugin did.
+        self._request: dict[int, int] = {}
+        self._handled: set[int] = set()
         #: The silicon's account of each vCPU's last #VMEXIT (``sim_exit``), shown on
         #: the exit's line; empty when the trace sees only what KVM sees.
         self._sim_exits: dict[int, dict[str, Any]] = {}
@@ -182,7 +184,6 @@ class Trace:
     # -- events ---------------------------------------------------------------------------
 
     def _on_vm_created(self, vm: Any) -> None:
-        self._vms.append(vm)
         self._line(f"VM {vm.name!r} created: SEV-ES, ASID {vm.asid}")
 
     def _on_vm_destroyed(self, vm: Any, why: str) -> None:
@@ -190,12 +191,6 @@ class Trace:
 
     def _on_launch_command(self, vm: Any, command: str, status: str, detail: str) -> None:
         self._line(f"  {command}: {status}{': ' + detail if detail else ''}")
-
-    def _vcpu(self, vcpu_id: int) -> Any:
-        for vm in reversed(self._vms):
-            if vcpu_id < len(vm.vcpus):
-                return vm.vcpus[vcpu_id]
-        return None
 
     def _on_sim_exit(self, vm: str, vcpu: int, exit_code: int, rip: int | None, insn: bytes,
                      bits: int, why: str) -> None:  # fmt: skip
@@ -217,18 +212,16 @@ class Trace:
     def _on_msr_protocol_enter(self, vcpu_id: int, ghcb_gpa: int) -> None:
         self.requests[f"MSR {describe_msr(ghcb_gpa).split()[0]}"] += 1
         self._line(f"      MSR protocol {ghcb_gpa:#018x}  {describe_msr(ghcb_gpa)}")
-        self._request = ghcb_gpa
+        self._request[vcpu_id] = ghcb_gpa
+        self._handled.discard(vcpu_id)
 
     def _on_msr_protocol_exit(self, vcpu_id: int, ghcb_gpa: int, result: int) -> None:
-        vcpu = self._vcpu(vcpu_id)
-        code = G.info(ghcb_gpa)
-        handled = vcpu is not None and vcpu.vm.lookup(ExitKind.MSR_PROTOCOL, code)
-        if not handled and ghcb_gpa == self._request:
+        if vcpu_id not in self._handled and ghcb_gpa == self._request.get(vcpu_id):
             self._line("      ignored: no plugin handles this request; the guest reads its "
                        "own value back")  # fmt: skip
             reason = G.term_reason(ghcb_gpa)
             if reason is not None:
-                self._ignored_terminations[vcpu] = reason
+                self._ignored_terminations[vcpu_id] = reason
             return
         self._line(f"      reply        {ghcb_gpa:#018x}  {describe_msr(ghcb_gpa)}")
 
@@ -236,7 +229,7 @@ class Trace:
         name = exit_name(exit_reason)
         self.requests[f"GHCB {name}"] += 1
         if exit_reason == VmgExit.TERM_REQUEST:
-            self._ghcb_term_reasons[self._vcpu(vcpu_id)] = G.ghcb_term_reason(info1)
+            self._ghcb_term_reasons[vcpu_id] = G.ghcb_term_reason(info1)
         self._line(f"      GHCB {name}  {describe_request(exit_reason, info1, info2)}")
 
     def _on_sim_vc(self, vm: str, vcpu: int, exit_code: int, rip: int, insn: bytes,
@@ -250,36 +243,38 @@ class Trace:
     def _on_exit_handled(
         self, vcpu_id: int, kind: str, code: int, plugin: str, notes: dict[str, Any]
     ) -> None:
+        if kind == ExitKind.MSR_PROTOCOL.value:
+            self._handled.add(vcpu_id)
         for text in notes.values():
             self._line(f"      {plugin}: {text}")
 
     # -- the end of a run -------------------------------------------------------------------
 
-    def record_exit(self, vcpu: Any, exit_: KvmExit) -> None:
-        """The exit ``Vcpu.run`` returned to userspace."""
-        self._line(f"      -> to userspace: {self.describe_exit(exit_, vcpu)}")
+    def record_exit(self, vcpu_id: int, exit_: KvmExit) -> None:
+        """The exit ``Vcpu.run`` of vCPU ``vcpu_id`` returned to userspace."""
+        self._line(f"      -> to userspace: {self.describe_exit(exit_, vcpu_id)}")
 
     def note(self, text: str) -> None:
         """A line of the VMM's own (launch digest, warnings)."""
         self._line(text)
 
-    def term_reason(self, exit_: KvmExit, vcpu: Any) -> tuple[int, int] | None:
-        """:func:`term_reason` of an exit of ``vcpu``, with the reason this trace saw."""
-        return term_reason(exit_, self._ghcb_term_reasons.get(vcpu))
+    def term_reason(self, exit_: KvmExit, vcpu_id: int) -> tuple[int, int] | None:
+        """:func:`term_reason` of an exit of ``vcpu_id``, with the reason this trace saw."""
+        return term_reason(exit_, self._ghcb_term_reasons.get(vcpu_id))
 
-    def ignored_termination(self, vcpu: Any) -> tuple[int, int] | None:
-        """The reason of ``vcpu``'s last termination request nobody handled, if any."""
-        return self._ignored_terminations.get(vcpu)
+    def ignored_termination(self, vcpu_id: int) -> tuple[int, int] | None:
+        """The reason of the vCPU's last termination request nobody handled, if any."""
+        return self._ignored_terminations.get(vcpu_id)
 
-    def describe_exit(self, exit_: KvmExit, vcpu: Any) -> str:
+    def describe_exit(self, exit_: KvmExit, vcpu_id: int) -> str:
         """:func:`describe_exit` with the GHCB termination reason this trace saw."""
-        return describe_exit(exit_, self._ghcb_term_reasons.get(vcpu))
+        return describe_exit(exit_, self._ghcb_term_reasons.get(vcpu_id))
 
-    def summary(self, exit_: KvmExit, vcpu: Any) -> list[str]:
+    def summary(self, exit_: KvmExit, vcpu_id: int) -> list[str]:
         def counted(counter: Counter[str]) -> str:
             return ", ".join(f"{name} {n}" for name, n in sorted(counter.items())) or "none"
 
-        ended = self.describe_exit(exit_, vcpu)
+        ended = self.describe_exit(exit_, vcpu_id)
         if isinstance(exit_, Hlt):
             ended += " (the guest halted and no interrupt source can wake it)"
         return [f"VM ended: {ended}", f"exits: {counted(self.exits)}",

@@ -54,7 +54,7 @@ def test_normal_ends(exit_: KvmExit) -> None:
         (sev_term(0x32100), "TERM_REQ set 2 code 3 (sevsim #VC handler: VMM_ERROR)"),
         (SystemEvent(SystemEventType.SEV_TERM), "system event SEV_TERM []"),
         (SystemEvent(SystemEventType.SHUTDOWN), "did not end normally: system event SHUTDOWN"),
-        (Shutdown("triple fault"), "the VM did not end normally: shutdown (triple fault)"),
+        (Shutdown(), "the VM did not end normally: shutdown"),
         (InternalError(InternalErrorSub.EMULATION), "internal error EMULATION"),
         (RunFailed("EINTR", "KVM_RUN interrupted after its 1 s limit"),
          "the VM did not end normally: KVM_RUN failed: -EINTR: KVM_RUN interrupted"),
@@ -192,7 +192,7 @@ def test_settings_for_a_plugin_without_settings_stop_the_run(
     assert err == (
         f"sevsim: error: sevsim.toml: [plugins.settings.{deaf_plugin}]: plugin "
         f"{deaf_plugin!r} takes no settings (it implements neither sevsim_configure nor "
-        "sevsim_exit_handlers(config)), so this table would be ignored; remove it\n"
+        "a hook taking config), so this table would be ignored; remove it\n"
     )
     assert main(["plugins", "check"]) == 1
     assert f"plugin {deaf_plugin!r} takes no settings" in capsys.readouterr().out

@@ -164,15 +164,16 @@ def test_cr8_is_the_cpus_tpr_and_survives_exits():
     run = run_guest(source, enable=["msr_protocol", "crtraps"])
     assert isinstance(run.exit, SystemEvent)
     assert struct.unpack("<QQ", run.vm.memory.read(RECORD, 16)) == (9, 9)
-    assert run.vm.vcpus[0].cr.cr8 == 9  # and KVM's copy, from the trap
+    assert run.vm.vcpus[0].plugin_states["crtraps"].cr8 == 9  # and KVM's copy, from the trap
 
 
 def test_v_tpr_of_the_initial_state_is_cr8_and_the_other_vintr_bits_survive():
     run = run_guest(f"mov rax, cr8; mov rsi, {RECORD}; mov [rsi], rax\n" + TERMINATE,
-                    enable=["msr_protocol"], registers={"vintr_ctrl": 0x1_0305})  # fmt: skip
+                    enable=["msr_protocol", "crtraps"],
+                    registers={"vintr_ctrl": 0x1_0305})  # fmt: skip
     vcpu = run.vm.vcpus[0]
     assert isinstance(run.exit, SystemEvent)
-    assert vcpu.cr.cr8 == 5  # KVM's copy, from KVM_SET_SREGS
+    assert vcpu.plugin_states["crtraps"].cr8 == 5  # KVM's copy, from KVM_SET_SREGS
     assert struct.unpack("<Q", run.vm.memory.read(RECORD, 8))[0] == 5  # the guest's CR8
     cpu = cpu_of(vcpu.vmsa)  # white box: what #VMEXIT saves into the VMSA
     assert cpu.save_state()["vintr_ctrl"] == 0x1_0305

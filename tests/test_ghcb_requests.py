@@ -23,7 +23,7 @@ def test_hv_features_then_term_request_with_a_reason():
     assert "GHCB SVM_VMGEXIT_TERM_REQUEST  set 1 code 4 (GHCB_TERM_CPUID)" in text
     ended = "SEV_TERM [0x7000]: GHCB TERM_REQUEST at 0x7000 set 1 code 4 (GHCB_TERM_CPUID)"
     assert ended in text
-    failure = abnormal_end(run.exit, run.trace, run.vm.vcpus[0])
+    failure = abnormal_end(run.exit, run.trace, 0)
     assert failure is not None and ended in failure
     # KVM wrote its reply into the page: the request's reason is gone from it.
     info1 = GHCB_GPA + GHCB_SAVE_AREA.offset("sw_exit_info_1")
@@ -33,7 +33,7 @@ def test_hv_features_then_term_request_with_a_reason():
 def test_a_general_request_through_the_ghcb_is_a_normal_end():
     run = run_guest(ghcb_vmgexit(VmgExit.TERM_REQUEST, 0))
     assert run.exit == SystemEvent(SystemEventType.SEV_TERM, (GHCB_GPA,))
-    assert abnormal_end(run.exit, run.trace, run.vm.vcpus[0]) is None
+    assert abnormal_end(run.exit, run.trace, 0) is None
     assert abnormal_end(run.exit) is not None  # without the trace, the reason is unknown
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from sevsim.hw import SIM_EVENTS
 from sevsim.kvm.events import EVENTS
+from sevsim.kvm.extensions import LIFECYCLE
 from sevsim.plugin import hookspecs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -20,11 +21,14 @@ HOOKSPECS = sorted(
     if callable(value) and hasattr(value, f"{hookspecs.PROJECT}_spec")
 )
 START_UP = {"sevsim_configure", "sevsim_exit_handlers"}
+#: Called for each plugin on its own with its own state: state factories, lifecycle.
+PER_PLUGIN = {"sevsim_vm_state", "sevsim_vcpu_state", *(f"sevsim_{h}" for h in LIFECYCLE)}
 
 
 def test_hookspecs_are_found() -> None:
     assert START_UP <= set(HOOKSPECS)
-    assert len(HOOKSPECS) == len(START_UP) + len(EVENTS) + len(SIM_EVENTS)
+    assert PER_PLUGIN <= set(HOOKSPECS)
+    assert len(HOOKSPECS) == len(START_UP) + len(PER_PLUGIN) + len(EVENTS) + len(SIM_EVENTS)
 
 
 def test_every_sevsim_function_in_the_module_is_a_hookspec() -> None:
@@ -40,7 +44,7 @@ def test_observer_hooks_match_the_events_kvm_and_the_silicon_emit() -> None:
     observers = {
         name: tuple(inspect.signature(getattr(hookspecs, name)).parameters)
         for name in HOOKSPECS
-        if name not in START_UP
+        if name not in START_UP | PER_PLUGIN
     }
     events = {**EVENTS, **SIM_EVENTS}
     assert observers == {f"sevsim_{event}": fields for event, fields in events.items()}

@@ -26,6 +26,7 @@ from sevsim.arch.vmsa import VMSA, VMSA_PAGE_SIZE
 from sevsim.errors import ConfigError, GuestMemoryError
 from sevsim.hw.psp import LaunchMemory, Psp, VmsaTarget
 from sevsim.hw.sev_api import Policy
+from sevsim.kvm.svm_setup import sync_vmsa_fields
 from sevsim.kvm.vm import Kvm
 from sevsim.vmm.cpu_types import VCPU_TYPES, cpuid_signature, vcpu_signature
 from sevsim.vmm.firmware import (
@@ -84,10 +85,17 @@ class FakeVmsa:
         return self.page
 
 
+def reset_vmsa(eip: int, vcpu_sig: int) -> bytes:
+    """The VMSA KVM seals for a vCPU QEMU reset at ``eip``: QEMU's state with KVM's
+    ``sev_es_sync_vmsa`` adjustments."""
+    fields = sync_vmsa_fields(reset_vmsa_fields(eip, vcpu_sig), sev_features=0)
+    return bytes(VMSA.pack(fields, size=VMSA_PAGE_SIZE))
+
+
 def reset_vmsa_pages(image: FirmwareImage, vcpus: int, vcpu_sig: int) -> list[bytes]:
     """Each vCPU's VMSA at reset: the BSP at the reset vector, APs at the reset block."""
     eips = [BSP_RESET_EIP] + [image.sev_es_reset_eip()] * (vcpus - 1)
-    return [bytes(VMSA.pack(reset_vmsa_fields(eip, vcpu_sig), size=VMSA_PAGE_SIZE)) for eip in eips]
+    return [reset_vmsa(eip, vcpu_sig) for eip in eips]
 
 
 def launch_sev_es(
@@ -198,12 +206,11 @@ def test_launch_encrypts_the_image_and_seals_every_vmsa(synthetic_path):
 @pytest.mark.parametrize("vcpu_type", ["EPYC", "EPYC-Genoa"])
 def test_reset_vmsa_equals_sev_snp_measure(eip, vcpu_type):
     sig = vcpu_signature(vcpu_type)
-    ours = bytes(VMSA.pack(reset_vmsa_fields(eip, sig), size=VMSA_PAGE_SIZE))
-    assert ours == bytes(OracleVmsa.build_save_area(eip, 0, sig))
+    assert reset_vmsa(eip, sig) == bytes(OracleVmsa.build_save_area(eip, 0, sig))
 
 
 def test_reset_vmsa_splits_eip_into_cs_base_and_ip():
-    page = VMSA.pack(reset_vmsa_fields(0x80_B004, 0x800F12), size=VMSA_PAGE_SIZE)
+    page = reset_vmsa(0x80_B004, 0x800F12)
     cs = VMSA.unpack(page)
     assert cs["rip"] == 0xB004 and cs["rdx"] == 0x800F12
     assert VMSA.get(page, "cs")[:2] == (0xF000).to_bytes(2, "little")

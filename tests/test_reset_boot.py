@@ -8,12 +8,12 @@ protocol. Each mode's code runs on the same vCPU engine.
 
 import struct
 
-from guests import term_table
+from guests import terminate_handler
 
 from sevsim.arch.exits import SvmExit
 from sevsim.guest.asm import assemble
 from sevsim.hw.inspect import cpu_of
-from sevsim.kvm.dispatch import ExitHandler, ExitKind
+from sevsim.kvm.dispatch import ExitHandler, ExitKind, ExitTable
 from sevsim.kvm.exits import SystemEvent, SystemEventType
 from sevsim.kvm.vm import Kvm
 from sevsim.vmm.firmware import build_firmware_image, parse_firmware
@@ -57,7 +57,7 @@ def firmware() -> bytes:
 
 
 def test_reset_state_to_long_mode_to_termination():
-    table = term_table()
+    table = ExitTable([ExitHandler(ExitKind.MSR_PROTOCOL, 0x100, terminate_handler)])
     traps = []
     # Without the crtraps plugin nobody would own the CR/EFER write traps; note them, resume.
     for code in (SvmExit.CR0_WRITE_TRAP, SvmExit.CR4_WRITE_TRAP, SvmExit.EFER_WRITE_TRAP):
@@ -68,7 +68,7 @@ def test_reset_state_to_long_mode_to_termination():
     vm.launch_finish()
     exit_ = vm.vcpus[0].run()
     assert exit_ == SystemEvent(SystemEventType.SEV_TERM, (0x100,))
-    # Real mode set PE; 32-bit code set PAE, EFER.LME (SVME stays set), then PG; each
-    # trap carried the new value.
+    # Real mode set PE; 32-bit code set PAE (next to the MCE KVM added at launch),
+    # EFER.LME (SVME stays set), then PG; each trap carried the new value.
     assert traps == [(0x90, 0x11), (0x94, 0x60), (0x8F, 0x1100), (0x90, 0x8000_0011)]
     assert cpu_of(vm.vcpus[0].vmsa).bits() == 64  # white box: the CPU ended in long mode

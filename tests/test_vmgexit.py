@@ -27,7 +27,7 @@ from sevsim.kvm.dispatch import ExitHandler, ExitKind, ExitTable
 from sevsim.kvm.exits import InternalError, InternalErrorSub, KvmExit, RunFailed, SystemEvent
 from sevsim.kvm.exits import SystemEventType as SysEv
 from sevsim.kvm.ghcb_map import MappedGhcb
-from sevsim.kvm.scratch import setup_scratch
+from sevsim.kvm.scratch import Scratch, setup_scratch
 from sevsim.testing import Delivered, ExitDriver, isolated_host
 from sevsim.vmm.machine import MMIO_TEST_GPA
 
@@ -78,8 +78,8 @@ def bits(bitmap: int) -> set[int]:
 
 
 def core(**vm_args: Any) -> ExitDriver:
-    """kvm with its own reused intercepts only (no plugins)."""
-    return ExitDriver(ExitTable(), **vm_args)
+    """kvm with its own rows only (the svm_intercepts and ghcb_protocol plugins)."""
+    return ExitDriver(isolated_host().start(), **vm_args)
 
 
 def full(**vm_args: Any) -> ExitDriver:
@@ -748,11 +748,8 @@ def scribbling_handler(sync: bool) -> Callable[[ExitContext], None]:
     """An MMIO-like handler that maps the scratch area and overwrites the buffer."""
 
     def handler(ctx: ExitContext) -> None:
-        assert ctx.ghcb is not None
-        scratch = setup_scratch(ctx.ghcb, ctx.ghcb["sw_scratch"], ctx.exit_info_2, sync,
-                                ctx.vm.memory)  # fmt: skip
-        assert not isinstance(scratch, GhcbErr)
-        ctx.scratch = scratch
+        scratch = ctx.map_scratch(ctx.exit_info_2, sync)
+        assert isinstance(scratch, Scratch)
         scratch.data[:] = b"\xaa" * scratch.length
 
     return handler
@@ -865,7 +862,7 @@ class Rec:
 
 def test_vmgexit_enter_has_the_request_and_exit_the_reply_at_the_next_vmrun():
     rec = Rec()
-    d = ExitDriver(ExitTable(), events=rec)
+    d = ExitDriver(isolated_host().start(), events=rec)
     assert handle_only(d, page(SvmExit.XSETBV, 0x11, 0x22)) == O.RESUME
     enter = ("vmgexit_enter", {"vcpu_id": 0, "exit_reason": 0x8D, "info1": 0x11, "info2": 0x22})
     assert rec.ours() == [enter]
@@ -876,7 +873,7 @@ def test_vmgexit_enter_has_the_request_and_exit_the_reply_at_the_next_vmrun():
 
 def test_vmgexit_enter_reads_fields_without_valid_bits():
     rec = Rec()
-    d = ExitDriver(ExitTable(), events=rec)
+    d = ExitDriver(isolated_host().start(), events=rec)
     d.vmgexit(without(page(SvmExit.CPUID, 0x33, 0x44, rax=0, rcx=0), "sw_exit_code",
                       "sw_exit_info_1", "sw_exit_info_2"))  # fmt: skip
     assert rec.ours() == [
@@ -888,7 +885,7 @@ def test_vmgexit_enter_reads_fields_without_valid_bits():
 @pytest.mark.parametrize("gpa", [0, 0x4000_0000])
 def test_no_vmgexit_events_without_a_mapped_ghcb(gpa):
     rec = Rec()
-    deliver_gpa(ExitDriver(ExitTable(), events=rec), gpa)
+    deliver_gpa(ExitDriver(isolated_host().start(), events=rec), gpa)
     assert rec.ours() == []
 
 

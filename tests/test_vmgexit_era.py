@@ -1,9 +1,11 @@
 """The 5.11 era (``era="v5.11"``): fail-stop where newest KVM answers with a GHCB error.
 
 REFERENCE.md sections 1.1, 2 and 4, column v5.11: a GHCB GPA of 0 or one that cannot
-be mapped fails KVM_RUN with -EINVAL; malformed input becomes KVM_EXIT_INTERNAL_ERROR
-(suberror 4, data [exit code or 0, last vCPU]) with no GHCB reply; an invalid scratch
-area and an unknown MSR-protocol request fail KVM_RUN with -EINVAL.
+be mapped fails KVM_RUN with -EINVAL; malformed input fills KVM_EXIT_INTERNAL_ERROR
+(suberror 4, data [exit code or 0, last vCPU]) and then fails KVM_RUN with -EINVAL
+(5.11's ``sev_es_validate_vmgexit`` returns -EINVAL from ``sev_handle_vmgexit`` after
+setting the exit reason), with no GHCB reply; an invalid scratch area and an unknown
+MSR-protocol request fail KVM_RUN with -EINVAL.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from test_vmgexit import (
 
 from sevsim.arch.exits import SvmExit, VmgExit
 from sevsim.arch.ghcb_msr import GhcbMsr, cpuid_req, term_req
-from sevsim.kvm.dispatch import ExitTable
 from sevsim.kvm.exits import InternalError, InternalErrorSub, RunFailed
 from sevsim.testing import Delivered, ExitDriver, isolated_host
 from sevsim.vmm.machine import MMIO_TEST_GPA
@@ -35,10 +36,13 @@ def v5_11(**vm_args: Any) -> ExitDriver:
 
 
 def internal_error(out: Delivered) -> tuple[int, ...]:
-    """The data words of the 5.11 validation failure exit (suberror checked)."""
-    assert isinstance(out.exit, InternalError), out.exit
-    assert out.exit.suberror == InternalErrorSub.UNEXPECTED_EXIT_REASON == 4
-    return out.exit.data
+    """The data words of the internal-error exit 5.11 fills before failing KVM_RUN with
+    -EINVAL (suberror checked)."""
+    assert isinstance(out.exit, RunFailed) and out.exit.errno == "EINVAL", out.exit
+    filled = out.exit.exit
+    assert isinstance(filled, InternalError), filled
+    assert filled.suberror == InternalErrorSub.UNEXPECTED_EXIT_REASON == 4
+    return filled.data
 
 
 def einval(out: Delivered) -> bool:
@@ -131,7 +135,7 @@ def test_unknown_msr_request_fails_kvm_run_with_einval(value):
 
 
 def test_msr_request_without_any_handler_fails_kvm_run_with_einval():
-    d = ExitDriver(ExitTable(), era="v5.11")
+    d = ExitDriver(isolated_host().start(), era="v5.11")
     assert einval(d.msr_protocol(GhcbMsr.SEV_INFO_REQ))
 
 

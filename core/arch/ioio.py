@@ -25,11 +25,12 @@ class IoioInfo:
     is_in: bool
 
     @classmethod
-    def decode(cls, info1: int) -> IoioInfo | None:
-        size = {1: 1, 2: 2, 4: 4}.get((info1 >> 4) & 7)
+    def decode(cls, info1: int) -> IoioInfo:
+        """The fields as given. The size field is one-hot (1, 2, 4) when the hardware
+        fills it, but a guest can write anything, and KVM's ``io_interception`` uses
+        the value as it is (0..7 bytes)."""
+        size = (info1 >> 4) & 7
         asize = {1: 16, 2: 32, 4: 64}.get((info1 >> 7) & 7, 0)
-        if size is None:
-            return None
         return cls(info1 >> 16 & 0xFFFF, size, asize, bool(info1 & IOIO_REP),
                    bool(info1 & IOIO_STR), bool(info1 & IOIO_TYPE_IN))  # fmt: skip
 

@@ -24,3 +24,24 @@ class EmptyBus:
 
     def write(self, address: int, data: bytes) -> None:
         return None
+
+
+class MsrBus(Protocol):
+    """MSRs the VMM handles itself (its local APIC's x2APIC registers and APIC_BASE),
+    as KVM hands MSRs in a userspace filter to the VMM. ``None``: not the VMM's MSR."""
+
+    def read(self, vcpu_id: int, index: int) -> int | None: ...
+
+    def write(self, vcpu_id: int, index: int, value: int) -> bool | None:
+        """True: done; False: the write fails (#GP); None: not the VMM's MSR."""
+        ...
+
+
+class EmptyMsrBus:
+    """The VMM handles no MSR: KVM answers them all."""
+
+    def read(self, vcpu_id: int, index: int) -> int | None:
+        return None
+
+    def write(self, vcpu_id: int, index: int, value: int) -> bool | None:
+        return None

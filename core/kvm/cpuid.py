@@ -11,8 +11,9 @@ from __future__ import annotations
 import struct
 from collections.abc import Mapping
 
-from attrs import frozen
+from attrs import define, frozen
 
+from sevsim.arch import msr as M
 from sevsim.errors import ConfigError
 from sevsim.hw import CpuidLeaf, SevCapabilities
 
@@ -92,3 +93,54 @@ class CpuidModel:
         if leaf is None and index and not any(f == function and i for f, i in self.leaves):
             leaf = self.leaves.get((function, 0))
         return leaf or CpuidLeaf(0, 0, 0, 0)
+
+
+#: XSAVE area size for the components XCR0 (| XSS) enables: x87 and SSE share the
+#: 512-byte legacy area plus the 64-byte header; AVX adds 256 bytes at 576.
+_XSAVE_SIZES = ((1 << 2, 0x340), (1 << 1, 0x240), (1 << 0, 0x240))
+_CR4_OSXSAVE, _CR4_PKE = 1 << 18, 1 << 22
+_APIC_BASE_ENABLE = 1 << 11
+
+
+def xstate_size(components: int) -> int:
+    """``xstate_required_size``: bytes an XSAVE of ``components`` needs."""
+    return next(size for bit, size in _XSAVE_SIZES if components & bit or bit == 1)
+
+
+@define
+class CpuidRuntime:
+    """The bits of CPUID that reflect a vCPU's state (``kvm_update_cpuid_runtime``).
+
+    KVM rewrites them whenever the state changes: OSXSAVE follows CR4.OSXSAVE, OSPKE
+    follows CR4.PKE, the APIC bit follows APIC_BASE's global enable, and leaf 0xD's
+    sizes follow XCR0 and XSS. For an SEV-ES guest KVM learns CR4 from the CR4 write
+    trap, XCR0 from the GHCB and XSS/APIC_BASE from MSR writes.
+    """
+
+    cr4: int = 0
+    xcr0: int = 1
+    xss: int = 0
+    apic_base: int = 0xFEE0_0000 | _APIC_BASE_ENABLE | (1 << 8)
+
+    #: MSRs whose writes KVM folds into this record.
+    MSRS = {M.MSR_IA32_XSS: "xss", M.MSR_IA32_APICBASE: "apic_base"}
+
+    def update(self, **values: int) -> None:
+        for name, value in values.items():
+            setattr(self, name, value)
+
+    def apply(self, table: CpuidModel, function: int, index: int) -> CpuidLeaf:
+        """``kvm_cpuid`` on ``table`` with this vCPU's runtime bits."""
+        leaf = table.lookup(function, index)
+        eax, ebx, ecx, edx = leaf.eax, leaf.ebx, leaf.ecx, leaf.edx
+        if function == 1:
+            if ecx & (1 << 26):  # XSAVE offered: OSXSAVE mirrors CR4
+                ecx = ecx & ~(1 << 27) | (1 << 27 if self.cr4 & _CR4_OSXSAVE else 0)
+            edx = edx & ~(1 << 9) | (1 << 9 if self.apic_base & _APIC_BASE_ENABLE else 0)
+        elif function == 7 and index == 0 and ecx & (1 << 3):  # PKU offered: OSPKE
+            ecx = ecx & ~(1 << 4) | (1 << 4 if self.cr4 & _CR4_PKE else 0)
+        elif function == 0xD and index == 0:
+            ebx = xstate_size(self.xcr0)
+        elif function == 0xD and index == 1 and eax & (0b1010):  # XSAVEC or XSAVES
+            ebx = xstate_size(self.xcr0 | self.xss)
+        return CpuidLeaf(eax, ebx, ecx, edx)

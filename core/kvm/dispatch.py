@@ -22,6 +22,9 @@ from sevsim.errors import PluginError
 if TYPE_CHECKING:
     from sevsim.kvm.outcome import Outcome
 
+#: The KVM eras an ExitHandler can be limited to (``[kvm] era``).
+ERAS = ("newest", "v5.11")
+
 
 class ExitKind(Enum):
     """Which number space an :class:`ExitHandler`'s ``code`` lives in."""
@@ -34,24 +37,72 @@ class ExitKind(Enum):
     VMEXIT = "vmexit"
 
 
-def code_name(kind: ExitKind, code: int) -> str:
-    """``0x7b (SVM_EXIT_IOIO)``: the hex and symbolic form used in every message."""
+#: The largest code of each kind: GHCBInfo is 12 bits, exit codes are 64-bit.
+CODE_LIMITS = {ExitKind.VMGEXIT: (1 << 64) - 1, ExitKind.MSR_PROTOCOL: 0xFFF,
+               ExitKind.VMEXIT: (1 << 64) - 1}  # fmt: skip
+
+
+def code_name(kind: ExitKind, code: int, name: str | None = None) -> str:
+    """``0x7b (SVM_EXIT_IOIO)``: the hex and symbolic form used in every message;
+    ``name`` is a plugin's own name for a code sevsim does not know."""
     if kind is ExitKind.MSR_PROTOCOL:
         try:
             return f"{code:#05x} ({GhcbMsr(code).linux_name})"
         except ValueError:
-            return f"{code:#05x}"
-    name = exit_name(code)
-    return f"{code:#x}" if name.startswith("0x") else f"{code:#x} ({name})"
+            return f"{code:#05x} ({name})" if name else f"{code:#05x}"
+    known = exit_name(code)
+    if name and (known.startswith("0x") or known.startswith("SVM_EXIT_SW")):
+        return f"{code:#x} ({name})"
+    return f"{code:#x}" if known.startswith("0x") else f"{code:#x} ({known})"
 
 
-def _check_requires(instance: Any, attribute: Any, value: tuple[str, ...]) -> None:
-    unknown = [name for name in value if name not in REGISTER_FIELDS]
+def _check_kind(instance: Any, attribute: Any, value: object) -> None:
+    if not isinstance(value, ExitKind):
+        raise PluginError(
+            f"ExitHandler kind {value!r}: expected an ExitKind "
+            f"({', '.join(f'ExitKind.{k.name}' for k in ExitKind)})"
+        )
+
+
+def _check_code(instance: Any, attribute: Any, value: object) -> None:
+    limit = CODE_LIMITS.get(instance.kind, (1 << 64) - 1)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
+        raise PluginError(
+            f"ExitHandler code {value!r} for {instance.kind.value}: expected an integer in "
+            f"0..{limit:#x}"
+        )
+
+
+def _check_requires(names: Iterable[str]) -> tuple[str, ...]:
+    names = tuple(names)
+    unknown = [name for name in names if not isinstance(name, str) or name not in REGISTER_FIELDS]
     if unknown:
         raise PluginError(
             f"ExitHandler requires unknown GHCB field(s) {unknown}; "
             f"expected names from ghcb_save_area: {', '.join(REGISTER_FIELDS)}"
         )
+    return names
+
+
+def _check_requires_field(instance: Any, attribute: Any, value: object) -> None:
+    if callable(value):
+        return
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise PluginError(
+            f"ExitHandler requires {value!r}: expected a tuple of GHCB field names or a "
+            "callable taking the GHCB and returning them"
+        )
+    _check_requires(value)
+
+
+def _check_eras(instance: Any, attribute: Any, value: frozenset[str] | None) -> None:
+    if value is not None and not set(value) <= set(ERAS):
+        raise PluginError(f"ExitHandler eras {sorted(value)}: expected a subset of {ERAS}")
+
+
+def _check_handler(instance: Any, attribute: Any, value: object) -> None:
+    if not callable(value):
+        raise PluginError(f"ExitHandler handler {value!r} is not callable")
 
 
 Handler = Callable[..., "Outcome | None"]
@@ -66,26 +117,34 @@ class ExitHandler:
     bits must be set; kvm checks them before calling, as ``sev_es_validate_vmgexit``
     does, and answers MISSING_INPUT otherwise. It may also be a callable taking the
     GHCB snapshot and returning such names, for codes whose needs depend on the
-    request (IOIO: RAX only for OUT). ``plugin`` is stamped by the plugin host.
+    request (IOIO: RAX only for OUT). ``name`` names a code sevsim does not know (in
+    the trace and ``sevsim plugins``). ``eras`` limits the row to some KVM eras: a
+    VM of another era meets the code as KVM of that era did, unknown. ``plugin`` is
+    stamped by the plugin host.
     """
 
-    kind: ExitKind
-    code: int
-    handler: Handler = field(repr=False)
-    requires: tuple[str, ...] | Callable[[Any], Iterable[str]] = field(default=())
+    kind: ExitKind = field(validator=_check_kind)
+    code: int = field(validator=_check_code)
+    handler: Handler = field(repr=False, validator=_check_handler)
+    requires: tuple[str, ...] | Callable[[Any], Iterable[str]] = field(
+        default=(), validator=_check_requires_field,
+        converter=lambda v: v if callable(v) or isinstance(v, str) else tuple(v),
+    )  # fmt: skip
+    name: str | None = None
+    eras: frozenset[str] | None = field(
+        default=None, validator=_check_eras,
+        converter=lambda v: None if v is None else frozenset(v),
+    )  # fmt: skip
     plugin: str | None = None
-
-    @requires.validator
-    def _validate_requires(self, attribute: Any, value: Any) -> None:
-        if not callable(value):
-            _check_requires(self, attribute, tuple(value))
 
     def required_fields(self, ghcb: Any) -> tuple[str, ...]:
         if callable(self.requires):
-            fields = tuple(self.requires(ghcb))
-            _check_requires(self, None, fields)
-            return fields
-        return tuple(self.requires)
+            return _check_requires(self.requires(ghcb))
+        return self.requires
+
+    def known_in(self, era: str) -> bool:
+        """Whether a KVM of ``era`` had this row at all."""
+        return self.eras is None or era in self.eras
 
     @property
     def owner(self) -> str:
@@ -93,7 +152,7 @@ class ExitHandler:
         return self.plugin or "<direct registration>"
 
     def describe(self) -> str:
-        return f"{self.kind.value} {code_name(self.kind, self.code)}"
+        return f"{self.kind.value} {code_name(self.kind, self.code, self.name)}"
 
 
 class ExitTable:

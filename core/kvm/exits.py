@@ -20,6 +20,7 @@ class KvmExitReason(IntEnum):
     IO = 2
     HYPERCALL = 3
     HLT = 5
+    IRQ_WINDOW_OPEN = 7
     MMIO = 6
     SHUTDOWN = 8
     FAIL_ENTRY = 9
@@ -84,13 +85,14 @@ class SystemEvent(KvmExit):
 
 @frozen
 class Shutdown(KvmExit):
-    """KVM_EXIT_SHUTDOWN: the guest triple-faulted (or VMRUN found a tampered VMSA)."""
+    """KVM_EXIT_SHUTDOWN: the guest triple-faulted (or VMRUN found a tampered VMSA).
 
-    why: str = field(default="", validator=_STR)
+    KVM learns nothing more; the simulator's view (``sim_exit``) says which."""
+
     reason: KvmExitReason = field(init=False, default=KvmExitReason.SHUTDOWN)
 
     def describe(self) -> str:
-        return f"shutdown ({self.why})" if self.why else "shutdown"
+        return "shutdown"
 
 
 @frozen
@@ -120,8 +122,18 @@ class FailEntry(KvmExit):
     """KVM_EXIT_FAIL_ENTRY: VMRUN refused the guest state (SVM_EXIT_ERR)."""
 
     hardware_entry_failure_reason: int = field(validator=instance_of(int))
-    why: str = field(default="", validator=_STR)
     reason: KvmExitReason = field(init=False, default=KvmExitReason.FAIL_ENTRY)
+
+    def describe(self) -> str:
+        return f"entry failed (reason {self.hardware_entry_failure_reason:#x})"
+
+
+@frozen
+class IrqWindowOpen(KvmExit):
+    """KVM_EXIT_IRQ_WINDOW_OPEN: the guest can take an interrupt now (the VMM asked
+    with ``request_interrupt_window``); inject it with ``Vcpu.interrupt``."""
+
+    reason: KvmExitReason = field(init=False, default=KvmExitReason.IRQ_WINDOW_OPEN)
 
 
 @frozen
@@ -135,12 +147,15 @@ class ApResetHold(KvmExit):
 class RunFailed(KvmExit):
     """KVM_RUN returned an error (``-errno``) instead of an exit; ``why`` says what failed.
 
-    ``plugin`` names the plugin whose handler raised, when that is the cause.
+    ``plugin`` names the plugin whose handler raised, when that is the cause;
+    ``exit`` is what KVM left in ``struct kvm_run`` before failing, if anything (the
+    5.11 era fills an internal-error exit, then fails KVM_RUN with -EINVAL).
     """
 
     errno: str = field(validator=_STR)
     why: str = field(validator=_STR)
     plugin: str | None = field(default=None, validator=optional(_STR))
+    exit: KvmExit | None = field(default=None, validator=optional(instance_of(KvmExit)))
 
     def describe(self) -> str:
         who = f" [plugin {self.plugin}]" if self.plugin else ""

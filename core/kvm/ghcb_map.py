@@ -19,12 +19,15 @@ _BITMAP_SIZE = GHCB_SAVE_AREA["valid_bitmap"].size
 class MappedGhcb(Ghcb):
     """A GHCB copy that remembers what KVM wrote to it since the last flush."""
 
-    __slots__ = ("_written", "gpa")
+    __slots__ = ("_written", "gpa", "snapshot_scratch")
 
     def __init__(self, raw: bytes, gpa: int) -> None:
         super().__init__(raw)
         self.gpa = gpa
         self._written: set[tuple[int, int]] = set()
+        #: ``sw_scratch`` as KVM took it when it synced from the page (newest KVM: 0
+        #: unless the guest marked it valid).
+        self.snapshot_scratch = 0
 
     def touch(self, offset: int, length: int) -> None:
         """Bytes ``[offset, offset + length)`` were written (e.g. a scratch area in place)."""

@@ -8,17 +8,16 @@ entry only for operations that produce data (``sync``: MMIO read, string IN).
 
 from __future__ import annotations
 
-from attrs import define
+from attrs import frozen
 
 from sevsim.arch.exits import GhcbErr
 from sevsim.arch.ghcb import GHCB_SCRATCH_AREA_LIMIT, SHARED_BUFFER_END, SHARED_BUFFER_START
 from sevsim.errors import GuestMemoryError
 from sevsim.hw import GuestMemoryView
 from sevsim.kvm.ghcb_map import MappedGhcb
-from sevsim.kvm.outcome import Fail
 
 
-@define(eq=False)
+@frozen(eq=False)
 class Scratch:
     """A scratch area mapped for one exit."""
 
@@ -29,7 +28,8 @@ class Scratch:
     #: The bytes, ``length`` of them, to read and (for a read operation) fill in
     #: place: a view of the mapped GHCB page inside it (KVM works there), else KVM's
     #: copy of the guest's buffer. Assign slices of the same size; a handler that
-    #: leaves a different length is a plugin bug, and kvm says so.
+    #: leaves a different length is a plugin bug, and kvm says so. The area itself
+    #: cannot be replaced.
     data: bytearray | memoryview
 
     def write_back(self, memory: GuestMemoryView) -> None:
@@ -45,9 +45,10 @@ def setup_scratch(
     length: int,
     sync: bool,
     memory: GuestMemoryView,
-) -> Scratch | GhcbErr | Fail:
+) -> Scratch | GhcbErr | str:
     """Map ``length`` bytes at ``scratch_gpa``, or say why not: INVALID_SCRATCH_AREA for
-    the guest, or (newest KVM) -EFAULT when guest memory cannot be read at all."""
+    the guest, or why guest memory cannot be read at all (KVM_RUN fails; the era
+    decides with which errno)."""
     ghcb_gpa = ghcb.gpa
     end = scratch_gpa + length
     if scratch_gpa == 0 or length < 0 or end % (1 << 64) < scratch_gpa:  # u64 wrap
@@ -65,5 +66,5 @@ def setup_scratch(
     try:
         data = bytearray(memory.read(scratch_gpa, length))
     except GuestMemoryError as err:
-        return Fail("EFAULT", f"scratch area [{scratch_gpa:#x}, +{length:#x}) unreadable: {err}")
+        return f"scratch area [{scratch_gpa:#x}, +{length:#x}) unreadable: {err}"
     return Scratch(scratch_gpa, length, sync, False, data)

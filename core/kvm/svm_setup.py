@@ -7,6 +7,9 @@ it passes through decides which RDMSR/WRMSR run natively.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from sevsim.arch import msr as M
 from sevsim.arch.vmcb import VMCB_CONTROL, NestedCtl
 from sevsim.hw import msrpm_bit
@@ -20,7 +23,7 @@ SEV_ES_INTERCEPTS = (
     114,  # CPUID
     118,  # INVD
     120,  # HLT
-    121, 122,  # INVLPG, INVLPGA
+    122,  # INVLPGA (INVLPG only without NPT, which SEV requires)
     123,  # IOIO_PROT
     124,  # MSR_PROT
     125,  # TASK_SWITCH
@@ -30,6 +33,9 @@ SEV_ES_INTERCEPTS = (
     137, 138, 139,  # WBINVD MONITOR MWAIT
     143, 144, 148, 152,  # TRAP_EFER_WRITE, TRAP_CR0/CR4/CR8_WRITE
 )  # fmt: skip
+
+#: The VINTR intercept, armed only while KVM waits for an interrupt window.
+VINTR_BIT = 100
 
 #: MSRs an SEV-ES guest reaches directly (KVM's direct-access list plus the SEV-ES ones).
 PASSTHROUGH_MSRS = (
@@ -54,3 +60,24 @@ def init_vmcb(vmcb: bytearray, msrpm: bytearray, asid: int, vmsa_pa: int, msrpm_
             assert where is not None, hex(msr)
             msrpm[where[0]] &= ~(1 << where[1]) & 0xFF
 
+
+
+#: ``sev_es_sync_vmsa``'s defaults for what a VMM need not set: KVM's reset values of
+#: XCR0, DR6 and (for KVM_SEV_INIT2 VMs) the x87/SSE state.
+VMSA_DEFAULTS: Mapping[str, int] = {"xcr0": 1, "dr6": 0xFFFF_0FF0, "x87_fcw": 0x37F,
+                                    "mxcsr": 0x1F80}  # fmt: skip
+
+
+def sync_vmsa_fields(state: Mapping[str, Any], sev_features: int) -> dict[str, Any]:
+    """The VMSA ``sev_es_sync_vmsa`` writes from the VMM's register state.
+
+    KVM's setters adjust what the VMM gave: ``svm_set_efer`` sets EFER.SVME in the
+    VMCB, ``svm_set_cr0`` clears CR0.CD and CR0.NW (KVM_X86_QUIRK_CD_NW_CLEARED),
+    ``svm_set_cr4`` adds the host's CR4.MCE; fields the VMM left alone take KVM's
+    defaults; ``sev_features`` is the VM's.
+    """
+    fields = {**VMSA_DEFAULTS, **state, "sev_features": sev_features}
+    fields["efer"] = fields.get("efer", 0) | M.EFER_SVME
+    fields["cr0"] = fields.get("cr0", 0) & ~(M.CR0_CD | M.CR0_NW)
+    fields["cr4"] = fields.get("cr4", 0) | M.CR4_MCE
+    return fields

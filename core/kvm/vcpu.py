@@ -4,40 +4,46 @@
 go to userspace, and returns that exit as a typed value. Everything the hypervisor
 learns about the guest comes from the VMCB control area and the GHCB page; the
 guest's registers after launch are out of reach (``guest_state_protected``).
+
+The VMM drives the vCPU as a userspace VMM drives KVM without an in-kernel local
+APIC: :meth:`Vcpu.interrupt` is KVM_INTERRUPT, :attr:`Vcpu.request_interrupt_window`
+and :attr:`Vcpu.ready_for_interrupt_injection` are the ``kvm_run`` fields of the same
+names, :meth:`Vcpu.nmi` is KVM_NMI, :meth:`Vcpu.init` and :meth:`Vcpu.deliver_sipi`
+are what the VMM's local APIC does on INIT and SIPI.
 """
 
 from __future__ import annotations
 
 import time
 import traceback
+from collections.abc import Mapping
+from enum import IntEnum
 from typing import TYPE_CHECKING, Any
 
 from sevsim.arch import ghcb_msr
 from sevsim.arch.exits import SNP_ONLY_VMGEXITS, GhcbErr, SvmExit
 from sevsim.arch.ghcb import GHCB_PAGE_SIZE, GHCB_USAGE_DEFAULT, Ghcb
-from sevsim.arch.vmcb import VMCB_CONTROL, EventInj
+from sevsim.arch.vmcb import VMCB_CONTROL, EventInj, IntState
 from sevsim.arch.vmsa import VMSA, VMSA_PAGE_SIZE, Segment
-from sevsim.errors import FOREIGN_FAULTS, GuestMemoryError, VcpuError
+from sevsim.errors import FOREIGN_FAULTS, GuestMemoryError, PluginError, VcpuError
+from sevsim.hw import CpuidLeaf
 from sevsim.kvm import outcome as O
-from sevsim.kvm.context import ExitContext
-from sevsim.kvm.control_regs import ControlRegs
+from sevsim.kvm.context import ExitContext, Regs, VcpuOps, VcpuView
+from sevsim.kvm.cpuid import CpuidRuntime
 from sevsim.kvm.dispatch import ExitHandler, ExitKind, code_name
 from sevsim.kvm.exits import (
-    ApResetHold,
     FailEntry,
     Hlt,
     InternalError,
     InternalErrorSub,
+    IrqWindowOpen,
     KvmExit,
     RunFailed,
     Shutdown,
-    SystemEvent,
 )
 from sevsim.kvm.ghcb_map import MappedGhcb
 from sevsim.kvm.msrs import MsrModel
-from sevsim.kvm.pending import NMI_EVENT, ApResetHoldType, MpState, NmiState
-from sevsim.kvm.scratch import Scratch
-from sevsim.kvm.svm_setup import init_vmcb
+from sevsim.kvm.svm_setup import VINTR_BIT, init_vmcb, sync_vmsa_fields
 
 if TYPE_CHECKING:
     from sevsim.kvm.vm import Vm
@@ -48,8 +54,16 @@ _ALWAYS_REQUIRED = ("sw_exit_code", "sw_exit_info_1", "sw_exit_info_2")
 _SYNCED_IN = ("rax", "rbx", "rcx", "rdx", "rsi")
 #: GPRs ``sev_es_sync_to_ghcb`` always writes back.
 _SYNCED_OUT = ("rax", "rbx", "rcx", "rdx")
-_GPRS = ("rax", "rbx", "rcx", "rdx", "rsp", "rbp", "rsi", "rdi",
-         "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip")  # fmt: skip
+#: ``int_ctl``: a virtual interrupt is pending (V_IRQ), used for the interrupt window.
+_V_IRQ = 1 << 8
+
+
+class MpState(IntEnum):
+    """``KVM_MP_STATE_*`` values a vCPU of sevsim can be in."""
+
+    RUNNABLE = 0
+    INIT_RECEIVED = 2
+    AP_RESET_HOLD = 9
 
 
 class Vcpu:
@@ -68,27 +82,47 @@ class Vcpu:
         #: Register state set by the VMM before launch (VMSA field names).
         self._initial: dict[str, Any] = {}
         self.guest_state_protected = False
-        #: KVM's ``vcpu->arch.regs`` (GPRs) as the last GHCB sync left them.
-        self.regs: dict[str, int] = dict.fromkeys(_GPRS, 0)
+        #: KVM's ``vcpu->arch.regs`` as the last GHCB sync left them.
+        self.regs = Regs()
         self.cpl = 0
         self.xcr0 = 1
-        #: DR7 as the guest last wrote it through the GHCB (tracked, without effect).
-        self.dr7 = 0x400
-        #: CR0/CR4/CR8/EFER as KVM knows them: the initial state, then the write traps.
-        self.cr = ControlRegs()
         self.msrs = MsrModel()
-        self.nmi_state = NmiState()
-        #: ``KVM_MP_STATE_*``; AP_RESET_HOLD while an AP is parked (see ``deliver_sipi``).
+        #: What CPUID reflects of this vCPU's state (``kvm_update_cpuid_runtime``).
+        self.cpuid_runtime = CpuidRuntime()
+        #: ``KVM_MP_STATE_*``: the VMM puts APs in INIT_RECEIVED until their SIPI.
         self.mp_state = MpState.RUNNABLE
-        self.ap_reset_hold_type = ApResetHoldType.NONE
-        self.received_first_sipi = False
+        #: ``kvm_run.request_interrupt_window``: exit (IRQ_WINDOW_OPEN) as soon as the
+        #: guest can take an interrupt.
+        self.request_interrupt_window = False
+        #: KVM_INTERRUPT's vector, injected at the next entry.
+        self._interrupt: int | None = None
         self._ghcb: MappedGhcb | None = None
         self._ctx: ExitContext | None = None
         self._dead: str | None = None
+        #: Each active plugin's per-vCPU state, by plugin name.
+        self.plugin_states = {part.name: part.vcpu_state() for part in vm.extensions.parts
+                              if part.vcpu_state is not None}  # fmt: skip
+        self._views: dict[str | None, VcpuView] = {}
+        self._ops = VcpuOps(
+            queue_event=self.queue_event, event_pending=self._event_pending,
+            cpuid=self._cpuid, set_cpuid_runtime=self.cpuid_runtime.update,
+            get_msr=self._get_msr, set_msr=self._set_msr, park=self._park, inject_nmi=self.nmi,
+            mapped_ghcb=lambda: self._ghcb, flush_ghcb=self._write_ghcb,
+            set_ghcb_msr=self._set_ghcb_msr, cpl=lambda: self.cpl, xcr0=lambda: self.xcr0,
+            initial_state=lambda: dict(self._initial),
+        )  # fmt: skip
+
+    def view(self, plugin: str | None) -> VcpuView:
+        """This vCPU as ``plugin`` sees it (with its own state)."""
+        view = self._views.get(plugin)
+        if view is None:
+            state = self.plugin_states.get(plugin) if plugin is not None else None
+            view = self._views[plugin] = VcpuView(self.id, state, self.vm.view(plugin), self._ops)
+        return view
 
     # -- before launch -------------------------------------------------------------
 
-    def set_state(self, fields: dict[str, Any]) -> None:
+    def set_state(self, fields: Mapping[str, Any]) -> None:
         """KVM_SET_REGS/SREGS: set VMSA fields before LAUNCH_UPDATE_VMSA.
 
         Refused once the state is protected, as for KVM_X86_SEV_ES_VM guests.
@@ -102,16 +136,19 @@ class Vcpu:
         if unknown:
             raise VcpuError(f"vCPU {self.id}: {unknown} are not VMSA fields")
         self._initial.update(fields)
+        self.cpuid_runtime.update(cr4=self._initial.get("cr4", 0),
+                                  xcr0=self._initial.get("xcr0", 1))  # fmt: skip
+        self._lifecycle("vcpu_reset")
 
     def sync_vmsa(self, sev_features: int = 0) -> None:
-        """``sev_es_sync_vmsa``: write the initial state into the VMSA page."""
-        state = {**self._initial, "sev_features": sev_features}
-        dr7 = state.get("dr7", 0x400)
+        """``sev_es_sync_vmsa``: write the initial state into the VMSA page, with KVM's
+        own adjustments to it."""
+        dr7 = self._initial.get("dr7", 0x400)
         if dr7 & ~0x400:
             raise VcpuError(f"vCPU {self.id}: DR7 {dr7:#x} has breakpoints set; KVM refuses "
                             "LAUNCH_UPDATE_VMSA while the guest is being debugged (-EINVAL)")
+        state = sync_vmsa_fields(self._initial, sev_features)
         values = {k: (v.pack() if isinstance(v, Segment) else v) for k, v in state.items()}
-        self.cr = ControlRegs.from_state(state)
         self.vmsa.host_write(0, bytes(VMSA.pack(values, size=VMSA_PAGE_SIZE)))
 
     # -- KVM_RUN ---------------------------------------------------------------------
@@ -133,31 +170,32 @@ class Vcpu:
             raise VcpuError(f"vCPU {self.id}: VM is terminated: {self.vm.dead}")
         if not self.guest_state_protected:
             raise VcpuError(f"vCPU {self.id}: run LAUNCH_UPDATE_VMSA before KVM_RUN")
-        if self.mp_state is MpState.AP_RESET_HOLD:
-            # vcpu_block: an NMI wakes a parked vCPU; otherwise KVM_RUN would block
-            # until a signal, which sevsim reports at once.
-            nmi = self.nmi_state
-            if not (nmi.queued or (nmi.pending and not nmi.masked)):  # kvm_vcpu_has_events
-                return RunFailed("EINTR", f"vCPU {self.id} is parked in AP reset hold; "
-                                 "an INIT-SIPI (deliver_sipi) or an NMI wakes it")  # fmt: skip
+        if self.mp_state is not MpState.RUNNABLE:
+            # vcpu_block: KVM_RUN would wait for an event; sevsim reports at once.
+            if not (self.mp_state is MpState.AP_RESET_HOLD and self._wakeup()):
+                return RunFailed("EINTR", f"vCPU {self.id} is {self.mp_state.name}: a SIPI "
+                                 "(deliver_sipi) or an event must wake it")  # fmt: skip
             self.mp_state = MpState.RUNNABLE
         while True:
             self.prepare_switch_to_guest()
             # req_immediate_exit: an event still waits, so leave the guest right after
             # entry (the host IPIs itself) and inject it at the next one.
-            immediate = self._inject_pending_events()
+            immediate = self.inject_pending_events()
+            if self.vm.dead is not None:
+                return RunFailed("EIO", self.vm.dead)
             entry_deadline = time.monotonic() if immediate else deadline
             self.vm.platform.vmrun(self.vmcb, self.vm.memory, entry_deadline)
             result = self.handle_exit()
             if self.vm.dead is not None and not isinstance(result, O.ExitToUser):
                 return RunFailed("EIO", self.vm.dead)
-            expired = deadline is not None and time.monotonic() >= deadline
-            if expired and isinstance(result, O.Resume):
-                return RunFailed("EINTR", f"KVM_RUN interrupted after its {timeout:g} s limit")
             if isinstance(result, O.Resume):
+                if self.request_interrupt_window and self.ready_for_interrupt_injection:
+                    return IrqWindowOpen()  # dm_request_for_irq_injection
+                if deadline is not None and time.monotonic() >= deadline:
+                    return RunFailed("EINTR", f"KVM_RUN interrupted after its {timeout:g} s limit")
                 continue
             if isinstance(result, O.Fail):
-                return RunFailed(result.errno, result.why)
+                return RunFailed(result.errno, result.why, exit=result.exit)
             if isinstance(result.exit, Shutdown):
                 self._dead = "it shut down (triple fault or VMSA integrity failure)"
             if isinstance(result.exit, RunFailed) and result.exit.plugin is not None:
@@ -182,16 +220,23 @@ class Vcpu:
             return O.ExitToUser(FailEntry(code))
         if code == SvmExit.INTR:  # the host's interrupt: handled by the host, resume
             return O.RESUME
+        if code == SvmExit.VINTR:  # interrupt_window_interception
+            self._clear_vintr()
+            return O.RESUME
         handler = self.vm.lookup(ExitKind.VMEXIT, code)
         if handler is not None:
-            ctx = ExitContext(self, ExitKind.VMEXIT, code, info1, info2)
+            ctx = ExitContext(self.view(handler.plugin), ExitKind.VMEXIT, code, info1, info2)
             return self._call(handler, ctx)
         if code == SvmExit.HLT:
             return O.ExitToUser(Hlt())
         return self.invalid_exit(code)
 
     def invalid_exit(self, code: int) -> O.ExitToUser:
-        """``svm_handle_invalid_exit``: KVM_EXIT_INTERNAL_ERROR, UNEXPECTED_EXIT_REASON."""
+        """``svm_handle_invalid_exit``: KVM_EXIT_INTERNAL_ERROR, UNEXPECTED_EXIT_REASON.
+
+        data[1] is where KVM puts the host CPU of the last entry; sevsim has one host
+        CPU per vCPU, so it reports the vCPU's id there.
+        """
         return O.ExitToUser(InternalError(
             InternalErrorSub.UNEXPECTED_EXIT_REASON, (code, self.id),
             f"no handler for exit {code_name(ExitKind.VMEXIT, code)}",
@@ -200,8 +245,8 @@ class Vcpu:
     def _call(self, handler: ExitHandler, ctx: ExitContext) -> O.Outcome:
         """Run a handler; a bug in it ends only this VM, naming the plugin.
 
-        A bug is an exception, a return value that is not an outcome, or a register
-        or MSR value that does not fit 64 bits.
+        A bug is an exception (including one the context raises for a value that is
+        not a u64, or a scratch area resized) or a return value that is not an outcome.
         """
         self._ctx = ctx
         try:
@@ -209,19 +254,14 @@ class Vcpu:
         except FOREIGN_FAULTS as exc:  # a plugin bug must not take the host down
             return self._plugin_failed(handler, exc)
         if result is not None and not isinstance(result, O.Resume | O.ExitToUser | O.Fail):
-            return self._plugin_failed(handler, f"returned {result!r}, expected an outcome "
-                                       "(sevsim.kvm.outcome) or None")  # fmt: skip
+            return self._plugin_failed(
+                handler, f"returned {result!r}, expected an outcome (RESUME, ExitToUser, Fail) "
+                "or None")  # fmt: skip
         scratch = ctx.scratch
-        if scratch is not None and not (isinstance(scratch, Scratch)
-                                        and isinstance(scratch.data, bytearray | memoryview)
-                                        and len(scratch.data) == scratch.length):  # fmt: skip
-            ctx.scratch = None  # nothing of it goes back to the guest
-            return self._plugin_failed(handler, f"left ctx.scratch = {scratch!r}, not the "
-                                       "area it mapped with its length")  # fmt: skip
-        values = {"GHCB MSR": ctx.msr, **{n: ctx.regs[n] for n in _SYNCED_OUT if n in ctx.regs}}
-        for name, value in values.items():
-            if not isinstance(value, int) or not 0 <= value < 1 << 64:
-                return self._plugin_failed(handler, f"left {name} = {value!r}, not a u64")
+        if scratch is not None and len(scratch.data) != scratch.length:
+            ctx._scratch = None  # nothing of it goes back to the guest
+            return self._plugin_failed(handler, f"left a scratch area of {len(scratch.data)} "
+                                       f"bytes where it mapped {scratch.length}")  # fmt: skip
         self.vm.emit("exit_handled", vcpu_id=self.id, kind=ctx.kind.value, code=ctx.code,
                      plugin=handler.owner, notes=ctx.notes)  # fmt: skip
         return O.RESUME if result is None else result
@@ -230,72 +270,143 @@ class Vcpu:
     def _plugin_failed(handler: ExitHandler, problem: BaseException | str) -> O.ExitToUser:
         who = handler.owner
         if isinstance(problem, BaseException):
-            last = traceback.extract_tb(problem.__traceback__)[-1]
-            problem = (f"raised {type(problem).__name__}: {problem} "
-                       f"(at {last.filename}:{last.lineno})")  # fmt: skip
+            where = traceback.extract_tb(problem.__traceback__)
+            at = f" (at {where[-1].filename}:{where[-1].lineno})" if where else ""
+            problem = f"raised {type(problem).__name__}: {problem}{at}"
         why = f"handler of plugin {who!r} for {handler.describe()} {problem}"
         return O.ExitToUser(RunFailed("EIO", why, plugin=who))
 
-    # -- events between runs: NMIs, AP reset hold and SIPI ------------------------------
+    # -- plugins' lifecycle -------------------------------------------------------------
 
-    def nmi(self) -> None:
-        """KVM_NMI: queue an NMI; it is injected at an entry when NMIs are unmasked."""
-        self.nmi_state.queued += 1
+    def _lifecycle(self, hook: str, **args: Any) -> list[Any]:
+        """Call ``hook`` of every plugin that implements it, with its own view; a plugin
+        that fails ends this VM, naming it."""
+        results = []
+        for part in self.vm.extensions.implementing(hook):
+            try:
+                results.append(part.lifecycle[hook](vcpu=self.view(part.name), **args))
+            except FOREIGN_FAULTS as exc:
+                self.vm.terminate(f"plugin {part.name!r} failed in sevsim_{hook}: "
+                                  f"{type(exc).__name__}: {exc}")  # fmt: skip
+                results.append(None)
+        return results
 
-    def _inject_pending_events(self) -> bool:
-        """``inject_pending_event``: an NMI goes into EVENTINJ unless another event
-        (an exception KVM queued) already occupies it this entry; then True, for an
-        immediate exit that lets the NMI in at the next entry."""
-        nmi = self.nmi_state
-        if not (nmi.queued or nmi.pending):
-            return False
-        nmi.process()
-        if VMCB_CONTROL.get(self.vmcb, "event_inj") & EventInj.VALID:
-            return bool(nmi.pending)  # -EBUSY, whether or not NMIs are masked
-        if nmi.take():
-            self.queue_event(NMI_EVENT)
-        return False
+    def _wakeup(self) -> bool:
+        """``kvm_vcpu_has_events``: may a parked vCPU run again?"""
+        return any(self._lifecycle("vcpu_wakeup"))
 
-    def ap_reset_hold(self, kind: ApResetHoldType) -> O.Outcome:
-        """``kvm_emulate_ap_reset_hold``: park this vCPU until a SIPI.
-
-        sevsim's LAPIC lives in the VMM, so KVM tells it, as KVM does without an
-        in-kernel LAPIC (KVM_EXIT_AP_RESET_HOLD); and it records the parked state as an
-        in-kernel LAPIC would (mp_state AP_RESET_HOLD, the hold type), so that the
-        VMM's SIPI can be answered the SEV-ES way (:meth:`deliver_sipi`). The GHCB of
-        an AP_HLT_LOOP stays mapped until the next entry.
-        """
-        self.ap_reset_hold_type = kind
-        self.mp_state = MpState.AP_RESET_HOLD
-        return O.ExitToUser(ApResetHold())
-
-    def deliver_sipi(self, vector: int) -> None:
-        """An INIT-SIPI from the local APIC (sevsim's LAPIC is in the VMM, which calls
-        this where KVM's ``kvm_apic_accept_events`` would).
-
-        ``sev_vcpu_deliver_sipi_vector``: the first SIPI is swallowed (the AP starts
-        from its VMSA; KVM cannot set its CS:IP); a later one answers the AP's reset
-        hold request. Either way the vCPU is runnable again, and the vector is
-        ignored: the AP reads its jump table itself.
-        """
-        if not 0 <= vector <= 0xFF:
-            raise VcpuError(f"vCPU {self.id}: SIPI vector {vector!r} is not in 0..0xff")
-        self.mp_state = MpState.RUNNABLE
-        if not self.received_first_sipi:
-            self.received_first_sipi = True
-            return
-        if self.ap_reset_hold_type is ApResetHoldType.NAE and self._ctx is not None:
-            self._ctx.success(1)
-            self._write_ghcb()
-        elif self.ap_reset_hold_type is ApResetHoldType.MSR_PROTO:
-            self._set_ghcb_msr(1 << 12 | ghcb_msr.GhcbMsr.AP_RESET_HOLD_RESP)
-
-    # -- VMGEXIT (sev_handle_vmgexit) ----------------------------------------------------
+    # -- events between runs: interrupts, NMIs, INIT and SIPI ----------------------------
 
     def queue_event(self, event_inj: int, error_code: int = 0) -> None:
         """Write EVENTINJ (and its error code) for the next VMRUN."""
         VMCB_CONTROL.set(self.vmcb, "event_inj", event_inj & 0xFFFF_FFFF)
-        VMCB_CONTROL.set(self.vmcb, "event_inj_err", error_code)
+        VMCB_CONTROL.set(self.vmcb, "event_inj_err", error_code & 0xFFFF_FFFF)
+
+    def _event_pending(self) -> bool:
+        return bool(VMCB_CONTROL.get(self.vmcb, "event_inj") & EventInj.VALID)
+
+    @property
+    def if_flag(self) -> bool:
+        """``kvm_run.if_flag``: the guest's RFLAGS.IF, which for SEV-ES KVM knows only
+        from the VMCB's int_state (``svm_get_if_flag``)."""
+        return bool(VMCB_CONTROL.get(self.vmcb, "int_state") & IntState.GUEST_INTERRUPT_MASK)
+
+    @property
+    def ready_for_interrupt_injection(self) -> bool:
+        """``kvm_vcpu_ready_for_interrupt_injection``: interrupts allowed (IF, no
+        interrupt shadow) and nothing queued already."""
+        int_state = VMCB_CONTROL.get(self.vmcb, "int_state")
+        allowed = int_state & IntState.GUEST_INTERRUPT_MASK and not (
+            int_state & IntState.INTERRUPT_SHADOW)  # fmt: skip
+        return bool(allowed) and self._interrupt is None and not self._event_pending()
+
+    def interrupt(self, vector: int) -> None:
+        """KVM_INTERRUPT: inject external interrupt ``vector`` at the next entry.
+
+        As with KVM, userspace calls it only when :attr:`ready_for_interrupt_injection`
+        says the guest can take it (EVENTINJ ignores RFLAGS.IF).
+        """
+        if not 0 <= vector <= 0xFF:
+            raise VcpuError(f"vCPU {self.id}: interrupt vector {vector!r} is not in 0..0xff")
+        if self._interrupt is not None:
+            raise VcpuError(f"vCPU {self.id}: interrupt {self._interrupt:#x} is still queued "
+                            "(-EEXIST)")  # fmt: skip
+        self._interrupt = vector
+
+    def nmi(self) -> None:
+        """KVM_NMI: queue an NMI, for the ``nmi`` plugin to inject when NMIs are unmasked."""
+        if not any(self._lifecycle("vcpu_nmi")):
+            raise VcpuError(
+                f"vCPU {self.id}: KVM_NMI needs the 'nmi' plugin (NMI injection and "
+                "NMI_COMPLETE for SEV-ES guests), which is not active"
+            )
+
+    def init(self) -> None:
+        """INIT from the local APIC: the vCPU waits for a SIPI (KVM_MP_STATE_INIT_RECEIVED).
+
+        KVM cannot reset an SEV-ES vCPU's registers (they are sealed in the VMSA): the
+        vCPU resumes where it was, once the SIPI releases it.
+        """
+        self.mp_state = MpState.INIT_RECEIVED
+
+    def deliver_sipi(self, vector: int) -> None:
+        """A SIPI from the local APIC (where KVM's ``kvm_apic_accept_events`` calls
+        ``sev_vcpu_deliver_sipi_vector``): the vCPU may run again; the ``apboot``
+        plugin answers an AP reset hold. The vector is ignored: an SEV-ES AP starts
+        from its VMSA or reads its jump table itself."""
+        if not 0 <= vector <= 0xFF:
+            raise VcpuError(f"vCPU {self.id}: SIPI vector {vector!r} is not in 0..0xff")
+        self.mp_state = MpState.RUNNABLE
+        self._lifecycle("vcpu_sipi", vector=vector)
+
+    def _park(self) -> None:
+        self.mp_state = MpState.AP_RESET_HOLD
+
+    def inject_pending_events(self) -> bool:
+        """``kvm_check_and_inject_events``, before each entry: the KVM_INTERRUPT vector,
+        then what plugins inject (NMIs); True for an immediate exit when an event still
+        waits."""
+        if self._interrupt is not None and not self._event_pending():
+            self.queue_event(EventInj.VALID | EventInj.TYPE_INTR << EventInj.TYPE_SHIFT
+                             | self._interrupt)  # fmt: skip
+            self._interrupt = None
+        immediate = any(self._lifecycle("vcpu_events"))
+        if self.request_interrupt_window and not self.ready_for_interrupt_injection:
+            self._set_vintr()
+        return immediate
+
+    def _set_vintr(self) -> None:
+        """``svm_set_vintr``: a virtual interrupt (V_IRQ) with the VINTR intercept, so the
+        CPU exits when the guest can take an interrupt."""
+        VMCB_CONTROL.set(self.vmcb, "int_ctl", VMCB_CONTROL.get(self.vmcb, "int_ctl") | _V_IRQ)
+        intercepts = int.from_bytes(VMCB_CONTROL.get(self.vmcb, "intercepts"), "little")
+        VMCB_CONTROL.set(self.vmcb, "intercepts",
+                         (intercepts | 1 << VINTR_BIT).to_bytes(24, "little"))  # fmt: skip
+
+    def _clear_vintr(self) -> None:
+        VMCB_CONTROL.set(self.vmcb, "int_ctl", VMCB_CONTROL.get(self.vmcb, "int_ctl") & ~_V_IRQ)
+        intercepts = int.from_bytes(VMCB_CONTROL.get(self.vmcb, "intercepts"), "little")
+        VMCB_CONTROL.set(self.vmcb, "intercepts",
+                         (intercepts & ~(1 << VINTR_BIT)).to_bytes(24, "little"))  # fmt: skip
+
+    # -- services plugins reach through their view ---------------------------------------
+
+    def _cpuid(self, function: int, index: int) -> CpuidLeaf:
+        return self.cpuid_runtime.apply(self.vm.cpuid, function, index)
+
+    def _get_msr(self, index: int) -> int | None:
+        """``kvm_get_msr``: the VMM's MSR devices first (its local APIC), then KVM's."""
+        value = self.vm.msr_bus.read(self.id, index)
+        return value if value is not None else self.msrs.read(index)
+
+    def _set_msr(self, index: int, value: int) -> bool:
+        handled = self.vm.msr_bus.write(self.id, index, value)
+        ok = handled if handled is not None else self.msrs.write(index, value)
+        if ok and index in CpuidRuntime.MSRS:
+            self.cpuid_runtime.update(**{CpuidRuntime.MSRS[index]: value})
+        return ok
+
+    # -- VMGEXIT (sev_handle_vmgexit) ----------------------------------------------------
 
     def _set_ghcb_msr(self, value: int) -> None:
         VMCB_CONTROL.set(self.vmcb, "ghcb_gpa", value)
@@ -304,12 +415,13 @@ class Vcpu:
         ghcb_gpa = VMCB_CONTROL.get(self.vmcb, "ghcb_gpa")
         if ghcb_msr.info(ghcb_gpa):
             return self._msr_protocol(ghcb_gpa)
+        compat = self.vm.compat
         if ghcb_gpa == 0:
-            return self.vm.compat.ghcb_unmapped("GHCB GPA is 0")
+            return compat.ghcb_unmapped("GHCB GPA is 0")
         try:
             raw = self.vm.memory.read(ghcb_gpa, GHCB_PAGE_SIZE)
         except GuestMemoryError:
-            return self.vm.compat.ghcb_unmapped(f"GHCB GPA {ghcb_gpa:#x} is not guest RAM")
+            return compat.ghcb_unmapped(f"GHCB GPA {ghcb_gpa:#x} is not guest RAM")
         ghcb = MappedGhcb(raw, ghcb_gpa)
         code = ghcb["sw_exit_code"]
         self.vm.emit("vmgexit_enter", vcpu_id=self.id, exit_reason=code,
@@ -320,11 +432,13 @@ class Vcpu:
             handler, error = self._validate(snapshot, code)
         except _RequiresFailed as bad:
             return self._plugin_failed(bad.handler, bad.problem)
-        ctx = ExitContext(self, ExitKind.VMGEXIT, code, snapshot["sw_exit_info_1"],
-                          snapshot["sw_exit_info_2"], ghcb=ghcb, regs=self.regs)  # fmt: skip
+        plugin = handler.plugin if handler is not None else None
+        ctx = ExitContext(self.view(plugin), ExitKind.VMGEXIT, code, snapshot["sw_exit_info_1"],
+                          snapshot["sw_exit_info_2"], ghcb=ghcb, regs=self.regs,
+                          memory=self.vm.memory, compat=compat)  # fmt: skip
         self._ctx = ctx
         if error is not None:
-            result = self.vm.compat.bad_input(ctx, error, snapshot)
+            result = compat.bad_input(ctx, error, snapshot)
         else:
             ctx.success()
             assert handler is not None
@@ -339,16 +453,17 @@ class Vcpu:
         if self._ghcb is not None:
             self._ghcb.flush(self.vm.memory)
 
-    def _sync_from_ghcb(self, ghcb: Ghcb) -> Ghcb:
+    def _sync_from_ghcb(self, ghcb: MappedGhcb) -> Ghcb:
         """``sev_es_sync_from_ghcb``: snapshot, zero the GPRs, take the valid ones."""
         snapshot = Ghcb(ghcb.raw)
-        for name in self.regs:
-            self.regs[name] = 0
+        self.regs.clear_all()
         for name in _SYNCED_IN:
             self.regs[name] = snapshot.get_if_valid(name)
         self.cpl = snapshot.get_if_valid("cpl")
         if snapshot.is_valid("xcr0"):
             self.xcr0 = snapshot["xcr0"]
+            self.cpuid_runtime.update(xcr0=self.xcr0)
+        ghcb.snapshot_scratch = self.vm.compat.sw_scratch(snapshot)
         code = snapshot["sw_exit_code"]
         VMCB_CONTROL.set(self.vmcb, "exit_code", code & 0xFFFF_FFFF)
         VMCB_CONTROL.set(self.vmcb, "exit_code_hi", code >> 32)
@@ -364,7 +479,7 @@ class Vcpu:
         if not all(snapshot.is_valid(name) for name in _ALWAYS_REQUIRED):
             return None, GhcbErr.MISSING_INPUT
         handler = self.vm.lookup(ExitKind.VMGEXIT, code)
-        if handler is None or not self.vm.compat.knows_vmgexit(code):
+        if handler is None:
             # The SNP codes fail with KVM's default reason, MISSING_INPUT, for SEV-ES.
             snp = code in SNP_ONLY_VMGEXITS
             return None, GhcbErr.MISSING_INPUT if snp else GhcbErr.INVALID_EVENT
@@ -380,7 +495,6 @@ class Vcpu:
         """``sev_es_unmap_ghcb``: scratch back, trace, sync registers, release the GHCB."""
         ghcb, ctx = self._ghcb, self._ctx
         self._ctx = None
-        self.ap_reset_hold_type = ApResetHoldType.NONE
         if ghcb is None:
             return
         if ctx is not None and ctx.scratch is not None:
@@ -398,12 +512,13 @@ class Vcpu:
         self.vm.emit("msr_protocol_enter", vcpu_id=self.id, ghcb_gpa=value)
         code = ghcb_msr.info(value)
         handler = self.vm.lookup(ExitKind.MSR_PROTOCOL, code)
-        if handler is None or not self.vm.compat.knows_msr_request(code):
+        if handler is None:
             return self.vm.compat.unknown_msr_request(self, value)
-        ctx = ExitContext(self, ExitKind.MSR_PROTOCOL, code, msr=value)
+        ctx = ExitContext(self.view(handler.plugin), ExitKind.MSR_PROTOCOL, code, msr=value,
+                          regs=self.regs, memory=self.vm.memory, compat=self.vm.compat)  # fmt: skip
         result = self._call(handler, ctx)
         self._set_ghcb_msr(ctx.msr)
-        terminated = isinstance(result, O.ExitToUser) and isinstance(result.exit, SystemEvent)
+        terminated = isinstance(result, O.ExitToUser) and self.vm.compat.is_termination(result.exit)
         if not terminated:  # newest KVM skips the event on the terminate path only
             self.vm.emit("msr_protocol_exit", vcpu_id=self.id, ghcb_gpa=ctx.msr,
                          result=1 if isinstance(result, O.Resume) else 0)  # fmt: skip
@@ -413,7 +528,6 @@ class Vcpu:
         return f"vCPU {self.id} of {self.vm.name}"
 
 
-
 class _RequiresFailed(Exception):
     """A handler's ``requires`` callable failed while the exit was being validated."""
 
@@ -421,3 +535,6 @@ class _RequiresFailed(Exception):
         super().__init__(str(problem))
         self.handler = handler
         self.problem = problem
+
+
+__all__ = ["MpState", "PluginError", "Vcpu"]

@@ -11,17 +11,19 @@ from __future__ import annotations
 
 from typing import Any
 
+from attrs import frozen
+
 from sevsim.arch import ghcb_msr
 from sevsim.errors import FOREIGN_FAULTS, SevFirmwareError, VcpuError
 from sevsim.hw import LaunchMeasurement, LaunchSession, Platform, Policy
 from sevsim.kvm.asid import AsidAllocator
-from sevsim.kvm.buses import EmptyBus, GuestBus
+from sevsim.kvm.buses import EmptyBus, EmptyMsrBus, GuestBus, MsrBus
 from sevsim.kvm.compat import era as compat_era
+from sevsim.kvm.context import VmView
 from sevsim.kvm.cpuid import CpuidModel
 from sevsim.kvm.dispatch import ExitHandler, ExitKind, ExitTable
 from sevsim.kvm.events import EVENTS, EventSink, NullSink
-from sevsim.kvm.ghcb_requests import ghcb_request_handlers
-from sevsim.kvm.intercepts import core_handlers
+from sevsim.kvm.extensions import Extensions
 from sevsim.kvm.vcpu import Vcpu
 
 GHCB_VERSION_MIN = 1
@@ -39,18 +41,20 @@ class Kvm:
         self,
         name: str = "vm",
         *,
-        handlers: ExitTable | None = None,
+        handlers: ExitTable | Extensions | None = None,
         events: EventSink | None = None,
         era: str = "newest",
         ghcb_version: int | None = None,
-        plugin_settings: dict[str, dict[str, Any]] | None = None,
         cpuid: CpuidModel | None = None,
     ) -> Vm:
+        """KVM_CREATE_VM + KVM_SEV_INIT2. ``handlers`` is what the plugin host started
+        (:class:`Extensions`), or a bare exit table."""
         cpuid = cpuid or CpuidModel.default(self.platform.caps)
         if ghcb_version is None:  # KVM_SEV_INIT2's default; 5.11 only knew version 1
             ghcb_version = 1 if era == "v5.11" else GHCB_VERSION_MAX
-        return Vm(self, name, handlers or ExitTable(), events or NullSink(), era, ghcb_version,
-                  plugin_settings or {}, cpuid)  # fmt: skip
+        if not isinstance(handlers, Extensions):
+            handlers = Extensions(table=handlers if handlers is not None else ExitTable())
+        return Vm(self, name, handlers, events or NullSink(), era, ghcb_version, cpuid)
 
 
 class Vm:
@@ -60,11 +64,10 @@ class Vm:
         self,
         kvm: Kvm,
         name: str,
-        handlers: ExitTable,
+        extensions: Extensions,
         events: EventSink,
         era: str,
         ghcb_version: int,
-        plugin_settings: dict[str, dict[str, Any]],
         cpuid: CpuidModel,
     ) -> None:
         if not GHCB_VERSION_MIN <= ghcb_version <= GHCB_VERSION_MAX:
@@ -75,37 +78,55 @@ class Vm:
         self.kvm = kvm
         self.platform = kvm.platform
         self.name = name
-        self.handlers = handlers
-        #: KVM's own handlers (reused SVM intercepts, the protocol requests of its own
-        #: switch); a plugin's claim takes precedence.
-        self.core_handlers = ExitTable([*core_handlers(), *ghcb_request_handlers()])
+        self.extensions = extensions
         self.compat = compat_era(era)
         self.ghcb_version = ghcb_version
-        self.plugin_settings = plugin_settings
         #: The guest's CPUID table (KVM_SET_CPUID2).
         self.cpuid = cpuid
         self._events = events
         self._wanted = frozenset(n for n in EVENTS if events.wants(n))
         self.memory = kvm.platform.new_memory()
-        #: The VMM's port-IO and MMIO buses (``attach_buses``).
+        #: The VMM's port-IO and MMIO buses, and its MSR devices (``attach_buses``).
         self.io_bus: GuestBus = EmptyBus()
         self.mmio_bus: GuestBus = EmptyBus()
+        self.msr_bus: MsrBus = EmptyMsrBus()
         self.asid = kvm.asids.new(es=True)
-        #: ``sev->ap_jump_table``: where the guest said its APs restart (AP_JUMP_TABLE).
-        self.ap_jump_table = 0
         self.handle: int | None = None
         self.vcpus: list[Vcpu] = []
         self.dead: str | None = None
-        self.emit("vm_created", vm=self)
+        self.destroyed = False
+        #: Each active plugin's per-VM state, by plugin name.
+        self.plugin_states = {part.name: part.vm_state() for part in extensions.parts
+                              if part.vm_state is not None}  # fmt: skip
+        self._views: dict[str | None, VmView] = {}
+        self.emit("vm_created", vm=self.info())
+
+    def info(self) -> VmInfo:
+        """What observers learn of this VM: its name, ASID, era and vCPU count."""
+        return VmInfo(self.name, self.asid, self.compat.name, len(self.vcpus))
+
+    def view(self, plugin: str | None) -> VmView:
+        """This VM as ``plugin`` sees it (with its own state)."""
+        view = self._views.get(plugin)
+        if view is None:
+            state = self.plugin_states.get(plugin) if plugin is not None else None
+            view = self._views[plugin] = VmView(
+                self.name, self.compat.name, self.ghcb_version, self.platform.caps.c_bit,
+                self.cpuid, _BusView(self, "io_bus"), _BusView(self, "mmio_bus"), state,
+            )  # fmt: skip
+        return view
 
     def lookup(self, kind: ExitKind, code: int) -> ExitHandler | None:
-        """The handler of an exit: a plugin's, else KVM's own."""
-        return self.handlers.lookup(kind, code) or self.core_handlers.lookup(kind, code)
+        """The handler of an exit, if this VM's KVM has that row."""
+        handler = self.extensions.table.lookup(kind, code)
+        if handler is None or not handler.known_in(self.compat.name):
+            return None
+        return handler
 
     # -- observers -------------------------------------------------------------------
 
     def emit(self, name: str, **fields: Any) -> None:
-        """Tell the observers; one that raises ends this VM (with its message), not the host."""
+        """Tell the observers; one that fails ends this VM (naming it), not the host."""
         if name in self._wanted:
             try:
                 self._events.emit(name, **fields)
@@ -115,17 +136,22 @@ class Vm:
 
     # -- memory and vCPUs ------------------------------------------------------------
 
-    def add_ram(self, gpa: int, size: int, name: str = "ram") -> None:
-        """KVM_SET_USER_MEMORY_REGION for a new RAM slot."""
-        self.memory.add_ram(gpa, size, name)
+    def add_ram(self, gpa: int, size: int, name: str = "ram", readonly: bool = False) -> None:
+        """KVM_SET_USER_MEMORY_REGION for a new RAM slot (``readonly``: KVM_MEM_READONLY,
+        guest writes exit as MMIO)."""
+        self.memory.add_ram(gpa, size, name, readonly)
 
     def add_mmio(self, gpa: int, size: int, name: str) -> None:
         """A guest-physical range left without RAM, for the VMM's devices."""
         self.memory.add_mmio(gpa, size, name)
 
-    def attach_buses(self, io_bus: GuestBus, mmio_bus: GuestBus) -> None:
-        """Give kvm the VMM's device buses (KVM_IOEVENTFD / in-kernel device registration)."""
+    def attach_buses(self, io_bus: GuestBus, mmio_bus: GuestBus,
+                     msr_bus: MsrBus | None = None) -> None:  # fmt: skip
+        """Give kvm the VMM's devices (in-kernel device registration / KVM_IOEVENTFD, and
+        the MSRs the VMM handles itself, as KVM_X86_SET_MSR_FILTER exits would)."""
         self.io_bus, self.mmio_bus = io_bus, mmio_bus
+        if msr_bus is not None:
+            self.msr_bus = msr_bus
 
     def create_vcpu(self) -> Vcpu:
         if self.handle is not None:
@@ -135,7 +161,8 @@ class Vm:
         return vcpu
 
     def sev_info(self) -> int:
-        """The SEV_INFO MSR-protocol response this VM gives (and preloads in the MSR)."""
+        """The SEV_INFO MSR-protocol response this VM gives (and preloads in the MSR):
+        the host's C-bit (``sev_enc_bit``), whatever the guest's CPUID table says."""
         return ghcb_msr.sev_info_resp(self.ghcb_version, GHCB_VERSION_MIN,
                                       self.platform.caps.c_bit)  # fmt: skip
 
@@ -145,10 +172,11 @@ class Vm:
         try:
             result = call(*args)
         except SevFirmwareError as err:
-            self.emit("launch_command", vm=self, command=command, status=err.status,
+            self.emit("launch_command", vm=self.info(), command=command, status=err.status,
                       detail=err.detail)  # fmt: skip
             raise
-        self.emit("launch_command", vm=self, command=command, status="SUCCESS", detail="")
+        self.emit("launch_command", vm=self.info(), command=command, status="SUCCESS",
+                  detail="")  # fmt: skip
         return result
 
     def _need_handle(self, command: str) -> int:
@@ -157,11 +185,20 @@ class Vm:
         return self.handle
 
     def launch_start(self, policy: int = Policy.ES, session: LaunchSession | None = None) -> int:
-        """KVM_SEV_LAUNCH_START: a firmware guest context, bound to this VM's ASID."""
-        psp = self.platform.firmware
-        self.handle = self._firmware("LAUNCH_START", psp.launch_start, policy, session)
-        self._firmware("ACTIVATE", psp.activate, self.handle, self.asid)
-        return self.handle
+        """KVM_SEV_LAUNCH_START: a firmware guest context, bound to this VM's ASID.
+
+        A VM that has a context already keeps it: the new one is decommissioned when
+        ACTIVATE refuses it, as ``sev_launch_start`` does on its error path.
+        """
+        firmware = self.platform.firmware
+        handle = self._firmware("LAUNCH_START", firmware.launch_start, policy, session)
+        try:
+            self._firmware("ACTIVATE", firmware.activate, handle, self.asid)
+        except SevFirmwareError:
+            firmware.decommission(handle)
+            raise
+        self.handle = handle
+        return handle
 
     def launch_update_data(self, gpa: int, length: int) -> None:
         """KVM_SEV_LAUNCH_UPDATE_DATA: measure and encrypt what the VMM placed there."""
@@ -178,8 +215,8 @@ class Vm:
                             "LAUNCH_UPDATE_VMSA runs once (-EINVAL)")  # fmt: skip
         for vcpu in self.vcpus:
             vcpu.sync_vmsa()
-            self._firmware("LAUNCH_UPDATE_VMSA", self.platform.firmware.launch_update_vmsa, handle,
-                           vcpu.vmsa)  # fmt: skip
+            self._firmware("LAUNCH_UPDATE_VMSA", self.platform.firmware.launch_update_vmsa,
+                           handle, vcpu.vmsa)  # fmt: skip
             vcpu.guest_state_protected = True
 
     def launch_measure(self) -> LaunchMeasurement:
@@ -202,15 +239,47 @@ class Vm:
             self.dead = why
 
     def destroy(self) -> None:
-        """KVM_DESTROY_VM: DEACTIVATE, DECOMMISSION, free the ASID and host pages."""
-        psp = self.platform.firmware
+        """KVM_DESTROY_VM: DEACTIVATE, DECOMMISSION, free the ASID, the host pages and
+        guest memory; observers hear of it. A second call does nothing."""
+        if self.destroyed:
+            return
+        self.destroyed = True
+        firmware = self.platform.firmware
         if self.handle is not None:
-            psp.deactivate(self.handle)
-            psp.decommission(self.handle)
+            firmware.deactivate(self.handle)
+            firmware.decommission(self.handle)
             self.handle = None
         for vcpu in self.vcpus:
             self.platform.free(vcpu.vmsa.pa)
             self.platform.free(vcpu.msrpm_pa)
         self.kvm.asids.free(self.asid)
-        self.emit("vm_destroyed", vm=self, why=self.dead or "destroyed")
+        self.emit("vm_destroyed", vm=self.info(), why=self.dead or "destroyed")
         self.dead = self.dead or "destroyed"
+        self.memory.release()
+
+
+@frozen
+class VmInfo:
+    """A VM as an observer hears of it."""
+
+    name: str
+    asid: int
+    era: str
+    vcpus: int
+
+
+class _BusView:
+    """A plugin's reach to one of the VMM's buses: accesses only, whatever bus the VMM
+    attaches later."""
+
+    __slots__ = ("_read", "_write")
+
+    def __init__(self, vm: Vm, name: str) -> None:
+        self._read = lambda address, size: getattr(vm, name).read(address, size)
+        self._write = lambda address, data: getattr(vm, name).write(address, data)
+
+    def read(self, address: int, size: int) -> bytes:
+        return self._read(address, size)
+
+    def write(self, address: int, data: bytes) -> None:
+        self._write(address, data)

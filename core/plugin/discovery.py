@@ -9,6 +9,8 @@ enabled, which is how ``-p no:NAME`` keeps a broken plugin's import from running
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import re
 from collections.abc import Callable, Mapping
 from importlib.metadata import EntryPoint, entry_points
@@ -18,6 +20,8 @@ from attrs import field, frozen
 GROUP = "sevsim.plugins"
 BUILTIN_DIST = "sevsim"
 DIRECT = "direct"
+MODULE = "module"
+_MODULE_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 
 
 @frozen
@@ -65,3 +69,16 @@ def discover(direct: Mapping[str, object]) -> dict[str, Candidate]:
     for name, plugin in direct.items():
         found[name] = Candidate(name, DIRECT, None, lambda plugin=plugin: plugin, False)
     return found
+
+
+def module_candidate(name: str) -> Candidate | None:
+    """``-p some.module``: a module that is no installed plugin, loaded as one (named
+    by its dotted path), as pytest's ``-p`` does; None if ``name`` names no module."""
+    if not _MODULE_PATH.match(name):
+        return None
+    try:
+        if importlib.util.find_spec(name) is None:
+            return None
+    except (ImportError, ValueError):
+        return None
+    return Candidate(name, MODULE, None, lambda: importlib.import_module(name), False)

@@ -117,6 +117,174 @@ def sevsim_exit_handlers(config: Any) -> Iterable[ExitHandler]:
     """
 
 
+# --- a plugin's own state, and its part in a vCPU's life --------------------------------
+#
+# kvm calls these for each plugin on its own, like sevsim_exit_handlers: a plugin only
+# ever sees its own state (``vcpu.state``, ``vm.state``, ``ctx.vcpu.state``).
+
+
+@hookspec
+def sevsim_vm_state(config: Any) -> object:
+    """A fresh per-VM state object for this plugin, made when a VM is created; handlers
+    find it as ``ctx.vm.state``. ``config`` is what :func:`sevsim_configure` returned.
+
+    Example::
+
+        >>> from sevsim.kvm.dispatch import ExitHandler, ExitKind
+        >>> from sevsim.plugin.hookspecs import hookimpl
+        >>> from sevsim.testing import ExitDriver, isolated_host
+        >>> class Tally:
+        ...     @hookimpl
+        ...     def sevsim_vm_state(self):
+        ...         return {"calls": 0}
+        ...     @hookimpl
+        ...     def sevsim_exit_handlers(self):
+        ...         def count(ctx):
+        ...             ctx.vm.state["calls"] += 1
+        ...             ctx.regs["rax"] = ctx.vm.state["calls"]
+        ...         yield ExitHandler(ExitKind.VMGEXIT, 0xF000_0002, count, name="TALLY")
+        >>> driver = ExitDriver(isolated_host({"tally": Tally()}).start())
+        >>> for _ in range(3):
+        ...     out = driver.vmgexit({"sw_exit_code": 0xF000_0002, "sw_exit_info_1": 0,
+        ...                           "sw_exit_info_2": 0})
+        >>> out.ghcb["rax"]
+        3
+    """
+
+
+@hookspec
+def sevsim_vcpu_state(config: Any) -> object:
+    """A fresh per-vCPU state object for this plugin, made when a vCPU is created;
+    handlers find it as ``ctx.vcpu.state``, lifecycle hooks as ``vcpu.state``.
+
+    Example::
+
+        >>> from sevsim.plugin.hookspecs import hookimpl
+        >>> from sevsim.testing import ExitDriver, isolated_host
+        >>> class Budget:
+        ...     @hookimpl
+        ...     def sevsim_vcpu_state(self, config):
+        ...         return {"left": config.get("budget", 10)}
+        >>> host = isolated_host({"budget": Budget()}, settings={"budget": {"budget": 3}})
+        >>> driver = ExitDriver(host.start())
+        >>> driver.vcpu.plugin_states["budget"]
+        {'left': 3}
+    """
+
+
+@hookspec
+def sevsim_vcpu_reset(vcpu: Any) -> None:
+    """The VMM set this vCPU's registers before launch (``kvm_vcpu_reset``): all KVM
+    will ever know of them is in ``vcpu.initial_state``.
+
+    Example::
+
+        >>> from sevsim.plugin.hookspecs import hookimpl
+        >>> from sevsim.testing import ExitDriver, isolated_host
+        >>> class Cr0:
+        ...     @hookimpl
+        ...     def sevsim_vcpu_state(self):
+        ...         return {}
+        ...     @hookimpl
+        ...     def sevsim_vcpu_reset(self, vcpu):
+        ...         vcpu.state["cr0"] = vcpu.initial_state.get("cr0", 0)
+        >>> driver = ExitDriver(isolated_host({"cr0": Cr0()}).start())
+        >>> driver.vcpu.set_state({"cr0": 0x80050033})
+        >>> hex(driver.vcpu.plugin_states["cr0"]["cr0"])
+        '0x80050033'
+    """
+
+
+@hookspec
+def sevsim_vcpu_sipi(vcpu: Any, vector: int) -> None:
+    """The VMM's local APIC delivered a SIPI (``sev_vcpu_deliver_sipi_vector``): the
+    vCPU is runnable again; ``vector`` is what the SIPI carried.
+
+    Example::
+
+        >>> from sevsim.plugin.hookspecs import hookimpl
+        >>> from sevsim.testing import ExitDriver, isolated_host
+        >>> class Sipis:
+        ...     @hookimpl
+        ...     def sevsim_vcpu_sipi(self, vcpu, vector):
+        ...         print(f"vcpu{vcpu.id} SIPI {vector:#x}")
+        >>> driver = ExitDriver(isolated_host({"sipis": Sipis()}).start())
+        >>> driver.vcpu.deliver_sipi(0x9F)
+        vcpu0 SIPI 0x9f
+    """
+
+
+@hookspec
+def sevsim_vcpu_nmi(vcpu: Any) -> bool:
+    """The VMM asked for an NMI (KVM_NMI). Return True when taken; with nobody taking
+    it, ``Vcpu.nmi()`` fails.
+
+    Example::
+
+        >>> from sevsim.plugin.hookspecs import hookimpl
+        >>> from sevsim.testing import ExitDriver, isolated_host
+        >>> class Nmis:
+        ...     @hookimpl
+        ...     def sevsim_vcpu_state(self):
+        ...         return []
+        ...     @hookimpl
+        ...     def sevsim_vcpu_nmi(self, vcpu):
+        ...         vcpu.state.append("nmi")
+        ...         return True
+        >>> driver = ExitDriver(isolated_host({"nmis": Nmis()}).start())
+        >>> driver.vcpu.nmi()
+        >>> driver.vcpu.plugin_states["nmis"]
+        ['nmi']
+    """
+
+
+@hookspec
+def sevsim_vcpu_events(vcpu: Any) -> bool:
+    """Just before each VMRUN (``inject_pending_event``): inject what waits, with
+    ``vcpu.queue_event``. Return True when an event still waits (EVENTINJ was taken):
+    the vCPU then exits right after entry, to inject it at the next one.
+
+    Example::
+
+        >>> from sevsim.plugin.hookspecs import hookimpl
+        >>> from sevsim.testing import ExitDriver, isolated_host
+        >>> class Entries:
+        ...     @hookimpl
+        ...     def sevsim_vcpu_state(self):
+        ...         return {"entries": 0}
+        ...     @hookimpl
+        ...     def sevsim_vcpu_events(self, vcpu):
+        ...         vcpu.state["entries"] += 1
+        ...         return False
+        >>> driver = ExitDriver(isolated_host({"entries": Entries()}).start())
+        >>> _ = driver.vmexit(0x90, info1=0x11)  # an exit, then the next entry
+        >>> driver.vcpu.plugin_states["entries"]
+        {'entries': 1}
+    """
+
+
+@hookspec
+def sevsim_vcpu_wakeup(vcpu: Any) -> bool:
+    """May a vCPU parked in AP reset hold run again (``kvm_vcpu_has_events``)? True when
+    this plugin has an event for it (an NMI).
+
+    Example::
+
+        >>> from sevsim.plugin.hookspecs import hookimpl
+        >>> from sevsim.testing import ExitDriver, isolated_host
+        >>> class Doorbell:
+        ...     @hookimpl
+        ...     def sevsim_vcpu_state(self):
+        ...         return {"rung": True}
+        ...     @hookimpl
+        ...     def sevsim_vcpu_wakeup(self, vcpu):
+        ...         return vcpu.state["rung"]
+        >>> driver = ExitDriver(isolated_host({"doorbell": Doorbell()}).start())
+        >>> driver.vcpu._wakeup()
+        True
+    """
+
+
 # --- observers: one per sevsim.kvm.events.EVENTS entry ---------------------------------
 
 

@@ -43,9 +43,10 @@ from attrs import define, evolve, field, frozen
 from sevsim.errors import FOREIGN_FAULTS, ConfigError, PluginError
 from sevsim.hw import SIM_EVENTS
 from sevsim.kvm.dispatch import ExitHandler, ExitKind, ExitTable
+from sevsim.kvm.extensions import LIFECYCLE, Extensions, PluginPart
 from sevsim.plugin import hookspecs
 from sevsim.plugin.config import PluginConfig
-from sevsim.plugin.discovery import Candidate, discover
+from sevsim.plugin.discovery import Candidate, discover, module_candidate
 from sevsim.plugin.sink import HOOK_PREFIX, HookSink
 
 ACTIVE = "active"
@@ -69,6 +70,9 @@ class PluginInfo:
     owns: tuple[ExitHandler, ...] = ()
     #: Its claims in unsettled conflicts: in no table until the conflict is settled.
     contested: tuple[ExitHandler, ...] = ()
+    #: The hooks it implements besides its exit handlers (state, lifecycle, observers,
+    #: and the simulator's view, ``sevsim_sim_*``).
+    hooks: tuple[str, ...] = ()
 
     @property
     def status_line(self) -> str:
@@ -110,6 +114,10 @@ def _failure(error: BaseException) -> str:
     return _one_line(f"{type(error).__name__}: {error}")
 
 
+#: Hooks that receive the plugin's configuration (``config``).
+_CONFIG_READERS = ("sevsim_exit_handlers", "sevsim_vm_state", "sevsim_vcpu_state")
+
+
 def _call(impl: pluggy.HookImpl, **kwargs: Any) -> Any:
     """Call one plugin's implementation with the arguments it asks for."""
     return impl.function(*(kwargs[name] for name in impl.argnames))
@@ -147,7 +155,7 @@ class PluginHost:
     _pm: pluggy.PluginManager = field(init=False, factory=_new_manager)
     _infos: dict[str, PluginInfo] | None = field(init=False, default=None)
     _problems: list[Problem] = field(init=False, factory=list)
-    _table: ExitTable = field(init=False, factory=ExitTable)
+    _extensions: Extensions = field(init=False, factory=Extensions)
     _events: HookSink | None = field(init=False, default=None)
     _sim: HookSink | None = field(init=False, default=None)
 
@@ -161,8 +169,9 @@ class PluginHost:
             raise PluginError(f"cannot register plugin {name!r}: name empty or already used")
         self._direct[name] = plugin
 
-    def start(self) -> ExitTable:
-        """The dispatch table; raises PluginError if a fatal problem stops start-up."""
+    def start(self) -> Extensions:
+        """What kvm needs of the plugins (the dispatch table, each plugin's state and
+        lifecycle hooks); raises PluginError if a fatal problem stops start-up."""
         self.load()
         strict = self.config.strict
         fatal = [p for p in self._problems if p.fatal or strict]
@@ -171,7 +180,7 @@ class PluginHost:
             if strict and not all(p.fatal for p in fatal):
                 message += f" (fatal in strict mode: {self.config.strict_source})"
             raise PluginError(message)
-        return self._table
+        return self._extensions
 
     @property
     def events(self) -> HookSink:
@@ -211,9 +220,15 @@ class PluginHost:
         if self._infos is not None:
             return
         candidates = discover(self._direct)
+        for name, enabled in self.config.cli:  # -p some.module: an uninstalled plugin
+            if enabled and name not in candidates:
+                module = module_candidate(name)
+                if module is not None:
+                    candidates[name] = module
         self._check_mentions(candidates)
         infos: dict[str, PluginInfo] = {}
         claims: list[ExitHandler] = []
+        parts: list[PluginPart] = []
         for name in sorted(candidates):
             candidate = candidates[name]
             enabled, why = self.config.decide(
@@ -224,7 +239,7 @@ class PluginHost:
                 infos[name] = self._info(candidate, DISABLED, why)
                 continue
             try:
-                owned = self._activate(candidate)
+                owned, part = self._activate(candidate)
             except _RejectedSettings as e:
                 infos[name] = self._info(candidate, FAILED, _failure(e))
                 self._problems.append(Problem(_failure(e), fatal=True))
@@ -235,11 +250,12 @@ class PluginHost:
                     Problem(f"plugin {name!r} failed to load: {_failure(e)}", fatal=False)
                 )
                 continue
-            infos[name] = self._info(candidate, ACTIVE, why)
+            infos[name] = evolve(self._info(candidate, ACTIVE, why), hooks=self._hooks_of(name))
             claims.extend(owned)
+            parts.append(part)
         kept, contested = self._settle(claims)
         self._check_owner_rules(infos, claims)
-        self._table = ExitTable(kept)
+        self._extensions = Extensions(ExitTable(kept), tuple(parts))
         for field_name, entries in (("owns", kept), ("contested", contested)):
             for entry in entries:
                 assert entry.plugin is not None
@@ -264,8 +280,9 @@ class PluginHost:
     def _info(candidate: Candidate, status: str, why: str) -> PluginInfo:
         return PluginInfo(candidate.name, candidate.version, candidate.source, status, why)
 
-    def _activate(self, candidate: Candidate) -> list[ExitHandler]:
-        """Import, register, configure; the plugin's records, stamped with its name."""
+    def _activate(self, candidate: Candidate) -> tuple[list[ExitHandler], PluginPart]:
+        """Import, register, configure; the plugin's records, stamped with its name,
+        and its part in every VM (state factories, lifecycle hooks)."""
         if candidate.problem:
             raise PluginError(candidate.problem)
         plugin = candidate.load()
@@ -273,10 +290,28 @@ class PluginHost:
         try:
             self._check_hooks(plugin)
             config = self._configure(candidate.name)
-            return self._collect(candidate.name, config)
+            return self._collect(candidate.name, config), self._part(candidate.name, config)
         except BaseException:
             self._pm.unregister(plugin)
             raise
+
+    def _part(self, name: str, config: Any) -> PluginPart:
+        """The plugin's state factories (called with its ``config``) and lifecycle hooks."""
+        factories = []
+        for hook in ("sevsim_vm_state", "sevsim_vcpu_state"):
+            impls = self._impls(hook, name)
+            factories.append((lambda impl=impls[0]: _call(impl, config=config)) if impls else None)
+        lifecycle = {}
+        for hook in LIFECYCLE:
+            for impl in self._impls(f"sevsim_{hook}", name):
+                lifecycle[hook] = lambda impl=impl, **args: _call(impl, **args)
+        return PluginPart(name, factories[0], factories[1], lifecycle)
+
+    def _hooks_of(self, name: str) -> tuple[str, ...]:
+        plugin = self._pm.get_plugin(name)
+        callers = self._pm.get_hookcallers(plugin) or ()
+        own = ("sevsim_configure", "sevsim_exit_handlers")
+        return tuple(sorted(c.name for c in callers if c.name not in own))
 
     def _check_hooks(self, plugin: object) -> None:
         """Refuse hook names pluggy would silently ignore: typos and unmarked functions."""
@@ -305,11 +340,12 @@ class PluginHost:
     def _configure(self, name: str) -> Any:
         settings = self.config.settings_for(name)
         impls = self._impls("sevsim_configure", name)
-        readers = [i for i in self._impls("sevsim_exit_handlers", name) if "config" in i.argnames]
+        readers = [i for hook in _CONFIG_READERS for i in self._impls(hook, name)
+                   if "config" in i.argnames]  # fmt: skip
         if name in self.config.settings and not impls and not readers:
             raise _RejectedSettings(
                 f"{self.config.settings_source(name)}: plugin {name!r} takes no settings "
-                "(it implements neither sevsim_configure nor sevsim_exit_handlers(config)), "
+                "(it implements neither sevsim_configure nor a hook taking config), "
                 "so this table would be ignored; remove it"
             )
         for impl in impls:

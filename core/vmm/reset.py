@@ -1,16 +1,12 @@
-"""The VMSA contents of an SEV-ES vCPU at x86 reset, as QEMU and KVM produce them.
+"""The register state of an SEV-ES vCPU at x86 reset, as QEMU gives it to KVM.
 
 The VMSA is measured at LAUNCH_UPDATE_VMSA, so its initial contents must match, bit
-for bit, what the guest owner predicts. They are QEMU's ``x86_cpu_reset`` state as
-KVM's ``sev_es_sync_vmsa`` copies it into the save area, with KVM's own adjustments:
-
-- EFER.SVME is always set in the guest's VMCB EFER;
-- CR0 is 0x10 (ET): QEMU resets it to 0x60000010 but KVM clears CD and NW in the
-  CR0 the hardware sees; CR4.MCE is set by KVM;
-- RDX holds the CPUID signature (QEMU's ``env->cpuid_version``);
-- x87 FCW and MXCSR carry their reset values, as KVM writes the FPU state for VMs
-  created with KVM_SEV_INIT2 (sev-snp-measure's QEMU mode assumes the same);
-- ``sev_features`` is 0 (no DebugSwap or other VMSA features).
+for bit, what the guest owner predicts. They are QEMU's ``x86_cpu_reset`` state
+(CR0 0x60000010, EFER 0, CR4 0; RDX holds the CPUID signature, QEMU's
+``env->cpuid_version``; x87 FCW and MXCSR at their reset values, as QEMU sets them
+for KVM_SEV_INIT2 VMs), which KVM's ``sev_es_sync_vmsa`` then adjusts
+(``sevsim.kvm.svm_setup.sync_vmsa_fields``: EFER.SVME set, CR0.CD/NW cleared,
+CR4.MCE set). sev-snp-measure predicts the adjusted page.
 
 The BSP starts at the reset vector 0xfffffff0; QEMU starts each AP at the address
 in the firmware's SEV-ES reset block, split the same way into CS base and IP.
@@ -20,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sevsim.arch.msr import CR0_ET, CR4_MCE, EFER_SVME, PAT_DEFAULT
+from sevsim.arch.msr import PAT_DEFAULT
 from sevsim.arch.vmsa import Segment
 
 #: Where the BSP starts: CS base 0xffff0000, IP 0xfff0.
@@ -35,6 +31,8 @@ ATTR_DATA = 0x93  # present, data, writable, accessed
 ATTR_LDT = 0x82  # present, system, LDT
 ATTR_TSS = 0x8B  # present, system, busy 32-bit TSS
 
+#: QEMU's CR0 after reset: CD | NW | ET (KVM clears CD and NW for the VMSA).
+CR0_RESET = 0x6000_0010
 DR6_RESET = 0xFFFF_0FF0  # DR6_FIXED_1
 DR7_RESET = 0x400  # DR7_FIXED_1
 RFLAGS_RESET = 0x2  # bit 1 always set
@@ -61,9 +59,9 @@ def reset_vmsa_fields(eip: int, vcpu_sig: int) -> dict[str, Any]:
         "ldtr": Segment(0, ATTR_LDT, REAL_MODE_LIMIT, 0).pack(),
         "idtr": Segment(0, 0, REAL_MODE_LIMIT, 0).pack(),
         "tr": Segment(0, ATTR_TSS, REAL_MODE_LIMIT, 0).pack(),
-        "efer": EFER_SVME,
-        "cr4": CR4_MCE,
-        "cr0": CR0_ET,
+        "efer": 0,
+        "cr4": 0,
+        "cr0": CR0_RESET,
         "dr7": DR7_RESET,
         "dr6": DR6_RESET,
         "rflags": RFLAGS_RESET,

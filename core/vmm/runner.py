@@ -22,7 +22,7 @@ which failed KVM_RUN instead of reporting it).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from attrs import frozen
@@ -55,7 +55,7 @@ def check_timeout(value: object, where: str) -> float:
     return float(value)
 
 
-def abnormal_end(exit_: KvmExit, trace: Trace | None = None, vcpu: Any = None) -> str | None:
+def abnormal_end(exit_: KvmExit, trace: Trace | None = None, vcpu_id: int = 0) -> str | None:
     """None if ``exit_`` (of ``vcpu``) is a normal end of a run (see the module doc),
     else why not.
 
@@ -63,14 +63,14 @@ def abnormal_end(exit_: KvmExit, trace: Trace | None = None, vcpu: Any = None) -
     termination request, and a termination request nobody handled before a HLT.
     """
     if isinstance(exit_, Hlt):
-        ignored = trace.ignored_termination(vcpu) if trace is not None else None
+        ignored = trace.ignored_termination(vcpu_id) if trace is not None else None
         if ignored in (None, (0, 0)):
             return None
         return (f"the guest halted after a termination request nobody handled: "
                 f"{describe_reason(*ignored)}")  # fmt: skip
-    described = trace.describe_exit(exit_, vcpu) if trace is not None else describe_exit(exit_)
+    described = trace.describe_exit(exit_, vcpu_id) if trace is not None else describe_exit(exit_)
     if is_sev_term(exit_):
-        reason = trace.term_reason(exit_, vcpu) if trace is not None else term_reason(exit_)
+        reason = trace.term_reason(exit_, vcpu_id) if trace is not None else term_reason(exit_)
         if reason == (0, 0):
             return None
         return (
@@ -89,7 +89,7 @@ class RunResult:
     @property
     def failure(self) -> str | None:
         """:func:`abnormal_end` of the exit: None when the run ended normally."""
-        return abnormal_end(self.exit, self.trace, self.vm.vcpus[0])
+        return abnormal_end(self.exit, self.trace, 0)
 
 
 def run_image(
@@ -98,7 +98,6 @@ def run_image(
     events: EventSink,
     *,
     echo: Callable[[str], None] | None = None,
-    plugin_settings: Mapping[str, Mapping[str, Any]] | None = None,
     kvm: Kvm | None = None,
     timeout: float | None = None,
     uart_input: bytes = b"",
@@ -123,14 +122,13 @@ def run_image(
         )
     vm = launch_image(
         kvm or Kvm(Platform(sim=trace)), image, handlers=table, events=TeeSink(events, trace),
-        plugin_settings={k: dict(v) for k, v in (plugin_settings or {}).items()},
         devices=devices, **vm_args,
     )  # fmt: skip
     trace.note(f"launch digest {vm.launch_digest().hex()}")
     vcpu = vm.vcpus[0]
     exit_ = vcpu.run(timeout)
     console.flush()
-    trace.record_exit(vcpu, exit_)
+    trace.record_exit(vcpu.id, exit_)
     return RunResult(exit_, trace, vm)
 
 

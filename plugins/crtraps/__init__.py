@@ -7,34 +7,41 @@ instead. The write retires in the guest, then the hardware exits with the new va
 in ``exit_info_1`` and RIP already past the instruction. These are automatic exits,
 not GHCB requests: the guest's #VC handler is not involved.
 
-KVM uses them only to keep its own copy of the registers current
-(:class:`sevsim.kvm.control_regs.ControlRegs`): KVM_GET_SREGS, its MMU role and the
-LMA bit depend on it. A value KVM refuses (an EFER bit the guest's CPUID does not
-offer, LME toggled while paging) gets a #GP through EVENTINJ, as
-``kvm_complete_insn_gp`` does, even though the write has already happened.
+KVM uses them only to keep its own copy of the registers current: for an ordinary
+guest KVM reads them from the VMCB save area, for an SEV-ES guest that is the
+encrypted VMSA, so the copy (:class:`ControlRegs`, this plugin's per-vCPU state) is
+all it has. It starts from the VMM's state before launch and follows the traps;
+KVM_GET_SREGS, the MMU role, LMA and CPUID's OSXSAVE/OSPKE bits come from it. A
+value KVM refuses (an EFER bit the guest's CPUID does not offer, LME toggled while
+paging) gets a #GP through EVENTINJ, as ``kvm_complete_insn_gp`` does, even though
+the write has already happened.
 
 =========  ============  =================================================
 exit       KVM handler   what changes in KVM's copy
 =========  ============  =================================================
 0x08f      efer_trap     EFER (SVME masked, LMA kept as KVM computes it)
 0x090      cr_trap       CR0; LMA follows when PG toggles under EFER.LME
-0x094      cr_trap       CR4
+0x094      cr_trap       CR4 (and CPUID's OSXSAVE/OSPKE with it)
 0x098      cr_trap       CR8 (the TPR; the CPU already refused reserved bits)
 =========  ============  =================================================
 
-The trace notes what changed, and when KVM would reset its MMU context.
+Without this plugin KVM's copy stays at the launch values: what a KVM without the
+patch would believe of the guest. The trace notes what changed, and when KVM would
+reset its MMU context.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from attrs import define
 
 from sevsim import hookimpl
 from sevsim.arch import msr as M
 from sevsim.arch.exits import SvmExit
 from sevsim.arch.vectors import Vector
-from sevsim.kvm.context import ExitContext
-from sevsim.kvm.control_regs import ControlRegs
+from sevsim.kvm.context import ExitContext, VcpuView
 from sevsim.kvm.dispatch import ExitHandler, ExitKind
 
 #: Bits whose change makes KVM rebuild its MMU context (KVM_MMU_*_ROLE_BITS).
@@ -53,6 +60,43 @@ _EFER_NEEDS = (
     (M.EFER_SVME, 0x8000_0001, "ecx", 2, "SVM"),
     (M.EFER_AUTOIBRS, 0x8000_0021, "eax", 8, "AUTOIBRS"),
 )
+
+
+@define
+class ControlRegs:
+    """The values KVM believes the guest's control registers hold (``vcpu->arch.cr0``...)."""
+
+    #: ``kvm_vcpu_reset``: CD | NW | ET, until the VMM sets its own.
+    cr0: int = M.CR0_CD | M.CR0_NW | M.CR0_ET
+    cr4: int = 0
+    #: The task-priority register (no in-kernel LAPIC: KVM keeps it here).
+    cr8: int = 0
+    #: Without EFER.SVME, which KVM's copy never shows the guest.
+    efer: int = 0
+
+    def load(self, state: Mapping[str, Any]) -> None:
+        """KVM_SET_SREGS before launch: the VMM's CR0/CR4/EFER and V_TPR (VMSA names)."""
+        fresh = ControlRegs()
+        self.cr0 = state.get("cr0", fresh.cr0)
+        self.cr4 = state.get("cr4", fresh.cr4)
+        self.efer = state.get("efer", fresh.efer) & ~M.EFER_SVME
+        self.cr8 = state.get("vintr_ctrl", 0) & 0xF  # V_TPR
+
+    @property
+    def paging(self) -> bool:
+        """``is_paging``: CR0.PG as KVM last saw it."""
+        return bool(self.cr0 & M.CR0_PG)
+
+
+@hookimpl
+def sevsim_vcpu_state() -> ControlRegs:
+    return ControlRegs()
+
+
+@hookimpl
+def sevsim_vcpu_reset(vcpu: VcpuView) -> None:
+    """The VMM set the vCPU's registers before launch: KVM's copy starts from them."""
+    vcpu.state.load(vcpu.initial_state)
 
 
 def _changes(name: str, old: int, new: int, role_bits: int) -> str:
@@ -78,7 +122,8 @@ def set_cr0(regs: ControlRegs, cr0: int) -> None:
 
 def cr_trap(ctx: ExitContext) -> None:
     """``cr_trap``: the CR number is the exit code's distance from CR0_WRITE_TRAP."""
-    regs, new = ctx.vcpu.cr, ctx.exit_info_1
+    regs: ControlRegs = ctx.vcpu.state
+    new = ctx.exit_info_1
     match ctx.code - SvmExit.CR0_WRITE_TRAP:
         case 0:
             old = regs.cr0
@@ -87,6 +132,7 @@ def cr_trap(ctx: ExitContext) -> None:
         case 4:
             ctx.notes["cr4"] = _changes("CR4", regs.cr4, new, CR4_ROLE_BITS)
             regs.cr4 = new
+            ctx.vcpu.set_cpuid_runtime(cr4=new)  # kvm_post_set_cr4: OSXSAVE, OSPKE
         case 8:
             ctx.notes["cr8"] = f"TPR {regs.cr8} -> {new}"
             regs.cr8 = new
@@ -98,9 +144,9 @@ def efer_refusal(ctx: ExitContext, efer: int) -> str | None:
     if unknown:
         return f"EFER {efer:#x} sets bits {unknown:#x} KVM does not support"
     for bits, function, register, bit, feature in _EFER_NEEDS:
-        if efer & bits and not getattr(ctx.vm.cpuid.lookup(function), register) >> bit & 1:
+        if efer & bits and not getattr(ctx.vcpu.cpuid(function), register) >> bit & 1:
             return f"EFER {efer:#x} needs CPUID {feature}, which the guest does not have"
-    regs = ctx.vcpu.cr
+    regs: ControlRegs = ctx.vcpu.state
     if regs.paging and (regs.efer ^ efer) & M.EFER_LME:
         return "EFER.LME cannot change while paging is on"
     return None
@@ -114,7 +160,7 @@ def efer_trap(ctx: ExitContext) -> None:
     if why is not None:
         _refuse(ctx, why)
         return
-    regs = ctx.vcpu.cr
+    regs: ControlRegs = ctx.vcpu.state
     new = efer & ~M.EFER_LMA | regs.efer & M.EFER_LMA  # LMA is KVM's to compute
     ctx.notes["efer"] = _changes("EFER", regs.efer, new, EFER_ROLE_BITS)
     regs.efer = new

@@ -5,9 +5,12 @@ through the GHCB with the instruction described in ``sw_exit_info_1`` (KVM's
 ``io_interception``): port in bits 31:16, data size one-hot in 6:4, address size in
 9:7, REP in bit 3, string in bit 2, IN in bit 0. A plain OUT carries its value in
 RAX; an IN gets it back in RAX (a 1- or 2-byte IN keeps the rest of RAX, a 4-byte
-IN zero-extends it, as the CPU's own IN does in 64-bit mode). A string operation
-moves its data through the scratch area, with the element count in ``sw_exit_info_2``
-(the 5.15 fix: earlier KVM read that field as a byte count).
+IN zero-extends it, as the CPU's own IN does in 64-bit mode). KVM takes the size
+field as the guest wrote it, whatever it is: it never answers an IOIO request with a
+GHCB error. A string operation moves its data through the scratch area, with the
+element count in ``sw_exit_info_2``; the 5.11 era reproduces that kernel's bug (fixed
+in 5.15, 019057bd73d1): it sized the scratch area as ``sw_exit_info_2`` *bytes*, so
+only that many bytes of the elements moved reach the guest.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from sevsim import hookimpl
-from sevsim.arch.exits import GhcbErr, SvmExit
+from sevsim.arch.exits import SvmExit
 from sevsim.arch.ghcb import Ghcb
 from sevsim.arch.ioio import IOIO_STR, IOIO_TYPE_IN, IoioInfo
 from sevsim.kvm import outcome as O
@@ -37,9 +40,6 @@ def requires(ghcb: Ghcb) -> Iterator[str]:
 
 def io_interception(ctx: ExitContext) -> O.Outcome | None:
     info = IoioInfo.decode(ctx.exit_info_1)
-    if info is None:
-        ctx.bad_input(GhcbErr.INVALID_INPUT)
-        return None
     if info.string:
         return string_io(ctx, info)
     bus = ctx.vm.io_bus
@@ -63,15 +63,19 @@ def string_io(ctx: ExitContext, info: IoioInfo) -> O.Outcome | None:
     length = count * info.size
     if count > INT_MAX or length > INT_MAX:
         return O.Fail("EINVAL", f"string IO of {count} x {info.size} bytes is too long")
+    if ctx.vm.era == "v5.11":
+        length = count  # the element count taken as a byte count (fixed in 5.15)
     scratch = ctx.map_scratch(length, sync=info.is_in)
     if not isinstance(scratch, Scratch):
         return scratch
     bus = ctx.vm.io_bus
-    for i in range(0, length, info.size):
-        if info.is_in:
-            scratch.data[i : i + info.size] = bus.read(info.port, info.size)
-        else:
-            bus.write(info.port, bytes(scratch.data[i : i + info.size]))
+    if info.is_in:
+        moved = b"".join(bus.read(info.port, info.size) for _ in range(count))
+        scratch.data[:] = moved[:length].ljust(length, b"\0")
+    else:
+        data = bytes(scratch.data).ljust(count * info.size, b"\0")
+        for i in range(count):
+            bus.write(info.port, data[i * info.size : (i + 1) * info.size])
     return None
 
 

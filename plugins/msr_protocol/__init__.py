@@ -8,7 +8,7 @@ requests:
 =========  ==================  ============================================
 request    reply               what
 =========  ==================  ============================================
-0x002      0x001 SEV_INFO      max/min GHCB protocol version, C-bit position
+0x002      0x001 SEV_INFO      max/min GHCB protocol version, the host's C-bit
 0x004      0x005 CPUID         one register of one CPUID function (index 0)
 0x080      0x081 HV_FEATURES   hypervisor features (newest KVM: 0x3)
 0x100      -                   termination request: the VM stops (SEV_TERM)
@@ -16,7 +16,9 @@ request    reply               what
 =========  ==================  ============================================
 
 AP_RESET_HOLD (0x006) belongs to the ``apboot`` plugin. Requests nobody owns are
-ignored by kvm, as newest KVM does: the guest reads its own value back.
+ignored by kvm, as newest KVM does: the guest reads its own value back. The 5.11
+era knew only SEV_INFO, CPUID and TERM_REQ, and failed KVM_RUN on a termination
+request.
 
 Settings (``[plugins.settings.msr_protocol]``): ``min_version`` (default 1) and
 ``max_version`` (default 2), the GHCB protocol versions SEV_INFO offers.
@@ -42,7 +44,6 @@ from sevsim.errors import ConfigError
 from sevsim.kvm import outcome as O
 from sevsim.kvm.context import ExitContext
 from sevsim.kvm.dispatch import ExitHandler, ExitKind
-from sevsim.kvm.intercepts import cpuid_leaf
 
 #: The protocol versions KVM can speak (GHCB spec v1 and v2).
 SUPPORTED_VERSIONS = range(1, 3)
@@ -80,19 +81,20 @@ def sevsim_configure(settings: Mapping[str, Any]) -> Settings:
 
 def terminate(ctx: ExitContext) -> O.Outcome:
     """KVM_EXIT_SYSTEM_EVENT, type SEV_TERM, data[0] = the raw GHCB MSR value (5.11: -EINVAL)."""
-    return ctx.vm.compat.terminate(ctx.msr)
+    return O.sev_term(ctx.vm.era, ctx.msr)
 
 
 def sev_info(config: Settings, ctx: ExitContext) -> None:
-    """The VM's GHCB version (what its vCPUs' MSR held at reset), capped by the setting."""
-    cbit = ctx.vm.cpuid.lookup(0x8000_001F).ebx & 0x3F
+    """The VM's GHCB version (what its vCPUs' MSR held at reset), capped by the setting,
+    and the host's C-bit (``sev_enc_bit``), whatever the guest's CPUID table says."""
     max_version = min(config.max_version, ctx.vm.ghcb_version)
-    ctx.msr = sev_info_resp(max_version, min(config.min_version, max_version), cbit)
+    ctx.msr = sev_info_resp(max_version, min(config.min_version, max_version),
+                            ctx.vm.sev_enc_bit)  # fmt: skip
 
 
 def cpuid(ctx: ExitContext) -> None:
     function, register = bits(ctx.msr, 63, 32), bits(ctx.msr, 31, 30)
-    leaf = cpuid_leaf(ctx.vcpu, function, 0)  # KVM's CPUID handler; no sub-leaf here
+    leaf = ctx.vcpu.cpuid(function, 0)  # KVM's CPUID handler; no sub-leaf here
     value = (leaf.eax, leaf.ebx, leaf.ecx, leaf.edx)[register]
     reply = with_bits(ctx.msr, 63, 32, value)  # bits 31:12 keep the guest's value
     ctx.msr = with_bits(reply, 11, 0, GhcbMsr.CPUID_RESP)
@@ -110,10 +112,10 @@ def snp_only(ctx: ExitContext) -> O.Outcome:
 
 @hookimpl
 def sevsim_exit_handlers(config: Settings) -> Iterator[ExitHandler]:
-    kind = ExitKind.MSR_PROTOCOL
+    kind, newest = ExitKind.MSR_PROTOCOL, {"newest"}
     yield ExitHandler(kind, GhcbMsr.SEV_INFO_REQ, lambda ctx: sev_info(config, ctx))
     yield ExitHandler(kind, GhcbMsr.CPUID_REQ, cpuid)
-    yield ExitHandler(kind, GhcbMsr.HV_FT_REQ, hv_features)
+    yield ExitHandler(kind, GhcbMsr.HV_FT_REQ, hv_features, eras=newest)
     yield ExitHandler(kind, GhcbMsr.TERM_REQ, terminate)
     for code in sorted(SNP_ONLY_REQUESTS):
-        yield ExitHandler(kind, code, snp_only)
+        yield ExitHandler(kind, code, snp_only, eras=newest)

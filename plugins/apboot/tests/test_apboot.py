@@ -11,7 +11,7 @@ from sevsim.errors import VcpuError
 from sevsim.guest.image import GHCB_GPA
 from sevsim.guest.snippets import TERMINATE, ghcb_vmgexit
 from sevsim.kvm.exits import ApResetHold, RunFailed, SystemEvent
-from sevsim.kvm.pending import MpState
+from sevsim.kvm.vcpu import MpState
 from sevsim.testing import ExitDriver, isolated_host, run_guest
 
 pytest_plugins = ["sevsim.testing"]
@@ -38,7 +38,7 @@ def test_jump_table_set_then_get_is_per_vm():
     assert jump_table(d, 0, 0x8_0000) == (0, 0)
     assert jump_table(d, 1) == (0, 0x8_0000)
     assert jump_table(other, 1) == (0, 0)  # another VM has its own
-    assert d.vm.ap_jump_table == 0x8_0000
+    assert d.vm.plugin_states["apboot"].address == 0x8_0000
 
 
 @pytest.mark.parametrize(
@@ -103,9 +103,9 @@ def test_an_nmi_wakes_a_parked_vcpu_which_parks_again():
     vcpu.nmi()
     assert vcpu.run() == ApResetHold()
     assert int.from_bytes(run.vm.memory.read(RESULT + 8, 8), "little") == 2
-    assert vcpu.nmi_state.masked  # delivered (the handler did not send NMI_COMPLETE)
+    assert vcpu.plugin_states["nmi"].masked  # delivered (the handler did not send NMI_COMPLETE)
     vcpu.nmi()  # a new KVM_NMI wakes it (KVM_REQ_NMI), but cannot be injected: masked
-    assert vcpu.run() == ApResetHold() and vcpu.nmi_state.pending == 1
+    assert vcpu.run() == ApResetHold() and vcpu.plugin_states["nmi"].pending == 1
     blocked = vcpu.run()  # a pending NMI that is not allowed does not wake it again
     assert isinstance(blocked, RunFailed) and blocked.errno == "EINTR"
 

@@ -12,7 +12,6 @@ from sevsim.arch.vmcb import VMCB_CONTROL
 from sevsim.guest.image import CODE
 from sevsim.guest.snippets import TERMINATE, terminate
 from sevsim.hw import Platform
-from sevsim.kvm.control_regs import ControlRegs
 from sevsim.kvm.cpuid import CpuidModel
 from sevsim.kvm.exits import SystemEvent, SystemEventType
 from sevsim.testing import ExitDriver, isolated_host, run_guest
@@ -69,15 +68,17 @@ def test_each_trap_updates_kvms_copy_and_the_trace_says_what_changed():
     handled = Handled()
     result = run(WRITES, handled)
     assert term_value(result.exit) == 0x100
-    regs = result.vm.vcpus[0].cr
+    regs = result.vm.vcpus[0].plugin_states["crtraps"]
     assert regs.cr0 == CR0_START | M.CR0_WP
-    assert regs.cr4 == M.CR4_PAE | M.CR4_OSFXSR | M.CR4_OSXMMEXCPT | 0x80
+    # The guest read CR4 with MCE, which svm_set_cr4 added to the VMSA's CR4 at launch
+    # (the host's), and wrote it back: KVM's copy now has it too.
+    assert regs.cr4 == M.CR4_PAE | M.CR4_OSFXSR | M.CR4_OSXMMEXCPT | M.CR4_MCE | 0x80
     assert regs.cr8 == 5
     assert regs.efer == EFER_START & ~M.EFER_SCE  # no SVME, though the hardware has it
     traps = [(code, notes) for code, plugin, notes in handled.seen if plugin == "crtraps"]
     assert traps == [
         (0x90, {"cr0": f"CR0 {CR0_START:#x} -> {CR0_START | M.CR0_WP:#x} (MMU context reset)"}),
-        (0x94, {"cr4": "CR4 0x620 -> 0x6a0"}),
+        (0x94, {"cr4": "CR4 0x620 -> 0x6e0"}),
         (0x98, {"cr8": "TPR 0 -> 5"}),
         (0x8F, {"efer": "EFER 0xd01 -> 0xd00"}),
     ]
@@ -96,14 +97,14 @@ def test_paging_off_and_on_under_lme_moves_lma_in_kvms_copy():
     traps are delivered directly (leaving long mode from a guest takes a detour
     through compatibility mode that adds nothing to KVM's rule)."""
     d = ExitDriver(isolated_host(enable=["crtraps"]).start())
-    d.vcpu.cr = ControlRegs(cr0=CR0_START, efer=EFER_START)
+    d.vcpu.set_state({"cr0": CR0_START, "efer": EFER_START})  # KVM's copy starts there
     assert d.vmexit(SvmExit.CR0_WRITE_TRAP, CR0_START & ~M.CR0_PG).exit is None
-    assert d.vcpu.cr.efer == EFER_START & ~M.EFER_LMA
+    assert d.vcpu.plugin_states["crtraps"].efer == EFER_START & ~M.EFER_LMA
     assert d.vmexit(SvmExit.CR0_WRITE_TRAP, CR0_START).exit is None
-    assert d.vcpu.cr.efer == EFER_START
+    assert d.vcpu.plugin_states["crtraps"].efer == EFER_START
     # LME may not change while paging is on: KVM refuses and queues #GP.
     assert d.vmexit(SvmExit.EFER_WRITE_TRAP, M.EFER_SVME | M.EFER_SCE).exit is None
-    assert d.vcpu.cr.efer == EFER_START
+    assert d.vcpu.plugin_states["crtraps"].efer == EFER_START
     assert VMCB_CONTROL.get(d.vcpu.vmcb, "event_inj") == 0x8000_0B0D  # #GP, error code 0
 
 
@@ -128,7 +129,7 @@ def test_efer_bit_the_guest_cpuid_lacks_is_refused_with_gp():
         {"refused": "EFER 0xd01 needs CPUID NX, which the guest does not have"},
     ]
     assert term_value(result.exit) == GP_TERM  # the #GP reached the guest's handler
-    assert result.vm.vcpus[0].cr.efer == 0x501
+    assert result.vm.vcpus[0].plugin_states["crtraps"].efer == 0x501
 
 
 @pytest.mark.parametrize(
@@ -144,4 +145,5 @@ def test_writes_the_cpu_refuses_fault_and_never_reach_kvm(source: str, what: str
     result = run(source + "; hlt", handled)
     assert term_value(result.exit) == GP_TERM, what
     assert not [code for code, plugin, _ in handled.seen if plugin == "crtraps"], what
-    assert result.vm.vcpus[0].cr.efer == EFER_START and result.vm.vcpus[0].cr.cr8 == 0
+    kvm_copy = result.vm.vcpus[0].plugin_states["crtraps"]
+    assert kvm_copy.efer == EFER_START and kvm_copy.cr8 == 0

@@ -97,10 +97,20 @@ def test_string_io_count_beyond_int_max_fails_kvm_run():
     assert isinstance(reply.exit, RunFailed) and reply.exit.errno == "EINVAL"
 
 
-def test_bad_size_is_invalid_input():
-    reply = ioio(driver(), 0x3F8 << 16 | 3 << 4, rax=0)
-    assert (reply.ghcb["sw_exit_info_1"], reply.ghcb["sw_exit_info_2"]) == (
-        2, GhcbErr.INVALID_INPUT)
+@pytest.mark.parametrize("size", [3, 0, 7])
+def test_a_size_field_that_is_not_one_hot_is_used_as_given(size):
+    """``io_interception`` takes ``(exit_info_1 & SVM_IOIO_SIZE_MASK) >> 4`` as the size in
+    bytes and never answers an IOIO request with a GHCB error: a 3-byte OUT to COM1
+    writes THR, IER and IIR/FCR; a 0-byte IN reads nothing and leaves RAX's low bytes."""
+    d = driver()
+    reply = ioio(d, 0x3F8 << 16 | size << 4, rax=0x0F_0241)
+    assert (reply.ghcb["sw_exit_info_1"], reply.ghcb["sw_exit_info_2"]) == (0, 0)
+    assert d.devices.uart.output == (b"A" if size else b"")
+    assert d.devices.uart.ier == (0x02 if size else 0)
+    reply = ioio(d, 0x3FD << 16 | size << 4 | IN, rax=0xAABB_CCDD)
+    assert reply.ghcb["sw_exit_info_1"] == 0
+    if size == 0:
+        assert reply.ghcb["rax"] == 0xAABB_CCDD  # merged: nothing was read
 
 
 @pytest.mark.parametrize(

@@ -6,12 +6,16 @@ import pytest
 
 from sevsim import hookimpl
 from sevsim.arch.exits import SvmExit
+from sevsim.arch.ghcb_msr import GhcbMsr
+from sevsim.errors import VcpuError
 from sevsim.guest.asm import assemble
 from sevsim.guest.image import GHCB_GPA
 from sevsim.guest.snippets import TERMINATE, nmi_complete
 from sevsim.guest.vc import VcHandler
 from sevsim.guest.vc_native import vc_image_args
+from sevsim.kvm.dispatch import ExitHandler, ExitKind
 from sevsim.kvm.exits import Hlt, SystemEvent
+from sevsim.plugins import ioio, msr_protocol, svm_intercepts
 from sevsim.testing import run_guest
 
 pytest_plugins = ["sevsim.testing"]
@@ -61,49 +65,74 @@ def test_queued_nmis_are_injected_one_per_nmi_complete():
         vcpu.nmi()  # KVM_NMI three times: at most two can be pending
     assert isinstance(vcpu.run(), SystemEvent)
     assert handled(run) == 2
-    nmi = vcpu.nmi_state
+    nmi = vcpu.plugin_states["nmi"]
     assert (nmi.pending, nmi.masked, nmi.window_exits) == (0, False, 2)
     assert "\n".join(run.trace.lines).count("nmi: NMIs unmasked") == 2
 
 
-def test_without_the_plugin_nmis_stay_masked_after_the_first():
+def test_without_the_plugin_there_is_no_nmi_to_inject():
+    """The feature is the plugin's: without it KVM_NMI fails, naming it, and a guest's
+    NMI_COMPLETE is an invalid event."""
     run = guest(WAIT_FOR_TWO, enable=["msr_protocol"])
     vcpu = run.vm.vcpus[0]
-    vcpu.nmi()
-    vcpu.nmi()
-    assert vcpu.run() == Hlt()  # the guest waits for a second NMI that never comes
-    assert handled(run) == 1
-    assert (vcpu.nmi_state.pending, vcpu.nmi_state.masked) == (1, True)
-    assert "error INVALID_EVENT" in "\n".join(run.trace.lines)
+    with pytest.raises(VcpuError, match="'nmi' plugin"):
+        vcpu.nmi()
+    complete = run_guest(nmi_complete(BACKUP) + TERMINATE, enable=["msr_protocol"],
+                         **vc_image_args(data=HANDLERS))  # fmt: skip
+    assert "error INVALID_EVENT" in "\n".join(complete.trace.lines)
+
+
+#: An NMI handler that counts and returns without NMI_COMPLETE: NMIs stay masked.
+SILENT = {**HANDLERS, NMI_HANDLER: assemble(f"""
+    push rsi; mov rsi, {COUNT}; inc qword ptr [rsi]; pop rsi
+    iretq
+""", NMI_HANDLER)}
 
 
 def test_while_one_nmi_is_in_service_only_one_more_waits():
     """``process_nmi``: the limit is 1 while masked, so of three NMIs queued during the
-    first one's handling, one is delivered after NMI_COMPLETE."""
-    run = guest(WAIT_FOR_TWO, enable=["msr_protocol"])  # no NMI_COMPLETE: stays masked
+    first one's handling (its handler never says NMI_COMPLETE), one waits."""
+    run = run_guest(WAIT_FOR_TWO, enable=ENABLE, idt={2: NMI_HANDLER, 13: GP_HANDLER},
+                    data=SILENT)  # fmt: skip
     vcpu = run.vm.vcpus[0]
     vcpu.nmi()
-    assert vcpu.run() == Hlt() and handled(run) == 1 and vcpu.nmi_state.masked
+    assert vcpu.run() == Hlt() and handled(run) == 1 and vcpu.plugin_states["nmi"].masked
     for _ in range(3):
         vcpu.nmi()
-    assert vcpu.run() == Hlt()
-    assert vcpu.nmi_state.pending == 1
+    assert vcpu.run() == Hlt()  # the guest waits for a second NMI that never comes
+    assert vcpu.plugin_states["nmi"].pending == 1 and handled(run) == 1
 
 
 class NmiOn:
-    """Queues an NMI (KVM_NMI from the VMM) while kvm handles exits with ``code``."""
+    """Raises an NMI inside KVM (``kvm_inject_nmi``) while one request is handled: it
+    takes over that row (an owner rule says so) and calls the usual handler first."""
+
+    ROWS = {
+        SvmExit.IOIO: (ExitKind.VMGEXIT, ioio.io_interception, ioio.requires),
+        SvmExit.RDPMC: (ExitKind.VMGEXIT, svm_intercepts.rdpmc, ("rcx",)),
+        GhcbMsr.CPUID_REQ: (ExitKind.MSR_PROTOCOL, msr_protocol.cpuid, ()),
+    }
 
     def __init__(self, code: int) -> None:
-        self.code, self.vm = code, None
+        self.code = code
 
     @hookimpl
-    def sevsim_vm_created(self, vm):
-        self.vm = vm
+    def sevsim_exit_handlers(self):
+        kind, usual, requires = self.ROWS[self.code]
 
-    @hookimpl
-    def sevsim_exit_handled(self, vcpu_id: int, code: int):
-        if code == self.code:
-            self.vm.vcpus[vcpu_id].nmi()
+        def handler(ctx):
+            result = usual(ctx)
+            ctx.vcpu.inject_nmi()
+            return result
+
+        yield ExitHandler(kind, self.code, handler, requires)
+
+
+def nmi_on(code: int) -> dict:
+    """run_guest arguments for an :class:`NmiOn` taking over ``code``."""
+    kind = NmiOn.ROWS[code][0]
+    key = f"msr_protocol:{code:#05x}" if kind is ExitKind.MSR_PROTOCOL else code
+    return {"plugins": {"nmi_on": NmiOn(code)}, "owners": {key: "nmi_on"}}
 
 
 @pytest.mark.parametrize("modeled", [False, True], ids=["native", "modeled"])
@@ -114,8 +143,8 @@ def test_an_nmi_inside_the_vc_handler_leaves_its_reply_intact(modeled):
     source = f"mov dx, 0x3fd; in al, dx; mov rsi, {RESULT}; mov [rsi], rax\n{TERMINATE}"
     args = {"idt": {2: NMI_HANDLER}, "data": HANDLERS}
     args = args if modeled else vc_image_args(**args)
-    run = run_guest(source, {"nmi_on": NmiOn(SvmExit.IOIO)}, enable=ENABLE,
-                    vc_model=VcHandler() if modeled else None, **args)  # fmt: skip
+    run = run_guest(source, enable=ENABLE, vc_model=VcHandler() if modeled else None,
+                    **nmi_on(SvmExit.IOIO), **args)  # fmt: skip
     assert isinstance(run.exit, SystemEvent), run.trace.lines[-6:]
     assert int.from_bytes(run.vm.memory.read(RESULT, 8), "little") & 0xFF == 0x60  # LSR
     assert handled(run) == 1
@@ -126,8 +155,7 @@ def test_an_nmi_behind_an_exception_still_gets_in():
     NMI at the next entry, so a guest spinning in its #GP handler still takes it."""
     source = "mov ecx, 9; rdpmc"  # counter 9: KVM queues #GP through EVENTINJ
     args = vc_image_args(idt={2: NMI_HANDLER, 13: GP_HANDLER}, data=HANDLERS)
-    run = run_guest(source, {"nmi_on": NmiOn(SvmExit.RDPMC)}, enable=ENABLE, timeout=10,
-                    **args)  # fmt: skip
+    run = run_guest(source, enable=ENABLE, timeout=10, **nmi_on(SvmExit.RDPMC), **args)
     assert isinstance(run.exit, SystemEvent), run.exit  # not RunFailed EINTR: no NMI
     assert handled(run) == 1
     assert run.trace.exits["INTR"] == 1  # the immediate exit
@@ -142,7 +170,9 @@ def test_an_nmi_after_an_msr_protocol_request_leaves_the_reply_in_the_msr():
         rdmsr; mov rsi, {RESULT}; mov [rsi], eax; mov [rsi + 4], edx
         {TERMINATE}
     """
-    run = guest(source, plugins={"nmi_on": NmiOn(0x004)})
+    args = nmi_on(GhcbMsr.CPUID_REQ)
+    run = run_guest(source, args["plugins"], enable=ENABLE, owners=args["owners"],
+                    idt={2: NMI_HANDLER, 13: GP_HANDLER}, data=HANDLERS)  # fmt: skip
     assert isinstance(run.exit, SystemEvent), run.trace.lines[-6:]
     assert int.from_bytes(run.vm.memory.read(RESULT, 8), "little") == 0xD_0000_0005
     assert handled(run) == 1

@@ -40,15 +40,16 @@ Settings (``[plugins.settings.hv_counter]`` in ``sevsim.toml``):
 Every value is checked at start-up; a bad one stops it with a
 :class:`~sevsim.errors.ConfigError` naming the setting, the value and the range.
 
-Counters belong to the VM (created at its first call, gone with it): two VMs
-never see each other's counters, and all vCPUs of one VM share them.
+Counters belong to the VM: they are this plugin's per-VM state, which sevsim makes
+for every VM (``sevsim_vm_state``) and drops with it. Two VMs never see each other's
+counters, and all vCPUs of one VM share them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from functools import partial
 from typing import Any
-from weakref import WeakKeyDictionary
 
 from attrs import frozen
 
@@ -64,10 +65,11 @@ __all__ = [
     "SEVSIM_VMGEXIT_HV_COUNTER",
     "SVM_EXIT_SW",
     "U64_MAX",
-    "Counters",
     "Settings",
+    "handle",
     "sevsim_configure",
     "sevsim_exit_handlers",
+    "sevsim_vm_state",
 ]
 
 #: The plugin's name: the entry-point name in this distribution's pyproject.toml.
@@ -113,60 +115,45 @@ def sevsim_configure(settings: Mapping[str, Any]) -> Settings:
     return Settings(**values)
 
 
-class Counters:
-    """The service: every VM's counters, and the handler for the exit code.
+@hookimpl
+def sevsim_vm_state(config: Settings) -> list[int]:
+    """A new VM's counters, all at ``start``."""
+    return [config.start] * config.counters
 
-    One instance per plugin host start-up (see :func:`sevsim_exit_handlers`), so two
-    hosts in one process, or two tests, never share state. Counters are keyed by the
-    VM object, weakly: a destroyed and collected VM takes its counters with it.
+
+def handle(config: Settings, ctx: ExitContext) -> None:
+    """SEVSIM_VMGEXIT_HV_COUNTER: counter[RAX] += RBX; RAX = new, RBX = old.
+
+    kvm has already checked that RAX and RBX are valid (``requires``) and pre-set the
+    success reply (0/0); only the request itself is checked here. Returning None
+    resumes the guest, which finds RAX..RDX in the GHCB.
     """
-
-    def __init__(self, config: Settings) -> None:
-        self.config = config
-        self._by_vm: WeakKeyDictionary[Any, list[int]] = WeakKeyDictionary()
-
-    def values(self, vm: Any) -> list[int]:
-        """The counters of ``vm`` (all at ``start`` before its first call)."""
-        counters = self._by_vm.get(vm)
-        if counters is None:
-            counters = self._by_vm[vm] = [self.config.start] * self.config.counters
-        return counters
-
-    def handle(self, ctx: ExitContext) -> None:
-        """SEVSIM_VMGEXIT_HV_COUNTER: counter[RAX] += RBX; RAX = new, RBX = old.
-
-        kvm has already checked that RAX and RBX are valid (``requires``) and
-        pre-set the success reply (0/0); only the request itself is checked here.
-        Returning None resumes the guest, which finds RAX..RDX in the GHCB.
-        """
-        index, increment = ctx.regs["rax"], ctx.regs["rbx"]
-        if index >= self.config.counters:
-            ctx.notes[NAME] = f"no counter {index} (this VM has {self.config.counters})"
-            ctx.bad_input(GhcbErr.INVALID_INPUT)
-            return
-        if increment > self.config.max_increment:
-            ctx.notes[NAME] = (
-                f"increment {increment:#x} above max_increment {self.config.max_increment:#x}"
-            )
-            ctx.bad_input(GhcbErr.INVALID_INPUT)
-            return
-        counters = self.values(ctx.vm)
-        old = counters[index]
-        new = old + increment
-        if new > U64_MAX:
-            ctx.notes[NAME] = f"counter {index} at {old:#x} cannot grow by {increment:#x}"
-            ctx.bad_input(GhcbErr.INVALID_INPUT)
-            return
-        counters[index] = new
-        ctx.regs["rax"], ctx.regs["rbx"] = new, old
-        ctx.notes[NAME] = f"counter {index}: {old} + {increment} -> {new}"
-        ctx.success()
+    counters: list[int] = ctx.vm.state
+    index, increment = ctx.regs["rax"], ctx.regs["rbx"]
+    if index >= len(counters):
+        ctx.notes[NAME] = f"no counter {index} (this VM has {len(counters)})"
+        ctx.bad_input(GhcbErr.INVALID_INPUT)
+        return
+    if increment > config.max_increment:
+        ctx.notes[NAME] = f"increment {increment:#x} above max_increment {config.max_increment:#x}"
+        ctx.bad_input(GhcbErr.INVALID_INPUT)
+        return
+    old = counters[index]
+    new = old + increment
+    if new > U64_MAX:
+        ctx.notes[NAME] = f"counter {index} at {old:#x} cannot grow by {increment:#x}"
+        ctx.bad_input(GhcbErr.INVALID_INPUT)
+        return
+    counters[index] = new
+    ctx.regs["rax"], ctx.regs["rbx"] = new, old
+    ctx.notes[NAME] = f"counter {index}: {old} + {increment} -> {new}"
+    ctx.success()
 
 
 @hookimpl
 def sevsim_exit_handlers(config: Settings) -> Iterator[ExitHandler]:
     """Claim the exit code; RAX (counter) and RBX (increment) must be valid."""
-    service = Counters(config)
     yield ExitHandler(
-        ExitKind.VMGEXIT, SEVSIM_VMGEXIT_HV_COUNTER, service.handle, requires=("rax", "rbx")
+        ExitKind.VMGEXIT, SEVSIM_VMGEXIT_HV_COUNTER, partial(handle, config),
+        requires=("rax", "rbx"), name="SEVSIM_VMGEXIT_HV_COUNTER",
     )

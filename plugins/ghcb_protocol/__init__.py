@@ -3,14 +3,25 @@
 Three requests are about the protocol rather than about an instruction: the guest
 reports an event it cannot handle (UNSUPPORTED_EVENT, in the protocol from version 1),
 asks which hypervisor features exist (HV_FEATURES) or asks to be terminated with a
-reason once it has a GHCB page (TERM_REQUEST), both of version 2. KVM answers them in
-its own switch, so they are core rows here, not a plugin's. KVM learnt the version-2
-pair with its GHCB v2 support (the SNP series); the era switch
-(:mod:`sevsim.kvm.compat`) makes them invalid events for 5.11.
+reason once it has a GHCB page (TERM_REQUEST), both of version 2:
+
+==========  ==================  ================================================
+code        request             KVM's answer
+==========  ==================  ================================================
+0x8000fffd  HV_FEATURES         info_2 = 0x3 (SNP, SNP_AP_CREATION)
+0x8000fffe  TERM_REQUEST        KVM_EXIT_SYSTEM_EVENT SEV_TERM, data = the GHCB GPA
+0x8000ffff  UNSUPPORTED_EVENT   KVM_RUN fails with -EINVAL
+==========  ==================  ================================================
+
+KVM learnt the version-2 pair with its GHCB v2 support (the SNP series): a VM of the
+5.11 era meets them as invalid events.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+from sevsim import hookimpl
 from sevsim.arch.exits import VmgExit
 from sevsim.arch.ghcb_msr import GHCB_HV_FT_SUPPORTED
 from sevsim.kvm import outcome as O
@@ -28,7 +39,7 @@ def term_request(ctx: ExitContext) -> O.Outcome:
     decodes it, as KVM logs it); KVM_RUN ends with a SEV_TERM event whose data is the
     GHCB's GPA, where the VMM can read the request."""
     assert ctx.ghcb is not None  # a GHCB-page request always has its page
-    return ctx.vm.compat.terminate(ctx.ghcb.gpa)
+    return O.sev_term(ctx.vm.era, ctx.ghcb.gpa)
 
 
 def unsupported_event(ctx: ExitContext) -> O.Outcome:
@@ -37,10 +48,9 @@ def unsupported_event(ctx: ExitContext) -> O.Outcome:
                   f"{ctx.exit_info_1:#x}, exit_info_2 {ctx.exit_info_2:#x})")  # fmt: skip
 
 
-def ghcb_request_handlers() -> tuple[ExitHandler, ...]:
-    rows = (
-        (VmgExit.HV_FEATURES, hv_features),
-        (VmgExit.TERM_REQUEST, term_request),
-        (VmgExit.UNSUPPORTED_EVENT, unsupported_event),
-    )
-    return tuple(ExitHandler(ExitKind.VMGEXIT, code, h, plugin="kvm") for code, h in rows)
+@hookimpl
+def sevsim_exit_handlers() -> Iterator[ExitHandler]:
+    newest = {"newest"}
+    yield ExitHandler(ExitKind.VMGEXIT, VmgExit.HV_FEATURES, hv_features, eras=newest)
+    yield ExitHandler(ExitKind.VMGEXIT, VmgExit.TERM_REQUEST, term_request, eras=newest)
+    yield ExitHandler(ExitKind.VMGEXIT, VmgExit.UNSUPPORTED_EVENT, unsupported_event)
