@@ -45,6 +45,7 @@ CR0_PG = 1 << 31
 CR4_PSE = 1 << 4
 CR4_PAE = 1 << 5
 CR4_MCE = 1 << 6
+CR4_PGE = 1 << 7
 CR4_OSFXSR = 1 << 9
 CR4_OSXMMEXCPT = 1 << 10
 CR4_LA57 = 1 << 12

@@ -35,7 +35,7 @@ from sevsim.hw.psp import GuestStatus, LaunchMeasurement, LaunchSession, Platfor
 from sevsim.hw.sev_api import Policy
 from sevsim.hw.sev_caps import CpuidLeaf, SevCapabilities
 from sevsim.hw.sim import SIM_EVENTS, NoSim, SimSink
-from sevsim.hw.svm import MSRPM_SIZE, HostPages, Svm, VmsaPage, msrpm_bit
+from sevsim.hw.svm import MSRPM_SIZE, HostPages, Svm, Usage, VmsaPage, msrpm_bit
 from sevsim.hw.vc_model import GuestFault, GuestView, VcModel
 
 __all__ = [
@@ -56,6 +56,7 @@ __all__ = [
     "SevCapabilities",
     "SevFirmware",
     "SimSink",
+    "Usage",
     "VcModel",
     "VmsaHandle",
     "msrpm_bit",
@@ -275,13 +276,16 @@ class Platform(_Handle):
         _behind(self).pages.free(pa)
 
     def vmrun(
-        self, vmcb: bytearray, memory: GuestMemoryView, deadline: float | None = None
-    ) -> None:
+        self, vmcb: bytearray, memory: GuestMemoryView, deadline: float | None = None,
+        budget: int | None = None,
+    ) -> Usage:  # fmt: skip
         """VMRUN with ``memory`` as the nested page tables; the #VMEXIT is in ``vmcb``.
 
         The memory controller encrypts with the key ACTIVATE bound to the VMCB's ASID;
-        ``deadline`` (time.monotonic) is when the host's timer takes the CPU back.
+        the host's timer takes the CPU back at ``deadline`` (time.monotonic) or after
+        ``budget`` instructions (a counted, reproducible slice). Returns the time and
+        instructions the guest used, as the host's performance counters see them.
         """
         silicon: _Silicon = _behind(self)
         key = silicon.psp.key_for_asid(VMCB_CONTROL.get(vmcb, "asid"))
-        silicon.svm.vmrun(vmcb, _behind(memory), key, deadline)
+        return silicon.svm.vmrun(vmcb, _behind(memory), key, deadline, budget)

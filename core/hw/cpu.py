@@ -23,7 +23,6 @@ from typing import Any
 
 from attrs import frozen
 from unicorn import (
-    UC_ARCH_X86,
     UC_ERR_INSN_INVALID,
     UC_HOOK_INSN_INVALID,
     UC_HOOK_INTR,
@@ -31,8 +30,6 @@ from unicorn import (
     UC_HOOK_TLB_FILL,
     UC_MEM_FETCH_UNMAPPED,
     UC_MEM_WRITE_UNMAPPED,
-    UC_MODE_64,
-    UC_TLB_VIRTUAL,
     Uc,
     UcError,
 )
@@ -44,6 +41,7 @@ from sevsim.arch.vectors import Vector
 from sevsim.arch.vmcb import EventInj
 from sevsim.errors import FOREIGN_FAULTS
 from sevsim.hw import watchdog
+from sevsim.hw.engine import Engine
 from sevsim.hw.exceptions import Delivery, Event
 from sevsim.hw.intercept import Interceptor
 from sevsim.hw.memory import SHARED, GuestMemory
@@ -64,6 +62,12 @@ _CPL0_ACTIONS = (Action.HARDWARE_MSR, Action.CR_WRITE, Action.CR8_READ)
 _NO_END = 0xFFFF_FFFF_FFFF_FFFF
 _IF = 1 << 9
 _HARDWARE_MSRS = (M.MSR_AMD64_SEV_ES_GHCB, M.MSR_AMD64_SEV)
+#: Control-register bits whose change flushes the TLB (APM vol. 2, 5.5.2).
+_PAGING_BITS = {
+    0: M.CR0_PE | M.CR0_WP | M.CR0_PG,
+    4: M.CR4_PSE | M.CR4_PAE | M.CR4_PGE | M.CR4_LA57 | M.CR4_PCIDE | M.CR4_SMEP | M.CR4_SMAP
+    | M.CR4_PKE,
+}
 
 
 @frozen
@@ -178,19 +182,15 @@ class GuestCpu:
         #: the VINTR intercept): the CPU exits as soon as RFLAGS.IF is set.
         self.virq_pending = False
         self._on_vc = on_vc
-        uc = self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
-        uc.ctl_set_cpu_model(cpu_model)
-        uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
-        # With exits enabled and none set, emu_start's "until" is ignored: otherwise
-        # Unicorn translates that address through our page walk on every start.
-        uc.ctl_exits_enabled(True)
-        uc.ctl_set_exits([])
+        self.engine = Engine(cpu_model)
+        uc = self.uc = self.engine.uc
         self._mapped: list[int] = []
         self._map(memory)
         self.regs = Registers(uc)
         self.mmu = Mmu(uc, memory, cbit, self.cpl)
         self.delivery = Delivery(self.regs, self.mmu)
-        self.interceptor = Interceptor(uc, self.mmu, self.bits, self._at_site, self._retranslate)
+        self.interceptor = Interceptor(self.engine, self.mmu, self.bits, self._at_site,
+                                       self._retranslate)  # fmt: skip
         uc.hook_add(UC_HOOK_TLB_FILL, self.mmu.tlb_fill)
         uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
         uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid)
@@ -206,6 +206,13 @@ class GuestCpu:
         self._deferred_event: Event | None = None
         #: time.monotonic() at which the host takes the CPU back (an INTR exit), if any.
         self.deadline: float | None = None
+        #: Instructions the guest may still retire before the host takes the CPU back
+        #: (counted runs: deterministic slices), if any.
+        self.budget: int | None = None
+        #: What the CPU spent in guest mode: host nanoseconds, and instructions retired
+        #: in counted runs (a performance counter of the host).
+        self.guest_ns = 0
+        self.retired = 0
         self._running = False
         self._stop_lock = threading.Lock()
         #: The last #VC's exit code and info, as the VMSA keeps them.
@@ -415,11 +422,18 @@ class GuestCpu:
             self.interceptor.prime(self._linear(start))
         if self.deadline is not None:
             watchdog.arm(self, self.deadline)
+        count = 0 if self.budget is None else max(self.budget, 1)
         with self._stop_lock:
             self._running = True
+        began = time.perf_counter_ns()
         try:
-            self.uc.emu_start(start, _NO_END)
+            self.uc.emu_start(start, _NO_END, count=count)
         finally:
+            self.guest_ns += time.perf_counter_ns() - began
+            if count:
+                retired = self.engine.retired
+                self.retired += retired
+                self.budget = count - retired
             with self._stop_lock:
                 self._running = False
 
@@ -435,6 +449,13 @@ class GuestCpu:
         cs = self.regs.read(x86.UC_X86_REG_CS)
         base = self._loaded_cs[1] if cs == self._loaded_cs[0] else cs << 4
         return base + (rip & 0xFFFF)
+
+    def _slice_over(self) -> bool:
+        """The host's timer has taken the CPU back: its time or its instruction
+        budget for this VMRUN is used up."""
+        if self.budget is not None and self.budget <= 0:
+            return True
+        return self.deadline is not None and time.monotonic() >= self.deadline
 
     def time_is_up(self, deadline: float) -> bool:
         """Called by the host timer: stop the guest if it is still running towards
@@ -455,7 +476,7 @@ class GuestCpu:
         while True:
             if self.virq_pending and self.interrupts_enabled():
                 return HwExit(SvmExit.VINTR)
-            if self.deadline is not None and time.monotonic() >= self.deadline:
+            if self._slice_over():
                 return HwExit(SvmExit.INTR, why="the host's time slice ended")
             self._stop = None
             try:
@@ -478,7 +499,7 @@ class GuestCpu:
 
     def _natural_stop(self) -> _Stop:
         """Unicorn returned by itself: a HLT nobody hooked, or the host's timer."""
-        if self.deadline is not None and time.monotonic() >= self.deadline:
+        if self._slice_over():
             return _Interrupted()
         rip = self.regs.rip
         return _AtSite(Sensitive(SvmExit.HLT, 1, Action.AUTOMATIC_EXIT, "hlt"), rip - 1)
@@ -594,14 +615,22 @@ class GuestCpu:
         return HwExit(trap, info1=value) if cr != 3 and self.intercepted(trap) else None
 
     def _set_cr(self, cr: int, value: int) -> None:
-        """Write CR0/CR3/CR4 into the CPU; paging changes take LMA and the TLB along."""
+        """Write CR0/CR3/CR4 into the CPU; paging changes take LMA and the TLB along.
+
+        As on hardware, the TLB is flushed by a CR3 write and by CR0/CR4 writes that
+        change how addresses translate, not by rewriting the same value (OVMF writes
+        CR0 and CR4 back on every exception exit)."""
         mode = self.mmu.mode
+        old = getattr(mode, f"cr{cr}")
+        if cr != 3 and value == old:
+            return
         self.regs.write(CR_IDS[cr], value)
         efer = self.regs.msr(M.MSR_EFER) | M.EFER_SVME
         cr0, cr3, cr4 = (value if cr == n else getattr(mode, f"cr{n}") for n in (0, 3, 4))
         self.mmu.mode = PagingMode(cr0, cr3, cr4, efer, mode.cbit)
-        self.mmu.flush_tlb()
-        self._bits_cache.clear()
+        if cr == 3 or (old ^ value) & _PAGING_BITS[cr]:
+            self.mmu.flush_tlb()
+            self._bits_cache.clear()
 
     # -- #VC and events ---------------------------------------------------------------
 

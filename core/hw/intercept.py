@@ -20,10 +20,17 @@ not decoded at all.
 
 So the number of hooks follows the sensitive instructions the guest really
 executes, translation costs the same however much code has run, and a block costs
-one Python call when it is first translated. Unicorn reports a block as an edge from
-the last block that ran to its end, so until one block has (a stop in a hook does
-not count), a new block goes unreported: until then the CPU decodes the block at
-the start of each run itself (:meth:`prime`).
+one Python call when it is first translated.
+
+A block is translated with Unicorn's stop checks after each hook and memory access
+only if it holds a hooked instruction (:mod:`sevsim.hw.engine` explains why the
+others must not have them): the flag in force when Unicorn reports a block is the
+one it was translated with, so a block translated with the wrong one is dropped and
+translated again under the right one, which then stays for the blocks that follow.
+
+Unicorn reports a block as an edge from the last block that ran to its end, so
+until one block has (a stop in a hook does not count), a new block goes unreported:
+until then the CPU decodes the block at the start of each run itself (:meth:`prime`).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from typing import Any
 
 from unicorn import UC_HOOK_CODE, UC_HOOK_EDGE_GENERATED, Uc
 
+from sevsim.hw.engine import Engine
 from sevsim.hw.mmu import GuestAccessFault, Mmu
 from sevsim.hw.sites import CANDIDATE, MAX_INSN, Sensitive, classify, first_block, sensitive_in
 
@@ -44,10 +52,11 @@ class Interceptor:
     """Hooks on the sensitive instructions of one engine."""
 
     def __init__(
-        self, uc: Uc, mmu: Mmu, bits: Callable[[], int], on_site: SiteHandler,
+        self, engine: Engine, mmu: Mmu, bits: Callable[[], int], on_site: SiteHandler,
         retranslate: Callable[[], None],
     ) -> None:  # fmt: skip
-        self.uc = uc
+        self.engine = engine
+        self.uc = uc = engine.uc
         self.mmu = mmu
         self._bits = bits
         self._on_site = on_site
@@ -68,24 +77,43 @@ class Interceptor:
 
     def prime(self, address: int) -> None:
         """Decode the block at ``address`` before a run, while Unicorn does not
-        report new blocks yet."""
+        report new blocks yet, and translate it with the checks it needs."""
         code = self.mmu.code_at(address, 2 * 0x1000 - (address & 0xFFF))
-        if code and CANDIDATE.search(code):
-            self._place(first_block(code, address, self._bits()))
+        found = first_block(code, address, self._bits()) if code and CANDIDATE.search(
+            code) else []  # fmt: skip
+        self._place(found)
+        self.engine.block_checks = bool(found)
 
     def _on_block(self, uc: Uc, block: Any, _previous: Any, _data: Any) -> None:
         self.reporting = True
+        engine = self.engine
         pc, size = block.pc, block.size
         code = self.mmu.code_at(pc, size)
         if not code or not CANDIDATE.search(code):
             self._forget(pc, pc + size, ())
-            return
-        bits = self._bits()
-        found = sensitive_in(code, pc, bits)
-        self._forget(pc, pc + size, {addr for addr, _ in found})
-        if self._place(found, bits):
-            self.stale_blocks.append((pc, pc + size))
-            self._retranslate()
+            found = []
+        else:
+            bits = self._bits()
+            found = sensitive_in(code, pc, bits)
+            self._forget(pc, pc + size, {addr for addr, _ in found})
+            if self._place(found, bits):
+                engine.block_checks = True  # translate it again, hooked and checked
+                self._stale(pc, pc + size)
+                return
+        if engine.block_checks != bool(found):
+            engine.block_checks = bool(found)
+            self._stale(pc, pc + 1)
+        # Otherwise the flag stays: blocks around sensitive code tend to follow
+        # each other (an exception entry path), and so do blocks of plain code.
+
+    def _stale(self, start: int, end: int) -> None:
+        """Drop the blocks holding [start, end) from the translation cache before
+        this one runs a single instruction; it is translated again under the flag
+        now in force. A block translated with the wrong flag only loses its first
+        byte, so that blocks overlapping the rest of it (started at other addresses
+        of the same code) stay; one that needs new hooks loses its whole range."""
+        self.stale_blocks.append((start, end))
+        self._retranslate()
 
     def _place(self, found: list[tuple[int, Sensitive]], bits: int | None = None) -> bool:
         """Record and hook the sites; True if a new hook had to be added."""

@@ -130,7 +130,8 @@ def _sensitive(insn: object, code: bytes) -> Sensitive | None:
     if op_str.endswith(", cr8"):
         return Sensitive(SvmExit.READ_CR8, size, Action.CR8_READ, mnemonic,
                          op_str.split(",")[0])  # fmt: skip
-    if op_str.startswith("cr"):
+    if op_str.startswith("cr") and not op_str.startswith("cr2"):
+        # CR2 is plain storage, written natively; every other write the model retires.
         target, source = (part.strip() for part in op_str.split(","))
         return Sensitive(SvmExit.CR0_WRITE_TRAP + int(target[2:]), size, Action.CR_WRITE,
                          mnemonic, source)  # fmt: skip

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from attrs import define, field
+from attrs import define, field, frozen
 
 from sevsim.arch import msr as M
 from sevsim.arch.exits import SvmExit
@@ -56,6 +56,15 @@ def msrpm_bit(msr: int, write: bool) -> tuple[int, int] | None:
             index = (msr - first) * 2 + (1 if write else 0)
             return base + index // 8, index % 8
     return None
+
+
+@frozen
+class Usage:
+    """What one VMRUN used, as the host's performance counters see it: nanoseconds
+    in guest mode, and instructions retired (counted in runs with a budget only)."""
+
+    guest_ns: int
+    retired: int
 
 
 @define(eq=False)
@@ -201,13 +210,15 @@ class Svm:
         self.sim = sim
 
     def vmrun(
-        self, vmcb: bytearray, memory: GuestMemory, key: bytes | None, deadline: float | None
-    ) -> None:
+        self, vmcb: bytearray, memory: GuestMemory, key: bytes | None, deadline: float | None,
+        budget: int | None = None,
+    ) -> Usage:  # fmt: skip
         """Run the guest of ``vmcb`` until the next #VMEXIT, recorded in ``vmcb``.
 
         ``memory`` stands for the nested page tables (the guest-physical space),
         ``key`` for the memory controller's key slot of the VMCB's ASID and
-        ``deadline`` (time.monotonic) for the host timer's next tick (an INTR exit).
+        ``deadline`` (time.monotonic) or ``budget`` (instructions) for the host
+        timer's next tick (an INTR exit). Returns what the run used.
         """
         get = VMCB_CONTROL.get
         vmsa = self.pages.vmsa_at(get(vmcb, "vmsa_pa"))
@@ -215,23 +226,29 @@ class Svm:
         es = NestedCtl.SEV_ENABLE | NestedCtl.SEV_ES_ENABLE
         if vmsa is None or not vmsa.protected or nested & es != es:
             self._record(vmcb, None, HwExit(SvmExit.ERR, why="invalid vmsa_pa or SEV-ES off"))
-            return
+            return Usage(0, 0)
         if not vmsa.sealed_with(key):
             why = "the VMSA was sealed under another guest's key than this ASID's"
             self._record(vmcb, vmsa, HwExit(SvmExit.ERR, why=why))
-            return
+            return Usage(0, 0)
         if not vmsa.integrity_ok():
             self._record(vmcb, vmsa, HwExit(SvmExit.SHUTDOWN, why="VMSA integrity check failed"))
-            return
+            return Usage(0, 0)
+        cpu = vmsa.cpu
+        before = (cpu.guest_ns, cpu.retired) if cpu is not None else (0, 0)
         try:
-            hw_exit = self._run(vmcb, memory, vmsa, key, deadline)
+            hw_exit = self._run(vmcb, memory, vmsa, key, deadline, budget)
         except FOREIGN_FAULTS as exc:  # nothing a guest does may take the host down
             hw_exit = HwExit(SvmExit.SHUTDOWN, why=f"simulator fault: {type(exc).__name__}: {exc}")
         self._record(vmcb, vmsa, hw_exit)
+        cpu = vmsa.cpu
+        if cpu is None:
+            return Usage(0, 0)
+        return Usage(cpu.guest_ns - before[0], cpu.retired - before[1])
 
     def _run(
         self, vmcb: bytearray, memory: GuestMemory, vmsa: VmsaPage, key: bytes | None,
-        deadline: float | None,
+        deadline: float | None, budget: int | None,
     ) -> HwExit:  # fmt: skip
         get, put = VMCB_CONTROL.get, VMCB_CONTROL.set
         cpu = vmsa.cpu
@@ -240,6 +257,7 @@ class Svm:
         cpu.rebind(memory)
         cpu.set_key(memory.key_id(key))
         cpu.deadline = deadline
+        cpu.budget = budget
         cpu.ghcb_msr = get(vmcb, "ghcb_gpa")
         intercepts = int.from_bytes(get(vmcb, "intercepts"), "little")
         cpu.intercepted = lambda code: _intercepted(intercepts, code)

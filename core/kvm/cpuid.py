@@ -114,9 +114,11 @@ class CpuidRuntime:
     KVM rewrites them whenever the state changes: OSXSAVE follows CR4.OSXSAVE, OSPKE
     follows CR4.PKE, the APIC bit follows APIC_BASE's global enable, and leaf 0xD's
     sizes follow XCR0 and XSS. For an SEV-ES guest KVM learns CR4 from the CR4 write
-    trap, XCR0 from the GHCB and XSS/APIC_BASE from MSR writes.
+    trap, XCR0 from the GHCB and XSS/APIC_BASE from MSR writes. ``apic_id`` is the
+    vCPU's own (leaf 1 EBX[31:24], leaf 0xB EDX), as QEMU sets it in each vCPU's table.
     """
 
+    apic_id: int = 0
     cr4: int = 0
     xcr0: int = 1
     xss: int = 0
@@ -137,6 +139,9 @@ class CpuidRuntime:
             if ecx & (1 << 26):  # XSAVE offered: OSXSAVE mirrors CR4
                 ecx = ecx & ~(1 << 27) | (1 << 27 if self.cr4 & _CR4_OSXSAVE else 0)
             edx = edx & ~(1 << 9) | (1 << 9 if self.apic_base & _APIC_BASE_ENABLE else 0)
+            ebx = ebx & 0x00FF_FFFF | (self.apic_id & 0xFF) << 24
+        elif function == 0xB:
+            edx = self.apic_id
         elif function == 7 and index == 0 and ecx & (1 << 3):  # PKU offered: OSPKE
             ecx = ecx & ~(1 << 4) | (1 << 4 if self.cr4 & _CR4_PKE else 0)
         elif function == 0xD and index == 0:

@@ -103,6 +103,10 @@ class Vcpu:
         self.plugin_states = {part.name: part.vcpu_state() for part in vm.extensions.parts
                               if part.vcpu_state is not None}  # fmt: skip
         self._views: dict[str | None, VcpuView] = {}
+        #: Host nanoseconds in guest mode and guest instructions retired (counted
+        #: runs only), over every VMRUN: the VMM's clock reads them.
+        self.guest_ns = 0
+        self.retired = 0
         self._ops = VcpuOps(
             queue_event=self.queue_event, event_pending=self._event_pending,
             cpuid=self._cpuid, set_cpuid_runtime=self.cpuid_runtime.update,
@@ -157,11 +161,14 @@ class Vcpu:
     def dead(self) -> str | None:
         return self._dead
 
-    def run(self, timeout: float | None = None) -> KvmExit:
+    def run(self, timeout: float | None = None, budget: int | None = None) -> KvmExit:
         """KVM_RUN: run until an exit userspace must see.
 
-        ``timeout`` (seconds) bounds the call, as a signal would: when it has passed,
-        KVM_RUN returns -EINTR and the vCPU can be run again.
+        ``timeout`` (seconds) bounds the call, as a signal would, and ``budget``
+        bounds the guest instructions it may retire (a reproducible slice, as the
+        host's counters would enforce): when either is used up, KVM_RUN returns
+        -EINTR and the vCPU can be run again. :attr:`usage` adds up what every
+        VMRUN used.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         if self._dead is not None:
@@ -172,10 +179,11 @@ class Vcpu:
             raise VcpuError(f"vCPU {self.id}: run LAUNCH_UPDATE_VMSA before KVM_RUN")
         if self.mp_state is not MpState.RUNNABLE:
             # vcpu_block: KVM_RUN would wait for an event; sevsim reports at once.
-            if not (self.mp_state is MpState.AP_RESET_HOLD and self._wakeup()):
+            if not (self.mp_state is MpState.AP_RESET_HOLD and self.wakeup_pending()):
                 return RunFailed("EINTR", f"vCPU {self.id} is {self.mp_state.name}: a SIPI "
                                  "(deliver_sipi) or an event must wake it")  # fmt: skip
             self.mp_state = MpState.RUNNABLE
+        retired_before = self.retired
         while True:
             self.prepare_switch_to_guest()
             # req_immediate_exit: an event still waits, so leave the guest right after
@@ -184,7 +192,11 @@ class Vcpu:
             if self.vm.dead is not None:
                 return RunFailed("EIO", self.vm.dead)
             entry_deadline = time.monotonic() if immediate else deadline
-            self.vm.platform.vmrun(self.vmcb, self.vm.memory, entry_deadline)
+            left = None if budget is None else budget - (self.retired - retired_before)
+            used = self.vm.platform.vmrun(self.vmcb, self.vm.memory, entry_deadline,
+                                          None if left is None else max(left, 1))  # fmt: skip
+            self.guest_ns += used.guest_ns
+            self.retired += used.retired
             result = self.handle_exit()
             if self.vm.dead is not None and not isinstance(result, O.ExitToUser):
                 return RunFailed("EIO", self.vm.dead)
@@ -193,6 +205,8 @@ class Vcpu:
                     return IrqWindowOpen()  # dm_request_for_irq_injection
                 if deadline is not None and time.monotonic() >= deadline:
                     return RunFailed("EINTR", f"KVM_RUN interrupted after its {timeout:g} s limit")
+                if budget is not None and self.retired - retired_before >= budget:
+                    return RunFailed("EINTR", f"KVM_RUN interrupted after {budget} instructions")
                 continue
             if isinstance(result, O.Fail):
                 return RunFailed(result.errno, result.why, exit=result.exit)
@@ -291,8 +305,9 @@ class Vcpu:
                 results.append(None)
         return results
 
-    def _wakeup(self) -> bool:
-        """``kvm_vcpu_has_events``: may a parked vCPU run again?"""
+    def wakeup_pending(self) -> bool:
+        """``kvm_vcpu_has_events`` for what kvm itself holds (a pending NMI): may a
+        parked or halted vCPU run again?"""
         return any(self._lifecycle("vcpu_wakeup"))
 
     # -- events between runs: interrupts, NMIs, INIT and SIPI ----------------------------

@@ -280,7 +280,7 @@ def sevsim_vcpu_wakeup(vcpu: Any) -> bool:
         ...     def sevsim_vcpu_wakeup(self, vcpu):
         ...         return vcpu.state["rung"]
         >>> driver = ExitDriver(isolated_host({"doorbell": Doorbell()}).start())
-        >>> driver.vcpu._wakeup()
+        >>> driver.vcpu.wakeup_pending()
         True
     """
 

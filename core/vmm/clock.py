@@ -73,16 +73,20 @@ class MachineClock:
 
     ``now_ns`` is what every device reads; :meth:`advance` sets a later time and fires
     the timers due by then, earliest first (timers due at the same time fire in the
-    order they were armed).
+    order they were armed). Between two advances a vCPU keeps running, handling exits
+    inside KVM_RUN: :attr:`running` (set by the run loop) says how far its time has
+    gone since, so a device it reads (a PM timer it polls) sees time move.
     """
 
     def __init__(self) -> None:
         self._now = 0
         self._queue: list[tuple[int, int, int, Timer]] = []
         self._order = itertools.count()
+        #: Guest nanoseconds the running vCPU has used since the last advance.
+        self.running: Callable[[], int] | None = None
 
     def now_ns(self) -> int:
-        return self._now
+        return self._now if self.running is None else self._now + max(self.running(), 0)
 
     def timer(self, callback: Callable[[], None], name: str = "timer") -> Timer:
         """A new, unarmed timer that calls ``callback`` when it fires."""
@@ -110,6 +114,7 @@ class MachineClock:
         """
         if now_ns < self._now:
             raise ClockError(f"machine clock cannot go back from {self._now} ns to {now_ns} ns")
+        self.running = None
         fired = 0
         while self._queue and self._queue[0][0] <= now_ns:
             deadline, _, generation, timer = heapq.heappop(self._queue)
