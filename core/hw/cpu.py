@@ -41,7 +41,7 @@ from sevsim.arch.vectors import Vector
 from sevsim.arch.vmcb import EventInj
 from sevsim.errors import FOREIGN_FAULTS
 from sevsim.hw import watchdog
-from sevsim.hw.engine import Engine
+from sevsim.hw.engine import TIMER_ERROR, Engine
 from sevsim.hw.exceptions import Delivery, Event
 from sevsim.hw.intercept import Interceptor
 from sevsim.hw.memory import SHARED, GuestMemory
@@ -463,7 +463,7 @@ class GuestCpu:
         with self._stop_lock:
             overdue = self._running and self.deadline == deadline
             if overdue:
-                self.uc.emu_stop()
+                self.engine.interrupt()
             return overdue
 
     def run(self) -> HwExit:
@@ -495,6 +495,8 @@ class GuestCpu:
             return self._fault_stop(refused)
         if err.errno == UC_ERR_INSN_INVALID:
             return Event(Vector.UD)
+        if err.errno == TIMER_ERROR:
+            return _Interrupted()
         return Event(Vector.GP, 0)
 
     def _natural_stop(self) -> _Stop:

@@ -14,14 +14,26 @@ Blocks that hold a hooked sensitive instruction need the check after the hook to
 stop in front of it; they are translated with the flag clear
 (:mod:`sevsim.hw.intercept` decides, block by block).
 
-The second internal is the instruction counter of counted runs (``emu_start``'s
+The host's timer must not use ``uc_emu_stop`` either: it sets ``stop_request``
+before it asks the CPU to leave its block, and a hook that runs in between is
+skipped (``helper_uc_tracecode`` returns early while a stop is requested), so a
+sensitive instruction reached in that window ran natively (OVMF's #VC handler read
+a GHCB address of 0 from a native RDMSR and stopped in CpuDeadLoop). :meth:`Engine.
+interrupt` asks for the exit the way an unmapped access does: it records an error
+(``invalid_error``, which ends the run where ``stop_request`` would) and then kicks
+the CPU (``exit_request`` and the exit flag in ``icount_decr``), so hooks keep running
+until the CPU is out of the block.
+
+The last internal is the instruction counter of counted runs (``emu_start``'s
 ``count``), which Unicorn keeps but does not report: it is the number of
 instructions a run retired, for guest time in icount mode.
 
-Both fields are found by probing a throw-away engine (a counted run plants a known
-pair of numbers) and the layout around them is checked against four fields whose
-values the public API controls before anything is written; an engine that does not
-match is refused with an error naming the Unicorn version.
+The fields are found by probing a throw-away engine (a counted run plants a known
+pair of numbers; the CPU is the object with one core and one thread whose
+``icount_decr_ptr`` sits just below its ``env_ptr``) and the layout around them is
+checked against fields whose values the public API controls before anything is
+written; an engine that does not match is refused with an error naming the Unicorn
+version.
 """
 
 from __future__ import annotations
@@ -31,8 +43,17 @@ import struct
 from functools import cache
 
 from attrs import frozen
-from unicorn import UC_ARCH_X86, UC_MODE_64, UC_TLB_VIRTUAL, Uc
+from unicorn import (
+    UC_ARCH_X86,
+    UC_ERR_RESOURCE,
+    UC_HOOK_CODE,
+    UC_MODE_64,
+    UC_TLB_VIRTUAL,
+    Uc,
+    UcError,
+)
 from unicorn import __version__ as unicorn_version
+from unicorn.x86_const import UC_X86_REG_RAX, UC_X86_REG_RIP
 
 from sevsim.errors import SevsimError
 
@@ -41,6 +62,7 @@ _SEARCH = 1 << 16
 # Offsets from ``emu_count`` in Unicorn 2.1.x's ``struct uc_struct`` (LP64).
 _EMU_COUNTER = -8
 _STOP_REQUEST = 13
+_INVALID_ERROR = 48
 _USE_EXITS = 52
 _TARGET_PAGE_SIZE = 608
 _NO_EXIT_REQUEST = 658
@@ -51,10 +73,23 @@ class EngineError(SevsimError):
     """The installed Unicorn is not one whose internals sevsim knows."""
 
 
+# Offsets in QEMU's CPUState (LP64, glibc's 200-byte sigjmp_buf).
+_CPU_NR_CORES = 0
+_CPU_EXIT_REQUEST = 21
+_CPU_ENV_PTR = 296
+_CPU_ICOUNT_DECR_PTR = 304
+#: ``IcountDecr.u16.high``: set to -1, the CPU leaves at its next check.
+_ICOUNT_HIGH = 2
+#: The error the host's timer leaves for ``emu_start`` to return.
+TIMER_ERROR = UC_ERR_RESOURCE
+
+
 @frozen
 class _Layout:
     emu_counter: int
     no_exit_request: int
+    invalid_error: int
+    cpu: int  # where ``struct uc_struct`` keeps its CPUState pointer
 
 
 def _address(uc: Uc) -> int:
@@ -100,12 +135,86 @@ def _layout() -> _Layout:
         }
         failed = [name for name, ok in checks.items() if not ok]
         problem = f"layout checks failed: {failed}" if failed else ""
+    cpu = None if problem else _find_cpu(uc)
+    if cpu is None and not problem:
+        problem = "found no CPUState pointer"
     if problem:
         raise EngineError(
             f"Unicorn {unicorn_version}: {problem}; sevsim knows the internals of Unicorn "
             "2.1.x (x86-64 builds), install that version (pip install 'unicorn>=2.1.4,<2.2')"
         )
-    return _Layout(emu_counter=count + _EMU_COUNTER, no_exit_request=count + _NO_EXIT_REQUEST)
+    assert cpu is not None
+    layout = _Layout(emu_counter=count + _EMU_COUNTER, no_exit_request=count + _NO_EXIT_REQUEST,
+                     invalid_error=count + _INVALID_ERROR, cpu=cpu)  # fmt: skip
+    if not _kick_works(uc, layout):
+        raise EngineError(f"Unicorn {unicorn_version}: a kicked CPU did not stop in front of "
+                          "the next instruction; sevsim needs Unicorn 2.1.x")  # fmt: skip
+    return layout
+
+
+def _kick_works(uc: Uc, layout: _Layout) -> bool:
+    """A kick from inside a hook must end the run before the hooked instruction."""
+    kick = _Kick(uc, layout)
+    uc.mem_write(0x1000, b"\x48\xff\xc0" + b"\xeb\xfb")  # inc rax; jmp back
+    uc.reg_write(UC_X86_REG_RAX, 0)
+    hook = uc.hook_add(UC_HOOK_CODE, lambda *_: kick(), begin=0x1003, end=0x1003)
+    try:
+        uc.emu_start(0x1000, 0x2000)
+    except UcError as err:
+        stopped = err.errno == TIMER_ERROR
+    else:
+        stopped = False
+    uc.hook_del(hook)
+    return stopped and uc.reg_read(UC_X86_REG_RIP) == 0x1003 and uc.reg_read(UC_X86_REG_RAX) == 1
+
+
+class _Kick:
+    """Asks the running CPU of an engine to leave at its next check (see the module
+    doc): an error for ``emu_start`` to return, then the CPU's exit flags."""
+
+    __slots__ = ("_error", "_exit_request", "_icount_high")
+
+    def __init__(self, uc: Uc, layout: _Layout) -> None:
+        base = _address(uc)
+        self._error = ctypes.c_int32.from_address(base + layout.invalid_error)
+        cpu = ctypes.c_uint64.from_address(base + layout.cpu).value
+        icount = ctypes.c_uint64.from_address(cpu + _CPU_ICOUNT_DECR_PTR).value
+        self._exit_request = ctypes.c_uint8.from_address(cpu + _CPU_EXIT_REQUEST)
+        self._icount_high = ctypes.c_uint16.from_address(icount + _ICOUNT_HIGH)
+
+    def __call__(self) -> None:
+        self._error.value = TIMER_ERROR
+        self._exit_request.value = 1
+        self._icount_high.value = 0xFFFF
+
+
+def _writable_ranges() -> list[tuple[int, int]]:
+    ranges = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            span, perms = line.split()[:2]
+            if perms.startswith("rw"):
+                low, high = (int(x, 16) for x in span.split("-"))
+                ranges.append((low, high))
+    return ranges
+
+
+def _find_cpu(uc: Uc) -> int | None:
+    """The offset in ``struct uc_struct`` of the first pointer to the engine's CPU:
+    a mapped object with nr_cores = nr_threads = 1 whose ``icount_decr_ptr`` lies
+    just below its ``env_ptr`` (the X86CPU's negative-offset state)."""
+    ranges = _writable_ranges()
+    raw = ctypes.string_at(_address(uc), 0x1000)
+    for offset in range(0, len(raw), 8):
+        (target,) = struct.unpack_from("<Q", raw, offset)
+        end = target + _CPU_ICOUNT_DECR_PTR + 8
+        if not any(low <= target and end <= high for low, high in ranges):
+            continue
+        cores, threads = struct.unpack("<ii", ctypes.string_at(target + _CPU_NR_CORES, 8))
+        env, icount = struct.unpack("<QQ", ctypes.string_at(target + _CPU_ENV_PTR, 16))
+        if (cores, threads) == (1, 1) and 0 < env - icount <= 64:
+            return offset
+    return None
 
 
 class Engine:
@@ -116,7 +225,7 @@ class Engine:
     :attr:`retired` is the instruction count of the last counted run.
     """
 
-    __slots__ = ("_checks", "_counter", "_flag", "uc")
+    __slots__ = ("_checks", "_counter", "_flag", "interrupt", "uc")
 
     def __init__(self, cpu_model: int) -> None:
         layout = _layout()
@@ -130,6 +239,10 @@ class Engine:
         base = _address(uc)
         self._flag = ctypes.c_uint8.from_address(base + layout.no_exit_request)
         self._counter = ctypes.c_uint64.from_address(base + layout.emu_counter)
+        #: Called from another thread while the guest runs: ``emu_start`` returns
+        #: :data:`TIMER_ERROR` at the CPU's next check (a block start, or the check
+        #: after a hook), every hook until then having run as usual.
+        self.interrupt = _Kick(uc, layout)
         self._checks = True
         self.block_checks = False
 

@@ -230,10 +230,14 @@ def apply_file(config: PluginConfig, path: Path) -> PluginConfig:
     The other tables (:data:`TABLES`) are read by their own modules, but the file is
     checked here as a whole: a top-level name no module reads is an error.
     """
-    where = str(path)
     document = read_toml(path)
-    check_tables(document, where)
-    table = document.get("plugins", {})
+    check_tables(document, str(path))
+    return apply_table(config, document.get("plugins", {}), str(path))
+
+
+def apply_table(config: PluginConfig, table: Any, where: str) -> PluginConfig:
+    """A ``[plugins]`` table (sevsim.toml's or a guest manifest's) over ``config``;
+    ``where`` names its origin in errors and in ``sevsim plugins``."""
     if not isinstance(table, dict):
         raise ConfigError(f"{where}: 'plugins' must be a table ([plugins]), got {table!r}")
     unknown = sorted(set(table) - set(_PLUGINS_KEYS))

@@ -34,10 +34,14 @@ def load_kvm_settings(file: Path | None, era: str | None = None) -> KvmSettings:
     """``[kvm]`` from ``file`` (if any), with ``--era`` over it."""
     document = read_toml(file) if file is not None else {}
     check_tables(document, str(file))
-    table = document.get("kvm", {})
-    where = f"{file}: [kvm]"
+    return kvm_settings(document.get("kvm", {}), f"{file}: [kvm]", era)
+
+
+def kvm_settings(table: Any, where: str, era: str | None = None) -> KvmSettings:
+    """A ``[kvm]`` table (sevsim.toml's or a guest manifest's), with ``--era`` over it;
+    ``where`` names the table in errors (``FILE: [kvm]``)."""
     if not isinstance(table, dict):
-        raise ConfigError(f"{file}: 'kvm' must be a table ([kvm]), got {table!r}")
+        raise ConfigError(f"{where} must be a table, got {table!r}")
     unknown = sorted(set(table) - set(_KEYS))
     if unknown:
         raise ConfigError(f"{where} has unknown key(s) {unknown}; expected: {', '.join(_KEYS)}")

@@ -1,0 +1,419 @@
+"""Attack scenarios: what a malicious guest, host or plugin tries, and what must hold.
+
+Each :class:`Scenario` takes one seat — the guest (hostile code inside an SEV-ES
+guest), the host (a hypervisor with physical access tampering with VMCBs, VMSAs and
+firmware commands) or a plugin (hostile or broken code sevsim runs on the host's
+behalf) — tries one thing, and checks the property the architecture or sevsim's
+design promises. :meth:`Scenario.run` gives a :class:`ScenarioResult`: ``held`` and a
+detail that says what happened. A Python exception escaping the attack is itself a
+failure of the property (nothing an adversary does may crash the host).
+
+The scenarios drive sevsim only through its public surface: launched guests
+(:func:`sevsim.vmm.launch.launch_image`), KVM's ``Vm``/``Vcpu`` and the VMCB a real
+hypervisor owns, the hardware handles of :mod:`sevsim.hw`, plugin hosts from
+:mod:`sevsim.testing`. Run them with :func:`run_all`, or one with :func:`run_scenario`.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from attrs import field, frozen
+from attrs.validators import in_
+
+from sevsim import hookimpl
+from sevsim.arch.exits import SvmExit
+from sevsim.arch.ghcb_msr import GhcbMsr
+from sevsim.arch.vmcb import VMCB_CONTROL
+from sevsim.arch.vmsa import VMSA, Segment
+from sevsim.errors import FOREIGN_FAULTS, SevFirmwareError, SevsimError, VcpuError
+from sevsim.guest.asm import assemble
+from sevsim.guest.image import CODE, GHCB_GPA, GuestImage
+from sevsim.guest.snippets import TERMINATE
+from sevsim.hw import Platform
+from sevsim.kvm.context import ExitContext
+from sevsim.kvm.dispatch import ExitHandler, ExitKind
+from sevsim.kvm.exits import KvmExit, RunFailed, Shutdown, SystemEvent
+from sevsim.kvm.vm import Kvm, Vm
+from sevsim.plugin.host import PluginHost
+from sevsim.testing import SimLog, isolated_host
+from sevsim.vmm.launch import launch_image
+from sevsim.vmm.machine import MMIO_TEST_GPA
+
+SEATS = ("guest", "host", "plugin")
+#: Every guest run of a scenario is bounded by this (seconds).
+RUN_TIMEOUT = 5.0
+#: A shared page the scenarios' guests write what they saw into (beside the GHCB).
+RECORD = GHCB_GPA + 0x900
+
+
+class UnknownScenario(SevsimError):
+    """No scenario has that name."""
+
+
+@frozen
+class ScenarioResult:
+    held: bool
+    detail: str
+
+
+@frozen
+class Scenario:
+    """One attack: who (``seat``), what it ``tries``, what ``must_hold``."""
+
+    name: str
+    seat: str = field(validator=in_(SEATS))
+    tries: str
+    must_hold: str
+    probe: Callable[[], ScenarioResult] = field(repr=False)
+
+    def run(self) -> ScenarioResult:
+        """Run the attack; an exception out of sevsim is the property failing."""
+        try:
+            return self.probe()
+        except FOREIGN_FAULTS as exc:
+            return ScenarioResult(False, f"the host raised {type(exc).__name__}: {exc}")
+
+
+# -- a machine to attack ------------------------------------------------------------------------
+
+
+class _Machine:
+    """A host (one ``Kvm``) whose simulator's view the scenario reads, and the VMs it
+    launched, destroyed together at the end."""
+
+    def __init__(self, plugins: Mapping[str, object] | None = None,
+                 enable: Iterable[str] = ("msr_protocol",)) -> None:  # fmt: skip
+        self.sim = SimLog()
+        self.kvm = Kvm(Platform(sim=self.sim))
+        self.host = isolated_host(plugins, enable=enable)
+        self.vms: list[Vm] = []
+
+    def launch(self, code: bytes, host: PluginHost | None = None, **image_args: Any) -> Vm:
+        """Launch a guest on this host with the machine's plugins (or ``host``'s)."""
+        host = host or self.host
+        vm = launch_image(self.kvm, GuestImage(code, **image_args), handlers=host.start(),
+                          events=host.events)  # fmt: skip
+        self.vms.append(vm)
+        return vm
+
+    def simulator_faults(self) -> list[str]:
+        """What the simulator itself got wrong while guests ran (must be nothing)."""
+        return [f["why"] for name, f in self.sim.events
+                if name == "sim_exit" and "simulator fault" in f["why"]]  # fmt: skip
+
+    def __enter__(self) -> _Machine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for vm in self.vms:
+            vm.destroy()
+
+
+def _describe(exit_: KvmExit, sim: SimLog) -> str:
+    why = sim.why()
+    return exit_.describe() + (f" ({why})" if why and isinstance(exit_, Shutdown) else "")
+
+
+def _verdict(problems: list[str], fine: str) -> ScenarioResult:
+    return ScenarioResult(not problems, "; ".join(problems) if problems else fine)
+
+
+# -- the guest's seat ------------------------------------------------------------------------------
+
+#: Code that makes the CPU read the GDT: a data segment load, an exception (its
+#: handler's CS), and IRETQ (CS and SS).
+_GDT_USERS = {
+    "segment load": "mov ax, 0x10; mov ds, ax",
+    "exception delivery": "ud2",
+    "iretq": "mov rax, rsp; push 0x10; push rax; pushfq; push 0x08; "
+             "lea rax, [rip + 4]; push rax; iretq; nop; nop; nop; nop",
+}  # fmt: skip
+#: GDT bases with no RAM behind them: a device's MMIO, a hole, a non-canonical address.
+_GDT_BASES = {"MMIO device": MMIO_TEST_GPA, "no memory": 0x4000_0000, "non-canonical": 1 << 63}
+#: The #UD handler of those guests (reached only if the CPU could read the GDT).
+_UD_HANDLER = 0x30000
+
+
+def gdtr_at_mmio() -> ScenarioResult:
+    """A VMSA whose GDTR points where no memory is, then code that needs the GDT."""
+    problems, ends = [], set()
+    handler = assemble(TERMINATE, _UD_HANDLER)
+    with _Machine() as machine:
+        for where, base in _GDT_BASES.items():
+            registers = {"gdtr": Segment(0, 0, 0x37, base)}
+            for what, source in _GDT_USERS.items():
+                vm = machine.launch(assemble(source + TERMINATE, CODE), registers=registers,
+                                    idt={6: _UD_HANDLER}, data={_UD_HANDLER: handler})  # fmt: skip
+                exit_ = vm.vcpus[0].run(RUN_TIMEOUT)
+                vm.destroy()  # a host has few SEV-ES ASIDs
+                if not isinstance(exit_, Shutdown | SystemEvent):
+                    problems.append(f"{what} with the GDT at {where}: {exit_.describe()}")
+                ends.add(type(exit_).__name__)
+        problems += machine.simulator_faults()
+    return _verdict(problems, f"every guest faulted (shutdown) or ran on: {sorted(ends)}")
+
+
+#: SVM instructions a guest may try on the hardware, as bytes (0F 01 D8..DF).
+SVM_INSTRUCTIONS = {
+    "VMRUN": (b"\x0f\x01\xd8", SvmExit.VMRUN), "VMLOAD": (b"\x0f\x01\xda", SvmExit.VMLOAD),
+    "VMSAVE": (b"\x0f\x01\xdb", SvmExit.VMSAVE), "STGI": (b"\x0f\x01\xdc", SvmExit.STGI),
+    "CLGI": (b"\x0f\x01\xdd", SvmExit.CLGI), "SKINIT": (b"\x0f\x01\xde", SvmExit.SKINIT),
+    "INVLPGA": (b"\x0f\x01\xdf", SvmExit.INVLPGA),
+}  # fmt: skip
+_VC_HANDLER = 0x30000
+
+
+def svm_instructions() -> ScenarioResult:
+    """Each SVM instruction in a guest whose #VC handler records the error code and the
+    RIP it interrupted, then asks for termination."""
+    recorder = assemble(f"""
+        mov rsi, {RECORD}; mov rax, [rsp]; mov [rsi], rax; mov rax, [rsp + 8]; mov [rsi + 8], rax
+    """ + TERMINATE, _VC_HANDLER)  # fmt: skip
+    problems, seen = [], []
+    with _Machine() as machine:
+        for name, (opcode, code) in SVM_INSTRUCTIONS.items():
+            vm = machine.launch(opcode + b"\xf4", idt={29: _VC_HANDLER},
+                                data={_VC_HANDLER: recorder})  # fmt: skip
+            exit_ = vm.vcpus[0].run(RUN_TIMEOUT)
+            error_code, rip = (int.from_bytes(vm.memory.read(RECORD + i, 8), "little")
+                               for i in (0, 8))  # fmt: skip
+            vm.destroy()
+            if not isinstance(exit_, SystemEvent) or (error_code, rip) != (code, CODE):
+                problems.append(f"{name}: {_describe(exit_, machine.sim)}, #VC error code "
+                                f"{error_code:#x} at {rip:#x}, expected {code:#x} at {CODE:#x}")
+            else:
+                seen.append(f"{name} {code:#x}")
+        problems += machine.simulator_faults()
+    return _verdict(problems, "each raised #VC in front of itself: " + ", ".join(seen))
+
+
+# -- the host's seat -------------------------------------------------------------------------------
+
+_A_SECRET, _B_SECRET = 0xA77A_C4E2_0000_0A0A, 0x5EC2_E7B0_0000_0B0B
+#: Copy the 8 bytes at 0x31000 (private) into the GHCB page (shared), then terminate.
+_COPIER = f"mov rsi, 0x31000; mov rax, [rsi]; mov rdi, {RECORD}; mov [rdi], rax" + TERMINATE
+
+
+def foreign_asid_and_vmsa() -> ScenarioResult:
+    """Two VMs run the same code, copying a private value into their shared page. The
+    host points VM A's vCPU at VM B's ASID and VMSA and runs it: B's state and key over
+    A's memory. Were a page readable under a key it was not written with, B would run
+    A's code and copy A's value; instead it fetches garbage."""
+    problems = []
+    with _Machine() as machine:
+        a, b = (machine.launch(assemble(_COPIER, CODE),
+                               data={0x31000: secret.to_bytes(8, "little")})
+                for secret in (_A_SECRET, _B_SECRET))  # fmt: skip
+        vmcb = a.vcpus[0].vmcb
+        VMCB_CONTROL.set(vmcb, "asid", b.asid)
+        VMCB_CONTROL.set(vmcb, "vmsa_pa", b.vcpus[0].vmsa.pa)
+        exit_ = a.vcpus[0].run(RUN_TIMEOUT)
+        secrets = {_A_SECRET.to_bytes(8, "little"): "A's", _B_SECRET.to_bytes(8, "little"): "B's"}
+        for vm, label in ((a, "A"), (b, "B")):
+            for gpa in (GHCB_GPA, 0x31000):
+                seen = vm.memory.read(gpa, 0x1000)
+                problems += [f"{whose} plaintext reached {label}'s page {gpa:#x} as the host "
+                             f"reads it" for plain, whose in secrets.items() if plain in seen]
+        if isinstance(exit_, SystemEvent):
+            problems.append(f"B's state ran A's code coherently to the end ({exit_.describe()})")
+        problems += machine.simulator_faults()
+    return _verdict(problems, "B's key over A's pages fetched garbage (the run ended without "
+                    "running A's code); the host sees ciphertext of both guests' private pages")
+
+
+def second_launch_start() -> ScenarioResult:
+    """LAUNCH_START again on a VM that is running: the firmware must refuse to bind a
+    second context to its ASID, leave no context behind, the VM must run on, and after
+    destroy its ASID must come back (more VMs launched than there are SEV-ES ASIDs)."""
+    problems = []
+    with _Machine() as machine:
+        firmware = machine.kvm.platform.firmware
+        vm = machine.launch(assemble("hlt" + TERMINATE, CODE))
+        vm.vcpus[0].run(RUN_TIMEOUT)
+        handle, guests = vm.handle, firmware.platform_status().guest_count
+        try:
+            vm.launch_start()
+            problems.append("a second LAUNCH_START on a running VM succeeded")
+        except SevFirmwareError as err:
+            refused = f"refused ({err.status})"
+        else:
+            refused = "accepted"
+        if (vm.handle, firmware.platform_status().guest_count) != (handle, guests):
+            problems.append(f"the guest context changed: handle {handle} -> {vm.handle}, "
+                            f"{guests} -> {firmware.platform_status().guest_count} contexts")
+        exit_ = vm.vcpus[0].run(RUN_TIMEOUT)
+        if not isinstance(exit_, SystemEvent):
+            problems.append(f"the VM did not run on: {exit_.describe()}")
+        vm.destroy()
+        asids = machine.kvm.platform.caps.asids_for(es=True)
+        for _ in range(len(asids) + 2):  # more VMs than SEV-ES ASIDs, one at a time
+            machine.launch(assemble("hlt", CODE)).destroy()
+        if firmware.platform_status().guest_count != guests - 1:
+            problems.append(f"{firmware.platform_status().guest_count} guest contexts remain "
+                            f"after destroying every VM but {guests - 1}")  # fmt: skip
+    return _verdict(problems, f"second LAUNCH_START {refused}; the VM ran on; destroy freed "
+                    f"its ASID ({len(asids) + 2} VMs launched after it on {len(asids)} ASIDs)")
+
+
+def vmsa_tamper() -> ScenarioResult:
+    """The host flips one bit of a launched vCPU's VMSA (its RIP) between two runs."""
+    with _Machine() as machine:
+        vm = machine.launch(assemble("hlt" + TERMINATE, CODE))
+        vcpu = vm.vcpus[0]
+        vcpu.run(RUN_TIMEOUT)
+        offset = VMSA.offset("rip")
+        byte = vcpu.vmsa.host_read(offset, 1)[0]
+        vcpu.vmsa.host_write(offset, bytes([byte ^ 1]))
+        exit_ = vcpu.run(RUN_TIMEOUT)
+        held = isinstance(exit_, Shutdown) and "integrity" in machine.sim.why()
+        return ScenarioResult(held, f"the next VMRUN: {_describe(exit_, machine.sim)}")
+
+
+# -- the plugin's seat -----------------------------------------------------------------------------
+
+
+class _HandlerPlugin:
+    """A plugin owning the MSR protocol's termination request with ``handler``."""
+
+    def __init__(self, handler: Callable[[ExitContext], object]) -> None:
+        self.handler = handler
+
+    @hookimpl
+    def sevsim_exit_handlers(self) -> Iterable[ExitHandler]:
+        yield ExitHandler(ExitKind.MSR_PROTOCOL, GhcbMsr.TERM_REQ, self.handler)
+
+
+#: How long a run with a looping plugin may take beyond its timeout, and when the
+#: scenario releases the plugin if sevsim has not stopped it by then.
+LOOP_TIMEOUT, LOOP_GRACE = 0.3, 1.0
+
+
+def plugin_loops_forever() -> ScenarioResult:
+    """A plugin's handler that never returns. The scenario's plugin spins until the
+    scenario releases it (so that a sevsim that cannot stop it does not hang its
+    caller for ever); KVM_RUN must end by itself within its timeout plus a grace
+    period, naming the plugin."""
+    released = threading.Event()
+
+    def spin(ctx: ExitContext) -> None:
+        while not released.is_set():
+            pass
+
+    with _Machine({"looper": _HandlerPlugin(spin)}, enable=()) as machine:
+        vm = machine.launch(assemble(TERMINATE, CODE))
+        timer = threading.Timer(LOOP_TIMEOUT + LOOP_GRACE, released.set)
+        timer.start()
+        start = time.monotonic()
+        try:
+            exit_ = vm.vcpus[0].run(LOOP_TIMEOUT)
+        finally:
+            released.set()
+            timer.cancel()
+        in_time = time.monotonic() - start < LOOP_TIMEOUT + LOOP_GRACE
+    if in_time and isinstance(exit_, RunFailed) and exit_.plugin == "looper":
+        return ScenarioResult(True, f"KVM_RUN ended in time, naming the plugin: {exit_.describe()}")
+    if in_time:
+        return ScenarioResult(False, f"KVM_RUN ended in time without naming the plugin: "
+                              f"{exit_.describe()}")  # fmt: skip
+    return ScenarioResult(False, (
+        f"KVM_RUN(timeout={LOOP_TIMEOUT} s) returned only when the scenario released the "
+        f"plugin {LOOP_GRACE} s later, with {exit_.describe()}: sevsim does not bound the "
+        "time a plugin's handler takes (the host timer stops guest code only)"
+    ))  # fmt: skip
+
+
+def plugin_calls_sys_exit() -> ScenarioResult:
+    """A plugin's handler calls ``sys.exit(3)``; KVM_RUN must end, naming it, and the
+    process must go on."""
+
+    def leave(ctx: ExitContext) -> None:
+        sys.exit(3)
+
+    with _Machine({"quitter": _HandlerPlugin(leave)}, enable=()) as machine:
+        vm = machine.launch(assemble(TERMINATE, CODE))
+        exit_ = vm.vcpus[0].run(RUN_TIMEOUT)
+        held = (isinstance(exit_, RunFailed) and exit_.plugin == "quitter"
+                and "SystemExit" in exit_.why and vm.dead is not None)  # fmt: skip
+        return ScenarioResult(held, exit_.describe())
+
+
+class _BrokenObserver:
+    """An observer of every #VMEXIT that raises."""
+
+    @hookimpl
+    def sevsim_vmexit(self, exit_code: int) -> None:
+        raise RuntimeError(f"observer broke on exit {exit_code:#x}")
+
+
+def observer_raises() -> ScenarioResult:
+    """An observer hook raises on the first exit. Its VM must stop with a reason that
+    names the observer, no further guest code may run, and another VM on the same host
+    (with sound plugins) must run to its end."""
+    problems = []
+    with _Machine({"observer": _BrokenObserver()}) as machine:
+        vm = machine.launch(assemble("hlt" + TERMINATE, CODE))
+        first = vm.vcpus[0].run(RUN_TIMEOUT)
+        if vm.dead is None or "'observer'" not in vm.dead:
+            problems.append(f"the VM was not stopped naming the observer ({vm.dead!r})")
+        try:
+            again = vm.vcpus[0].run(RUN_TIMEOUT)
+            if not isinstance(again, RunFailed):
+                problems.append(f"the VM ran on after its observer failed: {again.describe()}")
+        except VcpuError:
+            pass  # KVM_RUN refused: the VM is terminated
+        other = machine.launch(assemble(TERMINATE, CODE), isolated_host(enable=["msr_protocol"]))
+        after = other.vcpus[0].run(RUN_TIMEOUT)
+        if not isinstance(after, SystemEvent):
+            problems.append(f"another VM on the host did not run: {after.describe()}")
+    return _verdict(problems, f"first run: {first.describe()}; the VM ended: {vm.dead}; "
+                    "another VM ran to its end")  # fmt: skip
+
+
+SCENARIOS: tuple[Scenario, ...] = (
+    Scenario("gdtr-at-mmio", "guest",
+             "launch with the VMSA's GDTR on MMIO, a hole and a non-canonical address, then "
+             "load a segment, take an exception, IRETQ",
+             "the host survives; the guest faults (shutdown) or runs on", gdtr_at_mmio),
+    Scenario("svm-instructions", "guest",
+             "execute VMRUN, VMLOAD, VMSAVE, STGI, CLGI, SKINIT and INVLPGA",
+             "each raises #VC with its exit code, in front of the instruction",
+             svm_instructions),
+    Scenario("foreign-asid-and-vmsa", "host",
+             "point a vCPU's VMCB at another VM's ASID and VMSA and run it",
+             "the other VM's key over this VM's pages gives garbage, and no private value "
+             "reaches the host in plaintext", foreign_asid_and_vmsa),
+    Scenario("second-launch-start", "host", "LAUNCH_START again on a running VM",
+             "refused without leaking a guest context; the VM runs on; destroy frees its ASID",
+             second_launch_start),
+    Scenario("vmsa-tamper", "host", "flip a bit of a protected VMSA between runs",
+             "the next VMRUN fails with SHUTDOWN (integrity check)", vmsa_tamper),
+    Scenario("plugin-loops-forever", "plugin", "an exit handler that never returns",
+             "KVM_RUN ends within its timeout (plus grace), naming the plugin",
+             plugin_loops_forever),
+    Scenario("plugin-sys-exit", "plugin", "an exit handler that calls sys.exit()",
+             "KVM_RUN ends naming the plugin; the process goes on", plugin_calls_sys_exit),
+    Scenario("observer-raises", "plugin", "an observer hook that raises",
+             "its VM stops naming the observer; other VMs run", observer_raises),
+)  # fmt: skip
+
+
+def list_scenarios() -> tuple[Scenario, ...]:
+    return SCENARIOS
+
+
+def run_scenario(name: str) -> ScenarioResult:
+    for scenario in SCENARIOS:
+        if scenario.name == name:
+            return scenario.run()
+    raise UnknownScenario(f"no attack scenario {name!r}; expected one of "
+                          f"{', '.join(s.name for s in SCENARIOS)}")  # fmt: skip
+
+
+def run_all() -> dict[str, ScenarioResult]:
+    """Every scenario's result, by name, in the order of :data:`SCENARIOS`."""
+    return {scenario.name: scenario.run() for scenario in SCENARIOS}
