@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # A third-party plugin package, installed and tested with sevsim on every run.
 EXAMPLE := examples/sevsim-hv-counter
 
-.PHONY: test demo bench lint clean
+.PHONY: test demo bench fuzz lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,7 @@ $(STAMP): $(BIN)/python pyproject.toml $(EXAMPLE)/pyproject.toml
 	touch $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check core plugins tests examples benchmarks
+	$(BIN)/ruff check core plugins tests examples benchmarks fuzz
 
 test: $(STAMP) lint
 	$(BIN)/pytest -q
@@ -32,3 +32,10 @@ clean:
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py
+
+# A fuzzing campaign against the reference's rules; findings go to fuzz-findings/.
+# FUZZ_SECONDS and FUZZ_SEED choose its length and its start.
+FUZZ_SECONDS ?= 60
+FUZZ_SEED    ?= 1
+fuzz: $(STAMP)
+	$(BIN)/python -m fuzz.campaign --seconds $(FUZZ_SECONDS) --seed $(FUZZ_SEED) --out fuzz-findings
