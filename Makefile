@@ -30,8 +30,9 @@ clean:
 	rm -rf $(VENV) build *.egg-info core/*.egg-info .pytest_cache .ruff_cache \
 		$(EXAMPLE)/build $(EXAMPLE)/src/*.egg-info
 
+# The benchmark table (docs/benchmarks.md); BENCH_QUICK=1 for a run of a few minutes.
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench.py
+	$(BIN)/python -m benchmarks.bench
 
 # A fuzzing campaign against the reference's rules; findings go to fuzz-findings/.
 # FUZZ_SECONDS and FUZZ_SEED choose its length and its start.

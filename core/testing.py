@@ -172,7 +172,7 @@ class SimLog:
     def wants(self, name: str) -> bool:
         return True
 
-    def emit(self, name: str, **fields: Any) -> None:
+    def emit(self, name: str, /, **fields: Any) -> None:
         self.events.append((name, fields))
 
     def why(self, vcpu: int = 0) -> str:

@@ -11,7 +11,7 @@ does not have, marked as such.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeGuard
 
 from capstone import CS_ARCH_X86, CS_MODE_16, CS_MODE_32, CS_MODE_64, Cs
@@ -142,9 +142,17 @@ class Trace:
     """Records a run as lines of text (and echoes them, if asked) plus exit counts."""
 
     def __init__(
-        self, echo: Callable[[str], None] | None = None, *, hypervisor_view: bool = False
+        self,
+        echo: Callable[[str], None] | None = None,
+        *,
+        hypervisor_view: bool = False,
+        shown: Callable[[str, Mapping[str, Any]], bool] | None = None,
     ) -> None:
         self.lines: list[str] = []
+        #: Which events' lines are echoed (``TraceFilter.matches``; None: all). The
+        #: trace still hears every event: the end of a run is decoded from them.
+        self._shown = shown
+        self._echoing = True
         #: Show only what KVM could see: no guest RIP, instruction or #VC.
         self.hypervisor_view = hypervisor_view
         #: #VMEXITs by exit code name.
@@ -173,12 +181,16 @@ class Trace:
             return False
         return hasattr(self, f"_on_{name}")
 
-    def emit(self, name: str, **fields: Any) -> None:
-        getattr(self, f"_on_{name}")(**fields)
+    def emit(self, name: str, /, **fields: Any) -> None:
+        self._echoing = self._shown is None or self._shown(name, fields)
+        try:
+            getattr(self, f"_on_{name}")(**fields)
+        finally:
+            self._echoing = True
 
     def _line(self, text: str) -> None:
         self.lines.append(text)
-        if self._echo is not None:
+        if self._echo is not None and self._echoing:
             self._echo(text)
 
     # -- events ---------------------------------------------------------------------------

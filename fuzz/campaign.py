@@ -36,6 +36,7 @@ from attrs import define, evolve, field, frozen
 
 from fuzz import execute, generate
 from fuzz.cases import AnyCase, CodeCase, case_from_json
+from fuzz.coverage import Coverage
 from fuzz.oracle import ERAS, NEWEST
 from sevsim.kvm.extensions import Extensions
 
@@ -68,6 +69,8 @@ class Config:
     max_rss_mb: int = 2048
     #: Which worker of a parallel campaign this is (its cases come from its own seed).
     worker: int = 0
+    #: Stop once the cases made this many exits (None: no such limit).
+    exits: int | None = None
 
 
 DEFAULTS = Config()
@@ -95,6 +98,7 @@ class Summary:
     #: Signature -> the reproducer files written for it.
     reproducers: dict[str, list[str]] = field(factory=dict)
     peak_rss_mb: float = 0.0
+    coverage: Coverage = field(factory=Coverage)
 
     @property
     def total(self) -> int:
@@ -107,6 +111,7 @@ class Summary:
         for signature, files in other.reproducers.items():
             self.reproducers.setdefault(signature, []).extend(files)
         self.peak_rss_mb = max(self.peak_rss_mb, other.peak_rss_mb)
+        self.coverage.merge(other.coverage)
 
     def report(self) -> str:
         c = self.config
@@ -116,6 +121,9 @@ class Summary:
             f"sevsim fuzz campaign: era {c.era}, seed {c.seed}, {self.seconds:.1f} s",
             f"  {self.total} cases ({rate:.1f}/s): {self.counts['driver']} through ExitDriver, "
             f"{self.counts['guest']} in guests, {self.counts['code']} random programs",
+            f"  {self.coverage.exits} exits judged by the oracle "
+            f"({self.coverage.exits / self.seconds if self.seconds else 0.0:.1f}/s)",
+            *self.coverage.report(),
             "  findings: " + ", ".join(f"{by_kind[k]} {k}" for k in KINDS),
             f"  peak RSS {self.peak_rss_mb:.0f} MiB",
         ]
@@ -170,9 +178,11 @@ def _code_kind(problem: str) -> str:
 
 
 def check(
-    case: AnyCase, table: Extensions, timeout: float = DEFAULTS.case_timeout
+    case: AnyCase, table: Extensions, timeout: float = DEFAULTS.case_timeout,
+    coverage: Coverage | None = None,
 ) -> tuple[list[Finding], str]:
-    """Run one case; what it found, and the step results or problems in words."""
+    """Run one case; what it found, and the step results or problems in words. The
+    exits it made are counted in ``coverage``, if given."""
     try:
         with time_limit(timeout):
             if isinstance(case, CodeCase):
@@ -183,6 +193,8 @@ def check(
         return [Finding("hang", case, str(exc))], str(exc)
     except Exception as exc:  # a host exception: the finding this campaign exists for
         return [_exception(case, exc)], traceback.format_exc()
+    if coverage is not None:
+        coverage.record(results)
     findings = []
     for result in results:
         if result.problems:
@@ -233,11 +245,12 @@ def run(config: Config, table: Extensions | None = None) -> Summary:
     for index, case in enumerate(_cases(config)):
         elapsed = time.monotonic() - start
         if (config.cases is not None and index >= config.cases) or (
-                config.seconds is not None and elapsed >= config.seconds):  # fmt: skip
+                config.seconds is not None and elapsed >= config.seconds) or (
+                config.exits is not None and summary.coverage.exits >= config.exits):  # fmt: skip
             break
         path = "code" if isinstance(case, CodeCase) else case.path
         summary.counts[path] += 1
-        findings, _ = check(case, table, config.case_timeout)
+        findings, _ = check(case, table, config.case_timeout, summary.coverage)
         for finding in findings:
             summary.findings.append(finding)
             _write(config, summary, finding)
@@ -284,6 +297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--seconds", type=float, default=60.0, help="run this long (60)")
     parser.add_argument("--cases", type=int, help="stop after this many cases (deterministic)")
+    parser.add_argument("--exits", type=int,
+                        help="stop once the cases made this many exits (per worker)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--era", choices=ERAS, default=NEWEST)
     parser.add_argument("--out", type=Path, default=Path("fuzz-findings"),
@@ -301,10 +316,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         status, text = replay(args.replay)
         print(text)
         return status
-    if args.seconds <= 0 or (args.cases is not None and args.cases <= 0) or args.workers < 1:
-        parser.error("--seconds, --cases and --workers must be positive")
+    if args.seconds <= 0 or args.workers < 1 or any(
+            n is not None and n <= 0 for n in (args.cases, args.exits)):  # fmt: skip
+        parser.error("--seconds, --cases, --exits and --workers must be positive")
     config = Config(args.era, args.seed, args.seconds, args.cases, args.out, args.guest_every,
-                    args.code_every, args.case_timeout, args.max_rss_mb)  # fmt: skip
+                    args.code_every, args.case_timeout, args.max_rss_mb,
+                    exits=args.exits)  # fmt: skip
     summary = run_parallel(config, args.workers)
     print(summary.report())
     return 1 if summary.findings else 0

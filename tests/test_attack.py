@@ -1,5 +1,5 @@
-"""The attack scenarios of :mod:`sevsim.attack`: each runs, each holds (or is a known
-gap of sevsim, marked below with its reason), and the results are deterministic."""
+"""The attack scenarios of :mod:`sevsim.attack`: each runs, each holds, and the results
+are deterministic."""
 
 from __future__ import annotations
 
@@ -7,25 +7,13 @@ import pytest
 
 from sevsim.attack import SEATS, UnknownScenario, list_scenarios, run_all, run_scenario
 
-#: Scenarios that find a gap sevsim has today, and why; each must fail until fixed.
-KNOWN_GAPS = {
-    "plugin-loops-forever": "sevsim does not bound the time an exit handler takes: the host "
-                            "timer stops guest code only, so a looping plugin holds KVM_RUN",
-}  # fmt: skip
-
 
 @pytest.fixture(scope="module")
 def results():
     return run_all()
 
 
-def _param(name: str) -> object:
-    if name in KNOWN_GAPS:
-        return pytest.param(name, marks=pytest.mark.xfail(reason=KNOWN_GAPS[name], strict=True))
-    return name
-
-
-@pytest.mark.parametrize("name", [_param(s.name) for s in list_scenarios()])
+@pytest.mark.parametrize("name", [s.name for s in list_scenarios()])
 def test_scenario_holds(name, results):
     result = results[name]
     assert result.held, result.detail

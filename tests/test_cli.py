@@ -99,12 +99,15 @@ def test_run_with_a_failure_reason_exits_1_with_one_line(
     )
 
 
-def test_run_that_times_out_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
+def test_run_that_times_out_exits_4(capsys: pytest.CaptureFixture[str]) -> None:
+    """A limit ends the run with status 4, as --max-exits does for --firmware (EndKind.LIMIT)."""
     # The demo makes many exits; the first one after the limit ends KVM_RUN with -EINTR.
-    assert main(["run", "-q", "--timeout", "1e-9"]) == 1
+    assert main(["run", "-q", "--timeout", "1e-9"]) == 4
     err = capsys.readouterr().err
-    assert err.startswith("sevsim: run failed: the VM did not end normally: "
-                          "KVM_RUN failed: -EINTR: KVM_RUN interrupted")  # fmt: skip
+    assert err == (
+        "sevsim: run ended (limit, exit status 4): --timeout 1e-09 s passed: "
+        "KVM_RUN failed: -EINTR: KVM_RUN interrupted after its 1e-09 s limit\n"
+    )
 
 
 def test_run_help_documents_the_exit_statuses(capsys: pytest.CaptureFixture[str]) -> None:
@@ -112,9 +115,10 @@ def test_run_help_documents_the_exit_statuses(capsys: pytest.CaptureFixture[str]
         main(["run", "--help"])
     assert info.value.code == 0
     out = " ".join(capsys.readouterr().out.split())
-    assert "exit status: 0 the VM ended normally" in out
-    assert "1 the VM ended any other way" in out
+    assert "exit status (every command): 0 success: the run ended normally" in out
+    assert "1 failure: the VM ended any other way" in out
     assert "2 a usage or configuration error" in out
+    assert "4 a limit ended the run: --timeout or --max-exits" in out
 
 
 def test_module_doc_documents_the_exit_statuses() -> None:

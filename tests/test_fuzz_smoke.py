@@ -39,6 +39,18 @@ def test_a_short_campaign_finds_nothing(era, table, tmp_path):
     assert summary.counts["guest"] and summary.counts["code"] and summary.counts["driver"]
     assert not summary.findings, summary.report()
     assert not list(tmp_path.iterdir())
+    # Coverage counts the exits the oracle judged, by what they asked and got.
+    coverage = summary.coverage
+    exit_cases = summary.counts["driver"] + summary.counts["guest"]
+    assert exit_cases <= coverage.exits <= 3 * exit_cases
+    assert sum(coverage.counts["rules"].values()) == coverage.exits
+    assert "msr GHCB_MSR_SEV_INFO_REQ" in coverage.counts["requests"]
+    if era == "newest":  # GHCB error replies and SEV_TERM; 5.11 fails KVM_RUN (§4, §12.8)
+        assert "bad input MISSING_INPUT" in coverage.counts["replies"]
+        assert {"resume", "SEV_TERM"} <= set(coverage.counts["ends"])
+    else:
+        assert {"resume", "-EINVAL"} <= set(coverage.counts["ends"])
+    assert f"coverage over {coverage.exits} exits:" in summary.report()
 
 
 @settings(max_examples=30, deadline=None, derandomize=True,

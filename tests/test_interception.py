@@ -8,6 +8,7 @@ checks that the #VC arrived in front of exactly that instruction.
 import struct
 
 import pytest
+from test_fidelity_kvm import table_without_rdtscp
 
 from sevsim.arch.exits import SvmExit
 from sevsim.guest.asm import assemble
@@ -71,7 +72,10 @@ def test_cpuid_raises_vc_in_front_of_the_instruction(path):
      ("mov rax, 0xd0000000; mov eax, [rax]", SvmExit.NPF)],
 )  # fmt: skip
 def test_every_nae_event_becomes_a_vc_with_its_exit_code(insn, code):
-    run = run_guest(insn + "\nhlt", enable=["msr_protocol"], idt={29: HANDLER}, data=BLOBS)
+    # RDTSCP is intercepted only for a guest whose CPUID lacks it.
+    vm_args = {"cpuid": table_without_rdtscp()} if insn == "rdtscp" else None
+    run = run_guest(insn + "\nhlt", enable=["msr_protocol"], idt={29: HANDLER}, data=BLOBS,
+                    vm_args=vm_args)  # fmt: skip
     assert isinstance(run.exit, SystemEvent), run.trace.lines
     assert struct.unpack("<Q", run.vm.memory.read(RECORD + 8, 8))[0] == code
 
@@ -79,7 +83,7 @@ def test_every_nae_event_becomes_a_vc_with_its_exit_code(insn, code):
 @pytest.mark.parametrize(
     "insn",
     ["rdtsc", "mov rax, cr0", "mov ecx, 0xc0000080; rdmsr", "mov ecx, 0x277; rdmsr; wrmsr",
-     "rdrand rax", "mov ecx, 0xc0000100; rdmsr"],
+     "rdrand rax", "mov ecx, 0xc0000100; rdmsr", "rdtscp"],
 )
 def test_what_is_not_intercepted_runs_natively(insn):
     run = run_guest(insn + "\nhlt", enable=["msr_protocol"], idt={29: HANDLER}, data=BLOBS)

@@ -13,6 +13,7 @@ import struct
 
 import pytest
 from attrs import frozen
+from test_fidelity_kvm import table_without_rdtscp
 
 from sevsim import hookimpl
 from sevsim.arch.exits import SvmExit
@@ -122,7 +123,8 @@ PROGRAMS = {
     "vmmcall": "mov eax, 11; vmmcall; mov [r15], rax; mov eax, 77; vmmcall; mov [r15+8], rax",
     "rdpmc": f"mov rax, {JUNK}; mov rdx, {JUNK}; xor ecx, ecx; rdpmc; mov [r15], rax; "
              "mov [r15+8], rdx",
-    # KVM queues #UD through EVENTINJ (and replies success in the GHCB).
+    # KVM queues #UD through EVENTINJ (and replies success in the GHCB); the guest's
+    # CPUID lacks RDTSCP, else the instruction runs natively.
     "rdtscp": f"mov rax, {JUNK}; rdtscp; mov [r15], rax",
     # Reads come from the handler's copy (reset 0x400), with no exit; a write is sent.
     "dr7": f"mov rbx, {JUNK}; mov rbx, dr7; mov [r15], rbx; mov rax, 0xf0401; mov dr7, rax; "
@@ -151,6 +153,8 @@ def run(program: str, modeled: bool):
         vc_model=VcHandler() if modeled else None,
         shared=frozenset({0x7000, OUT}),
         data=data,
+        # RDTSCP is intercepted (and gets #UD) only when the guest's CPUID lacks it.
+        vm_args={"cpuid": table_without_rdtscp()} if program == "rdtscp" else None,
         **image,
     )
 

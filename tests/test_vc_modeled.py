@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from attrs import frozen
+from test_fidelity_kvm import table_without_rdtscp
 
 from sevsim import hookimpl
 from sevsim.arch.exits import GhcbResp, SvmExit, VmgExit
@@ -44,6 +45,7 @@ from sevsim.guest.image import CODE, GHCB_GPA, GuestImage
 from sevsim.guest.vc import GuestPanic, VcHandler, VmmError, verify_exception_info
 from sevsim.guest.vc_native import TermReason, term_request
 from sevsim.hw import GuestFault, Platform
+from sevsim.kvm.cpuid import CpuidModel
 from sevsim.kvm.dispatch import ExitHandler, ExitKind
 from sevsim.kvm.events import TeeSink
 from sevsim.kvm.exits import Hlt, KvmExit, Shutdown, SystemEvent, SystemEventType
@@ -119,9 +121,11 @@ def run(
     data: Mapping[int, bytes] | None = None,
     owners: Mapping[int, str] | None = None,
     kvm: bool = True,
+    cpuid: CpuidModel | None = None,
 ) -> Run:
     """Launch ``source`` with the modeled #VC handler and run it to its first user exit;
-    ``kvm`` False leaves out KVM's own rows (a plugin that plays them itself)."""
+    ``kvm`` False leaves out KVM's own rows (a plugin that plays them itself), ``cpuid``
+    replaces the guest's CPUID table."""
     handler = handler if handler is not None else VcHandler()
     devices = devices if devices is not None else Devices.standard()
     host = isolated_host(plugins, enable=enable, owners=owners, kvm=kvm)
@@ -132,7 +136,8 @@ def run(
     sim = SimLog()
     kvm = Kvm(Platform(sim=TeeSink(trace, sim)))
     vm = launch_image(kvm, image, handlers=host.start(), events=TeeSink(host.events, trace),
-                      vc_model=handler, devices=devices)  # fmt: skip
+                      vc_model=handler, devices=devices,
+                      **({"cpuid": cpuid} if cpuid is not None else {}))  # fmt: skip
     exit_ = vm.vcpus[0].run()
     trace.record_exit(0, exit_)
     return Run(exit_, vm, devices, handler, trace, sim)
@@ -297,7 +302,8 @@ def test_rdtscp_gets_ud_from_kvm():
     # KVM answers "success" in the GHCB and queues #UD in EVENTINJ; the modeled handler
     # cannot be interrupted mid-exchange, so #UD arrives once it has finished (after
     # RDTSCP). A native handler gets it right after its VMGEXIT (test_vc_native.py).
-    r = halted(run("nop\n rdtscp\n hlt"))
+    # RDTSCP is intercepted only for a guest whose CPUID lacks it.
+    r = halted(run("nop\n rdtscp\n hlt", cpuid=table_without_rdtscp()))
     assert r.exception() == (6, CODE + 4)
 
 

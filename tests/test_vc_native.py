@@ -13,6 +13,7 @@ import struct
 from typing import Any
 
 import pytest
+from test_fidelity_kvm import table_without_rdtscp
 
 from sevsim import hookimpl
 from sevsim.arch.exits import SvmExit, VmgExit
@@ -550,16 +551,18 @@ def test_trap_gate_gets_if_from_the_interrupted_code():
 
 @pytest.mark.parametrize(("insn", "vector"), [("mov ecx, 7; rdpmc", 13), ("rdtscp", 6)])
 def test_exceptions_kvm_queues_in_eventinj_arrive_inside_the_vc_handler(insn, vector):
-    """KVM queues #GP (bad RDPMC counter) and #UD (RDTSCP) in EVENTINJ rather than
-    answering through the GHCB (REFERENCE.md 1.2): the next VMRUN delivers them where the
-    guest resumes, right after the #VC handler's VMGEXIT, not at the instruction."""
+    """KVM queues #GP (bad RDPMC counter) and #UD (RDTSCP, intercepted for a guest whose
+    CPUID lacks it) in EVENTINJ rather than answering through the GHCB (REFERENCE.md
+    1.2): the next VMRUN delivers them where the guest resumes, right after the #VC
+    handler's VMGEXIT, not at the instruction."""
     handler = 0x30200
     recorder = assemble(f"""
         mov rsi, {EXC}
         mov rax, [rsp + {8 if vector == 13 else 0}]
         mov [rsi + 16], rax
     """ + TERMINATE, handler)
-    r = run(insn, idt={vector: handler}, data={handler: recorder})
+    r = run(insn, idt={vector: handler}, data={handler: recorder},
+            vm_args={"cpuid": table_without_rdtscp()})  # fmt: skip
     done(r)
     rip = exception_record(r)["rip"]
     assert VC_HANDLER_ADDRESS <= rip < VC_HANDLER_ADDRESS + HANDLER_SIZE

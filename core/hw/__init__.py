@@ -37,6 +37,7 @@ from sevsim.hw.sev_caps import CpuidLeaf, SevCapabilities
 from sevsim.hw.sim import SIM_EVENTS, NoSim, SimSink
 from sevsim.hw.svm import MSRPM_SIZE, HostPages, Svm, Usage, VmsaPage, msrpm_bit
 from sevsim.hw.vc_model import GuestFault, GuestView, VcModel
+from sevsim.hw.watchdog import foreign_time_limit, run_foreign
 
 __all__ = [
     "MSRPM_SIZE",
@@ -59,7 +60,9 @@ __all__ = [
     "Usage",
     "VcModel",
     "VmsaHandle",
+    "foreign_time_limit",
     "msrpm_bit",
+    "run_foreign",
 ]
 
 # -- the handle table ----------------------------------------------------------------

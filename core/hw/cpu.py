@@ -186,7 +186,7 @@ class GuestCpu:
         uc = self.uc = self.engine.uc
         self._mapped: list[int] = []
         self._map(memory)
-        self.regs = Registers(uc)
+        self.regs = Registers(uc, self.engine.env)
         self.mmu = Mmu(uc, memory, cbit, self.cpl)
         self.delivery = Delivery(self.regs, self.mmu)
         self.interceptor = Interceptor(self.engine, self.mmu, self.bits, self._at_site,
@@ -199,7 +199,6 @@ class GuestCpu:
         self._last_site: tuple[int, int] | None = None
         #: (selector, base) of the CS the last VMSA load gave (see _linear).
         self._loaded_cs = (0, 0)
-        self._bits_cache: dict[tuple[int, int, int], int] = {}
         #: Guest software the model runs as this vCPU's #VC handler (None: the IDT's).
         self.vc_model: VcModel | None = None
         self._vc_run: Generator[None, None, int | None] | None = None
@@ -235,6 +234,7 @@ class GuestCpu:
         self.memory = memory
         self._map(memory)
         self.mmu.memory = memory
+        self.mmu.forget_walks()
         memory.on_page_changed.append(self.mmu._page_changed)
         self.mmu.flush_tlb()
         self.uc.ctl_flush_tb()
@@ -245,37 +245,11 @@ class GuestCpu:
     # -- state ---------------------------------------------------------------------
 
     def cpl(self) -> int:
-        if not self.mmu.mode.cr0 & M.CR0_PE:
-            return 0
-        return self.regs.read(x86.UC_X86_REG_CS) & 3
+        return self.regs.cpl()
 
     def bits(self) -> int:
         """Operand size of the current code segment: 16, 32 or 64."""
-        mode = self.mmu.mode
-        if not mode.cr0 & M.CR0_PE:
-            return 16
-        cs = self.regs.read(x86.UC_X86_REG_CS)
-        _, gdt_base, gdt_limit, _ = self.regs.table(x86.UC_X86_REG_GDTR)
-        key = (cs, mode.efer & M.EFER_LMA, gdt_base)
-        bits = self._bits_cache.get(key)
-        if bits is None:
-            attrib = self._descriptor_attrib(cs, gdt_base, gdt_limit)
-            if mode.efer & M.EFER_LMA and attrib & (1 << 9):  # L bit of the packed attributes
-                bits = 64
-            else:
-                bits = 32 if attrib & (1 << 10) else 16
-            self._bits_cache[key] = bits
-        return bits
-
-    def _descriptor_attrib(self, selector: int, base: int, limit: int) -> int:
-        """The packed VMCB attributes of a GDT descriptor (0 if it cannot be read)."""
-        if selector & ~7 == 0 or selector & 4 or (selector | 7) > limit:
-            return 0
-        try:
-            raw = int.from_bytes(self.mmu.read(base + (selector & ~7), 8), "little")
-        except GuestAccessFault:
-            return 0
-        return ((raw >> 40) & 0xFF) | ((raw >> 52) & 0xF) << 8
+        return self.regs.code_bits()
 
     def load_state(self, state: dict[str, Any]) -> None:
         """Load VMSA fields (VMRUN of a VMSA this CPU does not hold yet)."""
@@ -284,7 +258,6 @@ class GuestCpu:
                                    self.regs.msr(M.MSR_EFER), self.mmu.mode.cbit)  # fmt: skip
         self.mmu.flush_tlb()
         self.uc.ctl_flush_tb()
-        self._bits_cache.clear()
         self.ghcb_msr = state.get("ghcb_msr", self.ghcb_msr)
         self._vintr_ctrl = state.get("vintr_ctrl", 0)
         self.tpr = self._vintr_ctrl & 0xF
@@ -526,7 +499,6 @@ class GuestCpu:
 
     def _deliver(self, event: Event) -> HwExit | None:
         why = self.delivery.deliver(event)
-        self._bits_cache.clear()  # a new code segment
         return None if why is None else HwExit(SvmExit.SHUTDOWN, why=why)
 
     # -- what the model retires itself ------------------------------------------------
@@ -620,11 +592,14 @@ class GuestCpu:
         """Write CR0/CR3/CR4 into the CPU; paging changes take LMA and the TLB along.
 
         As on hardware, the TLB is flushed by a CR3 write and by CR0/CR4 writes that
-        change how addresses translate, not by rewriting the same value (OVMF writes
-        CR0 and CR4 back on every exception exit)."""
+        change how addresses translate, not by rewriting CR0/CR4 with the same value
+        (OVMF writes CR0, CR3 and CR4 back on every exception exit). Reloading CR3
+        keeps the translations that are still exact (:meth:`Mmu.reload_cr3`)."""
         mode = self.mmu.mode
         old = getattr(mode, f"cr{cr}")
-        if cr != 3 and value == old:
+        if value == old:
+            if cr == 3:  # Unicorn would flush its TLB whatever the tables say
+                self.mmu.reload_cr3()
             return
         self.regs.write(CR_IDS[cr], value)
         efer = self.regs.msr(M.MSR_EFER) | M.EFER_SVME
@@ -632,7 +607,6 @@ class GuestCpu:
         self.mmu.mode = PagingMode(cr0, cr3, cr4, efer, mode.cbit)
         if cr == 3 or (old ^ value) & _PAGING_BITS[cr]:
             self.mmu.flush_tlb()
-            self._bits_cache.clear()
 
     # -- #VC and events ---------------------------------------------------------------
 

@@ -225,7 +225,7 @@ class Engine:
     :attr:`retired` is the instruction count of the last counted run.
     """
 
-    __slots__ = ("_checks", "_counter", "_flag", "interrupt", "uc")
+    __slots__ = ("_checks", "_counter", "_flag", "env", "interrupt", "uc")
 
     def __init__(self, cpu_model: int) -> None:
         layout = _layout()
@@ -243,6 +243,9 @@ class Engine:
         #: :data:`TIMER_ERROR` at the CPU's next check (a block start, or the check
         #: after a hook), every hook until then having run as usual.
         self.interrupt = _Kick(uc, layout)
+        #: Address of the CPU's ``CPUX86State`` (what a saved context copies).
+        self.env = ctypes.c_uint64.from_address(
+            ctypes.c_uint64.from_address(base + layout.cpu).value + _CPU_ENV_PTR).value
         self._checks = True
         self.block_checks = False
 

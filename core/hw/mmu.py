@@ -15,6 +15,13 @@ instruction at RIP) go through the same TLB (``uc_vmem_translate``), so they cos
 one C call when the page is already mapped, and fall back to the Python walk only
 to compute the exact fault when there is one.
 
+Guests flush the TLB far more often than they change their page tables (OVMF
+reloads CR3 on every exception return), so the fill remembers each successful walk
+with the table entries it read. A fill for the same page, access and privilege
+re-reads only those entries: if each still holds the same bytes under the same key,
+the walk would take the same path to the same result. That keeps flushes exact
+(a changed entry is seen at the next fill, as on hardware) at a fraction of a walk.
+
 Pages change behind Unicorn's back (a conversion to the other key, a host write):
 translations of a page that may still be in the TLB are flushed, and so is code
 translated from it; pages nobody mapped since the last flush cost nothing.
@@ -39,7 +46,7 @@ from unicorn import (
 from unicorn.unicorn_py3.unicorn import uclib
 
 from sevsim.arch import msr as M
-from sevsim.hw.memory import PAGE_MASK, SHARED, Change, GuestMemory, RamRegion
+from sevsim.hw.memory import PAGE_MASK, PAGE_SIZE, SHARED, Change, GuestMemory, RamRegion
 from sevsim.hw.paging import (
     ACCESS_FETCH,
     ACCESS_READ,
@@ -88,6 +95,19 @@ class _TableNpf(Exception):
         self.gpa = gpa
 
 
+#: Remembered walks kept at most (a guest touching more pages starts over).
+_WALKS_KEPT = 1 << 16
+
+
+@frozen
+class _Walk:
+    """A successful walk and the table entries it read: (region, offset, page index,
+    bytes) each; it still holds while every entry does."""
+
+    translation: Translation
+    entries: tuple[tuple[RamRegion, int, int, bytes], ...]
+
+
 class Mmu:
     """One vCPU's translations: the TLB fill, the model's accesses, page tracking.
 
@@ -98,7 +118,11 @@ class Mmu:
     def __init__(self, uc: Uc, memory: GuestMemory, cbit: int, cpl: Any) -> None:
         self.uc = uc
         self.memory = memory
-        self.mode = PagingMode(0, 0, 0, 0, cbit)
+        #: Walks since the paging mode last changed, by (page, access, CPL 3).
+        self._walks: dict[tuple[int, int, bool], _Walk] = {}
+        #: The walks behind the fills since the last flush (what the TLB may hold).
+        self._filled: set[tuple[int, int, bool]] = set()
+        self._mode = PagingMode(0, 0, 0, 0, cbit)
         self.kid = SHARED
         #: Reads the current privilege level (the CPU knows how).
         self._cpl = cpl
@@ -119,6 +143,20 @@ class Mmu:
         self._paddr_ref = ctypes.byref(self._paddr)
         memory.on_page_changed.append(self._page_changed)
 
+    @property
+    def mode(self) -> PagingMode:
+        return self._mode
+
+    @mode.setter
+    def mode(self, mode: PagingMode) -> None:
+        if mode != self._mode:
+            self._walks.clear()
+        self._mode = mode
+
+    def forget_walks(self) -> None:
+        """Another guest-physical space: remembered walks name regions of the old one."""
+        self._walks.clear()
+
     def close(self) -> None:
         if self._page_changed in self.memory.on_page_changed:
             self.memory.on_page_changed.remove(self._page_changed)
@@ -128,7 +166,17 @@ class Mmu:
     def flush_tlb(self) -> None:
         self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
         self._generation += 1
+        self._filled.clear()
         self.tlb_stale = False
+
+    def reload_cr3(self) -> None:
+        """A MOV to CR3 that keeps the paging mode: the TLB must drop translations the
+        tables no longer give. When every fill since the last flush comes from a walk
+        whose entries still hold, the TLB already holds exactly what refilling it would
+        give, and flushing it would only cost refills (OVMF reloads CR3 on every
+        exception return); otherwise flush."""
+        if any(self._remembered(key) is None for key in self._filled):
+            self.flush_tlb()
 
     def _page_changed(self, page: int, change: Change) -> None:
         if page in self._code_pages:
@@ -140,14 +188,17 @@ class Mmu:
         kind = ACCESS_FETCH if access == UC_MEM_FETCH else (
             ACCESS_WRITE if access == UC_MEM_WRITE else ACCESS_READ)  # fmt: skip
         cpl = self._cpl()
-        try:
-            t = walk(self.mode, vaddr, kind, cpl, self.read_table)
-        except _TableNpf as table:
-            return self._refuse(Fault(vaddr, kind, npf_gpa=table.gpa & PAGE_MASK), entry)
-        if isinstance(t, NonCanonical):
-            return self._refuse(Fault(vaddr, kind, vector=13), entry)
-        if isinstance(t, PageFault):
-            return self._refuse(Fault(vaddr, kind, vector=14, error_code=t.error_code), entry)
+        key = (vaddr & PAGE_MASK, kind, cpl == 3)
+        t = self._remembered(key)
+        if t is None:
+            try:
+                t = self._walk_and_remember(vaddr, kind, cpl, key)
+            except _TableNpf as table:
+                return self._refuse(Fault(vaddr, kind, npf_gpa=table.gpa & PAGE_MASK), entry)
+            if isinstance(t, NonCanonical):
+                return self._refuse(Fault(vaddr, kind, vector=13), entry)
+            if isinstance(t, PageFault):
+                return self._refuse(Fault(vaddr, kind, vector=14, error_code=t.error_code), entry)
         region = self.memory.ram_at(t.paddr)
         if region is None or (region.readonly and (kind == ACCESS_WRITE or not region.romd)):
             # MMIO: the #VC handler decodes the access itself and needs only the page;
@@ -160,6 +211,7 @@ class Mmu:
         if self.memory.convert(region, t.paddr, kid) and self.tlb_stale:
             self.flush_tlb()  # another translation may still show the old view
         self._mapped[t.paddr] = self._generation
+        self._filled.add(key)
         writable = t.writable or (cpl == 0 and not self.mode.cr0 & M.CR0_WP)
         perms = UC_PROT_READ | (UC_PROT_WRITE if writable and not region.readonly else 0)
         if kind == ACCESS_FETCH or t.paddr in self._code_pages:
@@ -168,6 +220,37 @@ class Mmu:
         entry.paddr = t.paddr
         entry.perms = perms
         return True
+
+    def _remembered(self, key: tuple[int, int, bool]) -> Translation | None:
+        """The translation of an earlier walk whose table entries are all unchanged."""
+        known = self._walks.get(key)
+        if known is None:
+            return None
+        kid = self.kid
+        for region, off, index, raw in known.entries:
+            if region.owner[index] != kid or region.view[off : off + len(raw)] != raw:
+                return None
+        return known.translation
+
+    def _walk_and_remember(
+        self, vaddr: int, kind: int, cpl: int, key: tuple[int, int, bool]
+    ) -> Translation | PageFault | NonCanonical:
+        entries: list[tuple[RamRegion, int, int, bytes]] = []
+
+        def read(paddr: int, size: int) -> bytes:
+            raw = self.read_table(paddr, size)
+            region = self.memory.ram_at(paddr)
+            assert region is not None  # read_table found it
+            off = paddr - region.gpa
+            entries.append((region, off, off // PAGE_SIZE, bytes(raw)))
+            return raw
+
+        t = walk(self.mode, vaddr, kind, cpl, read)
+        if isinstance(t, Translation):
+            if len(self._walks) >= _WALKS_KEPT:
+                self._walks.clear()
+            self._walks[key] = _Walk(t, tuple(entries))
+        return t
 
     def _refuse(self, fault: Fault, entry: Any) -> bool:
         """A fault: map the page to a page that does not exist, so that the access
@@ -210,6 +293,9 @@ class Mmu:
     def translate(self, vaddr: int, access: int) -> tuple[RamRegion, int]:
         """(region, physical address) of a supervisor access, through the TLB; raises
         GuestAccessFault with the exact fault the CPU would take."""
+        if self.mode.efer & M.EFER_LMA and vaddr >> 47 not in (0, (1 << 17) - 1):
+            # The TLB probe would see the address truncated; the CPU raises #GP(0).
+            raise GuestAccessFault(Fault(vaddr, access, vector=13))
         self._probing = True
         try:
             ok = uclib.uc_vmem_translate(self._handle, vaddr, _PROT[access],

@@ -61,10 +61,23 @@ _NARROW = frozenset(SEG_IDS.values())
 class Registers:
     """Register access for one Unicorn engine."""
 
-    __slots__ = ("_buf", "_context", "_handle", "_read", "_ref", "_write", "uc")
+    __slots__ = ("_buf", "_context", "_handle", "_hflags", "_read", "_ref", "_write", "uc")
 
-    def __init__(self, uc: Uc) -> None:
+    def __init__(self, uc: Uc, env: int) -> None:
         self.uc = uc
+        #: The CPU's live ``hflags``: ``env`` is the CPUX86State a saved context copies
+        #: after its header, found by a marker in RAX (the state's first field).
+        uc.reg_write(x86.UC_X86_REG_RAX, _MARK)
+        saved = uc.context_save()
+        uc.reg_write(x86.UC_X86_REG_RAX, 0)
+        at = ctypes.cast(saved.context, ctypes.c_void_p).value
+        assert at is not None
+        header = ctypes.string_at(at, _layout().hflags).find(_MARK.to_bytes(8, "little"))
+        self._hflags = ctypes.c_uint32.from_address(env + _layout().hflags - header)
+        if header < 0 or ctypes.c_uint32.from_address(
+                at + _layout().hflags).value != self._hflags.value:  # fmt: skip
+            raise RuntimeError("the live CPU state of this Unicorn build does not match its "
+                               "saved context; sevsim needs unicorn 2.1.x (see pyproject.toml)")
         self._handle = uc._uch
         self._read = uclib.uc_reg_read
         self._write = uclib.uc_reg_write
@@ -82,6 +95,17 @@ class Registers:
         """Write a register; False when the CPU refuses it (a selector that cannot load)."""
         self._buf.value = value & 0xFFFF_FFFF_FFFF_FFFF
         return self._write(self._handle, reg_id, self._ref) == 0
+
+    def cpl(self) -> int:
+        """The privilege level the CPU runs at (QEMU's ``hflags``: SS.DPL in protected
+        mode, 0 in real mode): one memory read, no call into the engine."""
+        return self._hflags.value & _HF_CPL
+
+    def code_bits(self) -> int:
+        """Operand size of the code segment the CPU executes: 16, 32 or 64, from the
+        mode bits QEMU derived when CS was loaded (what its decoder uses)."""
+        hflags = self._hflags.value
+        return 64 if hflags & _HF_CS64 else 32 if hflags & _HF_CS32 else 16
 
     def gpr(self, name: str) -> int:
         return self.read(GPR_IDS[name])
@@ -184,17 +208,21 @@ class Registers:
         uc.context_restore(self._context)
 
     def _load_fpu(self, state: dict[str, Any]) -> None:
-        """The x87 and SSE state of the VMSA's save area (FCW, FSW, FTW, FOP, MXCSR,
-        the eight x87 registers and XMM0-15)."""
+        """The x87 and SSE state of the VMSA's save area: FCW, FSW, FTW (FXSAVE's
+        abridged tag), FOP, the last instruction and data pointers, MXCSR, ST0-ST7
+        and XMM0-15. YMM's upper halves stay in the VMSA: Unicorn has no AVX."""
         uc = self.uc
+        fsw = state.get("x87_fsw", 0)
         uc.reg_write(x86.UC_X86_REG_FPCW, state.get("x87_fcw", 0x37F))
-        uc.reg_write(x86.UC_X86_REG_FPSW, state.get("x87_fsw", 0))
+        uc.reg_write(x86.UC_X86_REG_FPSW, fsw)
         uc.reg_write(x86.UC_X86_REG_FPTAG, _full_tag(state.get("x87_ftw", 0)))
+        uc.reg_write(x86.UC_X86_REG_FOP, state.get("x87_fop", 0))
+        uc.reg_write(x86.UC_X86_REG_FIP, state.get("x87_rip", 0))
+        uc.reg_write(x86.UC_X86_REG_FDP, state.get("x87_dp", 0))
         uc.reg_write(x86.UC_X86_REG_MXCSR, state.get("mxcsr", 0x1F80))
-        x87 = bytes(state.get("fpreg_x87", bytes(80)))
-        for i in range(8):
-            mantissa, exponent = struct.unpack_from("<QH", x87, 10 * i)
-            uc.reg_write(x86.UC_X86_REG_FP0 + i, (mantissa, exponent))
+        for physical, value in enumerate(st_registers(bytes(state.get("fpreg_x87", bytes(80))),
+                                                      fsw)):  # fmt: skip
+            uc.reg_write(x86.UC_X86_REG_FP0 + physical, value)
         xmm = bytes(state.get("fpreg_xmm", bytes(256)))
         for i in range(16):
             uc.reg_write(x86.UC_X86_REG_XMM0 + i, int.from_bytes(xmm[16 * i : 16 * i + 16],
@@ -218,13 +246,16 @@ class Registers:
         state["rip"] = self.read(_RIP)
         state["dr7"] = self.read(x86.UC_X86_REG_DR7)
         state["dr6"] = self.read(x86.UC_X86_REG_DR6)
+        fsw = uc.reg_read(x86.UC_X86_REG_FPSW)
         state["x87_fcw"] = uc.reg_read(x86.UC_X86_REG_FPCW)
-        state["x87_fsw"] = uc.reg_read(x86.UC_X86_REG_FPSW)
+        state["x87_fsw"] = fsw
         state["x87_ftw"] = _abridged_tag(uc.reg_read(x86.UC_X86_REG_FPTAG))
+        state["x87_fop"] = uc.reg_read(x86.UC_X86_REG_FOP)
+        state["x87_rip"] = uc.reg_read(x86.UC_X86_REG_FIP)
+        state["x87_dp"] = uc.reg_read(x86.UC_X86_REG_FDP)
         state["mxcsr"] = uc.reg_read(x86.UC_X86_REG_MXCSR)
-        state["fpreg_x87"] = b"".join(
-            struct.pack("<QH", *uc.reg_read(x86.UC_X86_REG_FP0 + i)) for i in range(8)
-        )
+        state["fpreg_x87"] = vmsa_x87(
+            [uc.reg_read(x86.UC_X86_REG_FP0 + i) for i in range(8)], fsw)  # fmt: skip
         state["fpreg_xmm"] = b"".join(
             uc.reg_read(x86.UC_X86_REG_XMM0 + i).to_bytes(16, "little") for i in range(16)
         )
@@ -234,6 +265,8 @@ class Registers:
 
 # -- hidden segment state ----------------------------------------------------------------
 
+#: A value no fresh engine holds in RAX (see Registers.__init__).
+_MARK = 0x5EF5_1A7E_0DD5_EA11
 #: QEMU's ``hflags`` bits that follow from the segment caches (target/i386/cpu.h).
 _HF_CPL = 3
 _HF_CS32, _HF_SS32, _HF_ADDSEG = 1 << 4, 1 << 5, 1 << 6
@@ -334,6 +367,31 @@ def _probe_layout() -> _ContextLayout:
                 "sevsim needs unicorn 2.1.x (see pyproject.toml)"
             )
     return layout
+
+
+def st_registers(fpreg_x87: bytes, fsw: int) -> list[tuple[int, int]]:
+    """The VMSA's ``fpreg_x87`` as (mantissa, exponent) pairs of the physical registers
+    R0-R7.
+
+    The VMSA keeps ST0-ST7 in an undocumented layout (``sev_es_sync_vmsa`` writes it):
+    bytes 0-7 of each register in eight 8-byte slots, then bytes 8-9 of each in eight
+    2-byte slots. ST(i) is physical register (TOP + i) mod 8, TOP being FSW bits 13:11.
+    """
+    top = (fsw >> 11) & 7
+    physical: list[tuple[int, int]] = [(0, 0)] * 8
+    for i in range(8):
+        mantissa = int.from_bytes(fpreg_x87[8 * i : 8 * i + 8], "little")
+        exponent = int.from_bytes(fpreg_x87[64 + 2 * i : 66 + 2 * i], "little")
+        physical[(top + i) % 8] = (mantissa, exponent)
+    return physical
+
+
+def vmsa_x87(physical: list[tuple[int, int]], fsw: int) -> bytes:
+    """The inverse of :func:`st_registers`: R0-R7 into the VMSA's ``fpreg_x87``."""
+    top = (fsw >> 11) & 7
+    stack = [physical[(top + i) % 8] for i in range(8)]
+    return b"".join(m.to_bytes(8, "little") for m, _ in stack) + b"".join(
+        e.to_bytes(2, "little") for _, e in stack)  # fmt: skip
 
 
 def _full_tag(abridged: int) -> int:

@@ -28,7 +28,7 @@ SIM_EVENTS: dict[str, tuple[str, ...]] = {
 class SimSink(Protocol):
     def wants(self, name: str) -> bool: ...
 
-    def emit(self, name: str, **fields: Any) -> None: ...
+    def emit(self, name: str, /, **fields: Any) -> None: ...
 
 
 class NoSim:
@@ -37,5 +37,5 @@ class NoSim:
     def wants(self, name: str) -> bool:
         return False
 
-    def emit(self, name: str, **fields: Any) -> None:
+    def emit(self, name: str, /, **fields: Any) -> None:
         return None

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 class EventSink(Protocol):
     def wants(self, name: str) -> bool: ...
 
-    def emit(self, name: str, **fields: Any) -> None: ...
+    def emit(self, name: str, /, **fields: Any) -> None: ...
 
 
 class NullSink:
@@ -23,7 +23,7 @@ class NullSink:
     def wants(self, name: str) -> bool:
         return False
 
-    def emit(self, name: str, **fields: Any) -> None:
+    def emit(self, name: str, /, **fields: Any) -> None:
         return None
 
 
@@ -50,7 +50,7 @@ class TeeSink:
     def wants(self, name: str) -> bool:
         return any(sink.wants(name) for sink in self._sinks)
 
-    def emit(self, name: str, **fields: Any) -> None:
+    def emit(self, name: str, /, **fields: Any) -> None:
         for sink in self._sinks:
             if sink.wants(name):
                 sink.emit(name, **fields)

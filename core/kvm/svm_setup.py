@@ -8,11 +8,14 @@ it passes through decides which RDMSR/WRMSR run natively.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sevsim.arch import msr as M
 from sevsim.arch.vmcb import VMCB_CONTROL, NestedCtl
 from sevsim.hw import msrpm_bit
+
+if TYPE_CHECKING:
+    from sevsim.kvm.cpuid import CpuidModel
 
 #: Intercept bits KVM sets for an SEV-ES guest (APM bit numbers).
 SEV_ES_INTERCEPTS = (
@@ -29,10 +32,15 @@ SEV_ES_INTERCEPTS = (
     125,  # TASK_SWITCH
     127,  # SHUTDOWN
     128, 129, 130, 131, 132, 133, 134,  # VMRUN VMMCALL VMLOAD VMSAVE STGI CLGI SKINIT
-    135,  # RDTSCP
     137, 138, 139,  # WBINVD MONITOR MWAIT
+    142,  # RDPRU: init_vmcb always sets it (KVM never offers RDPRU to a guest)
     143, 144, 148, 152,  # TRAP_EFER_WRITE, TRAP_CR0/CR4/CR8_WRITE
 )  # fmt: skip
+#: The RDTSCP intercept, which follows the guest's CPUID (see
+#: :func:`recalc_instruction_intercepts`).
+RDTSCP_BIT = 135
+#: CPUID 0x80000001 EDX: RDTSCP.
+_CPUID_RDTSCP = (0x8000_0001, 27)
 
 #: The VINTR intercept, armed only while KVM waits for an interrupt window.
 VINTR_BIT = 100
@@ -45,8 +53,23 @@ PASSTHROUGH_MSRS = (
 )  # fmt: skip
 
 
-def init_vmcb(vmcb: bytearray, msrpm: bytearray, asid: int, vmsa_pa: int, msrpm_pa: int) -> None:
-    intercepts = sum(1 << bit for bit in SEV_ES_INTERCEPTS)
+def recalc_instruction_intercepts(cpuid: CpuidModel, era: str) -> int:
+    """``svm_recalc_instruction_intercepts``: the intercepts that follow the guest's CPUID.
+
+    Since 5.13 KVM intercepts RDTSCP only when the guest's CPUID lacks it (the exit
+    then injects #UD); a guest that has it runs it natively. 5.11 never set the
+    intercept, whatever the CPUID said.
+    """
+    function, bit = _CPUID_RDTSCP
+    has_rdtscp = cpuid.lookup(function).edx >> bit & 1
+    return 1 << RDTSCP_BIT if era != "v5.11" and not has_rdtscp else 0
+
+
+def init_vmcb(vmcb: bytearray, msrpm: bytearray, asid: int, vmsa_pa: int, msrpm_pa: int,
+              cpuid_intercepts: int) -> None:  # fmt: skip
+    """``init_vmcb`` + ``sev_es_init_vmcb``; ``cpuid_intercepts`` is what
+    :func:`recalc_instruction_intercepts` decided for the guest's CPUID."""
+    intercepts = sum(1 << bit for bit in SEV_ES_INTERCEPTS) | cpuid_intercepts
     VMCB_CONTROL.set(vmcb, "intercepts", intercepts.to_bytes(24, "little"))
     nested = NestedCtl.NP_ENABLE | NestedCtl.SEV_ENABLE | NestedCtl.SEV_ES_ENABLE
     VMCB_CONTROL.set(vmcb, "nested_ctl", int(nested))

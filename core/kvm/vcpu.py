@@ -18,7 +18,7 @@ import time
 import traceback
 from collections.abc import Mapping
 from enum import IntEnum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from sevsim.arch import ghcb_msr
 from sevsim.arch.exits import SNP_ONLY_VMGEXITS, GhcbErr, SvmExit
@@ -26,7 +26,7 @@ from sevsim.arch.ghcb import GHCB_PAGE_SIZE, GHCB_USAGE_DEFAULT, Ghcb
 from sevsim.arch.vmcb import VMCB_CONTROL, EventInj, IntState
 from sevsim.arch.vmsa import VMSA, VMSA_PAGE_SIZE, Segment
 from sevsim.errors import FOREIGN_FAULTS, GuestMemoryError, PluginError, VcpuError
-from sevsim.hw import CpuidLeaf
+from sevsim.hw import CpuidLeaf, foreign_time_limit, run_foreign
 from sevsim.kvm import outcome as O
 from sevsim.kvm.context import ExitContext, Regs, VcpuOps, VcpuView
 from sevsim.kvm.cpuid import CpuidRuntime
@@ -43,7 +43,19 @@ from sevsim.kvm.exits import (
 )
 from sevsim.kvm.ghcb_map import MappedGhcb
 from sevsim.kvm.msrs import MsrModel
-from sevsim.kvm.svm_setup import VINTR_BIT, init_vmcb, sync_vmsa_fields
+from sevsim.kvm.protected import (
+    STATE_GROUPS,
+    STATE_IOCTLS,
+    group_of,
+    refuses_protected_state,
+)
+from sevsim.kvm.svm_setup import (
+    VINTR_BIT,
+    VMSA_DEFAULTS,
+    init_vmcb,
+    recalc_instruction_intercepts,
+    sync_vmsa_fields,
+)
 
 if TYPE_CHECKING:
     from sevsim.kvm.vm import Vm
@@ -76,12 +88,15 @@ class Vcpu:
         self.vmsa = platform.alloc_vmsa((vm.name, vcpu_id))
         self.msrpm_pa, msrpm = platform.alloc_msrpm()
         self.vmcb = bytearray(VMCB_CONTROL.size)
-        init_vmcb(self.vmcb, msrpm, vm.asid, self.vmsa.pa, self.msrpm_pa)
+        init_vmcb(self.vmcb, msrpm, vm.asid, self.vmsa.pa, self.msrpm_pa,
+                  recalc_instruction_intercepts(vm.cpuid, vm.compat.name))  # fmt: skip
         # sev_es_vcpu_reset: the GHCB MSR starts out holding the SEV_INFO response.
         self._set_ghcb_msr(vm.sev_info())
         #: Register state set by the VMM before launch (VMSA field names).
         self._initial: dict[str, Any] = {}
         self.guest_state_protected = False
+        #: KVM_SET_GUEST_DEBUG's control flags (``vcpu->guest_debug``).
+        self.guest_debug = 0
         #: KVM's ``vcpu->arch.regs`` as the last GHCB sync left them.
         self.regs = Regs()
         self.cpl = 0
@@ -126,27 +141,79 @@ class Vcpu:
 
     # -- before launch -------------------------------------------------------------
 
-    def set_state(self, fields: Mapping[str, Any]) -> None:
-        """KVM_SET_REGS/SREGS: set VMSA fields before LAUNCH_UPDATE_VMSA.
+    def set_state(self, fields: Mapping[str, Any], ioctl: str | None = None) -> None:
+        """KVM_SET_REGS/SREGS/FPU/XSAVE/DEBUGREGS: set VMSA fields before
+        LAUNCH_UPDATE_VMSA. ``ioctl`` names one of them, and then ``fields`` must
+        belong to it; without it, any VMSA fields (what a VMM's reset does with all
+        of them).
 
-        Refused once the state is protected, as for KVM_X86_SEV_ES_VM guests.
+        Once the state is protected, a KVM_X86_SEV_ES_VM refuses (-EINVAL); a 5.11-era
+        VM accepts and changes only KVM's copy (:mod:`sevsim.kvm.protected`).
         """
-        if self.guest_state_protected:
-            raise VcpuError(
-                f"vCPU {self.id}: guest state is protected after LAUNCH_UPDATE_VMSA; "
-                "its registers can no longer be set (-EINVAL)"
-            )
         unknown = [name for name in fields if name not in VMSA]
         if unknown:
             raise VcpuError(f"vCPU {self.id}: {unknown} are not VMSA fields")
+        if ioctl is not None:
+            group = self._state_group(ioctl, "SET")
+            stray = sorted(set(fields) - set(STATE_GROUPS[group]))
+            if stray:
+                raise VcpuError(f"vCPU {self.id}: {ioctl} does not set {stray}; it sets "
+                                f"{', '.join(STATE_GROUPS[group])}")  # fmt: skip
+        if self.guest_state_protected:
+            self._refuse_protected(ioctl or "KVM_SET_REGS/SREGS")
+            self.regs.update({k: v for k, v in fields.items() if k in self.regs})
         self._initial.update(fields)
         self.cpuid_runtime.update(cr4=self._initial.get("cr4", 0),
                                   xcr0=self._initial.get("xcr0", 1))  # fmt: skip
         self._lifecycle("vcpu_reset")
 
+    def get_state(self, ioctl: str) -> dict[str, Any]:
+        """KVM_GET_REGS/SREGS/FPU/XSAVE/DEBUGREGS: KVM's copy of one register group.
+
+        Before launch that is the state the VMM set, with KVM's reset values for the
+        rest. Once the state is protected, a KVM_X86_SEV_ES_VM refuses (-EINVAL); a
+        5.11-era VM answers from its stale copy (the GPRs as the last GHCB sync left
+        ``vcpu->arch.regs``).
+        """
+        group = self._state_group(ioctl, "GET")
+        if self.guest_state_protected:
+            self._refuse_protected(ioctl)
+        known = {**VMSA_DEFAULTS, **self._initial}  # KVM's values, before its setters
+        state = {name: known.get(name, 0) for name in STATE_GROUPS[group]}
+        if self.guest_state_protected:
+            state.update({k: v for k, v in self.regs.items() if k in state})
+        return state
+
+    def _state_group(self, ioctl: str, op: str) -> str:
+        group = group_of(ioctl)
+        if group is None or not ioctl.startswith(f"KVM_{op}_"):
+            names = [name for name in STATE_IOCTLS if name.startswith(f"KVM_{op}_")]
+            raise VcpuError(f"vCPU {self.id}: {ioctl!r} is not one of {names}")
+        return group
+
+    def _refuse_protected(self, ioctl: str) -> None:
+        if refuses_protected_state(self.vm.compat.name):
+            raise VcpuError(f"vCPU {self.id}: {ioctl} refused: the guest state is protected "
+                            "after LAUNCH_UPDATE_VMSA (has_protected_state: -EINVAL)")  # fmt: skip
+
+    def set_guest_debug(self, control: int) -> None:
+        """KVM_SET_GUEST_DEBUG: refused (-EINVAL) once the state is protected, in every
+        era; before launch the flags are kept, and LAUNCH_UPDATE_VMSA then refuses
+        a vCPU being debugged."""
+        if self.guest_state_protected:
+            raise VcpuError(f"vCPU {self.id}: KVM_SET_GUEST_DEBUG refused: KVM cannot debug "
+                            "a guest whose state is protected (-EINVAL)")  # fmt: skip
+        if isinstance(control, bool) or not isinstance(control, int) or control < 0:
+            raise VcpuError(f"vCPU {self.id}: KVM_SET_GUEST_DEBUG control {control!r}: "
+                            "expected KVM_GUESTDBG_* flags (an integer >= 0)")  # fmt: skip
+        self.guest_debug = control
+
     def sync_vmsa(self, sev_features: int = 0) -> None:
         """``sev_es_sync_vmsa``: write the initial state into the VMSA page, with KVM's
         own adjustments to it."""
+        if self.guest_debug:
+            raise VcpuError(f"vCPU {self.id}: KVM_SET_GUEST_DEBUG flags {self.guest_debug:#x} "
+                            "are set; KVM refuses LAUNCH_UPDATE_VMSA (-EINVAL)")  # fmt: skip
         dr7 = self._initial.get("dr7", 0x400)
         if dr7 & ~0x400:
             raise VcpuError(f"vCPU {self.id}: DR7 {dr7:#x} has breakpoints set; KVM refuses "
@@ -161,16 +228,27 @@ class Vcpu:
     def dead(self) -> str | None:
         return self._dead
 
-    def run(self, timeout: float | None = None, budget: int | None = None) -> KvmExit:
+    def run(self, timeout: float | None = None, budget: int | None = None, *,
+            plugin_timeout: float | Literal["timeout"] | None = "timeout") -> KvmExit:  # fmt: skip
         """KVM_RUN: run until an exit userspace must see.
 
         ``timeout`` (seconds) bounds the call, as a signal would, and ``budget``
         bounds the guest instructions it may retire (a reproducible slice, as the
         host's counters would enforce): when either is used up, KVM_RUN returns
         -EINTR and the vCPU can be run again. :attr:`usage` adds up what every
-        VMRUN used.
+        VMRUN used. ``plugin_timeout`` (by default ``timeout``) bounds plugin code:
+        a plugin still running when it passes is interrupted, and KVM_RUN fails
+        naming it. A VMM that slices time passes its overall limit here: a slice
+        ending is a signal, which never aborts the kernel's exit handling.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
+        now = time.monotonic()
+        deadline = None if timeout is None else now + timeout
+        limit = timeout if plugin_timeout == "timeout" else plugin_timeout
+        with foreign_time_limit(None if limit is None else now + limit):
+            return self._run(timeout, deadline, budget)
+
+    def _run(self, timeout: float | None, deadline: float | None,
+             budget: int | None) -> KvmExit:  # fmt: skip
         if self._dead is not None:
             raise VcpuError(f"vCPU {self.id} cannot run again: {self._dead}")
         if self.vm.dead is not None:
@@ -190,7 +268,7 @@ class Vcpu:
             # entry (the host IPIs itself) and inject it at the next one.
             immediate = self.inject_pending_events()
             if self.vm.dead is not None:
-                return RunFailed("EIO", self.vm.dead)
+                return RunFailed("EIO", self.vm.dead, plugin=self.vm.dead_plugin)
             entry_deadline = time.monotonic() if immediate else deadline
             left = None if budget is None else budget - (self.retired - retired_before)
             used = self.vm.platform.vmrun(self.vmcb, self.vm.memory, entry_deadline,
@@ -199,7 +277,7 @@ class Vcpu:
             self.retired += used.retired
             result = self.handle_exit()
             if self.vm.dead is not None and not isinstance(result, O.ExitToUser):
-                return RunFailed("EIO", self.vm.dead)
+                return RunFailed("EIO", self.vm.dead, plugin=self.vm.dead_plugin)
             if isinstance(result, O.Resume):
                 if self.request_interrupt_window and self.ready_for_interrupt_injection:
                     return IrqWindowOpen()  # dm_request_for_irq_injection
@@ -213,7 +291,7 @@ class Vcpu:
             if isinstance(result.exit, Shutdown):
                 self._dead = "it shut down (triple fault or VMSA integrity failure)"
             if isinstance(result.exit, RunFailed) and result.exit.plugin is not None:
-                self.vm.terminate(result.exit.why)
+                self.vm.terminate(result.exit.why, result.exit.plugin)
             return result.exit
 
     def _exit_code(self) -> int:
@@ -264,7 +342,7 @@ class Vcpu:
         """
         self._ctx = ctx
         try:
-            result = handler.handler(ctx)
+            result = run_foreign(handler.handler, ctx)
         except FOREIGN_FAULTS as exc:  # a plugin bug must not take the host down
             return self._plugin_failed(handler, exc)
         if result is not None and not isinstance(result, O.Resume | O.ExitToUser | O.Fail):
@@ -298,10 +376,11 @@ class Vcpu:
         results = []
         for part in self.vm.extensions.implementing(hook):
             try:
-                results.append(part.lifecycle[hook](vcpu=self.view(part.name), **args))
+                results.append(run_foreign(part.lifecycle[hook], vcpu=self.view(part.name),
+                                           **args))  # fmt: skip
             except FOREIGN_FAULTS as exc:
                 self.vm.terminate(f"plugin {part.name!r} failed in sevsim_{hook}: "
-                                  f"{type(exc).__name__}: {exc}")  # fmt: skip
+                                  f"{type(exc).__name__}: {exc}", part.name)  # fmt: skip
                 results.append(None)
         return results
 
@@ -360,9 +439,12 @@ class Vcpu:
         """INIT from the local APIC: the vCPU waits for a SIPI (KVM_MP_STATE_INIT_RECEIVED).
 
         KVM cannot reset an SEV-ES vCPU's registers (they are sealed in the VMSA): the
-        vCPU resumes where it was, once the SIPI releases it.
+        vCPU resumes where it was, once the SIPI releases it. For the same reason a
+        vCPU that shut down stays down (``shutdown_interception`` cannot reinitialize
+        an encrypted VMSA): INIT, which another vCPU's IPI may send, leaves it alone.
         """
-        self.mp_state = MpState.INIT_RECEIVED
+        if self._dead is None:
+            self.mp_state = MpState.INIT_RECEIVED
 
     def deliver_sipi(self, vector: int) -> None:
         """A SIPI from the local APIC (where KVM's ``kvm_apic_accept_events`` calls
@@ -499,7 +581,7 @@ class Vcpu:
             snp = code in SNP_ONLY_VMGEXITS
             return None, GhcbErr.MISSING_INPUT if snp else GhcbErr.INVALID_EVENT
         try:
-            required = handler.required_fields(snapshot)
+            required = run_foreign(handler.required_fields, snapshot)
         except FOREIGN_FAULTS as exc:  # the plugin's requires() is plugin code too
             raise _RequiresFailed(handler, exc) from exc
         if not all(snapshot.is_valid(name) for name in required):

@@ -28,6 +28,8 @@ from sevsim.kvm.vcpu import Vcpu
 
 GHCB_VERSION_MIN = 1
 GHCB_VERSION_MAX = 2
+#: KVM_CAP_X86_SMM (``include/uapi/linux/kvm.h``): whether the VMM may give the guest SMM.
+KVM_CAP_X86_SMM = 117
 
 
 class Kvm:
@@ -36,6 +38,12 @@ class Kvm:
     def __init__(self, platform: Platform | None = None) -> None:
         self.platform = platform or Platform()
         self.asids = AsidAllocator(self.platform.firmware, self.platform.caps)
+
+    def check_extension(self, cap: int) -> int:
+        """KVM_CHECK_EXTENSION on /dev/kvm: with no VM to ask about, the host emulates
+        SMBASE, so SMM is offered. sevsim answers only the capabilities it models (0
+        for the rest, as KVM does for one it does not know)."""
+        return 1 if cap == KVM_CAP_X86_SMM else 0
 
     def create_vm(
         self,
@@ -94,6 +102,8 @@ class Vm:
         self.handle: int | None = None
         self.vcpus: list[Vcpu] = []
         self.dead: str | None = None
+        #: The plugin whose failure ended the VM, if one did.
+        self.dead_plugin: str | None = None
         self.destroyed = False
         #: Each active plugin's per-VM state, by plugin name.
         self.plugin_states = {part.name: part.vm_state() for part in extensions.parts
@@ -116,6 +126,12 @@ class Vm:
             )  # fmt: skip
         return view
 
+    def check_extension(self, cap: int) -> int:
+        """KVM_CHECK_EXTENSION on the VM: an SEV-ES guest cannot have SMM, KVM could not
+        save its state into SMRAM (``svm_has_emulated_msr(kvm, MSR_IA32_SMBASE)`` is
+        false, in every era), so the VMM turns SMM off."""
+        return 0 if cap == KVM_CAP_X86_SMM else self.kvm.check_extension(cap)
+
     def lookup(self, kind: ExitKind, code: int) -> ExitHandler | None:
         """The handler of an exit, if this VM's KVM has that row."""
         handler = self.extensions.table.lookup(kind, code)
@@ -125,14 +141,15 @@ class Vm:
 
     # -- observers -------------------------------------------------------------------
 
-    def emit(self, name: str, **fields: Any) -> None:
+    def emit(self, name: str, /, **fields: Any) -> None:
         """Tell the observers; one that fails ends this VM (naming it), not the host."""
         if name in self._wanted:
             try:
                 self._events.emit(name, **fields)
             except FOREIGN_FAULTS as exc:
                 self._wanted = frozenset()
-                self.terminate(f"observer of {name!r} failed: {type(exc).__name__}: {exc}")
+                self.terminate(f"observer of {name!r} failed: {type(exc).__name__}: {exc}",
+                               getattr(exc, "plugin", None))  # fmt: skip
 
     # -- memory and vCPUs ------------------------------------------------------------
 
@@ -233,10 +250,10 @@ class Vm:
 
     # -- the end ---------------------------------------------------------------------------
 
-    def terminate(self, why: str) -> None:
-        """Stop this VM for good (a plugin failed on its behalf); other VMs go on."""
+    def terminate(self, why: str, plugin: str | None = None) -> None:
+        """Stop this VM for good (``plugin`` failed on its behalf); other VMs go on."""
         if self.dead is None:
-            self.dead = why
+            self.dead, self.dead_plugin = why, plugin
 
     def destroy(self) -> None:
         """KVM_DESTROY_VM: DEACTIVATE, DECOMMISSION, free the ASID, the host pages and

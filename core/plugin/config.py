@@ -12,8 +12,9 @@ the host, which is the one that knows them.
 from __future__ import annotations
 
 import os
+import sys
 import tomllib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -140,25 +141,55 @@ class PluginConfig:
 
 
 def config_file(path: str | Path | None, cwd: str | Path | None = None) -> Path | None:
-    """The file a command reads: ``--config FILE`` (must exist), else ``./sevsim.toml``."""
+    """The file a command reads: ``--config FILE`` (must exist), else ``./sevsim.toml``
+    if there is anything by that name (a directory or a dangling link there is an
+    error, not a file to skip: the user meant it to be read)."""
     if path is not None:
-        file = Path(path)
-        if not file.is_file():
-            raise ConfigError(f"config file {str(file)!r} (--config) does not exist")
-        return file
+        return _readable(Path(path), "(--config)")
     default = Path(cwd or ".") / CONFIG_FILE
-    return default if default.is_file() else None
+    return _readable(default, "") if os.path.lexists(default) else None
+
+
+def _readable(file: Path, origin: str) -> Path:
+    where = f"config file {str(file)!r}" + (f" {origin}" if origin else "")
+    if file.is_file():
+        return file
+    if file.is_dir():
+        raise ConfigError(f"{where} is a directory; expected a TOML file")
+    if os.path.lexists(file):
+        raise ConfigError(f"{where} is a symbolic link that leads to no file (dangling, or "
+                          "a loop); expected a TOML file")  # fmt: skip
+    raise ConfigError(f"{where} does not exist")
 
 
 def read_toml(path: Path) -> dict[str, Any]:
-    """A TOML document; errors name the file and what is wrong."""
+    """A TOML document; errors name the file and what is wrong.
+
+    tomllib raises more than TOMLDecodeError for hostile input: UnicodeDecodeError
+    for bytes that are not UTF-8, RecursionError for arrays nested thousands deep and
+    ValueError for an integer longer than Python converts (4300 digits): each is the
+    file's fault and gets one line naming it.
+    """
     try:
-        with path.open("rb") as f:
-            return tomllib.load(f)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        raw = path.read_bytes()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: line {line}: byte {raw[e.start]:#04x} is not valid UTF-8; "
+                          "TOML files are UTF-8 text") from None  # fmt: skip
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: arrays or tables nested too deeply to read; "
+                          "sevsim.toml needs a few levels at most") from None  # fmt: skip
+    except ValueError:  # int(): more digits than sys.get_int_max_str_digits()
+        raise ConfigError(f"{path}: not valid TOML for sevsim: an integer has more than "
+                          f"{sys.get_int_max_str_digits()} digits") from None  # fmt: skip
 
 
 def check_tables(document: Mapping[str, Any], where: str) -> None:
@@ -180,17 +211,21 @@ def load_config(
     strict: bool = False,
     env: Mapping[str, str] | None = None,
     cwd: str | Path | None = None,
+    over_file: Callable[[PluginConfig], PluginConfig] | None = None,
 ) -> PluginConfig:
     """The configuration a ``sevsim`` command runs with.
 
     ``path`` is ``--config FILE`` (which must exist); without it ``sevsim.toml`` in
     ``cwd`` is read if present. ``cli`` holds the ``-p`` values in command-line order,
-    ``strict`` is ``--strict``. ``env`` defaults to ``os.environ``.
+    ``strict`` is ``--strict``. ``env`` defaults to ``os.environ``. ``over_file`` is a
+    layer between the file and the environment (a guest manifest's ``[plugins]``).
     """
     config = PluginConfig()
     file = config_file(path, cwd)
     if file is not None:
         config = apply_file(config, file)
+    if over_file is not None:
+        config = over_file(config)
     config = apply_env(config, os.environ if env is None else env)
     config = apply_cli(config, cli)
     if strict:

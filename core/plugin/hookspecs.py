@@ -60,6 +60,7 @@ def sevsim_configure(settings: Mapping[str, Any]) -> object | None:
         >>> from sevsim.errors import ConfigError
         >>> from sevsim.plugin.hookspecs import hookimpl
         >>> from sevsim.testing import isolated_host
+        >>> seen = []
         >>> class Versions:
         ...     @hookimpl
         ...     def sevsim_configure(self, settings):
@@ -69,12 +70,13 @@ def sevsim_configure(settings: Mapping[str, Any]) -> object | None:
         ...         return {"max_version": settings.get("max_version", 2)}
         ...     @hookimpl
         ...     def sevsim_exit_handlers(self, config):
-        ...         print("protocol up to", config["max_version"])
+        ...         seen.append(config["max_version"])
         ...         return []
         >>> table = isolated_host(
         ...     {"versions": Versions()}, settings={"versions": {"max_version": 1}}
         ... ).start()
-        protocol up to 1
+        >>> seen
+        [1]
         >>> isolated_host(
         ...     {"versions": Versions()}, settings={"versions": {"max_vers": 1}}
         ... ).start()  # doctest: +ELLIPSIS

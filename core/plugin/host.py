@@ -34,14 +34,16 @@ Settings and owner rules are checked against what the active plugins really do:
 from __future__ import annotations
 
 import difflib
+import sys
 from collections.abc import Iterable, Mapping
+from contextlib import redirect_stdout
 from typing import Any
 
 import pluggy
 from attrs import define, evolve, field, frozen
 
-from sevsim.errors import FOREIGN_FAULTS, ConfigError, PluginError
-from sevsim.hw import SIM_EVENTS
+from sevsim.errors import FOREIGN_FAULTS, ConfigError, ForeignBaseException, PluginError
+from sevsim.hw import SIM_EVENTS, run_foreign
 from sevsim.kvm.dispatch import ExitHandler, ExitKind, ExitTable
 from sevsim.kvm.extensions import LIFECYCLE, Extensions, PluginPart
 from sevsim.plugin import hookspecs
@@ -111,6 +113,8 @@ def _failure(error: BaseException) -> str:
     if isinstance(error, SystemExit):
         code = "" if error.code is None else repr(error.code)
         return f"SystemExit: the plugin called sys.exit({code})"
+    if isinstance(error, ForeignBaseException):
+        error = error.original
     return _one_line(f"{type(error).__name__}: {error}")
 
 
@@ -282,18 +286,24 @@ class PluginHost:
 
     def _activate(self, candidate: Candidate) -> tuple[list[ExitHandler], PluginPart]:
         """Import, register, configure; the plugin's records, stamped with its name,
-        and its part in every VM (state factories, lifecycle hooks)."""
+        and its part in every VM (state factories, lifecycle hooks).
+
+        What the plugin prints meanwhile goes to stderr: stdout belongs to the command
+        (``sevsim plugins --json`` must stay one JSON document).
+        """
         if candidate.problem:
             raise PluginError(candidate.problem)
-        plugin = candidate.load()
-        self._pm.register(plugin, name=candidate.name)
-        try:
-            self._check_hooks(plugin)
-            config = self._configure(candidate.name)
-            return self._collect(candidate.name, config), self._part(candidate.name, config)
-        except BaseException:
-            self._pm.unregister(plugin)
-            raise
+        with redirect_stdout(sys.stderr):
+            plugin = run_foreign(candidate.load)
+            self._pm.register(plugin, name=candidate.name)
+            try:
+                self._check_hooks(plugin)
+                config = run_foreign(self._configure, candidate.name)
+                records = run_foreign(self._collect, candidate.name, config)
+                return records, self._part(candidate.name, config)
+            except BaseException:
+                self._pm.unregister(plugin)
+                raise
 
     def _part(self, name: str, config: Any) -> PluginPart:
         """The plugin's state factories (called with its ``config``) and lifecycle hooks."""

@@ -13,7 +13,8 @@ from typing import Any
 import pluggy
 from attrs import frozen
 
-from sevsim.errors import PluginError
+from sevsim.errors import FOREIGN_FAULTS, PluginError
+from sevsim.hw import run_foreign
 from sevsim.kvm.events import EVENTS
 
 HOOK_PREFIX = "sevsim_"
@@ -40,15 +41,16 @@ class HookSink:
     def wants(self, name: str) -> bool:
         return name in self.wanted
 
-    def emit(self, name: str, **fields: Any) -> None:
+    def emit(self, name: str, /, **fields: Any) -> None:
         """Call every observer of ``name``; one that raises is named in a PluginError."""
         hook = getattr(self.pm.hook, HOOK_PREFIX + name)
         try:
-            hook(**fields)
-        except Exception as e:
+            run_foreign(hook, **fields)
+        except FOREIGN_FAULTS as e:  # sys.exit and overrunning the time limit included
+            culprit = _culprit(hook, e)
             raise PluginError(
-                f"plugin {_culprit(hook, e)!r} failed in observer hook {hook.name}: "
-                f"{type(e).__name__}: {e}"
+                f"plugin {culprit!r} failed in observer hook {hook.name}: "
+                f"{type(e).__name__}: {e}", culprit
             ) from e
 
 

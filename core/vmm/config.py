@@ -45,9 +45,9 @@ def kvm_settings(table: Any, where: str, era: str | None = None) -> KvmSettings:
     unknown = sorted(set(table) - set(_KEYS))
     if unknown:
         raise ConfigError(f"{where} has unknown key(s) {unknown}; expected: {', '.join(_KEYS)}")
-    chosen = era or table.get("era", "newest")
-    if chosen not in ERAS:
-        origin = "--era" if era else f"{where} era"
+    chosen = era if era is not None else table.get("era", "newest")
+    if not isinstance(chosen, str) or chosen not in ERAS:
+        origin = "--era" if era is not None else f"{where} era"
         raise ConfigError(f"{origin} = {chosen!r}: expected one of {sorted(ERAS)}")
     version = table.get("ghcb_version")
     valid = range(GHCB_VERSION_MIN, GHCB_VERSION_MAX + 1)

@@ -29,10 +29,11 @@ from attrs import frozen
 
 from sevsim.errors import ConfigError
 from sevsim.guest.image import GuestImage
-from sevsim.hw import Platform
+from sevsim.hw import Platform, SimSink
 from sevsim.kvm.dispatch import ExitTable
 from sevsim.kvm.events import EventSink, TeeSink
 from sevsim.kvm.exits import Hlt, KvmExit
+from sevsim.kvm.extensions import Extensions
 from sevsim.kvm.vm import Kvm, Vm
 from sevsim.trace import Trace, describe_exit, describe_reason, is_sev_term, term_reason
 from sevsim.vmm.launch import launch_image
@@ -85,6 +86,7 @@ class RunResult:
     exit: KvmExit
     trace: Trace
     vm: Vm
+    devices: Devices
 
     @property
     def failure(self) -> str | None:
@@ -94,10 +96,12 @@ class RunResult:
 
 def run_image(
     image: GuestImage,
-    table: ExitTable,
+    table: ExitTable | Extensions,
     events: EventSink,
     *,
-    echo: Callable[[str], None] | None = None,
+    trace: Trace | None = None,
+    sim: SimSink | None = None,
+    make_devices: Callable[[Callable[[bytes], None]], Devices] = Devices.standard,
     kvm: Kvm | None = None,
     timeout: float | None = None,
     uart_input: bytes = b"",
@@ -106,12 +110,19 @@ def run_image(
     """Launch ``image`` on one vCPU and run it until it stops (or ``timeout`` seconds
     have passed: a spinning guest cannot hang the VMM); trace every exit, device
     output and unclaimed access. ``uart_input`` is what the guest can read from COM1.
-    ``timeout`` is None (no limit) or a finite number of seconds > 0."""
+    ``timeout`` is None (no limit) or a finite number of seconds > 0.
+
+    ``trace`` records the run (a fresh, silent one by default); ``sim`` also hears
+    the simulator's view, beside the trace (ignored with a ``kvm`` of the caller's,
+    whose platform already has its listener). ``make_devices`` builds the machine
+    from the console callback (a guest manifest's devices, say).
+    """
     if timeout is not None:
         timeout = check_timeout(timeout, "run_image(timeout=...)")
-    trace = Trace(echo)
+    if trace is None:
+        trace = Trace()
     console = LineConsole(lambda line: trace.note(f"      [uart] {line}"))
-    devices = Devices.standard(console=console.write)
+    devices = make_devices(console.write)
     devices.uart.input += uart_input
     for bus in (devices.io, devices.mmio):
         bus.on_unclaimed.append(
@@ -120,16 +131,17 @@ def run_image(
                 + ("all ones" if access == "read" else "dropped")
             )
         )
+    if kvm is None:
+        kvm = Kvm(Platform(sim=trace if sim is None else TeeSink(trace, sim)))
     vm = launch_image(
-        kvm or Kvm(Platform(sim=trace)), image, handlers=table, events=TeeSink(events, trace),
-        devices=devices, **vm_args,
+        kvm, image, handlers=table, events=TeeSink(events, trace), devices=devices, **vm_args,
     )  # fmt: skip
     trace.note(f"launch digest {vm.launch_digest().hex()}")
     vcpu = vm.vcpus[0]
     exit_ = vcpu.run(timeout)
     console.flush()
     trace.record_exit(vcpu.id, exit_)
-    return RunResult(exit_, trace, vm)
+    return RunResult(exit_, trace, vm, devices)
 
 
 class LineConsole:

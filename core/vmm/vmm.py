@@ -279,12 +279,13 @@ class Vmm:
         slice_ns = self._slice_ns(sharing)
         ran_ns, retired = vcpu.guest_ns, vcpu.retired
         self.machine.clock.running = lambda: self._used(vcpu, ran_ns, retired) // sharing
+        wall_left = self._wall_left()
         if self.clock_mode is ClockMode.ICOUNT:
             budget = None if slice_ns is None else max(slice_ns // ICOUNT_NS_PER_INSN, 1)
-            exit_ = vcpu.run(self._wall_left(), budget)
+            exit_ = vcpu.run(wall_left, budget)
         else:
-            limits = [t for t in (slice_ns and _ns_to_s(slice_ns), self._wall_left()) if t]
-            exit_ = vcpu.run(min(limits) if limits else None)
+            limits = [t for t in (slice_ns and _ns_to_s(slice_ns), wall_left) if t]
+            exit_ = vcpu.run(min(limits) if limits else None, plugin_timeout=wall_left)
         self.exits += 1
         ran_ns, retired = vcpu.guest_ns - ran_ns, vcpu.retired - retired
         if slice_ns is not None and _sliced(exit_):

@@ -117,14 +117,19 @@ def ap_reset_hold_msr(ctx: ExitContext) -> O.Outcome:
 @hookimpl
 def sevsim_vcpu_sipi(vcpu: VcpuView, vector: int) -> None:
     """``sev_vcpu_deliver_sipi_vector``: the first SIPI is swallowed (the AP starts from
-    its VMSA); a later one answers the reset hold. 5.11 knew only the GHCB way, and
-    wrote info_2 = 1 into whatever GHCB page was mapped."""
+    its VMSA); a later one answers the reset hold (``svm_vmgexit_success(svm, 1)``).
+    5.11 knew only the GHCB way and had no hold type: it set only ``sw_exit_info_2``
+    to 1 in whatever GHCB page was mapped, whichever request it belonged to."""
     state: VcpuHold = vcpu.state
     if not state.received_first_sipi:
         state.received_first_sipi = True
         return
     ghcb = vcpu.mapped_ghcb
-    if state.hold is HoldType.NAE or (vcpu.vm.era == "v5.11" and ghcb is not None):
+    if vcpu.vm.era == "v5.11":
+        if ghcb is not None:
+            ghcb["sw_exit_info_2"] = 1
+            vcpu.flush_ghcb()
+    elif state.hold is HoldType.NAE:
         if ghcb is not None:
             ghcb["sw_exit_info_1"], ghcb["sw_exit_info_2"] = 0, 1
             vcpu.flush_ghcb()

@@ -16,7 +16,8 @@ code        KVM handler                 what the guest gets
 0x076/089   INVD, WBINVD                nothing
 0x07c       ``msr_interception``        RAX/RDX, or #GP in the GHCB reply
 0x081       ``kvm_emulate_hypercall``   RAX
-0x087       RDTSCP                      #UD (since 5.13); 5.11: internal error
+0x087       RDTSCP                      #UD (since 5.13; intercepted only when the
+                                        guest CPUID lacks it); 5.11: internal error
 0x08a/08b   MONITOR, MWAIT              nothing
 ==========  ==========================  ===========================================
 

@@ -77,6 +77,10 @@ MSR = hold_loop(
 
 @pytest.mark.parametrize("source", [NAE, MSR], ids=["ap_hlt_loop", "msr_ap_reset_hold"])
 def test_a_parked_vcpu_waits_for_its_second_sipi(source):
+    """``kvm_emulate_ap_reset_hold`` with the in-kernel LAPIC's mp_state (sevsim's SIPI is
+    ``sev_vcpu_deliver_sipi_vector``): a held vCPU's KVM_RUN returns -EINTR where KVM's
+    ``vcpu_block`` would wait, until the second SIPI releases it (README, "Known
+    differences from KVM")."""
     run = run_guest(source, enable=ENABLE)
     vcpu = run.vm.vcpus[0]
     assert run.exit == ApResetHold() and vcpu.mp_state is MpState.AP_RESET_HOLD
