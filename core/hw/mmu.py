@@ -30,6 +30,8 @@ translated from it; pages nobody mapped since the last flush cost nothing.
 from __future__ import annotations
 
 import ctypes
+import struct
+from array import array
 from typing import Any
 
 from attrs import frozen
@@ -97,15 +99,21 @@ class _TableNpf(Exception):
 
 #: Remembered walks kept at most (a guest touching more pages starts over).
 _WALKS_KEPT = 1 << 16
+_ENTRY = {8: struct.Struct("<Q"), 4: struct.Struct("<I")}
+
+#: One table entry a walk read: the page's buffer, the entry's offset there and its
+#: format, the page owners' array and the page's index in it, the value read.
+_Read = tuple[memoryview, int, struct.Struct, array, int, int]
 
 
 @frozen
 class _Walk:
-    """A successful walk and the table entries it read: (region, offset, page index,
-    bytes) each; it still holds while every entry does."""
+    """A successful walk, the table entries it read, and the table pages they lie in
+    (their guest-physical address, buffer and offset)."""
 
     translation: Translation
-    entries: tuple[tuple[RamRegion, int, int, bytes], ...]
+    entries: tuple[_Read, ...]
+    tables: tuple[tuple[int, memoryview, int], ...]
 
 
 class Mmu:
@@ -120,8 +128,9 @@ class Mmu:
         self.memory = memory
         #: Walks since the paging mode last changed, by (page, access, CPL 3).
         self._walks: dict[tuple[int, int, bool], _Walk] = {}
-        #: The walks behind the fills since the last flush (what the TLB may hold).
-        self._filled: set[tuple[int, int, bool]] = set()
+        #: Each table page the fills since the last flush read, as it was at the first
+        #: of them: while every one is unchanged, the TLB holds no stale translation.
+        self._tables: dict[int, tuple[memoryview, int, bytes]] = {}
         self._mode = PagingMode(0, 0, 0, 0, cbit)
         self.kid = SHARED
         #: Reads the current privilege level (the CPU knows how).
@@ -166,17 +175,20 @@ class Mmu:
     def flush_tlb(self) -> None:
         self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
         self._generation += 1
-        self._filled.clear()
+        self._tables.clear()
         self.tlb_stale = False
 
     def reload_cr3(self) -> None:
         """A MOV to CR3 that keeps the paging mode: the TLB must drop translations the
-        tables no longer give. When every fill since the last flush comes from a walk
-        whose entries still hold, the TLB already holds exactly what refilling it would
-        give, and flushing it would only cost refills (OVMF reloads CR3 on every
-        exception return); otherwise flush."""
-        if any(self._remembered(key) is None for key in self._filled):
-            self.flush_tlb()
+        tables no longer give. When no table page a fill read since the last flush has
+        changed since, the TLB already holds exactly what refilling it would give, and
+        flushing would only cost refills (OVMF reloads CR3 on every exception return);
+        otherwise flush. A table page's bytes also change when it converts to another
+        key, so comparing bytes covers both."""
+        for view, off, seen in self._tables.values():
+            if view[off : off + PAGE_SIZE].tobytes() != seen:
+                self.flush_tlb()
+                return
 
     def _page_changed(self, page: int, change: Change) -> None:
         if page in self._code_pages:
@@ -211,7 +223,6 @@ class Mmu:
         if self.memory.convert(region, t.paddr, kid) and self.tlb_stale:
             self.flush_tlb()  # another translation may still show the old view
         self._mapped[t.paddr] = self._generation
-        self._filled.add(key)
         writable = t.writable or (cpl == 0 and not self.mode.cr0 & M.CR0_WP)
         perms = UC_PROT_READ | (UC_PROT_WRITE if writable and not region.readonly else 0)
         if kind == ACCESS_FETCH or t.paddr in self._code_pages:
@@ -227,29 +238,40 @@ class Mmu:
         if known is None:
             return None
         kid = self.kid
-        for region, off, index, raw in known.entries:
-            if region.owner[index] != kid or region.view[off : off + len(raw)] != raw:
+        for view, off, entry, owner, index, value in known.entries:
+            if owner[index] != kid or entry.unpack_from(view, off)[0] != value:
                 return None
+        self._note_tables(known.tables)
         return known.translation
+
+    def _note_tables(self, tables: tuple[tuple[int, memoryview, int], ...]) -> None:
+        for page, view, off in tables:
+            if page not in self._tables:
+                self._tables[page] = (view, off, view[off : off + PAGE_SIZE].tobytes())
 
     def _walk_and_remember(
         self, vaddr: int, kind: int, cpl: int, key: tuple[int, int, bool]
     ) -> Translation | PageFault | NonCanonical:
-        entries: list[tuple[RamRegion, int, int, bytes]] = []
+        entries: list[_Read] = []
+        tables: dict[int, tuple[int, memoryview, int]] = {}
 
         def read(paddr: int, size: int) -> bytes:
             raw = self.read_table(paddr, size)
             region = self.memory.ram_at(paddr)
             assert region is not None  # read_table found it
             off = paddr - region.gpa
-            entries.append((region, off, off // PAGE_SIZE, bytes(raw)))
+            entry = _ENTRY[size]
+            entries.append((region.view, off, entry, region.owner, off // PAGE_SIZE,
+                            entry.unpack(raw)[0]))  # fmt: skip
+            tables[paddr & PAGE_MASK] = (paddr & PAGE_MASK, region.view, off & PAGE_MASK)
             return raw
 
         t = walk(self.mode, vaddr, kind, cpl, read)
         if isinstance(t, Translation):
             if len(self._walks) >= _WALKS_KEPT:
                 self._walks.clear()
-            self._walks[key] = _Walk(t, tuple(entries))
+            known = self._walks[key] = _Walk(t, tuple(entries), tuple(tables.values()))
+            self._note_tables(known.tables)
         return t
 
     def _refuse(self, fault: Fault, entry: Any) -> bool:
