@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # A third-party plugin package, installed and tested with sevsim on every run.
 EXAMPLE := examples/sevsim-hv-counter
 
-.PHONY: test demo bench fuzz lint clean
+.PHONY: test test-slow demo bench fuzz lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	$(BIN)/pytest -q
+
+# The slow tests: Debian's OVMF booted to the UEFI Shell with 1 and 4 vCPUs (minutes each).
+test-slow: $(STAMP)
+	$(BIN)/pytest -q -m slow
 
 demo: $(STAMP)
 	$(BIN)/sevsim run

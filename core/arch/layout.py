@@ -47,6 +47,9 @@ class Layout:
     size: int
     fields: tuple[Field, ...]
     _by_name: Mapping[str, Field] = field(repr=False, eq=False)
+    #: name -> (offset, size, compiled struct or None): what get/set need, looked up
+    #: once (they run several times per VMRUN).
+    _codecs: Mapping[str, tuple[int, int, struct.Struct | None]] = field(repr=False, eq=False)
 
     @classmethod
     def build(
@@ -78,7 +81,9 @@ class Layout:
             cursor = offset + fsize
         if cursor != size:
             raise LayoutError(f"{name}: fields end at {cursor:#x}, expected size {size:#x}")
-        return cls(name, size, tuple(fields), {f.name: f for f in fields})
+        codecs = {f.name: (f.offset, f.size, struct.Struct(f.fmt) if f.fmt else None)
+                  for f in fields}  # fmt: skip
+        return cls(name, size, tuple(fields), {f.name: f for f in fields}, codecs)
 
     def __getitem__(self, name: str) -> Field:
         try:
@@ -94,26 +99,32 @@ class Layout:
 
     def get(self, buf: bytes | bytearray | memoryview, name: str, base: int = 0) -> Any:
         """Read one field from ``buf`` (the structure starting at ``base``)."""
-        f = self[name]
-        if f.fmt is not None:
-            return struct.unpack_from(f.fmt, buf, base + f.offset)[0]
-        return bytes(buf[base + f.offset : base + f.offset + f.size])
+        codec = self._codecs.get(name)
+        if codec is None:
+            raise LayoutError(f"{self.name} has no field {name!r}")
+        offset, size, packed = codec
+        if packed is not None:
+            return packed.unpack_from(buf, base + offset)[0]
+        return bytes(buf[base + offset : base + offset + size])
 
     def set(self, buf: bytearray | memoryview, name: str, value: Any, base: int = 0) -> None:
         """Write one field into ``buf``; integers must fit, byte strings must match the size."""
-        f = self[name]
-        if f.fmt is not None:
-            if not isinstance(value, int) or value < 0 or value >> (8 * f.size):
+        codec = self._codecs.get(name)
+        if codec is None:
+            raise LayoutError(f"{self.name} has no field {name!r}")
+        offset, size, packed = codec
+        if packed is not None:
+            if not isinstance(value, int) or value < 0 or value >> (8 * size):
                 raise LayoutError(
-                    f"{self.name}.{name}: {value!r} does not fit a {f.type} "
-                    f"(0..{(1 << (8 * f.size)) - 1:#x})"
+                    f"{self.name}.{name}: {value!r} does not fit a {self[name].type} "
+                    f"(0..{(1 << (8 * size)) - 1:#x})"
                 )
-            struct.pack_into(f.fmt, buf, base + f.offset, value)
+            packed.pack_into(buf, base + offset, value)
             return
         data = bytes(value)
-        if len(data) != f.size:
-            raise LayoutError(f"{self.name}.{name}: expected {f.size} bytes, got {len(data)}")
-        buf[base + f.offset : base + f.offset + f.size] = data
+        if len(data) != size:
+            raise LayoutError(f"{self.name}.{name}: expected {size} bytes, got {len(data)}")
+        buf[base + offset : base + offset + size] = data
 
     def pack(self, values: Mapping[str, Any], size: int | None = None) -> bytearray:
         """A zeroed buffer of ``size`` (default: the layout's size) with ``values`` set."""
