@@ -61,7 +61,8 @@ _NARROW = frozenset(SEG_IDS.values())
 class Registers:
     """Register access for one Unicorn engine."""
 
-    __slots__ = ("_buf", "_context", "_handle", "_hflags", "_read", "_ref", "_write", "uc")
+    __slots__ = ("_buf", "_context", "_handle", "_hflags", "_mmr", "_mmr_ref", "_read", "_ref",
+                 "_write", "uc")  # fmt: skip
 
     def __init__(self, uc: Uc, env: int) -> None:
         self.uc = uc
@@ -83,6 +84,8 @@ class Registers:
         self._write = uclib.uc_reg_write
         self._buf = ctypes.c_uint64()
         self._ref = ctypes.byref(self._buf)
+        self._mmr = _Mmr()
+        self._mmr_ref = ctypes.byref(self._mmr)
         self._context: Any = None
 
     def read(self, reg_id: int) -> int:
@@ -130,8 +133,11 @@ class Registers:
         self.write(_RFLAGS, value)
 
     def table(self, reg_id: int) -> tuple[int, int, int, int]:
-        """(selector, base, limit, flags) of GDTR, IDTR, TR or LDTR."""
-        return self.uc.reg_read(reg_id)  # type: ignore[return-value]
+        """(selector, base, limit, flags) of GDTR, IDTR, TR or LDTR (one C call: every
+        exception delivery reads IDTR and often TR and GDTR)."""
+        mmr = self._mmr
+        self._read(self._handle, reg_id, self._mmr_ref)
+        return mmr.selector, mmr.base, mmr.limit, mmr.flags
 
     def msr(self, index: int) -> int:
         return self.uc.msr_read(index)
@@ -261,6 +267,13 @@ class Registers:
         )
         return state
 
+
+
+class _Mmr(ctypes.Structure):
+    """Unicorn's ``uc_x86_mmr``: a descriptor-table or task register."""
+
+    _fields_ = (("selector", ctypes.c_uint16), ("base", ctypes.c_uint64),
+                ("limit", ctypes.c_uint32), ("flags", ctypes.c_uint32))  # fmt: skip
 
 
 # -- hidden segment state ----------------------------------------------------------------
