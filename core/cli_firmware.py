@@ -22,6 +22,7 @@ import json
 import re
 import sys
 
+from sevsim.boot_progress import BootProgress
 from sevsim.cli_base import (
     EXIT_OK,
     Parser,
@@ -33,6 +34,7 @@ from sevsim.cli_base import (
 from sevsim.cli_console import SerialConsole
 from sevsim.cli_trace import TraceOutput
 from sevsim.hw import Platform
+from sevsim.kvm.events import TeeSink
 from sevsim.kvm.vm import Kvm
 from sevsim.plugin.host import PluginHost
 from sevsim.vmm.boot import DEFAULT_VCPU_TYPE, launch_pc
@@ -139,11 +141,20 @@ def run_firmware(
                      guest_clock=clock.now_ns) as out:  # fmt: skip
         kvm = Kvm(Platform(sim=out.sim(host.sim, out.trace)))
         out.phase("launch")
+        # On a terminal, quiet or verbose aside, a status line shows where the boot is.
+        progress = BootProgress() if verbosity(args) == 0 and sys.stderr.isatty() else None
+        events = out.events(host.events, out.trace)
+
+        def console_write(data: bytes) -> None:
+            console.write(data)
+            if progress is not None:
+                progress.console(data)
+
         vm, machine = launch_pc(
             kvm, firmware, config, vcpu_type=args.vcpu_type, vars_store=vars_store,
             vars_size=vars_store.size if vars_store else 0, clock=clock, handlers=extensions,
-            events=out.events(host.events, out.trace), machine_args={"console": console.write},
-            **kvm_settings.vm_args(),
+            events=events if progress is None else TeeSink(events, progress),
+            machine_args={"console": console_write}, **kvm_settings.vm_args(),
         )  # fmt: skip
         digest = vm.launch_digest().hex()
         out.trace.note(f"launch digest {digest}")
@@ -158,8 +169,14 @@ def run_firmware(
             poll_input=console.poll if console.reads_input else None, idle=console.idle,
         )  # fmt: skip
         out.phase("run")
-        with console:
-            end = vmm.run()
+        if progress is not None:
+            progress.start()
+        try:
+            with console:
+                end = vmm.run()
+        finally:
+            if progress is not None:
+                progress.stop()
         out.phase(f"end: {end.kind.label}")
     _report_end(args, end, vmm, vars_store)
     return end.status

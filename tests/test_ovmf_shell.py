@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from sevsim.boot_progress import MILESTONES, BootProgress
 from sevsim.hw import Platform
+from sevsim.kvm.events import TeeSink
 from sevsim.kvm.vm import Kvm
 from sevsim.plugin.config import load_config
 from sevsim.plugin.host import PluginHost
@@ -38,11 +40,13 @@ class Typist:
     def __init__(self, commands: list[str]) -> None:
         self.output = bytearray()
         self._todo = [c.encode() + b"\r" for c in commands]
+        self.progress = BootProgress()
         self._prompts_seen = 0
         self._skipped = False
 
     def console(self, data: bytes) -> None:
         self.output += data
+        self.progress.console(data)
 
     def poll(self) -> bytes:
         if not self._skipped and b"any other key to continue" in self.output:
@@ -64,13 +68,18 @@ def test_ovmf_boots_to_the_shell_answers_ver_and_powers_off(tmp_path, vcpus):
     typist = Typist(["ver", "reset -s"])
     vm, machine = launch_pc(
         Kvm(Platform()), load_firmware(str(OVMF / "OVMF_CODE.fd")), PcConfig(vcpus=vcpus),
-        vars_store=store, vars_size=store.size, handlers=host.start(), events=host.events,
+        vars_store=store, vars_size=store.size, handlers=host.start(),
+        events=TeeSink(host.events, typist.progress),
         machine_args={"console": typist.console},
     )  # fmt: skip
     end = Vmm(vm, machine, timeout=LIMIT_S, poll_input=typist.poll).run()
     text = typist.output.decode("latin-1")
     assert end.kind is EndKind.POWER_OFF, (end, text[-2000:])
     assert end.status == 0
+    reached = list(typist.progress.reached)
+    assert set(reached) == set(MILESTONES)
+    ordered = ("MSR-protocol CPUID", "SEV_INFO", "first GHCB exit", "fw_cfg", "BDS", "Shell")
+    assert [m for m in reached if m in ordered] == list(ordered)
     after_ver = text.split("Shell> ver", 1)[1]
     assert "UEFI Interactive Shell v2." in after_ver
     assert "UEFI v2." in after_ver and "(EDK II" in after_ver
