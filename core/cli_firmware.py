@@ -22,7 +22,7 @@ import json
 import re
 import sys
 
-from sevsim.boot_progress import BootProgress
+from sevsim.cli_boot_progress import BootProgress
 from sevsim.cli_base import (
     EXIT_OK,
     Parser,

@@ -69,7 +69,9 @@ def test_cpuid_raises_vc_in_front_of_the_instruction(path):
      ("monitor", SvmExit.MONITOR), ("mwait", SvmExit.MWAIT), ("vmmcall", SvmExit.VMMCALL),
      ("mov rax, dr7", SvmExit.READ_DR7), ("mov dr7, rax", SvmExit.WRITE_DR7),
      ("mov ecx, 0x1a0; rdmsr", SvmExit.MSR), ("mov ecx, 0x10; wrmsr", SvmExit.MSR),
-     ("mov rax, 0xd0000000; mov eax, [rax]", SvmExit.NPF)],
+     ("mov rax, 0xd0000000; mov eax, [rax]", SvmExit.NPF),
+     # RDPRU, which capstone cannot decode, between two instructions of one block
+     ("nop; .byte 0x0f, 0x01, 0xfd; nop", SvmExit.RDPRU)],
 )  # fmt: skip
 def test_every_nae_event_becomes_a_vc_with_its_exit_code(insn, code):
     # RDTSCP is intercepted only for a guest whose CPUID lacks it.

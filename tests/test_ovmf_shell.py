@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from sevsim.boot_progress import MILESTONES, BootProgress
+from sevsim.cli_boot_progress import MILESTONES, BootProgress
 from sevsim.hw import Platform
 from sevsim.kvm.events import TeeSink
 from sevsim.kvm.vm import Kvm

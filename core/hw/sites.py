@@ -13,7 +13,9 @@ holds no sensitive instruction, so most translated blocks are never decoded.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from enum import Enum
+from typing import Any
 
 from attrs import frozen
 from capstone import CS_ARCH_X86, CS_MODE_16, CS_MODE_32, CS_MODE_64, Cs
@@ -86,11 +88,38 @@ _BY_MNEMONIC: dict[str, tuple[int, Action]] = {
 }  # fmt: skip
 
 VMGEXIT = b"\xf3\x0f\x01\xd9"
+#: RDPRU, which capstone 5 does not decode (its disassembly stops there): read here.
+RDPRU = b"\x0f\x01\xfd"
+
+
+class _Rdpru:
+    """RDPRU where capstone would have given an instruction."""
+
+    mnemonic = "rdpru"
+    size = len(RDPRU)
+    op_str = ""
+
+    def __init__(self, address: int) -> None:
+        self.address = address
+
+
+def _decode(code: bytes, address: int, bits: int) -> Iterator[Any]:
+    """Capstone's instructions through ``code`` from ``address``, going on past each
+    RDPRU (which capstone stops at) and ending at the first byte nothing decodes."""
+    offset = 0
+    while offset < len(code):
+        for insn in _CS[bits].disasm(code[offset:], address + offset):
+            yield insn
+            offset = insn.address - address + insn.size
+        if code[offset : offset + len(RDPRU)] != RDPRU:
+            return
+        yield _Rdpru(address + offset)
+        offset += len(RDPRU)
 
 
 def classify(code: bytes, bits: int) -> Sensitive | None:
     """Decode the instruction at the start of ``code`` and say if the hardware cares."""
-    insn = next(_CS[bits].disasm(code[:MAX_INSN], 0, 1), None)
+    insn = next(_decode(code[:MAX_INSN], 0, bits), None)
     return None if insn is None else _sensitive(insn, code)
 
 
@@ -98,7 +127,7 @@ def sensitive_in(code: bytes, address: int, bits: int) -> list[tuple[int, Sensit
     """Every sensitive instruction among the instructions that start at ``address``
     and follow one another through ``code`` (one translated block)."""
     found = []
-    for insn in _CS[bits].disasm(code, address):
+    for insn in _decode(code, address, bits):
         offset = insn.address - address
         site = _sensitive(insn, code[offset : offset + MAX_INSN])
         if site is not None:
@@ -155,7 +184,7 @@ def first_block(code: bytes, address: int, bits: int) -> list[tuple[int, Sensiti
     instructions up to the first one that ends a block (a jump, call, return,
     interrupt, ...), as far as ``code`` goes."""
     found = []
-    for insn in _CS[bits].disasm(code, address):
+    for insn in _decode(code, address, bits):
         offset = insn.address - address
         site = _sensitive(insn, code[offset : offset + MAX_INSN])
         if site is not None:

@@ -1,4 +1,4 @@
-"""The boot progress of ``sevsim run --firmware`` on a terminal (sevsim.boot_progress)."""
+"""The boot progress of ``sevsim run --firmware`` on a terminal (sevsim.cli_boot_progress)."""
 
 import io
 import shutil
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from sevsim.arch.exits import SvmExit, VmgExit
-from sevsim.boot_progress import MILESTONES, BootProgress
+from sevsim.cli_boot_progress import MILESTONES, BootProgress
 from sevsim.hw import Platform
 from sevsim.kvm.events import TeeSink
 from sevsim.kvm.vm import Kvm
