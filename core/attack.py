@@ -26,18 +26,30 @@ from attrs import field, frozen
 from attrs.validators import in_
 
 from sevsim import hookimpl
-from sevsim.arch.exits import SvmExit
+from sevsim.arch.exits import GhcbErr, GhcbResp, SvmExit
+from sevsim.arch.ghcb import GHCB_PAGE_SIZE, GHCB_SAVE_AREA, Ghcb
 from sevsim.arch.ghcb_msr import GhcbMsr
-from sevsim.arch.vmcb import VMCB_CONTROL
+from sevsim.arch.vectors import Vector
+from sevsim.arch.vmcb import VMCB_CONTROL, EventInj
 from sevsim.arch.vmsa import VMSA, Segment
 from sevsim.errors import FOREIGN_FAULTS, SevFirmwareError, SevsimError, VcpuError
 from sevsim.guest.asm import assemble
+from sevsim.guest.demo import demo_image
 from sevsim.guest.image import CODE, GHCB_GPA, GuestImage
 from sevsim.guest.snippets import TERMINATE
+from sevsim.guest.vc_native import TermReason, term_request, vc_image_args
 from sevsim.hw import Platform
 from sevsim.kvm.context import ExitContext
 from sevsim.kvm.dispatch import ExitHandler, ExitKind
-from sevsim.kvm.exits import Hlt, KvmExit, RunFailed, Shutdown, SystemEvent
+from sevsim.kvm.exits import (
+    FailEntry,
+    Hlt,
+    KvmExit,
+    RunFailed,
+    Shutdown,
+    SystemEvent,
+    SystemEventType,
+)
 from sevsim.kvm.vm import Kvm, Vm
 from sevsim.plugin.host import PluginHost
 from sevsim.testing import SimLog, isolated_host
@@ -49,6 +61,8 @@ SEATS = ("guest", "host", "plugin")
 RUN_TIMEOUT = 5.0
 #: A shared page the scenarios' guests write what they saw into (beside the GHCB).
 RECORD = GHCB_GPA + 0x900
+#: How the scenarios' guests end when nothing went wrong: TERM_REQ set 0 code 0.
+_NORMAL_END = SystemEvent(SystemEventType.SEV_TERM, (0x100,))
 
 
 class UnknownScenario(SevsimError):
@@ -93,13 +107,23 @@ class _Machine:
         self.host = isolated_host(plugins, enable=enable)
         self.vms: list[Vm] = []
 
-    def launch(self, code: bytes, host: PluginHost | None = None, **image_args: Any) -> Vm:
-        """Launch a guest on this host with the machine's plugins (or ``host``'s)."""
+    def launch(self, code: bytes | GuestImage, host: PluginHost | None = None,
+               **image_args: Any) -> Vm:  # fmt: skip
+        """Launch a guest (its code, or a whole image) on this host with the machine's
+        plugins (or ``host``'s)."""
         host = host or self.host
-        vm = launch_image(self.kvm, GuestImage(code, **image_args), handlers=host.start(),
-                          events=host.events)  # fmt: skip
+        image = code if isinstance(code, GuestImage) else GuestImage(code, **image_args)
+        vm = launch_image(self.kvm, image, handlers=host.start(), events=host.events)
         self.vms.append(vm)
         return vm
+
+    def run_once(self, image: GuestImage, host: PluginHost | None = None) -> KvmExit:
+        """Launch ``image``, run it to its first exit to userspace and destroy it (a
+        host has few SEV-ES ASIDs)."""
+        vm = self.launch(image, host)
+        exit_ = vm.vcpus[0].run(RUN_TIMEOUT)
+        vm.destroy()
+        return exit_
 
     def simulator_faults(self) -> list[str]:
         """What the simulator itself got wrong while guests ran (must be nothing)."""
@@ -165,20 +189,28 @@ SVM_INSTRUCTIONS = {
     "CLGI": (b"\x0f\x01\xdd", SvmExit.CLGI), "SKINIT": (b"\x0f\x01\xde", SvmExit.SKINIT),
     "INVLPGA": (b"\x0f\x01\xdf", SvmExit.INVLPGA),
 }  # fmt: skip
-_VC_HANDLER = 0x30000
+#: Where the scenarios' exception handlers go (below the native #VC handler).
+_RECORDER = 0x30000
+
+
+def _frame_recorder() -> bytes:
+    """An exception handler that copies the top two words of its interrupt frame (the
+    error code and RIP, or RIP and CS when nothing pushed an error code) to
+    :data:`RECORD`, then asks for termination normally."""
+    return assemble(f"""
+        mov rsi, {RECORD}; mov rax, [rsp]; mov [rsi], rax; mov rax, [rsp + 8]; mov [rsi + 8], rax
+    """ + TERMINATE, _RECORDER)  # fmt: skip
 
 
 def svm_instructions() -> ScenarioResult:
     """Each SVM instruction in a guest whose #VC handler records the error code and the
     RIP it interrupted, then asks for termination."""
-    recorder = assemble(f"""
-        mov rsi, {RECORD}; mov rax, [rsp]; mov [rsi], rax; mov rax, [rsp + 8]; mov [rsi + 8], rax
-    """ + TERMINATE, _VC_HANDLER)  # fmt: skip
+    recorder = _frame_recorder()
     problems, seen = [], []
     with _Machine() as machine:
         for name, (opcode, code) in SVM_INSTRUCTIONS.items():
-            vm = machine.launch(opcode + b"\xf4", idt={29: _VC_HANDLER},
-                                data={_VC_HANDLER: recorder})  # fmt: skip
+            vm = machine.launch(opcode + b"\xf4", idt={29: _RECORDER},
+                                data={_RECORDER: recorder})  # fmt: skip
             exit_ = vm.vcpus[0].run(RUN_TIMEOUT)
             error_code, rip = (int.from_bytes(vm.memory.read(RECORD + i, 8), "little")
                                for i in (0, 8))  # fmt: skip
@@ -303,18 +335,295 @@ def vmsa_replay() -> ScenarioResult:
         return ScenarioResult(held, f"the VMRUN after the replay: {_describe(exit_, machine.sim)}")
 
 
+#: The values of the ciphertext scenario: launched (A), written by the guest later (B)
+#: and the other private page's own value (C).
+_OLD, _NEW, _OTHER = 0x01D0_01D0_01D0_01D0, 0x2E02_2E02_2E02_2E02, 0x07E2_07E2_07E2_07E2
+_PAGE, _ELSEWHERE = 0x31000, 0x32000
+_CIPHERTEXT_GUEST = f"""
+    mov rax, {_OTHER:#x}; mov [{_ELSEWHERE:#x}], rax; mov [{_ELSEWHERE + 8:#x}], rax
+    hlt
+    mov rax, {_NEW:#x}; mov [{_PAGE:#x}], rax; mov [{_PAGE + 8:#x}], rax
+    hlt
+    mov rdi, {RECORD:#x}
+    mov rax, [{_PAGE:#x}]; mov [rdi], rax; mov rax, [{_PAGE + 8:#x}]; mov [rdi + 8], rax
+    mov rax, [{_ELSEWHERE:#x}]; mov [rdi + 16], rax; mov rax, [{_ELSEWHERE + 8:#x}]
+    mov [rdi + 24], rax
+""" + TERMINATE
+
+
+def ciphertext_move_and_replay() -> ScenarioResult:
+    """The host keeps the ciphertext of a private page while it holds an old value;
+    after the guest has written a new one, the host writes the old ciphertext back in
+    place and copies it onto another private page of the same guest. SEV-ES encrypts
+    but does not check what it decrypts: the page in place gives the old plaintext
+    back (replay works), the copy decrypts with another tweak (the address) to
+    garbage. SEV-SNP's RMP would refuse both writes; SEV-ES has nothing to refuse
+    them with."""
+    words = {_OLD: "the old value", _NEW: "the new value", _OTHER: "the page's own value"}
+    with _Machine() as machine:
+        vm = machine.launch(assemble(_CIPHERTEXT_GUEST, CODE),
+                            data={_PAGE: _OLD.to_bytes(8, "little") * 512})  # fmt: skip
+        vcpu = vm.vcpus[0]
+        first = vcpu.run(RUN_TIMEOUT)
+        old = vm.memory.read(_PAGE, 0x1000)  # the hypervisor's view: ciphertext
+        second = vcpu.run(RUN_TIMEOUT)
+        vm.memory.write(_PAGE, old)
+        vm.memory.write(_ELSEWHERE, old)
+        end = vcpu.run(RUN_TIMEOUT)
+        seen = vm.memory.read(RECORD, 32)
+        runs = zip((first, second, end), (Hlt, Hlt, SystemEvent), strict=True)
+        problems = [f"run {i}: {_describe(e, machine.sim)}"
+                    for i, (e, kind) in enumerate(runs, 1) if not isinstance(e, kind)]  # fmt: skip
+        replayed = [int.from_bytes(seen[i : i + 8], "little") for i in (0, 8)]
+        moved = [int.from_bytes(seen[i : i + 8], "little") for i in (16, 24)]
+        if replayed != [_OLD, _OLD]:
+            problems.append("the replayed page read " + ", ".join(
+                words.get(v, f"{v:#x}") for v in replayed) + ", not the old value")  # fmt: skip
+        problems += [f"the moved ciphertext decrypted to {words[v]}" for v in moved if v in words]
+        problems += machine.simulator_faults()
+    return _verdict(problems, "the guest read its old value where the host replayed the old "
+                    "ciphertext (SEV-ES has no memory integrity) and garbage where the host "
+                    "copied it to another address (the XTS tweak is the address)")
+
+
+# -- corrupted GHCB replies --------------------------------------------------------------
+
+_CPUID_GUEST = "xor eax, eax; xor ecx, ecx; cpuid" + TERMINATE
+_IOIO_GUEST = "mov al, 1; out 0x80, al" + TERMINATE
+#: What a CPUID result in the GHCB carries, and what only the guest's request does.
+_CPUID_RESULTS, _REQUEST_ONLY = ("rax", "rbx", "rcx", "rdx"), "xcr0"
+_BITMAP = GHCB_SAVE_AREA.offset("valid_bitmap")
+#: One-instruction slices the race below may take before it gives up.
+_MAX_SLICES = 10_000
+#: Linux's ``sev_es_terminate(SEV_TERM_SET_LINUX, GHCB_TERM_CPUID)``: what the demo sends.
+GHCB_TERM_CPUID = 0x100 | 1 << 12 | 4 << 16
+
+
+def _exit_info(info1: int, info2: int) -> Callable[[ExitContext], None]:
+    def reply(ctx: ExitContext) -> None:
+        ctx.set_exit_info(info1, info2)
+
+    return reply
+
+
+def _garbage_msr(ctx: ExitContext) -> None:
+    ctx.msr = 0x4141_4141_4141_4141  # GHCBInfo 0x141: no response code of the protocol
+
+
+@frozen
+class _Lie:
+    """A hostile plugin's reply to one exit, the guest it is told to, and the
+    termination request (the GHCB MSR value) the guest's checks must make of it."""
+
+    kind: ExitKind
+    code: int
+    reply: Callable[[ExitContext], None]
+    guest: Callable[[], GuestImage]
+    request: int
+
+    def owners(self) -> dict[str, str]:
+        """The ``[plugins.owners]`` rule that gives the liar the code a built-in owns."""
+        if self.kind is ExitKind.MSR_PROTOCOL:
+            return {f"msr_protocol:{self.code:#05x}": "liar"}
+        return {f"{self.code:#x}": "liar"}
+
+
+def _with_vc_handler(source: str) -> Callable[[], GuestImage]:
+    return lambda: GuestImage(assemble(source, CODE), **vc_image_args())
+
+
+_LIES = {
+    "CPUID answered with sw_exit_info_1 = 0xdead": _Lie(
+        ExitKind.VMGEXIT, SvmExit.CPUID, _exit_info(0xDEAD, 0), _with_vc_handler(_CPUID_GUEST),
+        term_request(TermReason.VMM_ERROR)),
+    "IOIO answered with an error the guest did not make (INVALID_INPUT)": _Lie(
+        ExitKind.VMGEXIT, SvmExit.IOIO, _exit_info(GhcbResp.MALFORMED_INPUT, GhcbErr.INVALID_INPUT),
+        _with_vc_handler(_IOIO_GUEST), term_request(TermReason.VMM_ERROR)),
+    "CPUID answered by asking the guest to raise #VC": _Lie(
+        ExitKind.VMGEXIT, SvmExit.CPUID,
+        _exit_info(GhcbResp.ISSUE_EXCEPTION, EventInj.exception(Vector.VC)),
+        _with_vc_handler(_CPUID_GUEST), term_request(TermReason.BAD_EXCEPTION)),
+    "the demo's MSR-protocol CPUID answered with no CPUID response code": _Lie(
+        ExitKind.MSR_PROTOCOL, GhcbMsr.CPUID_REQ, _garbage_msr,
+        lambda: demo_image(MMIO_TEST_GPA), GHCB_TERM_CPUID),
+}  # fmt: skip
+
+
+def _sliced(exit_: KvmExit) -> bool:
+    """KVM_RUN ended by its instruction budget (the host's timer), not by the guest."""
+    return isinstance(exit_, RunFailed) and exit_.errno == "EINTR" and exit_.plugin is None
+
+
+def _race_valid_bits(vm: Vm) -> KvmExit:
+    """An honest KVM answers the guest's CPUID; the host, running the guest in
+    one-instruction slices, watches the shared GHCB and clears the result registers'
+    valid bits as soon as KVM's reply is there (the result bits, without the ``xcr0``
+    bit of the guest's own request), before the guest's handler looks at them."""
+    vcpu = vm.vcpus[0]
+    for _ in range(_MAX_SLICES):
+        exit_ = vcpu.run(RUN_TIMEOUT, budget=1)
+        if not _sliced(exit_):
+            return exit_
+        ghcb = Ghcb(vm.memory.read(GHCB_GPA, GHCB_PAGE_SIZE))
+        if all(map(ghcb.is_valid, _CPUID_RESULTS)) and not ghcb.is_valid(_REQUEST_ONLY):
+            for name in _CPUID_RESULTS:
+                ghcb.set_valid(name, False)
+            vm.memory.write(GHCB_GPA + _BITMAP, ghcb.raw[_BITMAP : _BITMAP + 16])
+            break
+    return vcpu.run(RUN_TIMEOUT)
+
+
+def corrupt_ghcb_replies() -> ScenarioResult:
+    """A hostile hypervisor answers through the GHCB (page or MSR) with what KVM never
+    would. Nothing in the hardware checks a reply: the guest's own checks must catch
+    it and ask to be terminated with their reason, as Linux and OVMF do (a reply that
+    is neither success nor a deliverable exception, a result without its valid bit, an
+    MSR reply without the response code asked for). An honest host, for comparison,
+    gets the guest's normal end."""
+    problems, caught = [], []
+    raced_want = SystemEvent(SystemEventType.SEV_TERM, (term_request(TermReason.VMM_ERROR),))
+    with _Machine() as machine:
+        normal = machine.run_once(_with_vc_handler(_CPUID_GUEST)())
+        if normal != _NORMAL_END:
+            problems.append(f"the honest host's run: {_describe(normal, machine.sim)}")
+        for what, lie in _LIES.items():
+            host = isolated_host({"liar": _HandlerPlugin(lie.reply, lie.kind, lie.code)},
+                                 enable=["msr_protocol", "ioio"], owners=lie.owners())  # fmt: skip
+            exit_ = machine.run_once(lie.guest(), host)
+            want = SystemEvent(SystemEventType.SEV_TERM, (lie.request,))
+            (caught if exit_ == want else problems).append(f"{what}: {exit_.describe()}")
+        vm = machine.launch(_with_vc_handler(_CPUID_GUEST)())
+        raced = _race_valid_bits(vm)
+        vm.destroy()
+        what = "CPUID result valid bits cleared by the host after KVM's reply"
+        (caught if raced == raced_want else problems).append(f"{what}: {raced.describe()}")
+        problems += machine.simulator_faults()
+    if problems:
+        return ScenarioResult(False, "; ".join(problems))
+    return ScenarioResult(True, "the guest's checks asked for termination each time: "
+                          + "; ".join(caught))
+
+
+# -- events the host injects ------------------------------------------------------------------
+
+#: A halt (the host injects while the guest is stopped there), then a normal end.
+_INJECTED_GUEST = "hlt; nop; nop" + TERMINATE
+_RESUME_RIP = CODE + 1  # after the HLT
+
+
+@frozen
+class _Injection:
+    """EVENTINJ as the host writes it into the VMCB, the IDT gates the guest has
+    beside its #VC handler, and what the hardware does: the exit, and the interrupt
+    frame's top two words the guest's handler finds (None: no handler runs)."""
+
+    event_inj: int
+    error_code: int
+    gates: tuple[int, ...]
+    exit: KvmExit
+    frame: tuple[int, int] | None = None
+
+
+_EXCEPTION = EventInj.VALID | EventInj.TYPE_EXEPT << EventInj.TYPE_SHIFT
+
+#: What the hardware delivers (APM 15.20: any exception vector, any interrupt vector; the
+#: error code exactly as EV says; SEV-ES has no restricted injection, so #VC too, as the
+#: WeSee attack, CVE-2024-25742, did on real parts).
+_DELIVERED = {
+    "#VC with CPUID's exit code, at an instruction that is not CPUID": _Injection(
+        EventInj.exception(Vector.VC, SvmExit.CPUID) & 0xFFFF_FFFF, SvmExit.CPUID, (),
+        SystemEvent(SystemEventType.SEV_TERM, (term_request(TermReason.UNSUPPORTED_INSN),))),
+    "interrupt 0x40, which the guest's IDT lacks": _Injection(
+        EventInj.VALID | 0x40, 0, (), Shutdown()),
+    "#UD with an error code (EV set)": _Injection(
+        _EXCEPTION | EventInj.EV | Vector.UD, 0x1234, (Vector.UD,), _NORMAL_END,
+        (0x1234, _RESUME_RIP)),
+}  # fmt: skip
+#: What the hardware refuses or delivers otherwise than sevsim did (APM 15.20: VMRUN
+#: exits with VMEXIT_INVALID for a reserved TYPE, or TYPE 3 with a vector that is not
+#: an exception, NMI's 2 included; without EV no error code is pushed).
+_REFUSED = {
+    "an exception with vector 2 (the NMI)": _Injection(
+        _EXCEPTION | Vector.NMI, 0, (), FailEntry(SvmExit.ERR)),
+    "an exception with the reserved vector 31": _Injection(
+        _EXCEPTION | 31, 0, (), FailEntry(SvmExit.ERR)),
+    "the reserved event type 1": _Injection(
+        EventInj.VALID | 1 << EventInj.TYPE_SHIFT | Vector.GP, 0, (), FailEntry(SvmExit.ERR)),
+    "#GP without an error code (EV clear)": _Injection(
+        _EXCEPTION | Vector.GP, 0, (Vector.GP,), _NORMAL_END, (_RESUME_RIP, 0x08)),
+}  # fmt: skip
+
+
+def _inject(machine: _Machine, injection: _Injection) -> tuple[KvmExit, tuple[int, int]]:
+    """Run the guest to its HLT, write EVENTINJ into its VMCB (the host owns the VMCB:
+    no KVM path needed) and run it again; the exit and the frame its handler saw."""
+    recorder = _frame_recorder()
+    args = vc_image_args(idt=dict.fromkeys(injection.gates, _RECORDER),
+                         data={_RECORDER: recorder})  # fmt: skip
+    vm = machine.launch(assemble(_INJECTED_GUEST, CODE), **args)
+    vcpu = vm.vcpus[0]
+    exit_ = vcpu.run(RUN_TIMEOUT)
+    if isinstance(exit_, Hlt):
+        VMCB_CONTROL.set(vcpu.vmcb, "event_inj", injection.event_inj)
+        VMCB_CONTROL.set(vcpu.vmcb, "event_inj_err", injection.error_code)
+        exit_ = vcpu.run(RUN_TIMEOUT)
+    frame = vm.memory.read(RECORD, 16)
+    vm.destroy()  # a host has few SEV-ES ASIDs
+    return exit_, (int.from_bytes(frame[:8], "little"), int.from_bytes(frame[8:], "little"))
+
+
+def _injections(injections: Mapping[str, _Injection], fine: str) -> ScenarioResult:
+    problems, seen = [], []
+    with _Machine() as machine:
+        for what, injection in injections.items():
+            exit_, frame = _inject(machine, injection)
+            got = f"{what}: {exit_.describe()}"
+            if injection.frame is not None:
+                got += f", frame {frame[0]:#x} {frame[1]:#x}"
+            if exit_ != injection.exit or injection.frame not in (None, frame):
+                want = injection.exit.describe() + ("" if injection.frame is None else
+                       f", frame {injection.frame[0]:#x} {injection.frame[1]:#x}")  # fmt: skip
+                problems.append(f"{got}; the hardware gives {want}")
+            else:
+                seen.append(got)
+        problems += machine.simulator_faults()
+    return _verdict(problems, fine + ": " + "; ".join(seen))
+
+
+def inject_events() -> ScenarioResult:
+    """The host injects, through EVENTINJ, events the guest did not cause: a #VC with a
+    made-up exit code (the guest's handler checks the instruction at RIP, as Linux and
+    OVMF do since CVE-2024-25742, and terminates), an interrupt with no IDT gate (the
+    guest triple-faults), an exception with an error code."""
+    return _injections(_DELIVERED, "the hardware delivered each; the guest coped or died")
+
+
+def inject_malformed_events() -> ScenarioResult:
+    """The host writes EVENTINJ values the APM makes VMRUN refuse (a reserved type, an
+    exception type with a vector that is no exception) and an exception that pushes an
+    error code, with EV clear: VMRUN fails for the first (KVM_EXIT_FAIL_ENTRY, the
+    guest never sees them), and the #GP arrives without an error code."""
+    return _injections(_REFUSED, "VMRUN refused the malformed events; EV decided the frame")
+
+
 # -- the plugin's seat -----------------------------------------------------------------------------
 
 
 class _HandlerPlugin:
-    """A plugin owning the MSR protocol's termination request with ``handler``."""
+    """A plugin owning one exit with ``handler`` (by default the MSR protocol's
+    termination request)."""
 
-    def __init__(self, handler: Callable[[ExitContext], object]) -> None:
-        self.handler = handler
+    def __init__(
+        self,
+        handler: Callable[[ExitContext], object],
+        kind: ExitKind = ExitKind.MSR_PROTOCOL,
+        code: int = GhcbMsr.TERM_REQ,
+    ) -> None:
+        self.handler, self.kind, self.code = handler, kind, code
 
     @hookimpl
     def sevsim_exit_handlers(self) -> Iterable[ExitHandler]:
-        yield ExitHandler(ExitKind.MSR_PROTOCOL, GhcbMsr.TERM_REQ, self.handler)
+        yield ExitHandler(self.kind, self.code, self.handler)
 
 
 #: How long a run with a looping plugin may take beyond its timeout, and when the
@@ -427,6 +736,28 @@ SCENARIOS: tuple[Scenario, ...] = (
              "ciphertext only", read_private_memory),
     Scenario("vmsa-replay", "host", "write back a VMSA saved from an earlier run",
              "the next VMRUN fails with SHUTDOWN (integrity check)", vmsa_replay),
+    Scenario("ciphertext-move-and-replay", "host",
+             "write a private page's old ciphertext back in place, and copy it to another "
+             "private page of the same guest",
+             "the guest reads its old value in place (SEV-ES has no memory integrity: replay "
+             "works) and garbage at the other address (the tweak is the address)",
+             ciphertext_move_and_replay),
+    Scenario("corrupt-ghcb-replies", "host",
+             "answer CPUID, IOIO and an MSR-protocol CPUID with garbage, an error the guest "
+             "did not make or a #VC to raise; clear a reply's valid bits on the shared page",
+             "the guest's own checks ask for termination with their reason each time",
+             corrupt_ghcb_replies),
+    Scenario("inject-events", "host",
+             "inject through EVENTINJ a #VC with a made-up exit code, an interrupt the IDT "
+             "lacks, an exception with an error code",
+             "the hardware delivers each; the guest's #VC handler rejects the forged #VC, "
+             "the missing gate triple-faults (shutdown), the frame holds the error code",
+             inject_events),
+    Scenario("inject-malformed-events", "host",
+             "inject an exception with vector 2 (NMI) or the reserved 31, an event of the "
+             "reserved type 1, a #GP with EV clear",
+             "VMRUN fails (KVM_EXIT_FAIL_ENTRY) for the first three; the #GP arrives "
+             "without an error code", inject_malformed_events),
     Scenario("plugin-loops-forever", "plugin", "an exit handler that never returns",
              "KVM_RUN ends within its timeout (plus grace), naming the plugin",
              plugin_loops_forever),

@@ -2,7 +2,8 @@
 
 Commands: ``run`` (a guest, a manifest or a firmware image; :mod:`sevsim.cli_run`),
 ``guests``, ``measure`` (:mod:`sevsim.cli_firmware`), ``trace summarize|report``
-(:mod:`sevsim.cli_trace`), ``attack`` (:mod:`sevsim.cli_attack`) and ``plugins``
+(:mod:`sevsim.cli_trace`), ``replay`` (:mod:`sevsim.cli_replay`), ``attack``
+(:mod:`sevsim.cli_attack`) and ``plugins``
 (:mod:`sevsim.cli_plugins`). Every command takes the common options (``--config
 FILE``, ``-p NAME`` / ``-p no:NAME``, ``--strict``, ``-q``, ``-v``, ``--debug``)
 before or after its name, so ``sevsim -p no:ioio run`` and ``sevsim run -p no:ioio``
@@ -43,6 +44,7 @@ from sevsim.cli_base import (
 )
 from sevsim.cli_firmware import add_measure_command
 from sevsim.cli_plugins import add_plugins_command
+from sevsim.cli_replay import add_replay_command
 from sevsim.cli_run import add_guests_command, add_run_command
 from sevsim.cli_trace import add_trace_command
 from sevsim.errors import SevsimError
@@ -53,6 +55,7 @@ examples:
   sevsim guests                       the bundled guests
   sevsim run my-guest.toml            a guest of your own (docs/guest-manifests.md)
   sevsim run --guest demo --trace-file run.jsonl && sevsim trace summarize run.jsonl
+  sevsim replay run.jsonl             run it again; the first event that differs
   sevsim run --firmware /usr/share/OVMF/OVMF_CODE.fd --vars vars.fd
   sevsim measure --firmware /usr/share/OVMF/OVMF_CODE.fd --vcpus 4 --vcpu-type EPYC-Milan
   sevsim attack list
@@ -77,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_guests_command(commands)
     add_measure_command(commands)
     add_trace_command(commands)
+    add_replay_command(commands)
     add_attack_command(commands)
     add_plugins_command(commands)
     return parser

@@ -21,8 +21,9 @@ import base64
 import json
 import re
 import sys
+from collections.abc import Callable
+from typing import Any
 
-from sevsim.cli_boot_progress import BootProgress
 from sevsim.cli_base import (
     EXIT_OK,
     Parser,
@@ -31,11 +32,12 @@ from sevsim.cli_base import (
     verbosity,
     warn_problems,
 )
+from sevsim.cli_boot_progress import BootProgress
 from sevsim.cli_console import SerialConsole
 from sevsim.cli_trace import TraceOutput
 from sevsim.hw import Platform
 from sevsim.kvm.events import TeeSink
-from sevsim.kvm.vm import Kvm
+from sevsim.kvm.vm import Kvm, Vm
 from sevsim.plugin.host import PluginHost
 from sevsim.vmm.boot import DEFAULT_VCPU_TYPE, launch_pc
 from sevsim.vmm.clock import MachineClock
@@ -43,7 +45,7 @@ from sevsim.vmm.config import KvmSettings
 from sevsim.vmm.cpu_types import VCPU_TYPES, vcpu_signature
 from sevsim.vmm.firmware import FirmwareImage, load_firmware
 from sevsim.vmm.launch import launch_firmware
-from sevsim.vmm.pc import DEFAULT_RAM, PcConfig
+from sevsim.vmm.pc import DEFAULT_RAM, PcConfig, PcMachine
 from sevsim.vmm.pflash import VarsFile
 from sevsim.vmm.vmm import ClockMode, RunEnd, Vmm
 
@@ -123,6 +125,11 @@ def machine_options_given(
 # --- sevsim run --firmware -------------------------------------------------------------------
 
 
+#: Launches a VM on a ``pc`` machine: ``launch(kvm, **launch_args)`` with the keyword
+#: arguments :func:`~sevsim.vmm.boot.launch_pc` and ``launch_pc_image`` share.
+PcLauncher = Callable[..., tuple[Vm, PcMachine]]
+
+
 def run_firmware(
     args: argparse.Namespace,
     firmware: FirmwareImage,
@@ -133,12 +140,33 @@ def run_firmware(
     """Boot ``firmware`` on a ``pc`` machine of ``config`` with ``host``'s plugins and
     run it to the end; the end's exit status."""
     vars_store = VarsFile(args.vars) if args.vars else None
+
+    def launch(kvm: Kvm, **launch_args: Any) -> tuple[Vm, PcMachine]:
+        return launch_pc(kvm, firmware, config, vcpu_type=args.vcpu_type, vars_store=vars_store,
+                         vars_size=vars_store.size if vars_store else 0, **launch_args)  # fmt: skip
+
+    return run_pc(args, launch, host, kvm_settings, timeout=args.timeout, vars_store=vars_store)
+
+
+def run_pc(
+    args: argparse.Namespace,
+    launch: PcLauncher,
+    host: PluginHost,
+    kvm_settings: KvmSettings,
+    *,
+    timeout: float | None,
+    vars_store: VarsFile | None = None,
+) -> int:
+    """Launch a guest on a ``pc`` machine with ``launch`` and ``host``'s plugins, run
+    every vCPU to the end (or ``timeout`` seconds); the end's exit status.
+    ``vars_store`` is the firmware's variable store, reported on if the guest's writes
+    could not be saved."""
     extensions = host.start()
     warn_problems(host)
     clock = MachineClock()
     console = SerialConsole(sys.stdin, sys.stdout, read_input=args.uart_input is None)
     with TraceOutput(args, text_stream=sys.stderr, text_by_default=verbosity(args) > 0,
-                     guest_clock=clock.now_ns) as out:  # fmt: skip
+                     guest_clock=clock.now_ns, host_times=not args.icount) as out:  # fmt: skip
         kvm = Kvm(Platform(sim=out.sim(host.sim, out.trace)))
         out.phase("launch")
         # On a terminal, quiet or verbose aside, a status line shows where the boot is.
@@ -150,9 +178,8 @@ def run_firmware(
             if progress is not None:
                 progress.console(data)
 
-        vm, machine = launch_pc(
-            kvm, firmware, config, vcpu_type=args.vcpu_type, vars_store=vars_store,
-            vars_size=vars_store.size if vars_store else 0, clock=clock, handlers=extensions,
+        vm, machine = launch(
+            kvm, clock=clock, handlers=extensions,
             events=events if progress is None else TeeSink(events, progress),
             machine_args={"console": console_write}, **kvm_settings.vm_args(),
         )  # fmt: skip
@@ -165,7 +192,7 @@ def run_firmware(
         vmm = Vmm(
             vm, machine, trace=out.trace,
             clock_mode=ClockMode.ICOUNT if args.icount else ClockMode.HOST,
-            timeout=args.timeout, max_exits=args.max_exits,
+            timeout=timeout, max_exits=args.max_exits,
             poll_input=console.poll if console.reads_input else None, idle=console.idle,
         )  # fmt: skip
         out.phase("run")

@@ -1,4 +1,10 @@
-"""``sevsim plugins`` and ``sevsim plugins check``: which plugins load, and their problems."""
+"""``sevsim plugins`` and ``sevsim plugins check``: which plugins load, and their problems.
+
+The listing shows, besides the exit codes each plugin owns, the simulator hooks it
+implements (``sevsim_sim_*``): those see what no real hypervisor sees (guest RIPs,
+the instruction behind an exit), so a user can tell at a glance which plugins are
+hypervisor features and which read the simulator's view.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ import json
 from typing import Any
 
 from sevsim.cli_base import EXIT_FAILED, EXIT_OK, Parser, add_command, plugin_host
+from sevsim.cli_plugins_new import add_new_command
 from sevsim.kvm.dispatch import ExitHandler
 from sevsim.plugin.host import ACTIVE, PluginInfo
 
@@ -24,6 +31,7 @@ def _row(info: PluginInfo) -> dict[str, Any]:
         "why": info.why,
         "owns": _codes(info.owns),
         "contested": _codes(info.contested),
+        "sim_hooks": list(info.sim_hooks),
     }
 
 
@@ -43,7 +51,8 @@ def table(rows: list[list[str]]) -> str:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    """List every plugin: name, version, source, status and the exit codes it owns."""
+    """List every plugin: name, version, source, status, the simulator hooks it
+    implements and the exit codes it owns."""
     host = plugin_host(args)
     infos, problems = host.plugins(), host.problems()
     if args.json:
@@ -53,8 +62,9 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         }
         print(json.dumps(document, indent=2))
         return EXIT_OK
-    rows = [["NAME", "VERSION", "SOURCE", "STATUS", "OWNS"]]
-    rows += [[i.name, i.version or "-", i.source, i.status_line, _owned(i)] for i in infos]
+    rows = [["NAME", "VERSION", "SOURCE", "STATUS", "SIM_HOOKS", "OWNS"]]
+    rows += [[i.name, i.version or "-", i.source, i.status_line, ",".join(i.sim_hooks) or "-",
+              _owned(i)] for i in infos]  # fmt: skip
     print(table(rows) if infos else "no sevsim plugins installed")
     if problems:
         print("\nproblems (run `sevsim plugins check`):")
@@ -82,11 +92,12 @@ def add_plugins_command(commands: argparse._SubParsersAction[Parser]) -> None:
     plugins = add_command(
         commands, "plugins", "list the installed plugins and their state",
         examples=["sevsim plugins", "sevsim plugins --json", "sevsim -p no:mmio plugins",
-                  "sevsim plugins check"],
+                  "sevsim plugins check", "sevsim plugins new my_plugin"],
     )  # fmt: skip
     plugins.add_argument("--json", action="store_true", help="print JSON instead of a table")
     plugins.set_defaults(func=cmd_plugins)
-    checks = plugins.add_subparsers(title="subcommands", metavar="check")
+    checks = plugins.add_subparsers(title="subcommands", metavar="{check,new}")
     check = add_command(checks, "check", "exit non-zero on load failures or conflicts",
                         examples=["sevsim plugins check --strict"])  # fmt: skip
     check.set_defaults(func=cmd_plugins_check)
+    add_new_command(checks)

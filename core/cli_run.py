@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from sevsim.cli_base import (
     EXIT_FAILED,
@@ -35,22 +36,25 @@ from sevsim.cli_firmware import (
     add_machine_options,
     machine_options_given,
     run_firmware,
+    run_pc,
 )
 from sevsim.cli_trace import TraceOutput, add_trace_options
 from sevsim.errors import ConfigError, SevsimError
-from sevsim.guest.manifest import (
+from sevsim.kvm.exits import KvmExit, RunFailed
+from sevsim.kvm.vm import Kvm, Vm
+from sevsim.manifest import (
     DEVICES,
     GuestManifest,
     bundled_guests,
     find_guest,
     load_manifest,
 )
-from sevsim.kvm.exits import KvmExit, RunFailed
 from sevsim.plugin.config import config_file, load_config
 from sevsim.plugin.host import PluginHost
+from sevsim.vmm.boot import launch_pc_image
 from sevsim.vmm.config import KvmSettings, kvm_settings, load_kvm_settings
 from sevsim.vmm.firmware import load_firmware
-from sevsim.vmm.pc import PcConfig
+from sevsim.vmm.pc import PcConfig, PcMachine
 from sevsim.vmm.runner import TIMEOUT_EXPECTED, RunResult, check_timeout, run_image
 from sevsim.vmm.vmm import EndKind
 
@@ -92,36 +96,49 @@ def cmd_run(args: argparse.Namespace) -> int:
         config = PcConfig(args.vcpus, args.memory)
         return run_firmware(args, firmware, config, plugin_host(args), kvm)
     manifest = _manifest(args)
-    if manifest.boot == "reset":
-        return _run_reset(args, parser, manifest)
+    if manifest.boot == "reset" or manifest.vcpus > 1:
+        return _run_pc(args, parser, manifest)
     given = machine_options_given(args, parser, tuple(MACHINE_OPTIONS))
     if given:
-        parser.error(f"{', '.join(given)}: only for --firmware and boot = \"reset\" guests")
+        parser.error(f"{', '.join(given)}: only for --firmware, boot = \"reset\" guests and "
+                     "guests with APs")  # fmt: skip
     return _run_image(args, manifest)
 
 
-def _run_reset(args: argparse.Namespace, parser: argparse.ArgumentParser,
-               manifest: GuestManifest) -> int:  # fmt: skip
-    """A ``boot = "reset"`` manifest: its images are a firmware image for the ``pc``
-    machine, run as ``--firmware`` runs one, with the manifest's vCPUs and memory."""
+def _run_pc(args: argparse.Namespace, parser: argparse.ArgumentParser,
+            manifest: GuestManifest) -> int:  # fmt: skip
+    """A manifest that runs on the ``pc`` machine, as ``--firmware`` runs a firmware
+    image, with the manifest's vCPUs and memory: a ``boot = "reset"`` guest (its images
+    are a firmware image) or a long-mode guest with APs."""
+    what = 'a boot = "reset"' if manifest.boot == "reset" else "a long-mode guest with APs"
     given = machine_options_given(args, parser, ("vcpus", "memory"))
     if given:
         parser.error(f"{', '.join(given)}: {manifest.path} sets the vCPUs and memory itself")
     if set(DEVICES) - manifest.devices:
         off = ", ".join(sorted(set(DEVICES) - manifest.devices))
-        raise ConfigError(f"{manifest.path}: [devices] turns off {off}, but a boot = \"reset\" "
-                          "guest runs on the pc machine, whose devices are fixed")  # fmt: skip
+        raise ConfigError(f"{manifest.path}: [devices] turns off {off}, but {what} guest runs "
+                          "on the pc machine, whose devices are fixed")  # fmt: skip
     if args.check:
-        raise ConfigError(f"--check: {manifest.path} is a boot = \"reset\" guest; --check "
-                          "compares long-mode guests only")  # fmt: skip
+        raise ConfigError(f"--check: {manifest.path} is {what} guest; --check compares "
+                          "long-mode guests on one vCPU only")  # fmt: skip
     build = manifest.build()
-    assert build.firmware is not None  # reset mode
     try:
         config = PcConfig(build.vcpus, build.ram_size)
     except ConfigError as e:
         raise ConfigError(f"{manifest.path}: guest.memory_mib = {manifest.memory_mib}: the pc "
-                          f"machine that runs boot = \"reset\" guests refuses it ({e})") from None
-    return run_firmware(args, build.firmware, config, _host(args, manifest), _kvm(args, manifest))
+                          f"machine that runs {what} guest refuses it ({e})") from None
+    host, kvm = _host(args, manifest), _kvm(args, manifest)
+    if build.firmware is not None:
+        return run_firmware(args, build.firmware, config, host, kvm)
+    image = build.image
+    assert image is not None  # long mode
+
+    def launch(kvm: Kvm, **launch_args: Any) -> tuple[Vm, PcMachine]:
+        return launch_pc_image(kvm, image, config, ap_entry=build.ap_entry,
+                               vcpu_type=args.vcpu_type, **launch_args)  # fmt: skip
+
+    timeout = GUEST_TIMEOUT if args.timeout is None else args.timeout
+    return run_pc(args, launch, host, kvm, timeout=timeout)
 
 
 def _run_image(args: argparse.Namespace, manifest: GuestManifest) -> int:

@@ -25,6 +25,7 @@ from types import TracebackType
 from typing import IO
 
 from sevsim.cli_base import EXIT_OK, Parser, Style, add_command, verbosity
+from sevsim.cli_replay import record_of
 from sevsim.errors import ConfigError
 from sevsim.hw import SimSink
 from sevsim.kvm.events import EventSink, TeeSink
@@ -119,7 +120,8 @@ class TraceOutput:
 
     ``text_stream`` is where the text trace is printed; without the text format the
     :class:`Trace` is still kept, silent: it decodes the run's end. ``guest_clock``
-    gives the JSONL trace guest time (a machine's clock).
+    gives the JSONL trace guest time (a machine's clock); ``host_times`` False leaves
+    the host's clock out of it (a reproducible ``--icount`` run).
     """
 
     def __init__(
@@ -129,6 +131,7 @@ class TraceOutput:
         text_stream: IO[str],
         text_by_default: bool,
         guest_clock: Callable[[], int] | None = None,
+        host_times: bool = True,
     ) -> None:
         formats = chosen_formats(args, text_by_default=text_by_default)
         if verbosity(args) < 0:
@@ -143,7 +146,10 @@ class TraceOutput:
             except OSError as e:
                 raise ConfigError(f"--trace-file {args.trace_file}: cannot write it: "
                                   f"{e.strerror}") from None  # fmt: skip
-            self.jsonl = JsonlSink(self._file, trace_filter=trace_filter, guest_clock=guest_clock)
+            clock = "none" if guest_clock is None else "icount" if args.icount else "host"
+            self.jsonl = JsonlSink(self._file, trace_filter=trace_filter,
+                                   guest_clock=guest_clock, host_times=host_times,
+                                   run=record_of(args, clock).to_json())  # fmt: skip
         echo: Callable[[str], None] | None = None
         if "text" in formats:
             echo = _printer(text_stream)

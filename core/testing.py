@@ -14,14 +14,16 @@ Fixtures:
   request to the handlers of a table, with no guest CPU at all: GHCB contents in,
   GHCB contents and the KVM exit out.
 - ``run_guest``: :func:`run_guest`, which assembles a 64-bit guest, launches it as an
-  SEV-ES guest with the chosen plugins, runs it to its first exit to userspace and
-  returns that exit with the trace of every exit before it. A guest that never exits
-  ends after ``timeout`` seconds (default :data:`RUN_GUEST_TIMEOUT`, 60) with a
-  ``RunFailed("EINTR", ...)`` exit, so a test cannot hang.
+  SEV-ES guest with the chosen plugins, runs it to its first exit to userspace (or
+  through ``exits`` of them) and returns the exits with the trace of everything before
+  them. A guest that never exits ends after ``timeout`` seconds (default
+  :data:`RUN_GUEST_TIMEOUT`, 60) with a ``RunFailed("EINTR", ...)`` exit, so a test
+  cannot hang.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -31,13 +33,23 @@ from attrs import frozen
 from sevsim.arch.exits import SvmExit
 from sevsim.arch.ghcb import Ghcb
 from sevsim.arch.vmcb import VMCB_CONTROL
+from sevsim.errors import ConfigError
 from sevsim.guest.asm import assemble
 from sevsim.guest.image import CODE, GHCB_GPA, GuestImage
-from sevsim.hw import Platform, VcModel
+from sevsim.hw import Platform
+from sevsim.hw.vc_model import VcModel
 from sevsim.kvm import outcome as O
 from sevsim.kvm.dispatch import ExitTable
 from sevsim.kvm.events import EventSink, TeeSink
-from sevsim.kvm.exits import KvmExit, RunFailed
+from sevsim.kvm.exits import (
+    ApResetHold,
+    FailEntry,
+    InternalError,
+    KvmExit,
+    RunFailed,
+    Shutdown,
+    SystemEvent,
+)
 from sevsim.kvm.vm import Kvm
 from sevsim.plugin.config import isolated_config
 from sevsim.plugin.host import PluginHost
@@ -49,6 +61,9 @@ from sevsim.vmm.runner import check_timeout
 #: :func:`run_guest`'s default time limit in seconds: far above what any test guest
 #: needs, low enough that a guest stuck in a loop fails its test instead of hanging it.
 RUN_GUEST_TIMEOUT = 60.0
+#: What a run past the limit still gets (s): KVM_RUN enters once more and is
+#: interrupted at once, so the limit ends the run with its ``RunFailed("EINTR")``.
+_LAST_SLICE = 1e-6
 
 
 #: The plugins that are KVM's own rows (the reused SVM intercepts, the GHCB
@@ -181,16 +196,23 @@ class SimLog:
                      if name == "sim_exit" and f["vcpu"] == vcpu and f["why"]), "")  # fmt: skip
 
 
+#: Exits a VMM does not resume from by running the vCPU again: the guest asked to end
+#: or cannot go on, KVM_RUN failed (its time limit included), or only a SIPI can wake
+#: the vCPU. :func:`run_guest` stops at the first of them.
+FINAL_EXITS = (SystemEvent, Shutdown, FailEntry, InternalError, RunFailed, ApResetHold)
+
+
 @frozen
 class GuestRun:
-    """The first exit to userspace of a guest, and the trace of everything before it;
-    ``sim`` holds the simulator's own view of the run."""
+    """A guest's exits to userspace, in order (``exit`` is the last), and the trace of
+    everything before them; ``sim`` holds the simulator's own view of the run."""
 
     exit: KvmExit
     trace: Trace
     vm: Any
     devices: Devices
     sim: SimLog
+    exits: tuple[KvmExit, ...] = ()
 
 
 def run_guest(
@@ -202,19 +224,25 @@ def run_guest(
     owners: Mapping[str | int, str] | None = None,
     vc_model: VcModel | None = None,
     timeout: float = RUN_GUEST_TIMEOUT,
+    exits: int = 1,
     vm_args: Mapping[str, Any] | None = None,
     **image_args: Any,
 ) -> GuestRun:
     """Assemble ``source`` at the image's code address, launch it with the standard
-    devices, and run it to the first exit to userspace.
+    devices, and run it to the first exit to userspace, or through ``exits`` of them.
 
-    ``timeout`` (seconds, a finite number > 0; default 60) bounds the run as
+    Past the first exit the vCPU runs again, as a VMM with nothing to add does (after
+    a HLT the guest goes on with the next instruction), until ``exits`` exits were seen
+    or one of :data:`FINAL_EXITS` ends the run early; ``GuestRun.exits`` holds them.
+    ``timeout`` (seconds, a finite number > 0; default 60) bounds the whole run as
     ``sevsim run --timeout`` does: a guest still running then ends with
     ``RunFailed("EINTR", ...)`` as its exit (KVM_RUN interrupted), never a hang.
     ``vm_args`` go to KVM_CREATE_VM (``era``, ``ghcb_version``, ``cpuid``); the other
     keyword arguments describe the :class:`~sevsim.guest.image.GuestImage`.
     """
     timeout = check_timeout(timeout, "run_guest(timeout=...)")
+    if isinstance(exits, bool) or not isinstance(exits, int) or exits < 1:
+        raise ConfigError(f"run_guest(exits={exits!r}): expected a whole number of exits >= 1")
     host = isolated_host(plugins, enable=enable, settings=settings, owners=owners)
     trace = Trace()
     devices = Devices.standard()
@@ -223,9 +251,15 @@ def run_guest(
     kvm = Kvm(Platform(sim=TeeSink(host.sim, trace, sim)))
     vm = launch_image(kvm, image, handlers=host.start(), events=TeeSink(host.events, trace),
                       vc_model=vc_model, devices=devices, **(vm_args or {}))  # fmt: skip
-    exit_ = vm.vcpus[0].run(timeout)
-    trace.record_exit(0, exit_)
-    return GuestRun(exit_, trace, vm, devices, sim)
+    deadline = time.monotonic() + timeout
+    seen: list[KvmExit] = []
+    while True:
+        left = max(deadline - time.monotonic(), _LAST_SLICE) if seen else timeout
+        exit_ = vm.vcpus[0].run(left)
+        trace.record_exit(0, exit_)
+        seen.append(exit_)
+        if len(seen) == exits or isinstance(exit_, FINAL_EXITS):
+            return GuestRun(exit_, trace, vm, devices, sim, tuple(seen))
 
 
 @pytest.fixture(name="run_guest")

@@ -18,9 +18,8 @@ from capstone import CS_ARCH_X86, CS_MODE_16, CS_MODE_32, CS_MODE_64, Cs
 
 from sevsim.arch import ghcb_msr as G
 from sevsim.arch.exits import GhcbErr, GhcbResp, SvmExit, VmgExit, exit_name
-from sevsim.arch.ghcb_msr import GhcbMsr, bits
+from sevsim.arch.ghcb_msr import TERM_REASON_SET, GhcbMsr, TermReason, bits
 from sevsim.arch.ioio import IoioInfo
-from sevsim.guest.vc_native import TERM_REASON_SET, TermReason
 from sevsim.kvm.dispatch import ExitKind
 from sevsim.kvm.exits import Hlt, KvmExit, SystemEvent, SystemEventType
 

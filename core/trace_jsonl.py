@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from importlib import metadata
 from typing import IO, Any
@@ -27,7 +27,7 @@ from sevsim.errors import ConfigError
 from sevsim.trace_filter import TraceFilter
 from sevsim.trace_schema import SCHEMA, VERSION, encode_fields
 
-__all__ = ["JsonlSink", "TraceFilter", "read_trace"]
+__all__ = ["JsonlSink", "TraceFilter", "read_header", "read_trace"]
 
 
 def _sevsim_version() -> str:
@@ -42,8 +42,12 @@ class JsonlSink:
 
     ``trace_filter`` keeps a subset (``wants`` says no to the event names it leaves
     out, so kvm does not even build them); ``guest_clock`` returns the guest's time in
-    ns, recorded as ``guest_ns`` on every event (omitted without one). The sink does
-    not own ``file``: whoever opened it closes it.
+    ns, recorded as ``guest_ns`` on every event (omitted without one). Without
+    ``host_times`` the host's clock is left out (``started`` null, ``wall_ns`` 0), so
+    that a reproducible run (``--icount``) writes the same file every time. ``run``
+    is what decides the run (:class:`sevsim.replay.RunRecord`), for ``sevsim replay``;
+    the header leaves it out when there is none. The sink does not own ``file``:
+    whoever opened it closes it.
     """
 
     def __init__(
@@ -52,8 +56,11 @@ class JsonlSink:
         *,
         trace_filter: TraceFilter | None = None,
         guest_clock: Callable[[], int] | None = None,
+        host_times: bool = True,
+        run: Mapping[str, Any] | None = None,
     ) -> None:
         self._file = file
+        self._host_times = host_times
         self._filter = trace_filter
         self._guest_clock = guest_clock
         self._seq = 0
@@ -63,9 +70,11 @@ class JsonlSink:
             "schema": SCHEMA,
             "version": VERSION,
             "sevsim": _sevsim_version(),
-            "started": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            "started": (datetime.now(UTC).isoformat(timespec="milliseconds")
+                        if host_times else None),
             "filter": kept or None,  # an empty filter keeps everything
             "guest_clock": guest_clock is not None,
+            **({"run": run} if run is not None else {}),
         })  # fmt: skip
 
     def _write(self, record: dict[str, Any]) -> None:
@@ -83,7 +92,7 @@ class JsonlSink:
         record: dict[str, Any] = {
             "seq": self._seq,
             "event": name,
-            "wall_ns": time.perf_counter_ns() - self._start,
+            "wall_ns": time.perf_counter_ns() - self._start if self._host_times else 0,
         }
         if self._guest_clock is not None:
             record["guest_ns"] = self._guest_clock()
@@ -133,6 +142,19 @@ def read_trace(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
     a newer version raise ConfigError here); each event line as it is reached, with
     ``file:line`` in the error. Blank lines are skipped.
     """
+    file, _ = _open_checked(path)
+    return _events(file, os.fspath(path))
+
+
+def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The header of the trace file at ``path``, checked as :func:`read_trace` checks it."""
+    file, header = _open_checked(path)
+    file.close()
+    return header
+
+
+def _open_checked(path: str | os.PathLike[str]) -> tuple[IO[bytes], dict[str, Any]]:
+    """The file, open after its header line, and the header (checked)."""
     name = os.fspath(path)
     try:
         file = open(path, "rb")  # closed by _events, or here if the header is bad
@@ -142,11 +164,12 @@ def read_trace(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
         first = file.readline()
         if not first.strip():
             raise ConfigError(f"{name}:1: empty; expected a sevsim trace header")
-        _check_header(_parse(first, f"{name}:1"), f"{name}:1")
+        header = _parse(first, f"{name}:1")
+        _check_header(header, f"{name}:1")
     except BaseException:
         file.close()
         raise
-    return _events(file, name)
+    return file, header
 
 
 def _events(file: IO[bytes], name: str) -> Iterator[dict[str, Any]]:

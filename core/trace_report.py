@@ -115,8 +115,8 @@ class _Timeline:
     def _bars(self, lanes: list[Any], first: int, span: int) -> list[str]:
         counts: defaultdict[tuple[int, int], Counter[str]] = defaultdict(Counter)
         names = {i: name for name, i in self._plugin_ids.items()}
-        for start, lane, plugin in zip(self._starts, self._lanes, self._plugins, strict=True):
-            counts[lane, _bucket(start - first, span)][names[plugin]] += 1
+        for start, lane, plugin_id in zip(self._starts, self._lanes, self._plugins, strict=True):
+            counts[lane, _bucket(start - first, span)][names[plugin_id]] += 1
         tallest = max(sum(stack.values()) for stack in counts.values())
         colours = self.colours()
         step = PLOT_WIDTH / BUCKETS

@@ -21,7 +21,7 @@ import attrs
 from sevsim.arch import ghcb_msr
 from sevsim.arch.exits import exit_name
 from sevsim.arch.ghcb_msr import GhcbMsr
-from sevsim.hw.sim import SIM_EVENTS
+from sevsim.hw import SIM_EVENTS
 from sevsim.kvm.dispatch import ExitKind
 from sevsim.kvm.events import EVENTS
 from sevsim.trace import describe_msr, describe_request, describe_response, disassemble
@@ -112,7 +112,8 @@ def _exit_name(name: str, fields: Mapping[str, Any]) -> str | None:
 
 def _ints(fields: Mapping[str, Any], *names: str) -> list[int] | None:
     values = [fields.get(name) for name in names]
-    return values if all(isinstance(v, int) for v in values) else None
+    ints = [v for v in values if isinstance(v, int)]
+    return ints if len(ints) == len(values) else None
 
 
 def _decoded(name: str, fields: Mapping[str, Any]) -> str | None:

@@ -13,7 +13,22 @@ def results():
     return run_all()
 
 
-@pytest.mark.parametrize("name", [s.name for s in list_scenarios()])
+#: Scenarios whose property waits for a change in another engineer's area; each mark
+#: fails (strict) as soon as the change lands, so that it is removed with it.
+PENDING = {
+    "inject-malformed-events": (
+        "core/hw: VMRUN does not check EVENTINJ yet (APM 15.20: VMEXIT_INVALID for a "
+        "reserved TYPE, or TYPE 3 with a vector that is no exception) and pushes an error "
+        "code of 0 for an injected exception with EV clear"
+    ),
+}
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(s.name, marks=pytest.mark.xfail(strict=True, reason=PENDING[s.name]))
+    if s.name in PENDING else s.name
+    for s in list_scenarios()
+])  # fmt: skip
 def test_scenario_holds(name, results):
     result = results[name]
     assert result.held, result.detail

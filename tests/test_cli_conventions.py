@@ -52,7 +52,8 @@ ALL_COMMANDS = commands(build_parser())
 def test_the_commands_are_all_there() -> None:
     assert set(ALL_COMMANDS) == {
         ("run",), ("guests",), ("measure",), ("trace",), ("trace", "summarize"),
-        ("trace", "report"), ("attack",), ("plugins",), ("plugins", "check"),
+        ("trace", "report"), ("replay",), ("attack",), ("plugins",), ("plugins", "check"),
+        ("plugins", "new"),
     }  # fmt: skip
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from sevsim.cli import main
-from sevsim.guest.manifest import bundled_guests, load_manifest
+from sevsim.manifest import bundled_guests, load_manifest
 
 #: The guest of docs/guest-manifests.md's example: it prints through OUT, one byte per
 #: #VC (modeled handler), then asks to terminate with reason set 0 code 0.

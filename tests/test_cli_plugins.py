@@ -76,9 +76,11 @@ def test_table_lists_version_source_status_and_owned_codes(
     assert (status, err) == (0, "")
     table, _, problems = out.partition("\n\nproblems")
     lines = rows(table)
-    assert table.splitlines()[0].split() == ["NAME", "VERSION", "SOURCE", "STATUS", "OWNS"]
+    assert table.splitlines()[0].split() == [
+        "NAME", "VERSION", "SOURCE", "STATUS", "SIM_HOOKS", "OWNS",
+    ]  # fmt: skip
     assert lines["demo_good"].split() == [
-        "demo_good", "1.2", "entry", "point:", "sevsim-demo-good", "active", "vmgexit",
+        "demo_good", "1.2", "entry", "point:", "sevsim-demo-good", "active", "-", "vmgexit",
         "0x80000f00",
     ]  # fmt: skip
     assert "0.3" in lines["demo_broken"]
@@ -102,6 +104,7 @@ def test_json_listing(install: Callable[..., None], run: Run) -> None:
         "why": "listed in SEVSIM_PLUGINS",
         "owns": [{"kind": "vmgexit", "code": 0x8000_0F00, "name": "vmgexit 0x80000f00"}],
         "contested": [],
+        "sim_hooks": [],
     }
     assert plugins["demo_rival"]["owns"] == [
         {"kind": "vmgexit", "code": 0x7B, "name": "vmgexit 0x7b (SVM_EXIT_IOIO)"}
@@ -109,6 +112,45 @@ def test_json_listing(install: Callable[..., None], run: Run) -> None:
     assert plugins["demo_ioio"]["status"] == "disabled"
     assert plugins["demo_ioio"]["owns"] == []
     assert document["problems"] == []
+
+
+#: A plugin that reads the simulator's view besides observing kvm, loaded with -p.
+SIM_WATCHER = """
+from sevsim import hookimpl
+
+@hookimpl
+def sevsim_sim_vc(exit_code):
+    pass
+
+@hookimpl
+def sevsim_sim_exit(exit_code, why):
+    pass
+
+@hookimpl
+def sevsim_vm_created(vm):
+    pass
+"""
+
+
+def test_the_simulator_hooks_a_plugin_implements_are_listed_apart(
+    install: Callable[..., None], run: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # sevsim_sim_* see what no hypervisor sees (guest RIPs): the listing says who reads
+    # them, in their own column; kvm's observer hooks (sevsim_vm_created) are not there
+    install("good")
+    (tmp_path / "sevsim_demo_watcher.py").write_text(SIM_WATCHER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    only = "demo_good,sevsim_demo_watcher"
+    status, out, err = run("-p", "sevsim_demo_watcher", "plugins", only=only)
+    assert (status, err) == (0, "")
+    lines = rows(out)
+    assert lines["sevsim_demo_watcher"].split() == [
+        "sevsim_demo_watcher", "-", "module", "active", "sevsim_sim_exit,sevsim_sim_vc", "-",
+    ]  # fmt: skip
+    assert lines["demo_good"].split()[-3:] == ["-", "vmgexit", "0x80000f00"]
+    plugins = by_name(plugins_json(run, "-p", "sevsim_demo_watcher", only=only))
+    assert plugins["sevsim_demo_watcher"]["sim_hooks"] == ["sevsim_sim_exit", "sevsim_sim_vc"]
+    assert plugins["demo_good"]["sim_hooks"] == []
 
 
 def test_check_passes_on_a_clean_installation(install: Callable[..., None], run: Run) -> None:
@@ -142,7 +184,7 @@ def test_check_fails_on_a_conflict_naming_both(install: Callable[..., None], run
     status, out, _ = run("plugins", only="demo_ioio,demo_rival")
     assert status == 0 and "claimed by both" in out
     row = " ".join(rows(out.partition("\n\n")[0])["demo_rival"].split())
-    assert row.endswith("active vmgexit 0x7b (SVM_EXIT_IOIO) [conflict]")
+    assert row.endswith("active - vmgexit 0x7b (SVM_EXIT_IOIO) [conflict]")
     plugins = by_name(plugins_json(run, only="demo_ioio,demo_rival"))
     assert plugins["demo_ioio"]["owns"] == []
     assert plugins["demo_ioio"]["contested"] == [

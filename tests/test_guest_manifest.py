@@ -16,8 +16,13 @@ from guests import term_table
 
 from sevsim.errors import ConfigError
 from sevsim.guest.demo import demo_image
-from sevsim.guest.expect import Expected
-from sevsim.guest.manifest import (
+from sevsim.guest.vc import VcHandler
+from sevsim.guest.vc_native import VC_HANDLER_ADDRESS
+from sevsim.hw import Platform
+from sevsim.kvm.events import TeeSink
+from sevsim.kvm.exits import KvmExit, RunFailed, SystemEvent, SystemEventType
+from sevsim.kvm.vm import Kvm, Vm
+from sevsim.manifest import (
     DEVICES,
     GUEST_KEYS,
     IMAGE_KEYS,
@@ -28,19 +33,14 @@ from sevsim.guest.manifest import (
     load_manifest,
     parse_manifest,
 )
-from sevsim.guest.vc import VcHandler
-from sevsim.guest.vc_native import VC_HANDLER_ADDRESS
-from sevsim.hw import Platform
-from sevsim.kvm.events import TeeSink
-from sevsim.kvm.exits import KvmExit, RunFailed, SystemEvent, SystemEventType
-from sevsim.kvm.vm import Kvm, Vm
+from sevsim.manifest_expect import Expected
 from sevsim.plugin.config import PluginConfig
 from sevsim.plugin.host import PluginHost
 from sevsim.testing import isolated_host
 from sevsim.trace import Trace
 from sevsim.vmm.config import KvmSettings
 from sevsim.vmm.launch import launch_firmware, launch_image
-from sevsim.vmm.machine import Devices
+from sevsim.vmm.machine import MMIO_TEST_GPA, Devices
 from sevsim.vmm.runner import run_image
 
 DOC = Path(__file__).parents[1] / "docs" / "guest-manifests.md"
@@ -148,7 +148,7 @@ def test_the_documents_error_examples_are_what_sevsim_says(tmp_path, monkeypatch
 def test_the_bundled_demo_is_the_demo_image_byte_for_byte():
     assert "demo" in bundled_guests()
     image = load_manifest(find_guest("demo")).build().image
-    demo = demo_image()
+    demo = demo_image(MMIO_TEST_GPA)
     assert image is not None
     assert image.memory() == demo.memory()
     assert image.launch_ranges() == demo.launch_ranges()

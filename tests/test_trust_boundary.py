@@ -18,6 +18,9 @@ HYPERVISOR_SIDE = [
     *sorted((ROOT / "plugins").rglob("*.py")),
 ]
 ALLOWED = {"sevsim.hw"}
+#: The VMM also takes the guest's #VC model interface, to bind a modeled #VC handler
+#: before launch: the launch path of tests/test_import_layers.py's table.
+ALLOWED_TO_THE_VMM = ALLOWED | {"sevsim.hw.vc_model"}
 
 
 def hw_imports(path: Path) -> list[str]:
@@ -33,7 +36,8 @@ def hw_imports(path: Path) -> list[str]:
 
 @pytest.mark.parametrize("path", HYPERVISOR_SIDE, ids=lambda p: str(p.relative_to(ROOT)))
 def test_hypervisor_side_uses_only_the_public_hardware_interface(path):
-    assert set(hw_imports(path)) <= ALLOWED
+    vmm = path.parent == ROOT / "core" / "vmm"
+    assert set(hw_imports(path)) <= (ALLOWED_TO_THE_VMM if vmm else ALLOWED)
 
 
 SECRET = 0x5EC2_E75E_C2E7_5EC2

@@ -17,6 +17,7 @@ from test_fidelity_kvm import table_without_rdtscp
 
 from sevsim import hookimpl
 from sevsim.arch.exits import SvmExit
+from sevsim.arch.ghcb_msr import TermReason
 from sevsim.guest.asm import assemble
 from sevsim.guest.image import CODE
 from sevsim.guest.snippets import TERMINATE
@@ -24,7 +25,6 @@ from sevsim.guest.vc import VcHandler
 from sevsim.guest.vc_native import (
     HANDLER_SIZE,
     VC_HANDLER_ADDRESS,
-    TermReason,
     term_request,
     vc_image_args,
 )

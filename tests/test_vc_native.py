@@ -17,6 +17,7 @@ from test_fidelity_kvm import table_without_rdtscp
 
 from sevsim import hookimpl
 from sevsim.arch.exits import SvmExit, VmgExit
+from sevsim.arch.ghcb_msr import TermReason
 from sevsim.guest import snippets
 from sevsim.guest.asm import assemble
 from sevsim.guest.image import GHCB_GPA, GuestImage
@@ -29,7 +30,6 @@ from sevsim.guest.vc_native import (
     STATE_OFFSET,
     STATE_VC_COUNT,
     VC_HANDLER_ADDRESS,
-    TermReason,
     build_vc_handler,
     term_request,
     vc_image_args,

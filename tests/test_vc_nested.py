@@ -19,6 +19,7 @@ import re
 import pytest
 from attrs import frozen
 
+from sevsim.arch.ghcb_msr import TermReason
 from sevsim.guest.asm import assemble
 from sevsim.guest.image import CODE, GHCB_GPA, PT
 from sevsim.guest.snippets import TERMINATE
@@ -26,7 +27,6 @@ from sevsim.guest.vc import VcHandler
 from sevsim.guest.vc_native import (
     HANDLER_SIZE,
     VC_HANDLER_ADDRESS,
-    TermReason,
     term_request,
     vc_image_args,
 )

@@ -119,5 +119,30 @@ TERM_REASONS: dict[tuple[int, int], str] = {
 }  # fmt: skip
 
 
+#: Reason set of sevsim's own #VC handlers' termination requests (0 is the GHCB
+#: spec's, 1 Linux's): the guest's handlers send it and the trace names it.
+TERM_REASON_SET = 2
+
+
+class TermReason(IntEnum):
+    """Reason codes (set ``TERM_REASON_SET``) of sevsim's #VC handlers' TERM_REQ."""
+
+    #: The #VC error code is an exit code the handler does not handle.
+    UNSUPPORTED_EXIT = 1
+    #: The instruction at RIP is not a form the handler decodes for that exit code.
+    UNSUPPORTED_INSN = 2
+    #: The hypervisor's reply was neither success nor a forwardable exception, or a
+    #: result register came back without its valid bit.
+    VMM_ERROR = 3
+    #: The hypervisor asked for an exception the handler may not (or cannot) deliver.
+    BAD_EXCEPTION = 4
+    #: The MMIO address does not translate through the guest's page tables.
+    PAGE_WALK = 5
+    #: A #VC arrived while the handler was handling one (e.g. the instruction at RIP
+    #: is fetched from MMIO, so reading it raises #VC again): the handler is not
+    #: reentrant, as Linux's is not past its backup GHCB.
+    NESTED_VC = 6
+
+
 def term_reason_name(reason_set: int, reason_code: int) -> str:
     return TERM_REASONS.get((reason_set, reason_code), f"set {reason_set} code {reason_code}")

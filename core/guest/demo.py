@@ -22,7 +22,6 @@ from __future__ import annotations
 from sevsim.guest.asm import assemble
 from sevsim.guest.image import CODE, GuestImage
 from sevsim.guest.vc_native import vc_image_args
-from sevsim.vmm.machine import MMIO_TEST_GPA
 
 #: Where the guest stores what it learnt (private memory: the host sees ciphertext).
 RESULTS = 0x30000
@@ -30,7 +29,11 @@ GREETING = b"Hello from an SEV-ES guest\n"
 GREETING_AT = RESULTS + 0x100
 MAGIC = 0x5EC0_5EC0_5EC0_5EC0
 
-SOURCE = f"""
+
+def demo_source(mmio_test_gpa: int) -> str:
+    """The demo's assembly; ``mmio_test_gpa`` is where the machine put the MMIO test
+    device (the VMM's layout, which a guest learns as data, as firmware reads ACPI)."""
+    return f"""
 start:
     mov ecx, 0xC0010131             /* MSR_AMD64_SEV */
     rdmsr
@@ -72,7 +75,7 @@ start:
     cld
     rep outsb
 
-    mov rbx, {MMIO_TEST_GPA:#x}     /* #VC (NPF) -> GHCB MMIO_READ/WRITE -> device */
+    mov rbx, {mmio_test_gpa:#x}     /* #VC (NPF) -> GHCB MMIO_READ/WRITE -> device */
     mov eax, [rbx]                  /* ID register */
     mov [rdi + 20], eax
     mov rax, {MAGIC:#x}
@@ -126,7 +129,9 @@ msr_exchange:                       /* GHCB MSR = rax; VMGEXIT; rax = GHCB MSR *
 """
 
 
-def demo_image() -> GuestImage:
+def demo_image(mmio_test_gpa: int) -> GuestImage:
+    """The demo guest, with its native #VC handler, for a machine whose MMIO test
+    device is at ``mmio_test_gpa``."""
     args = vc_image_args()
-    return GuestImage(assemble(SOURCE, CODE), **{**args, "data": {**args["data"],
-                      GREETING_AT: GREETING}})  # fmt: skip
+    data = {**args["data"], GREETING_AT: GREETING}
+    return GuestImage(assemble(demo_source(mmio_test_gpa), CODE), **{**args, "data": data})

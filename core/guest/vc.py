@@ -9,7 +9,7 @@ the GHCB's guest-physical address to the GHCB MSR, VMGEXIT, check the reply
 and move RIP past it.
 
 It is guest software: it sees the guest's registers and plaintext memory through a
-:class:`~sevsim.hw.GuestView`, and reaches the hypervisor only through guest memory
+:class:`~sevsim.hw.vc_model.GuestView`, and reaches the hypervisor only through guest memory
 (the GHCB page, mapped shared), the GHCB MSR, and VMGEXIT — which it performs by
 ``yield``-ing. Load one instance per vCPU (it keeps that vCPU's DR7, as Linux's
 per-CPU runtime data does)::
@@ -41,7 +41,7 @@ Where this handler departs from Linux, on purpose:
   raises the next #VC; only REP forms retry (Linux retries whenever RCX is non-zero);
 - CPL 3 failures terminate the VM (Linux sends SIGBUS to the process instead), and a
   fault on guest memory forwards #PF without an error code or CR2 (a
-  :data:`~sevsim.hw.VcModel` returns only a vector);
+  :data:`~sevsim.hw.vc_model.VcModel` returns only a vector);
 - when the handler's own read of the instruction, or of a string IO buffer, reaches
   an address the guest maps but that has no RAM behind it (MMIO: a jump into an MMIO
   region, ``rep outsb`` from one), guest code would take a #VC inside its #VC
@@ -53,7 +53,7 @@ Where this handler departs from Linux, on purpose:
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from enum import Enum
 from typing import ClassVar
 
@@ -67,7 +67,7 @@ from sevsim.arch.ghcb import (
     SHARED_BUFFER_START,
     Ghcb,
 )
-from sevsim.arch.ghcb_msr import term_req
+from sevsim.arch.ghcb_msr import TERM_REASON_SET, TermReason, term_req
 from sevsim.arch.vectors import Vector
 from sevsim.arch.vmcb import EventInj
 from sevsim.guest.decode import (
@@ -91,8 +91,7 @@ from sevsim.guest.decode import (
     segment_base,
 )
 from sevsim.guest.image import GHCB_GPA
-from sevsim.guest.vc_native import TERM_REASON_SET, TermReason
-from sevsim.hw import GuestFault, GuestView
+from sevsim.hw.vc_model import GuestFault, GuestView
 
 #: The newest GHCB protocol version Linux speaks (``GHCB_PROTOCOL_MAX``).
 GHCB_PROTOCOL_MAX = 2
@@ -204,7 +203,7 @@ class EmCtxt:
 
 @define(eq=False)
 class VcHandler:
-    """The modeled #VC handler of one vCPU: call it as a :data:`~sevsim.hw.VcModel`.
+    """The modeled #VC handler of one vCPU: call it as a :data:`~sevsim.hw.vc_model.VcModel`.
 
     ``ghcb_vaddr`` is where the guest maps its GHCB (shared, C=0); ``protocol_version``
     the GHCB version it negotiated at boot (KVM ignores the field); ``xcr0`` the XCR0
@@ -562,7 +561,8 @@ class VcHandler:
         yield from self.hv_call(view, ghcb, code, gpa, size)
 
 
-_HANDLERS = {
+#: The emulation of each exit code (keyed by the #VC error code, an int).
+_HANDLERS: dict[int, Callable[[VcHandler, EmCtxt], Generator[None, None, EsResult]]] = {
     SvmExit.READ_DR7: VcHandler.handle_dr7_read,
     SvmExit.WRITE_DR7: VcHandler.handle_dr7_write,
     SvmExit.RDTSC: VcHandler.handle_rdtsc,

@@ -93,8 +93,9 @@ exception it may not forward (NMI, #DF, #MC, #VC, a vector above 31, or an absen
 gate), an MMIO address the page walk cannot translate, or a #VC taken inside the
 handler (an instruction fetched from MMIO among them). Each ends the guest the way
 Linux's ``sev_es_terminate`` does: the GHCB MSR protocol TERM_REQ with reason set
-``TERM_REASON_SET`` (2, this handler's own) and the code from :class:`TermReason`,
-then a HLT loop in case the hypervisor resumes it.
+``TERM_REASON_SET`` (2, sevsim's own) and the code from
+:class:`~sevsim.arch.ghcb_msr.TermReason`, then a HLT loop in case the hypervisor
+resumes it.
 
 Not done: 16/32-bit code (compatibility mode) and real mode, MMIO string moves, an
 MMIO access that crosses a page, more than one vCPU sharing the one GHCB, NMI_COMPLETE.
@@ -103,12 +104,12 @@ MMIO access that crosses a page, more than one vCPU sharing the one GHCB, NMI_CO
 from __future__ import annotations
 
 import functools
-from enum import IntEnum
 from typing import Any
 
 from sevsim.arch.exits import SvmExit, VmgExit
 from sevsim.arch.ghcb import GHCB, GHCB_SAVE_AREA, SHARED_BUFFER_END, SHARED_BUFFER_START
 from sevsim.arch.ghcb import valid_bit as _valid_bit
+from sevsim.arch.ghcb_msr import TERM_REASON_SET, TermReason, term_req
 from sevsim.arch.msr import MSR_AMD64_SEV_ES_GHCB, MSR_FS_BASE, MSR_GS_BASE
 from sevsim.arch.vectors import Vector
 from sevsim.arch.vmcb import EventInj
@@ -134,8 +135,6 @@ STATE_FAILED_INFO2 = 0x28
 STATE_IN_VC = 0x30
 DR7_RESET = 0x400
 
-#: Reason set of the handler's TERM_REQ (0 is the GHCB spec's, 1 Linux's).
-TERM_REASON_SET = 2
 #: GHCB protocol version written in each request (KVM does not read it).
 PROTOCOL_VERSION = 1
 
@@ -146,29 +145,9 @@ _ERROR_CODE_VECTORS = (8, 10, 11, 12, 13, 14, 17, 21, 29, 30)
 _NOT_FORWARDED = (2, 8, 18, 29)
 
 
-class TermReason(IntEnum):
-    """Reason codes (set ``TERM_REASON_SET``) of the handler's termination request."""
-
-    #: The #VC error code is an exit code the handler does not handle.
-    UNSUPPORTED_EXIT = 1
-    #: The instruction at RIP is not a form the handler decodes for that exit code.
-    UNSUPPORTED_INSN = 2
-    #: The hypervisor's reply was neither success nor a forwardable exception, or a
-    #: result register came back without its valid bit.
-    VMM_ERROR = 3
-    #: The hypervisor asked for an exception the handler may not (or cannot) deliver.
-    BAD_EXCEPTION = 4
-    #: The MMIO address does not translate through the guest's page tables.
-    PAGE_WALK = 5
-    #: A #VC arrived while the handler was handling one (e.g. the instruction at RIP
-    #: is fetched from MMIO, so reading it raises #VC again): the handler is not
-    #: reentrant, as Linux's is not past its backup GHCB.
-    NESTED_VC = 6
-
-
 def term_request(reason: TermReason) -> int:
     """The GHCB MSR value of the handler's TERM_REQ (what a SEV_TERM exit carries)."""
-    return 0x100 | TERM_REASON_SET << 12 | int(reason) << 16
+    return term_req(TERM_REASON_SET, reason)
 
 
 # -- the source -------------------------------------------------------------------

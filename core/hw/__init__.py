@@ -16,7 +16,11 @@ A handle holds no reference to the hardware behind it, only a number, as a file
 descriptor does: the hardware objects (the CPU models, the keys, the decrypted
 register state) live in a table private to this package. So nothing reachable from
 a handle's attributes, properties or method results leads to a key, a plaintext
-private page, a register, or a way to install guest code after launch.
+private page, a register, or a way to install guest code after launch. This package
+binds those hardware classes only under private names (``_Psp``, ``_Svm``, ...), and
+the guest's side of the hardware (the #VC model interface a Python #VC handler runs
+against) is not part of this surface: guest code imports it from
+:mod:`sevsim.hw.vc_model`.
 """
 
 from __future__ import annotations
@@ -30,23 +34,26 @@ from attrs import frozen
 from sevsim.arch.vmcb import VMCB_CONTROL
 from sevsim.arch.vmsa import VMSA_PAGE_SIZE
 from sevsim.errors import GuestMemoryError
-from sevsim.hw.memory import GuestMemory, MmioHole
-from sevsim.hw.psp import GuestStatus, LaunchMeasurement, LaunchSession, PlatformStatus, Psp
+from sevsim.hw.memory import GuestMemory as _GuestMemory
+from sevsim.hw.memory import MmioHole
+from sevsim.hw.psp import GuestStatus, LaunchMeasurement, LaunchSession, PlatformStatus
+from sevsim.hw.psp import Psp as _Psp
 from sevsim.hw.sev_api import Policy
 from sevsim.hw.sev_caps import CpuidLeaf, SevCapabilities
 from sevsim.hw.sim import SIM_EVENTS, NoSim, SimSink
-from sevsim.hw.svm import MSRPM_SIZE, HostPages, Svm, Usage, VmsaPage, msrpm_bit
-from sevsim.hw.vc_model import GuestFault, GuestView, VcModel
+from sevsim.hw.svm import MSRPM_SIZE, Usage, msrpm_bit
+from sevsim.hw.svm import HostPages as _HostPages
+from sevsim.hw.svm import Svm as _Svm
+from sevsim.hw.svm import VmsaPage as _VmsaPage
+from sevsim.hw.vc_model import VcModel as _VcModel
 from sevsim.hw.watchdog import foreign_time_limit, run_foreign
 
 __all__ = [
     "MSRPM_SIZE",
     "SIM_EVENTS",
     "CpuidLeaf",
-    "GuestFault",
     "GuestMemoryView",
     "GuestStatus",
-    "GuestView",
     "LaunchMeasurement",
     "LaunchSession",
     "MmioHole",
@@ -58,7 +65,6 @@ __all__ = [
     "SevFirmware",
     "SimSink",
     "Usage",
-    "VcModel",
     "VmsaHandle",
     "foreign_time_limit",
     "msrpm_bit",
@@ -108,7 +114,7 @@ class VmsaHandle(_Handle):
 
     __slots__ = ("pa",)
 
-    def __init__(self, page: VmsaPage) -> None:
+    def __init__(self, page: _VmsaPage) -> None:
         super().__init__(page)
         self.pa = page.pa
 
@@ -118,11 +124,11 @@ class VmsaHandle(_Handle):
     def host_write(self, offset: int, data: bytes) -> None:
         _behind(self).host_write(offset, data)
 
-    def bind_vc_model(self, model: VcModel | None) -> None:
+    def bind_vc_model(self, model: _VcModel | None) -> None:
         """Choose the guest's #VC handler model (guest software, in Python) before
         LAUNCH_UPDATE_VMSA seals this VMSA; refused afterwards, as guest code cannot
         be replaced behind a launched guest's back."""
-        page: VmsaPage = _behind(self)
+        page: _VmsaPage = _behind(self)
         if page.protected:
             raise GuestMemoryError(
                 f"VMSA {self.pa:#x} is sealed: its guest's #VC handler was chosen at launch"
@@ -136,7 +142,7 @@ class GuestMemoryView(_Handle):
     __slots__ = ()
 
     def __init__(self) -> None:
-        super().__init__(GuestMemory())
+        super().__init__(_GuestMemory())
 
     def add_ram(self, gpa: int, size: int, name: str = "ram", readonly: bool = False) -> RamInfo:
         """A RAM slot; ``readonly``: a ROM device's memory (guest writes exit as MMIO)."""
@@ -221,7 +227,7 @@ class SevFirmware(_Handle):
 class _Launch:
     """Guest memory as LAUNCH_UPDATE_DATA reaches it (``hw.psp.LaunchMemory``)."""
 
-    def __init__(self, memory: GuestMemory) -> None:
+    def __init__(self, memory: _GuestMemory) -> None:
         self._memory = memory
 
     def launch_encrypt(self, gpa: int, length: int, key: bytes) -> bytes:
@@ -233,12 +239,12 @@ class _Silicon:
 
     def __init__(self, caps: SevCapabilities, sim: SimSink) -> None:
         self.caps = caps
-        self.psp = Psp(caps)
+        self.psp = _Psp(caps)
         # What the ccp driver does at boot: INIT, then flush every ASID.
         self.psp.init()
         self.psp.df_flush()
-        self.pages = HostPages()
-        self.svm = Svm(self.pages, caps.c_bit, sim)
+        self.pages = _HostPages()
+        self.svm = _Svm(self.pages, caps.c_bit, sim)
 
 
 class Platform(_Handle):

@@ -284,6 +284,10 @@ class GuestCpu:
         """RFLAGS.IF, which the hardware reports to KVM in the VMCB's int_state."""
         return bool(self.regs.rflags & _IF)
 
+    def interrupt_shadow(self) -> bool:
+        """The STI / MOV SS shadow, reported in int_state beside IF."""
+        return self.regs.interrupt_shadow()
+
     # -- hooks --------------------------------------------------------------------
 
     def _halt(self, stop: _Stop) -> None:
@@ -447,7 +451,7 @@ class GuestCpu:
             if hw_exit is not None:
                 return hw_exit
         while True:
-            if self.virq_pending and self.interrupts_enabled():
+            if self.virq_pending and self.interrupts_enabled() and not self.interrupt_shadow():
                 return HwExit(SvmExit.VINTR)
             if self._slice_over():
                 return HwExit(SvmExit.INTR, why="the host's time slice ended")
@@ -514,15 +518,22 @@ class GuestCpu:
             insn = b""
         return address, insn, self.bits()
 
+    def _retire(self, length: int) -> None:
+        """The model completed the instruction at RIP: move past it. It was the one an
+        STI or MOV SS shadow covered, if any, so the shadow is over (QEMU ends it only
+        when it executes the instruction itself)."""
+        self.regs.rip += length
+        self.regs.end_interrupt_shadow()
+
     def _handle_site(self, site: Sensitive, address: int) -> HwExit | None:
         regs = self.regs
         self._last_site = (address, site.length)
         if site.action is Action.AUTOMATIC_EXIT:  # VMGEXIT, HLT: trap-like, RIP moves on
-            regs.rip += site.length
+            self._retire(site.length)
             return HwExit(site.exit_code)
         if site.action is Action.CR8_READ:
             regs.set_gpr(GPR_OF[site.operand], self.tpr)
-            regs.rip += site.length
+            self._retire(site.length)
             return None
         if site.action is Action.CR_WRITE:
             return self._write_cr(site)
@@ -540,7 +551,7 @@ class GuestCpu:
                 regs.set_gpr("rax", value & 0xFFFF_FFFF)
                 regs.set_gpr("rdx", value >> 32)
             # WRMSR to SEV_STATUS is ignored: the register is read-only.
-            regs.rip += site.length
+            self._retire(site.length)
             return None
         if ecx == M.MSR_EFER and write and not self.msr_intercepted(ecx, True):
             return self._write_efer(self._edx_eax(), site.length)
@@ -556,7 +567,7 @@ class GuestCpu:
         efer = value & ~M.EFER_LMA | mode.efer & M.EFER_LMA  # LMA is the CPU's to set
         self.regs.set_msr(M.MSR_EFER, efer)
         self.mmu.mode = PagingMode(mode.cr0, mode.cr3, mode.cr4, efer | M.EFER_SVME, mode.cbit)
-        self.regs.rip += length
+        self._retire(length)
         if self.intercepted(SvmExit.EFER_WRITE_TRAP):
             return HwExit(SvmExit.EFER_WRITE_TRAP, info1=efer | M.EFER_SVME)
         return None
@@ -580,7 +591,7 @@ class GuestCpu:
                 value &= 0xFFFF_FFFF
         if not valid_cr_write(cr, value, mode):
             return self._deliver(Event(Vector.GP, 0))
-        regs.rip += site.length
+        self._retire(site.length)
         if cr == 8:
             self.tpr = value
         else:

@@ -145,7 +145,8 @@ class GuestMemory:
         return hole
 
     def _refuse_overlap(self, name: str, gpa: int, size: int) -> None:
-        for other in (*self._ram, *self._mmio):
+        others: tuple[RamRegion | MmioHole, ...] = (*self._ram, *self._mmio)
+        for other in others:
             if gpa < other.end and other.gpa < gpa + size:
                 raise GuestMemoryError(
                     f"{name!r} [{gpa:#x}, {gpa + size:#x}) overlaps {other.name!r} "

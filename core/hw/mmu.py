@@ -204,13 +204,15 @@ class Mmu:
         t = self._remembered(key)
         if t is None:
             try:
-                t = self._walk_and_remember(vaddr, kind, cpl, key)
+                walked = self._walk_and_remember(vaddr, kind, cpl, key)
             except _TableNpf as table:
                 return self._refuse(Fault(vaddr, kind, npf_gpa=table.gpa & PAGE_MASK), entry)
-            if isinstance(t, NonCanonical):
+            if isinstance(walked, NonCanonical):
                 return self._refuse(Fault(vaddr, kind, vector=13), entry)
-            if isinstance(t, PageFault):
-                return self._refuse(Fault(vaddr, kind, vector=14, error_code=t.error_code), entry)
+            if isinstance(walked, PageFault):
+                return self._refuse(Fault(vaddr, kind, vector=14, error_code=walked.error_code),
+                                    entry)  # fmt: skip
+            t = walked
         region = self.memory.ram_at(t.paddr)
         if region is None or (region.readonly and (kind == ACCESS_WRITE or not region.romd)):
             # MMIO: the #VC handler decodes the access itself and needs only the page;
@@ -255,7 +257,7 @@ class Mmu:
         entries: list[_Read] = []
         tables: dict[int, tuple[int, memoryview, int]] = {}
 
-        def read(paddr: int, size: int) -> bytes:
+        def read(paddr: int, size: int) -> memoryview:
             raw = self.read_table(paddr, size)
             region = self.memory.ram_at(paddr)
             assert region is not None  # read_table found it
@@ -301,7 +303,7 @@ class Mmu:
             return Fault(exact, pending.access, npf_gpa=pending.npf_gpa | (address & 0xFFF))
         return Fault(exact, pending.access, pending.vector, pending.error_code)
 
-    def read_table(self, paddr: int, size: int) -> bytes:
+    def read_table(self, paddr: int, size: int) -> memoryview:
         """Page-table reads: always private; a table outside RAM is a nested fault."""
         region = self.memory.ram_at(paddr)
         if region is None:

@@ -70,7 +70,7 @@ class PagingMode:
         return bool(self.cr0 & (1 << 31))
 
 
-ReadPhys = Callable[[int, int], bytes]
+ReadPhys = Callable[[int, int], bytes | memoryview]
 
 
 def walk(

@@ -104,6 +104,14 @@ class Registers:
         mode, 0 in real mode): one memory read, no call into the engine."""
         return self._hflags.value & _HF_CPL
 
+    def interrupt_shadow(self) -> bool:
+        """Whether the CPU holds interrupts off for one instruction (after STI or a MOV
+        to SS): QEMU's inhibit-IRQ bit, which the hardware reports in int_state."""
+        return bool(self._hflags.value & _HF_INHIBIT_IRQ)
+
+    def end_interrupt_shadow(self) -> None:
+        self._hflags.value &= ~_HF_INHIBIT_IRQ
+
     def code_bits(self) -> int:
         """Operand size of the code segment the CPU executes: 16, 32 or 64, from the
         mode bits QEMU derived when CS was loaded (what its decoder uses)."""
@@ -282,6 +290,7 @@ class _Mmr(ctypes.Structure):
 _MARK = 0x5EF5_1A7E_0DD5_EA11
 #: QEMU's ``hflags`` bits that follow from the segment caches (target/i386/cpu.h).
 _HF_CPL = 3
+_HF_INHIBIT_IRQ = 1 << 3
 _HF_CS32, _HF_SS32, _HF_ADDSEG = 1 << 4, 1 << 5, 1 << 6
 _HF_LMA, _HF_CS64 = 1 << 14, 1 << 15
 _DESC_B, _DESC_L = 1 << 22, 1 << 21
@@ -363,6 +372,7 @@ def _probe_layout() -> _ContextLayout:
         scratch.msr_write(M.MSR_EFER, efer)
         context = scratch.context_save()
         base = ctypes.cast(context.context, ctypes.c_void_p).value
+        assert base is not None
         raws.append(ctypes.string_at(base, context.size))
     raw = raws[0]
     first = raw.find(struct.pack("<Q", marks["es"])) - 8

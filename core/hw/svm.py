@@ -269,9 +269,11 @@ class Svm:
         put(vmcb, "event_inj", 0)
         hw_exit = cpu.inject(event_inj, get(vmcb, "event_inj_err")) or cpu.run()
         put(vmcb, "ghcb_gpa", cpu.ghcb_msr)
-        # SEV-ES: the hardware tells the hypervisor the guest's IF in int_state.
-        if_flag = IntState.GUEST_INTERRUPT_MASK if cpu.interrupts_enabled() else 0
-        put(vmcb, "int_state", int(if_flag))
+        # SEV-ES: the hardware tells the hypervisor the guest's IF in int_state, beside
+        # the interrupt shadow (KVM's svm_interrupt_blocked reads both).
+        int_state = (_GUEST_IF if cpu.interrupts_enabled() else 0) | (
+            _SHADOW if cpu.interrupt_shadow() else 0)  # fmt: skip
+        put(vmcb, "int_state", int_state)
         return hw_exit
 
     def _new_cpu(self, memory: GuestMemory, vmsa: VmsaPage) -> GuestCpu:
@@ -301,6 +303,9 @@ class Svm:
             rip, insn, bits = vmsa.cpu.exit_site() if vmsa.cpu is not None else (None, b"", 64)
             self.sim.emit("sim_exit", vm=vm, vcpu=vcpu, exit_code=code, rip=rip, insn=insn,
                           bits=bits, why=hw_exit.why)  # fmt: skip
+
+
+_GUEST_IF, _SHADOW = int(IntState.GUEST_INTERRUPT_MASK), int(IntState.INTERRUPT_SHADOW)
 
 
 def _msr_intercepted(msrpm: bytes | bytearray, msr: int, write: bool) -> bool:

@@ -9,7 +9,9 @@ ways to reply (``svm_vmgexit_success``, ``svm_vmgexit_inject_exception``,
 The vCPU and VM a plugin sees are *views* (:class:`VcpuView`, :class:`VmView`): they
 carry the plugin's own per-vCPU and per-VM state and a fixed set of operations, and
 nothing a plugin can reassign or delete to break the vCPU for everybody else. A
-view holds the operations it offers, never the vCPU or VM object behind them.
+view holds its operations sealed (:mod:`sevsim.kvm.seal`): they are bound to the
+vCPU, and held openly their ``__self__`` and closure cells would lead a plugin back
+to the vCPU, its VM, KVM and the platform.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from sevsim.kvm.dispatch import ExitKind
 from sevsim.kvm.ghcb_map import MappedGhcb
 from sevsim.kvm.outcome import Outcome
 from sevsim.kvm.scratch import Scratch, setup_scratch
+from sevsim.kvm.seal import Seal, unseal
 
 if TYPE_CHECKING:
     from sevsim.kvm.buses import GuestBus
@@ -107,7 +110,8 @@ class VmView:
 
 @frozen
 class VcpuOps:
-    """The operations a vCPU offers its plugins (bound to one vCPU)."""
+    """The operations a vCPU offers its plugins (bound to one vCPU, which owns them;
+    views hold them sealed)."""
 
     queue_event: Callable[[int, int], None]
     event_pending: Callable[[], bool]
@@ -135,7 +139,7 @@ class VcpuView:
         self._id = vcpu_id
         self._state = state
         self._vm = vm
-        self._ops = ops
+        self._ops = Seal(ops, f"vCPU {vcpu_id} of VM {vm.name!r}")
 
     @property
     def id(self) -> int:
@@ -153,66 +157,66 @@ class VcpuView:
     @property
     def cpl(self) -> int:
         """The CPL the guest reported in the GHCB (the VMCB save area's CPL for SEV-ES)."""
-        return self._ops.cpl()
+        return unseal(self._ops).cpl()
 
     @property
     def xcr0(self) -> int:
-        return self._ops.xcr0()
+        return unseal(self._ops).xcr0()
 
     @property
     def initial_state(self) -> Mapping[str, Any]:
         """The register state the VMM gave before launch (KVM_SET_REGS/SREGS), which
         KVM wrote into the VMSA: all KVM ever knows of the guest's registers."""
-        return self._ops.initial_state()
+        return unseal(self._ops).initial_state()
 
     def cpuid(self, function: int, index: int = 0) -> CpuidLeaf:
         """``kvm_cpuid``: the guest's table, with this vCPU's runtime bits."""
-        return self._ops.cpuid(function, index)
+        return unseal(self._ops).cpuid(function, index)
 
     def set_cpuid_runtime(self, **bits: int) -> None:
         """``kvm_update_cpuid_runtime``: what CPUID reflects of this vCPU's state
         (``cr4``, ``xcr0``, ``xss``, ``apic_base``)."""
-        self._ops.set_cpuid_runtime(**bits)
+        unseal(self._ops).set_cpuid_runtime(**bits)
 
     def get_msr(self, index: int) -> int | None:
         """``kvm_get_msr``: None when the read fails (the guest gets #GP)."""
-        return self._ops.get_msr(index)
+        return unseal(self._ops).get_msr(index)
 
     def set_msr(self, index: int, value: int) -> bool:
         """``kvm_set_msr``: False when the write fails (the guest gets #GP)."""
-        return self._ops.set_msr(index, value)
+        return unseal(self._ops).set_msr(index, value)
 
     def queue_event(self, event_inj: int, error_code: int = 0) -> None:
         """Write EVENTINJ for the next VMRUN (an exception, NMI or interrupt)."""
-        self._ops.queue_event(event_inj, error_code)
+        unseal(self._ops).queue_event(event_inj, error_code)
 
     @property
     def event_pending(self) -> bool:
         """Whether EVENTINJ already holds an event for the next VMRUN."""
-        return self._ops.event_pending()
+        return unseal(self._ops).event_pending()
 
     def inject_nmi(self) -> None:
         """``kvm_inject_nmi``: an NMI raised inside KVM (by its PMU or local APIC), taken
         like KVM_NMI; it needs the ``nmi`` plugin."""
-        self._ops.inject_nmi()
+        unseal(self._ops).inject_nmi()
 
     def park(self) -> None:
         """``kvm_emulate_ap_reset_hold``: the vCPU waits (KVM_MP_STATE_AP_RESET_HOLD)
         until a SIPI or an event wakes it."""
-        self._ops.park()
+        unseal(self._ops).park()
 
     @property
     def mapped_ghcb(self) -> MappedGhcb | None:
         """The GHCB page KVM still has mapped from this vCPU's last exit, if any."""
-        return self._ops.mapped_ghcb()
+        return unseal(self._ops).mapped_ghcb()
 
     def flush_ghcb(self) -> None:
         """Write what KVM changed in the mapped GHCB into guest memory now."""
-        self._ops.flush_ghcb()
+        unseal(self._ops).flush_ghcb()
 
     def set_ghcb_msr(self, value: int) -> None:
         """The GHCB MSR value the guest reads at its next VMRUN (an MSR-protocol reply)."""
-        self._ops.set_ghcb_msr(value)
+        unseal(self._ops).set_ghcb_msr(value)
 
 
 class ExitContext:

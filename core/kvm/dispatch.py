@@ -56,7 +56,7 @@ def code_name(kind: ExitKind, code: int, name: str | None = None) -> str:
     return f"{code:#x}" if known.startswith("0x") else f"{code:#x} ({known})"
 
 
-def _check_kind(instance: Any, attribute: Any, value: object) -> None:
+def _check_kind(instance: Any, attribute: Any, value: Any) -> None:
     if not isinstance(value, ExitKind):
         raise PluginError(
             f"ExitHandler kind {value!r}: expected an ExitKind "
@@ -64,7 +64,7 @@ def _check_kind(instance: Any, attribute: Any, value: object) -> None:
         )
 
 
-def _check_code(instance: Any, attribute: Any, value: object) -> None:
+def _check_code(instance: Any, attribute: Any, value: Any) -> None:
     limit = CODE_LIMITS.get(instance.kind, (1 << 64) - 1)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
         raise PluginError(
@@ -84,7 +84,7 @@ def _check_requires(names: Iterable[str]) -> tuple[str, ...]:
     return names
 
 
-def _check_requires_field(instance: Any, attribute: Any, value: object) -> None:
+def _check_requires_field(instance: Any, attribute: Any, value: Any) -> None:
     if callable(value):
         return
     if isinstance(value, str) or not isinstance(value, Iterable):
@@ -100,9 +100,19 @@ def _check_eras(instance: Any, attribute: Any, value: frozenset[str] | None) -> 
         raise PluginError(f"ExitHandler eras {sorted(value)}: expected a subset of {ERAS}")
 
 
-def _check_handler(instance: Any, attribute: Any, value: object) -> None:
+def _check_handler(instance: Any, attribute: Any, value: Any) -> None:
     if not callable(value):
         raise PluginError(f"ExitHandler handler {value!r} is not callable")
+
+
+def _as_requires(value: Any) -> Any:
+    """``requires`` as stored: a callable as given, any other iterable as a tuple (a
+    string stays one, for the validator to refuse by name)."""
+    return value if callable(value) or isinstance(value, str) else tuple(value)
+
+
+def _as_eras(value: Iterable[str] | None) -> frozenset[str] | None:
+    return None if value is None else frozenset(value)
 
 
 Handler = Callable[..., "Outcome | None"]
@@ -127,14 +137,10 @@ class ExitHandler:
     code: int = field(validator=_check_code)
     handler: Handler = field(repr=False, validator=_check_handler)
     requires: tuple[str, ...] | Callable[[Any], Iterable[str]] = field(
-        default=(), validator=_check_requires_field,
-        converter=lambda v: v if callable(v) or isinstance(v, str) else tuple(v),
-    )  # fmt: skip
+        default=(), validator=_check_requires_field, converter=_as_requires
+    )
     name: str | None = None
-    eras: frozenset[str] | None = field(
-        default=None, validator=_check_eras,
-        converter=lambda v: None if v is None else frozenset(v),
-    )  # fmt: skip
+    eras: frozenset[str] | None = field(default=None, validator=_check_eras, converter=_as_eras)
     plugin: str | None = None
 
     def required_fields(self, ghcb: Any) -> tuple[str, ...]:

@@ -109,6 +109,10 @@ class Vcpu:
         #: ``kvm_run.request_interrupt_window``: exit (IRQ_WINDOW_OPEN) as soon as the
         #: guest can take an interrupt.
         self.request_interrupt_window = False
+        #: ``kvm_run.immediate_exit``: while set, KVM_RUN returns -EINTR instead of
+        #: entering the guest again (QEMU's kick sets it from its signal handler, so a
+        #: device that needs the VMM's attention mid-run ends the run); the VMM clears it.
+        self.immediate_exit = False
         #: KVM_INTERRUPT's vector, injected at the next entry.
         self._interrupt: int | None = None
         self._ghcb: MappedGhcb | None = None
@@ -263,6 +267,9 @@ class Vcpu:
             self.mp_state = MpState.RUNNABLE
         retired_before = self.retired
         while True:
+            if self.immediate_exit:
+                return RunFailed("EINTR", f"vCPU {self.id}: KVM_RUN interrupted: the VMM "
+                                 "kicked it (immediate_exit)")  # fmt: skip
             self.prepare_switch_to_guest()
             # req_immediate_exit: an event still waits, so leave the guest right after
             # entry (the host IPIs itself) and inject it at the next one.

@@ -9,7 +9,7 @@ syncs and encrypts every vCPU's VMSA).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from attrs import frozen
 
@@ -24,6 +24,7 @@ from sevsim.kvm.cpuid import CpuidModel
 from sevsim.kvm.dispatch import ExitHandler, ExitKind, ExitTable
 from sevsim.kvm.events import EVENTS, EventSink, NullSink
 from sevsim.kvm.extensions import Extensions
+from sevsim.kvm.seal import Seal, unseal
 from sevsim.kvm.vcpu import Vcpu
 
 GHCB_VERSION_MIN = 1
@@ -287,16 +288,24 @@ class VmInfo:
 
 class _BusView:
     """A plugin's reach to one of the VMM's buses: accesses only, whatever bus the VMM
-    attaches later."""
+    attaches later. It names its VM by a seal, never the VM or the bus (whose devices
+    are the VMM's)."""
 
-    __slots__ = ("_read", "_write")
+    __slots__ = ("_name", "_vm")
 
-    def __init__(self, vm: Vm, name: str) -> None:
-        self._read = lambda address, size: getattr(vm, name).read(address, size)
-        self._write = lambda address, data: getattr(vm, name).write(address, data)
+    def __init__(self, vm: Vm, name: Literal["io_bus", "mmio_bus"]) -> None:
+        self._vm = Seal(vm, f"VM {vm.name!r}")
+        self._name = name
 
     def read(self, address: int, size: int) -> bytes:
-        return self._read(address, size)
+        return _attached(self).read(address, size)
 
     def write(self, address: int, data: bytes) -> None:
-        self._write(address, data)
+        _attached(self).write(address, data)
+
+
+def _attached(view: _BusView) -> GuestBus:
+    """The bus the VMM has attached now (a function, not a method: a method's result
+    would hand the bus, and its devices, to whoever holds the view)."""
+    bus: GuestBus = getattr(unseal(view._vm), view._name)
+    return bus

@@ -67,8 +67,13 @@ def discover(direct: Mapping[str, object]) -> dict[str, Candidate]:
         grouped.setdefault(ep.name, []).append(ep)
     found = {name: _entry_point_candidate(name, eps) for name, eps in grouped.items()}
     for name, plugin in direct.items():
-        found[name] = Candidate(name, DIRECT, None, lambda plugin=plugin: plugin, False)
+        found[name] = Candidate(name, DIRECT, None, _given(plugin), False)
     return found
+
+
+def _given(plugin: object) -> Callable[[], object]:
+    """The loader of a direct plugin: the object itself, nothing to import."""
+    return lambda: plugin
 
 
 def module_candidate(name: str) -> Candidate | None:

@@ -80,6 +80,13 @@ class PluginInfo:
     def status_line(self) -> str:
         return self.status if self.status == ACTIVE else f"{self.status}: {self.why}"
 
+    @property
+    def sim_hooks(self) -> tuple[str, ...]:
+        """Its hooks that get the simulator's view (``sevsim_sim_*``): what no real
+        hypervisor sees and no exit handler receives, such as guest RIPs."""
+        family = {HOOK_PREFIX + event for event in SIM_EVENTS}
+        return tuple(hook for hook in self.hooks if hook in family)
+
 
 @frozen
 class Problem:
@@ -146,6 +153,11 @@ def _owners_key(kind: ExitKind, code: int) -> str:
     return number if kind is ExitKind.VMGEXIT else f"{kind.value}:{number}"
 
 
+def _as_dict(plugins: Mapping[str, object]) -> dict[str, object]:
+    """The directly registered plugins, copied: the caller's mapping may change later."""
+    return dict(plugins)
+
+
 @define
 class PluginHost:
     """Loads plugins per ``config`` (plus ``plugins``, objects registered directly by
@@ -155,7 +167,7 @@ class PluginHost:
     """
 
     config: PluginConfig = field(factory=PluginConfig)
-    _direct: dict[str, object] = field(factory=dict, converter=dict, alias="plugins")
+    _direct: dict[str, object] = field(factory=dict, converter=_as_dict, alias="plugins")
     _pm: pluggy.PluginManager = field(init=False, factory=_new_manager)
     _infos: dict[str, PluginInfo] | None = field(init=False, default=None)
     _problems: list[Problem] = field(init=False, factory=list)
@@ -260,13 +272,10 @@ class PluginHost:
         kept, contested = self._settle(claims)
         self._check_owner_rules(infos, claims)
         self._extensions = Extensions(ExitTable(kept), tuple(parts))
-        for field_name, entries in (("owns", kept), ("contested", contested)):
-            for entry in entries:
-                assert entry.plugin is not None
-                info = infos[entry.plugin]
-                infos[entry.plugin] = evolve(
-                    info, **{field_name: (*getattr(info, field_name), entry)}
-                )
+        for name, info in infos.items():
+            owns = tuple(entry for entry in kept if entry.plugin == name)
+            claimed = tuple(entry for entry in contested if entry.plugin == name)
+            infos[name] = evolve(info, owns=owns, contested=claimed)
         self._infos = infos
         self._events = HookSink.of(self._pm)
         self._sim = HookSink.of(self._pm, SIM_EVENTS)

@@ -120,7 +120,7 @@ _LVT_MODE = VECTOR | DELIVERY_MODE | MASKED
 _LVT_LINT = VECTOR | DELIVERY_MODE | POLARITY | TRIGGER_LEVEL | MASKED
 #: The bits a guest may set in each LVT entry (the timer's mode bits are added per
 #: CPUID); delivery status and remote IRR read 0, as delivery is immediate.
-_LVT_WRITABLE = {
+_LVT_WRITABLE: dict[int, int] = {
     Reg.LVT_CMCI: _LVT_MODE,
     Reg.LVT_TIMER: VECTOR | MASKED,
     Reg.LVT_THERMAL: _LVT_MODE,

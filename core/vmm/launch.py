@@ -11,12 +11,13 @@ from __future__ import annotations
 from typing import Any
 
 from sevsim.guest.image import GuestImage
-from sevsim.hw import Policy, VcModel
+from sevsim.hw import Policy
+from sevsim.hw.vc_model import VcModel
 from sevsim.kvm.vm import Kvm, Vm
 from sevsim.vmm.cpu_types import vcpu_signature
 from sevsim.vmm.firmware import FirmwareImage
 from sevsim.vmm.machine import Devices
-from sevsim.vmm.reset import BSP_RESET_EIP, reset_vmsa_fields
+from sevsim.vmm.reset import firmware_reset_states
 
 DEFAULT_VCPU_TYPE = "EPYC-v4"
 
@@ -41,10 +42,8 @@ def launch_firmware(
         vm.add_ram(0, ram_size, "ram")
     vm.add_ram(firmware.gpa, firmware.size, f"flash {firmware.name}")
     vm.memory.write(firmware.gpa, firmware.data)
-    ap_eip = firmware.sev_es_reset_eip() if vcpus > 1 else None
-    for index in range(vcpus):
-        vcpu = vm.create_vcpu()
-        vcpu.set_state(reset_vmsa_fields(BSP_RESET_EIP if index == 0 else ap_eip, signature))
+    for state in firmware_reset_states(firmware, vcpus, signature):
+        vm.create_vcpu().set_state(state)
     vm.launch_start(policy)
     vm.launch_update_data(firmware.gpa, firmware.size)
     vm.launch_update_vmsa()
@@ -76,9 +75,14 @@ def launch_image(
     vcpu.set_state(image.initial_state())
     vcpu.vmsa.bind_vc_model(vc_model)  # guest software, chosen before launch
     vm.launch_start(policy)
-    for gpa, length in image.launch_ranges():
-        vm.launch_update_data(gpa, length)
+    measure_image(vm, image)
     vm.launch_update_vmsa()
     vm.launch_measure()
     vm.launch_finish()
     return vm
+
+
+def measure_image(vm: Vm, image: GuestImage) -> None:
+    """LAUNCH_UPDATE_DATA over every private page of ``image`` (already in memory)."""
+    for gpa, length in image.launch_ranges():
+        vm.launch_update_data(gpa, length)

@@ -25,6 +25,13 @@ raises its ``intr`` line for the run loop (:mod:`sevsim.vmm.vmm`), which injects
 the vector with KVM_INTERRUPT, as QEMU does with a userspace irqchip. INIT and
 SIPI from one APIC's ICR reach the other vCPUs through KVM (``Vcpu.init``,
 ``Vcpu.deliver_sipi``).
+
+The devices answer inside KVM_RUN (kvm calls the buses as it would in-kernel
+devices), so whatever needs the run loop — a reset, power-off or debug-exit request,
+an interrupt line going up, another vCPU woken by an IPI — kicks the running vCPU
+(``Vcpu.immediate_exit``, QEMU's ``qemu_cpu_kick``): its KVM_RUN returns -EINTR
+after the exit being handled, and the loop acts at once instead of at the end of a
+time slice.
 """
 
 from __future__ import annotations
@@ -62,6 +69,8 @@ MIN_RAM = 32 << 20
 DEFAULT_RAM = 512 << 20
 #: The TSC frequency the guest is told (TSC-deadline mode of the APIC timer).
 TSC_HZ = 2_000_000_000
+#: One xAPIC ID each, 0xFF being the broadcast (QEMU's ``MAX_APICS`` is 255).
+MAX_VCPUS = 254
 
 
 @frozen
@@ -73,9 +82,10 @@ class PcConfig:
 
     def __attrs_post_init__(self) -> None:
         if isinstance(self.vcpus, bool) or not isinstance(self.vcpus, int) or not (
-            1 <= self.vcpus <= 254
+            1 <= self.vcpus <= MAX_VCPUS
         ):
-            raise ConfigError(f"vCPU count {self.vcpus!r}: expected 1..254 (one APIC ID each)")
+            raise ConfigError(f"vCPU count {self.vcpus!r}: expected 1..{MAX_VCPUS} (one APIC "
+                              "ID each)")  # fmt: skip
         if isinstance(self.ram_size, bool) or not isinstance(self.ram_size, int) or (
             self.ram_size < MIN_RAM or self.ram_size % (1 << 20)
         ):
@@ -133,9 +143,11 @@ def pc_cpuid(base: CpuidModel, vcpus: int) -> CpuidModel:
     fields are each vCPU's own (``CpuidRuntime.apic_id``)."""
     leaves = dict(base.leaves)
     one = base.lookup(1)
-    htt = 1 << 28 if vcpus > 1 else 0
+    # HTT says the package has more than one logical processor: clear for one vCPU
+    # whatever the base says, as QEMU sets it only for -smp N > 1.
+    htt = 1 << 28
     leaves[(1, 0)] = CpuidLeaf(one.eax, one.ebx & 0xFF00_FFFF | min(vcpus, 0xFF) << 16,
-                               one.ecx, one.edx | htt)  # fmt: skip
+                               one.ecx, one.edx & ~htt | (htt if vcpus > 1 else 0))  # fmt: skip
     core_bits = (vcpus - 1).bit_length()
     leaves[(0xB, 0)] = CpuidLeaf(0, 1, 0x100, 0)  # SMT level: one thread per core
     leaves[(0xB, 1)] = CpuidLeaf(core_bits, vcpus, 0x201, 0)  # core level
@@ -168,7 +180,7 @@ class PcMachine:
         self.config = config
         self.clock = clock
         self.requests: list[MachineRequest] = []
-        request: RequestSink = self.requests.append
+        request: RequestSink = self._request
         self.io = Bus("io", 0x1_0000)
         self.mmio = Bus("mmio", 1 << 52)
         self.ram = i440fx_ram_ranges(config.ram_size)
@@ -203,13 +215,27 @@ class PcMachine:
 
     # -- building ---------------------------------------------------------------------
 
-    def attach(self, vm: Vm, firmware: FirmwareImage, vars_store: FlashStorage | None,
-               vars_size: int) -> None:  # fmt: skip
-        """Give ``vm`` this machine's memory map and devices, and create its vCPUs, each
-        with a local APIC (vCPU 0 is the BSP). The firmware image is written to its slot
-        but not launched (:func:`sevsim.vmm.boot.launch_pc`)."""
+    def attach(self, vm: Vm) -> None:
+        """Give ``vm`` this machine's RAM and devices, and create its vCPUs, each with a
+        local APIC (vCPU 0 is the BSP; the APs wait for INIT and SIPI). What the guest
+        boots from comes next: flash (:meth:`attach_flash`) or an image written into
+        RAM; :mod:`sevsim.vmm.boot` launches either."""
         for index, (gpa, size) in enumerate(self.ram):
             vm.add_ram(gpa, size, "ram" if index == 0 else "ram-above-4g")
+        self.fw_cfg = FwCfg(vm.memory, self.ram, self.config.vcpus, hpet=False)
+        self.io.insert(self.fw_cfg, FW_CFG_IO_BASE, FW_CFG_IO_SIZE)
+        vm.add_mmio(DEFAULT_BASE, MMIO_SIZE, "lapic")
+        self.mmio.insert(_ApicWindow(self.apics, lambda: self.current_vcpu), DEFAULT_BASE,
+                         MMIO_SIZE)  # fmt: skip
+        vm.attach_buses(self.io, self.mmio, _ApicMsrs(self.apics))
+        for index in range(self.config.vcpus):
+            self._add_vcpu(vm, index)
+
+    def attach_flash(self, vm: Vm, firmware: FirmwareImage, vars_store: FlashStorage | None,
+                     vars_size: int) -> None:  # fmt: skip
+        """QEMU's pflash: ``firmware`` as unit 0 (read-only, ending at 4 GiB) and, with
+        ``vars_store``, unit 1 right below it. The image is written to its slot but not
+        launched (:func:`sevsim.vmm.boot.launch_pc`)."""
         code_gpa = firmware.gpa
         vm.add_ram(code_gpa, firmware.size, f"flash0 {firmware.name}", readonly=True)
         vm.memory.write(code_gpa, firmware.data)
@@ -221,14 +247,6 @@ class PcMachine:
             self.flash.append(
                 self._flash(vm, vars_gpa, vars_size, "system.flash1", vars_store, False)
             )
-        self.fw_cfg = FwCfg(vm.memory, self.ram, self.config.vcpus, hpet=False)
-        self.io.insert(self.fw_cfg, FW_CFG_IO_BASE, FW_CFG_IO_SIZE)
-        vm.add_mmio(DEFAULT_BASE, MMIO_SIZE, "lapic")
-        self.mmio.insert(_ApicWindow(self.apics, lambda: self.current_vcpu), DEFAULT_BASE,
-                         MMIO_SIZE)  # fmt: skip
-        vm.attach_buses(self.io, self.mmio, _ApicMsrs(self.apics))
-        for index in range(self.config.vcpus):
-            self._add_vcpu(vm, index)
 
     def _flash(self, vm: Vm, gpa: int, size: int, name: str, backing: FlashStorage | None,
                read_only: bool) -> PflashCfi01:  # fmt: skip
@@ -242,17 +260,59 @@ class PcMachine:
     def _add_vcpu(self, vm: Vm, index: int) -> None:
         vcpu = vm.create_vcpu()
         vcpu.cpuid_runtime.update(apic_id=index)
+
+        def nmi() -> None:
+            vcpu.nmi()
+            self._kick_for(index)
+
+        def init() -> None:
+            vcpu.init()
+            self._kick_for(index)
+
+        def sipi(vector: int) -> None:
+            # Only a vCPU waiting for one takes a SIPI (QEMU's ``wait_for_sipi``, KVM's
+            # INIT_RECEIVED check): the second SIPI of INIT-SIPI-SIPI finds the AP
+            # running and must not release the reset hold it may have entered since.
+            if vcpu.mp_state is MpState.INIT_RECEIVED:
+                vcpu.deliver_sipi(vector)
+                self._kick_for(index)
+
         apic = LocalApic(
             index, clock=self.clock, bus=self.apic_bus, intr=IrqLine(f"intr{index}"),
-            on_nmi=vcpu.nmi, on_init=vcpu.init, on_sipi=vcpu.deliver_sipi,
-            bsp=index == 0, tsc_hz=TSC_HZ,
+            on_nmi=nmi, on_init=init, on_sipi=sipi, bsp=index == 0, tsc_hz=TSC_HZ,
         )  # fmt: skip
+        # An interrupt is injected by the run loop (KVM_INTERRUPT), for whichever vCPU.
+        apic.intr.connect(self._kick_on_raise)
         self.pic.intr.connect(apic.set_lint0)
         if index:
             # An AP waits for INIT and SIPI (KVM_MP_STATE_INIT_RECEIVED).
             vcpu.mp_state = MpState.INIT_RECEIVED
         self.apics.append(apic)
         self.vcpus.append(vcpu)
+
+    # -- kicking the running vCPU -------------------------------------------------------
+
+    def kick(self) -> None:
+        """End the running vCPU's KVM_RUN after the exit being handled (QEMU's
+        ``qemu_cpu_kick``): the run loop has something to do. Harmless between runs:
+        the loop clears it before each one."""
+        if self.vcpus:
+            self.vcpus[self.current_vcpu].immediate_exit = True
+
+    def _kick_on_raise(self, level: bool) -> None:
+        """An interrupt line went up: the loop injects the interrupt between runs."""
+        if level:
+            self.kick()
+
+    def _kick_for(self, index: int) -> None:
+        """vCPU ``index`` changed state (NMI, INIT, SIPI): KVM handles that for the vCPU
+        that is running at its next entry; any other must be scheduled by the loop."""
+        if index != self.current_vcpu:
+            self.kick()
+
+    def _request(self, request: MachineRequest) -> None:
+        self.requests.append(request)
+        self.kick()
 
     # -- what the run loop asks -------------------------------------------------------
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from sevsim.arch.msr import PAT_DEFAULT
 from sevsim.arch.vmsa import Segment
+from sevsim.vmm.firmware import FirmwareImage
 
 #: Where the BSP starts: CS base 0xffff0000, IP 0xfff0.
 BSP_RESET_EIP = 0xFFFF_FFF0
@@ -73,3 +74,13 @@ def reset_vmsa_fields(eip: int, vcpu_sig: int) -> dict[str, Any]:
         "mxcsr": MXCSR_RESET,
         "x87_fcw": FCW_RESET,
     }
+
+
+def firmware_reset_states(firmware: FirmwareImage, vcpus: int, vcpu_sig: int
+                          ) -> list[dict[str, Any]]:  # fmt: skip
+    """The reset state of each of ``vcpus`` vCPUs booting ``firmware``: the BSP at the
+    reset vector, the APs (QEMU's SEV-ES rule) at the firmware's SEV-ES reset block,
+    which a firmware booted on one vCPU need not have."""
+    ap_eip = firmware.sev_es_reset_eip() if vcpus > 1 else BSP_RESET_EIP
+    return [reset_vmsa_fields(BSP_RESET_EIP if index == 0 else ap_eip, vcpu_sig)
+            for index in range(vcpus)]  # fmt: skip

@@ -48,14 +48,16 @@ from sevsim.kvm.exits import (
 )
 from sevsim.kvm.vcpu import MpState, Vcpu
 from sevsim.kvm.vm import Vm
-from sevsim.trace import Trace, describe_exit, is_sev_term
+from sevsim.trace import Trace, describe_exit, is_sev_term, term_reason
 from sevsim.vmm.pc import PcMachine
 from sevsim.vmm.power import DebugExitRequest, PowerOffRequest, ResetRequest
 
 #: Guest nanoseconds per retired instruction in icount mode (QEMU's shift=0).
 ICOUNT_NS_PER_INSN = 1
-#: How long one vCPU may run while another is runnable.
-TIME_SLICE_NS = 10_000_000
+#: How long one vCPU may run while another is runnable: short, since a guest's vCPUs
+#: spin on each other (a lock held by a vCPU that is not running, a wait for an AP),
+#: and in icount mode a spin costs counted instructions.
+TIME_SLICE_NS = 1_000_000
 NS_PER_S = 1_000_000_000
 #: The shortest run: a timer due sooner waits this long.
 MIN_SLICE_NS = 100_000
@@ -186,10 +188,17 @@ class Vmm:
         self.machine.clock.advance(self._now)
 
     def _idle(self) -> bool:
-        """Every vCPU waits: let time pass to the next timer. False if no timer is
-        armed and no input can come (nothing will ever wake a vCPU)."""
+        """Every vCPU waits: let time pass to the next timer. False if nothing will
+        ever wake a vCPU: none waits in HLT with interrupts on (a parked AP or one
+        halted with IF=0 wakes only for what another vCPU sends), or no timer is armed
+        and no input can come. The machine's own timers (RTC, PM timer) tick for
+        ever, so they cannot be what decides."""
+        interruptible = any(
+            self._halted[index] and vcpu.mp_state is MpState.RUNNABLE and vcpu.if_flag
+            for index, vcpu in enumerate(self.vm.vcpus)
+        )
         deadline = self.machine.clock.next_deadline()
-        if deadline is None and self.poll_input is None:
+        if not interruptible or (deadline is None and self.poll_input is None):
             return False
         wait = 50_000_000 if deadline is None else max(0, deadline - self._now)
         if self.idle == "sleep" or deadline is None:
@@ -279,6 +288,7 @@ class Vmm:
         slice_ns = self._slice_ns(sharing)
         ran_ns, retired = vcpu.guest_ns, vcpu.retired
         self.machine.clock.running = lambda: self._used(vcpu, ran_ns, retired) // sharing
+        vcpu.immediate_exit = False
         wall_left = self._wall_left()
         if self.clock_mode is ClockMode.ICOUNT:
             budget = None if slice_ns is None else max(slice_ns // ICOUNT_NS_PER_INSN, 1)
@@ -288,7 +298,12 @@ class Vmm:
             exit_ = vcpu.run(min(limits) if limits else None, plugin_timeout=wall_left)
         self.exits += 1
         ran_ns, retired = vcpu.guest_ns - ran_ns, vcpu.retired - retired
-        if slice_ns is not None and _sliced(exit_):
+        if vcpu.immediate_exit:
+            # The machine kicked it (an IPI woke another vCPU, a request came): the
+            # loop acts on that, then this vCPU goes on with its slice first, since it
+            # is likely inside its #VC handler holding what the others wait for.
+            self._next = index
+        elif slice_ns is not None and _sliced(exit_):
             # The host's timer ended the run: the slice is over, however little of it
             # the guest got (the run may have started late).
             ran_ns = max(ran_ns, slice_ns)
@@ -332,7 +347,8 @@ class Vmm:
             case RunFailed() if _sliced(exit_):
                 return None
             case SystemEvent() if is_sev_term(exit_):
-                reason = self.trace.term_reason(exit_, index) if self.trace else None
+                reason = (self.trace.term_reason(exit_, index) if self.trace
+                          else term_reason(exit_))  # fmt: skip
                 if reason == (0, 0):
                     return RunEnd(EndKind.TERMINATED, "the guest asked to terminate "
                                   "(reason set 0 code 0)", 0, index, exit_)  # fmt: skip

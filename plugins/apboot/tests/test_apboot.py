@@ -83,13 +83,13 @@ def test_a_parked_vcpu_waits_for_its_second_sipi(source):
     differences from KVM")."""
     run = run_guest(source, enable=ENABLE)
     vcpu = run.vm.vcpus[0]
-    assert run.exit == ApResetHold() and vcpu.mp_state is MpState.AP_RESET_HOLD
+    assert run.exit == ApResetHold() and vcpu.mp_state == MpState.AP_RESET_HOLD
     if source is MSR:  # the reply (result 0) is traced although KVM_RUN exits
         assert "reply        0x0000000000000007  AP_RESET_HOLD_RESP" in "\n".join(run.trace.lines)
     blocked = vcpu.run()
     assert isinstance(blocked, RunFailed) and blocked.errno == "EINTR"
     vcpu.deliver_sipi(0x10)  # the first SIPI: swallowed (the AP started from its VMSA)
-    assert vcpu.mp_state is MpState.RUNNABLE
+    assert vcpu.mp_state == MpState.RUNNABLE
     assert vcpu.run() == ApResetHold()  # not released: the guest parked again
     vcpu.deliver_sipi(0x10)
     assert isinstance(vcpu.run(), SystemEvent)

@@ -64,6 +64,6 @@ def test_missing_scratch_valid_bit_and_bad_scratch():
     d = driver()
     reply = d.vmgexit({"sw_exit_code": VmgExit.MMIO_READ, "sw_exit_info_1": MMIO_TEST_GPA,
                        "sw_exit_info_2": 4})  # fmt: skip
-    assert reply.ghcb["sw_exit_info_2"] == GhcbErr.MISSING_INPUT
+    assert reply.ghcb is not None and reply.ghcb["sw_exit_info_2"] == GhcbErr.MISSING_INPUT
     reply = mmio(d, VmgExit.MMIO_READ, MMIO_TEST_GPA, 4, scratch=GHCB + 0xFEE)
     assert reply.ghcb["sw_exit_info_2"] == GhcbErr.INVALID_SCRATCH_AREA

@@ -1,6 +1,6 @@
 """NMI injection and NMI_COMPLETE: the guest's NMI handler ends with the VMGEXIT."""
 
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -13,7 +13,7 @@ from sevsim.guest.image import GHCB_GPA
 from sevsim.guest.snippets import TERMINATE, nmi_complete
 from sevsim.guest.vc import VcHandler
 from sevsim.guest.vc_native import vc_image_args
-from sevsim.kvm.dispatch import ExitHandler, ExitKind
+from sevsim.kvm.dispatch import ExitHandler, ExitKind, Handler
 from sevsim.kvm.exits import Hlt, SystemEvent
 from sevsim.plugins import ioio, msr_protocol, svm_intercepts
 from sevsim.testing import run_guest
@@ -107,7 +107,7 @@ class NmiOn:
     """Raises an NMI inside KVM (``kvm_inject_nmi``) while one request is handled: it
     takes over that row (an owner rule says so) and calls the usual handler first."""
 
-    ROWS = {
+    ROWS: ClassVar[dict[int, tuple[ExitKind, Handler, Any]]] = {
         SvmExit.IOIO: (ExitKind.VMGEXIT, ioio.io_interception, ioio.requires),
         SvmExit.RDPMC: (ExitKind.VMGEXIT, svm_intercepts.rdpmc, ("rcx",)),
         GhcbMsr.CPUID_REQ: (ExitKind.MSR_PROTOCOL, msr_protocol.cpuid, ()),
@@ -128,7 +128,7 @@ class NmiOn:
         yield ExitHandler(kind, self.code, handler, requires)
 
 
-def nmi_on(code: int) -> dict:
+def nmi_on(code: int) -> dict[str, Any]:
     """run_guest arguments for an :class:`NmiOn` taking over ``code``."""
     kind = NmiOn.ROWS[code][0]
     key = f"msr_protocol:{code:#05x}" if kind is ExitKind.MSR_PROTOCOL else code
@@ -141,7 +141,7 @@ def test_an_nmi_inside_the_vc_handler_leaves_its_reply_intact(modeled):
     its exchange first); the NMI handler's own GHCB request must not clobber the
     reply the #VC handler has yet to read."""
     source = f"mov dx, 0x3fd; in al, dx; mov rsi, {RESULT}; mov [rsi], rax\n{TERMINATE}"
-    args = {"idt": {2: NMI_HANDLER}, "data": HANDLERS}
+    args: dict[str, Any] = {"idt": {2: NMI_HANDLER}, "data": HANDLERS}
     args = args if modeled else vc_image_args(**args)
     run = run_guest(source, enable=ENABLE, vc_model=VcHandler() if modeled else None,
                     **nmi_on(SvmExit.IOIO), **args)  # fmt: skip

@@ -1,7 +1,7 @@
 """Reading a TOML document's values with errors that point at the line to fix.
 
 ``tomllib`` gives values without positions; :class:`TomlChecker` pairs a document's
-path with the lines of its keys (:class:`~sevsim.guest.toml_lines.KeyLines`), so
+path with the lines of its keys (:class:`~sevsim.manifest_lines.KeyLines`), so
 that each check of a value's type, range or name can fail with one
 :class:`~sevsim.errors.ConfigError` naming the file, the line, the key, the value and
 what was expected, and suggest the nearest name for a misspelt one.
@@ -17,7 +17,7 @@ from typing import Any
 from attrs import field, frozen
 
 from sevsim.errors import ConfigError
-from sevsim.guest.toml_lines import KeyLines, KeyPath
+from sevsim.manifest_lines import KeyLines, KeyPath
 
 
 @frozen

@@ -15,6 +15,11 @@ for a guest that starts from the x86 reset state.
 read sevsim.toml; a manifest that has one is run with it instead of sevsim.toml's.
 The bundled manifests (``sevsim/guest/manifests``) are found by name with
 :func:`find_guest`.
+
+A manifest describes a whole run, not only guest software: the guest, the machine
+around it, KVM's and the plugins' settings, the outcome expected. Reading one is
+therefore a tool's job (``sevsim run``, tests), done here on top of every layer,
+while ``sevsim.guest`` keeps the builders it uses and imports no hypervisor layer.
 """
 
 from __future__ import annotations
@@ -31,13 +36,13 @@ from attrs import field, frozen
 
 from sevsim.errors import ConfigError
 from sevsim.guest.asm import AssemblyError, assemble
-from sevsim.guest.expect import Expected
 from sevsim.guest.image import GHCB_GPA, IMAGE_END, IST1_TOP, PML4, GuestImage
-from sevsim.guest.toml_checks import TomlChecker, dotted, suggest
-from sevsim.guest.toml_lines import KeyLines, KeyPath
 from sevsim.guest.vc import VcHandler
 from sevsim.guest.vc_native import HANDLER_SIZE, VC_HANDLER_ADDRESS, vc_image_args
-from sevsim.hw import VcModel
+from sevsim.hw.vc_model import VcModel
+from sevsim.manifest_checks import TomlChecker, dotted, suggest
+from sevsim.manifest_expect import Expected
+from sevsim.manifest_lines import KeyLines, KeyPath
 from sevsim.plugin.config import PluginConfig, apply_table
 from sevsim.vmm.config import KvmSettings, kvm_settings
 from sevsim.vmm.firmware import (
@@ -49,6 +54,7 @@ from sevsim.vmm.firmware import (
     parse_firmware,
 )
 from sevsim.vmm.machine import MMIO_TEST_GPA, Devices
+from sevsim.vmm.pc import MAX_VCPUS, MIN_RAM
 
 MIB = 1 << 20
 #: :func:`~sevsim.vmm.launch.launch_image`'s RAM size.
@@ -62,11 +68,11 @@ VC_HANDLERS = ("native", "modeled", "none")
 #: The standard machine's devices a manifest can turn off (fields of :class:`Devices`).
 DEVICES = ("uart", "debug", "post", "mmio_test")
 #: Where the bundled manifests live (package data).
-BUNDLED = Path(__file__).with_name("manifests")
+BUNDLED = Path(__file__).parent / "guest" / "manifests"
 
 #: The tables of a manifest, and the keys of its own ones.
 SECTIONS = ("guest", "images", "devices", "kvm", "plugins", "expect")
-GUEST_KEYS = ("description", "boot", "memory_mib", "vcpus", "vc_handler", "shared")
+GUEST_KEYS = ("description", "boot", "memory_mib", "vcpus", "ap_entry", "vc_handler", "shared")
 _CONTENT_KEYS = ("source", "source_file", "binary_file")
 IMAGE_KEYS = ("address", *_CONTENT_KEYS, "bits")
 _FLASH_BASE = FOUR_GIB - MAX_FIRMWARE_SIZE
@@ -105,6 +111,8 @@ class GuestBuild:
     kvm: KvmSettings | None
     #: The standard devices the guest gets, by :class:`Devices` field name.
     devices: frozenset[str]
+    #: Long mode with APs: where they start (:func:`~sevsim.vmm.boot.launch_pc_image`).
+    ap_entry: int | None = None
 
     def make_devices(self, console: Callable[[bytes], None] | None = None) -> Devices:
         """The standard machine without the devices the manifest turned off."""
@@ -137,6 +145,8 @@ class GuestManifest:
     #: The ``[plugins]`` table as written (checked): :meth:`plugin_config` applies it.
     plugins: Mapping[str, Any] | None
     expect: Expected | None
+    #: Long mode with more than one vCPU: where the APs start.
+    ap_entry: int | None = None
 
     @property
     def path(self) -> Path:
@@ -163,6 +173,7 @@ class GuestManifest:
             vc_model=VcHandler() if self.vc_handler == "modeled" else None,
             kvm=self.kvm,
             devices=self.devices,
+            ap_entry=self.ap_entry,
         )
 
     def _image(self) -> GuestImage:
@@ -218,12 +229,16 @@ def parse_manifest(text: str, name: str | Path) -> GuestManifest:
     description = at.string(("guest", "description"), guest.get("description", ""))
     memory = guest.get("memory_mib", DEFAULT_MEMORY_MIB)
     memory_mib = at.integer(("guest", "memory_mib"), memory, MIN_MEMORY_MIB, MAX_MEMORY_MIB)
-    vcpus = _vcpus(at, guest.get("vcpus", 1), long_mode)
+    vcpus = _vcpus(at, guest.get("vcpus", 1), long_mode, guest.get("ap_entry"))
     vc_handler = _vc_handler(at, guest.get("vc_handler", "native" if long_mode else "none"), boot)
     shared = _shared(at, guest.get("shared", []), long_mode)
     images = _images(at, document.get("images"), long_mode)
+    ap_entry = None
     if long_mode:
         _check_long_layout(at, images, memory_mib * MIB, vc_handler == "native")
+        if vcpus > 1:
+            ap_entry = _ap_entry(at, guest["ap_entry"], images)
+            _check_pc_machine(at, memory_mib, vc_handler)
     else:
         _refuse_overlaps(at, [_span(i, image) for i, image in enumerate(images)])
     return GuestManifest(
@@ -239,6 +254,7 @@ def parse_manifest(text: str, name: str | Path) -> GuestManifest:
         kvm=_kvm(at, document["kvm"]) if "kvm" in document else None,
         plugins=_plugins(at, document["plugins"]) if "plugins" in document else None,
         expect=_expect(at, document["expect"]) if "expect" in document else None,
+        ap_entry=ap_entry,
     )
 
 
@@ -272,15 +288,43 @@ def _vc_handler(at: TomlChecker, value: Any, boot: str) -> str:
     return handler
 
 
-def _vcpus(at: TomlChecker, value: Any, long_mode: bool) -> int:
+def _vcpus(at: TomlChecker, value: Any, long_mode: bool, ap_entry: Any) -> int:
+    """The vCPU count; in long mode, more than one only with ``ap_entry`` (None: not
+    given), which only long mode with APs takes."""
     key = ("guest", "vcpus")
-    if long_mode:
+    if not long_mode:
+        if ap_entry is not None:
+            raise at.error(("guest", "ap_entry"), ap_entry, 'no ap_entry for boot = "reset" '
+                           "(the APs start at the firmware's SEV-ES reset block)")  # fmt: skip
+        return at.integer(key, value, 1, None)
+    if ap_entry is None:
         if value != 1 or isinstance(value, bool):
-            raise at.error(
-                key, value, '1: a long-mode guest runs on one vCPU (boot = "reset" starts several)'
-            )
+            raise at.error(key, value, "1: a long-mode guest runs on one vCPU unless "
+                           "guest.ap_entry says where its APs start")  # fmt: skip
         return 1
-    return at.integer(key, value, 1, None)
+    vcpus = at.integer(key, value, 1, MAX_VCPUS)
+    if vcpus == 1:
+        raise at.error(("guest", "ap_entry"), ap_entry, "no ap_entry for one vCPU (no APs)")
+    return vcpus
+
+
+def _ap_entry(at: TomlChecker, value: Any, images: tuple[Image, ...]) -> int:
+    """Where the APs start: an address inside one of the images."""
+    key = ("guest", "ap_entry")
+    address = at.integer(key, value, 0, None)
+    if not any(image.address <= address < image.address + len(image.data) for image in images):
+        raise at.error(key, value, "an address inside one of the [[images]]")
+    return address
+
+
+def _check_pc_machine(at: TomlChecker, memory_mib: int, vc_handler: str) -> None:
+    """A long-mode guest with APs runs on the ``pc`` machine (sevsim.vmm.pc)."""
+    if memory_mib < MIN_RAM // MIB:
+        raise at.error(("guest", "memory_mib"), memory_mib, f"at least {MIN_RAM // MIB} with "
+                       "APs: a guest with APs runs on the pc machine")  # fmt: skip
+    if vc_handler == "modeled":
+        raise at.error(("guest", "vc_handler"), vc_handler, '"native" or "none" with APs: the '
+                       "modeled handler serves one vCPU")  # fmt: skip
 
 
 def _shared(at: TomlChecker, value: Any, long_mode: bool) -> frozenset[int]:
@@ -323,14 +367,15 @@ def _image(at: TomlChecker, index: int, value: Any, long_mode: bool) -> Image:
             f"{', '.join(_CONTENT_KEYS)} ({found})"
         )
     kind = given[0]
-    address = _address(at, prefix, entry, long_mode, kind)
     if kind == "binary_file":
         if "bits" in entry:
             raise at.error((*prefix, "bits"), entry["bits"], "no bits for a binary_file")
         data = _read_file(at, (*prefix, kind), entry[kind])
-        if address is None:
-            address = FOUR_GIB - len(data)
+        # only a binary in reset mode may leave its address out: it ends at 4 GiB
+        end_at_4gib = None if long_mode else FOUR_GIB - len(data)
+        address = _address(at, prefix, entry, long_mode, end_at_4gib)
     else:
+        address = _address(at, prefix, entry, long_mode, None)
         source = (
             at.string((*prefix, kind), entry[kind])
             if kind == "source"
@@ -344,18 +389,18 @@ def _image(at: TomlChecker, index: int, value: Any, long_mode: bool) -> Image:
 
 
 def _address(
-    at: TomlChecker, prefix: KeyPath, entry: dict[str, Any], long_mode: bool, kind: str
-) -> int | None:
-    """The load address; None (place it to end at 4 GiB) only for a reset-mode binary."""
+    at: TomlChecker, prefix: KeyPath, entry: dict[str, Any], long_mode: bool, default: int | None
+) -> int:
+    """The load address, or ``default`` when the entry has none and one is allowed."""
     key = (*prefix, "address")
     if "address" not in entry:
-        if long_mode or kind != "binary_file":
+        if default is None:
             raise ConfigError(
                 f"{at.where(prefix)}: {dotted(key)} is missing: expected the guest-physical "
                 "load address (only a binary_file in reset mode may leave it out, to end at "
                 "4 GiB)"
             )
-        return None
+        return default
     if long_mode:
         return at.integer(key, entry["address"], 0, None)  # RAM's end is checked later
     return at.integer(key, entry["address"], _FLASH_BASE, FOUR_GIB - 1)
@@ -414,8 +459,9 @@ def _refuse_overlaps(at: TomlChecker, spans: list[_Span]) -> None:
     for (a0, a1, a, ia), (b0, b1, b, ib) in pairwise(sorted(spans, key=lambda s: s[:2])):
         if b0 < a1:
             index = ib if ib is not None else ia
+            key: KeyPath = ("images",) if index is None else ("images", index)
             raise ConfigError(
-                f"{at.where(('images', index))}: {b} [{b0:#x}, {b1:#x}) overlaps {a} "
+                f"{at.where(key)}: {b} [{b0:#x}, {b1:#x}) overlaps {a} "
                 f"[{a0:#x}, {a1:#x}): expected images apart from each other and from sevsim's "
                 f"own ranges"
             )
@@ -452,7 +498,7 @@ def _each_key(
 
 
 def _expect(at: TomlChecker, value: Any) -> Expected:
-    checks = {
+    checks: dict[str, Callable[[KeyPath, Any], Any]] = {
         "normal_end": at.boolean,
         "exit": at.string,
         "uart": at.string,
