@@ -205,6 +205,7 @@ def run_pc(
             if progress is not None:
                 progress.stop()
         out.phase(f"end: {end.kind.label}")
+        vm.destroy()  # KVM_DESTROY_VM as the VMM exits: observers hear of it
     _report_end(args, end, vmm, vars_store)
     return end.status
 

@@ -158,6 +158,9 @@ def _run_image(args: argparse.Namespace, manifest: GuestManifest) -> int:
             **kvm.vm_args(),
         )  # fmt: skip
         out.phase("end")
+        # KVM_DESTROY_VM as the VMM exits: the ASID and firmware context go back, and
+        # observers hear sevsim_vm_destroyed (the run's outcome is read already).
+        result.vm.destroy()
     for line in result.trace.summary(result.exit, 0):
         print(line)
     status = _status(result, timeout)

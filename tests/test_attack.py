@@ -16,11 +16,6 @@ def results():
 #: Scenarios whose property waits for a change in another engineer's area; each mark
 #: fails (strict) as soon as the change lands, so that it is removed with it.
 PENDING = {
-    "inject-malformed-events": (
-        "core/hw: VMRUN does not check EVENTINJ yet (APM 15.20: VMEXIT_INVALID for a "
-        "reserved TYPE, or TYPE 3 with a vector that is no exception) and pushes an error "
-        "code of 0 for an injected exception with EV clear"
-    ),
 }
 
 

@@ -79,13 +79,7 @@ def _normal(text: str) -> str:
 
 
 #: Commands that cannot do what the document shows yet: (doc, command) -> what must change.
-WATCHED_RUN = "PYTHONPATH=. sevsim -p sevsim_ticket -p ticket_watch run -q ticket.toml"
-NOT_YET = {
-    ("writing-plugins", WATCHED_RUN): (
-        "sevsim_vm_destroyed never fires at the end of `sevsim run`: core/vmm/runner.py "
-        "(run_image) must destroy the VM (Vm.destroy) when the run ends, as issue 8 asks"
-    ),
-}
+NOT_YET: dict[tuple[str, str], str] = {}
 
 
 def _cases() -> list[object]:

@@ -30,7 +30,7 @@ pytestmark = [
     pytest.mark.skipif(not (OVMF / "OVMF_CODE.fd").exists(), reason="no Debian ovmf package"),
 ]
 #: What the run may take at most (it ends with the guest's power-off long before).
-LIMIT_S = 1200
+LIMIT_S = 1800
 
 
 class Typist:

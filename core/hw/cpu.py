@@ -62,6 +62,12 @@ _CPL0_ACTIONS = (Action.HARDWARE_MSR, Action.CR_WRITE, Action.CR8_READ)
 _NO_END = 0xFFFF_FFFF_FFFF_FFFF
 _IF = 1 << 9
 _HARDWARE_MSRS = (M.MSR_AMD64_SEV_ES_GHCB, M.MSR_AMD64_SEV)
+#: EVENTINJ types (APM 15.20): INTR, NMI, exception, software interrupt.
+_EVENT_TYPES = frozenset((EventInj.TYPE_INTR, EventInj.TYPE_NMI, EventInj.TYPE_EXEPT,
+                          EventInj.TYPE_SOFT))  # fmt: skip
+#: The vectors that are exceptions (APM Table 8-1; 2 is the NMI, the others reserved).
+_EXCEPTION_VECTORS = frozenset((0, 1, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 16, 17, 18, 19,
+                                21, 28, 29, 30))  # fmt: skip
 #: Control-register bits whose change flushes the TLB (APM vol. 2, 5.5.2).
 _PAGING_BITS = {
     0: M.CR0_PE | M.CR0_WP | M.CR0_PG,
@@ -652,10 +658,15 @@ class GuestCpu:
             return None
         vector = event_inj & EventInj.VECTOR_MASK
         kind = (event_inj >> EventInj.TYPE_SHIFT) & 7
+        if kind not in _EVENT_TYPES or (kind == EventInj.TYPE_EXEPT
+                                        and vector not in _EXCEPTION_VECTORS):  # fmt: skip
+            # APM 15.20: a reserved TYPE, or an exception with a vector that is none
+            # (2 is the NMI), makes VMRUN fail before the guest runs.
+            return HwExit(SvmExit.ERR, why=f"EVENTINJ {event_inj:#x}: VMEXIT_INVALID")
         if kind == EventInj.TYPE_NMI:
             vector = Vector.NMI  # the vector field is ignored for an NMI
         code = error_code if event_inj & EventInj.EV else None
-        event = Event(vector, code, software=kind == EventInj.TYPE_SOFT)
+        event = Event(vector, code, software=kind == EventInj.TYPE_SOFT, injected=True)
         if self._vc_run is not None:
             self._deferred_event = event
             return None

@@ -39,6 +39,9 @@ class Event:
     cr2: int | None = None
     #: INT n: no error code, whatever the vector, and the gate's DPL is checked.
     software: bool = False
+    #: Injected through EVENTINJ: an error code is pushed exactly when one is given
+    #: (EV), whatever the vector.
+    injected: bool = False
 
 
 def is_double_fault(first: int, second: int) -> bool:
@@ -80,7 +83,8 @@ class Delivery:
             if current.cr2 is not None:
                 self.regs.write(x86.UC_X86_REG_CR2, current.cr2)
             code = current.error_code
-            if code is None and current.vector in ERROR_CODE_VECTORS and not current.software:
+            if (code is None and current.vector in ERROR_CODE_VECTORS and not current.software
+                    and not current.injected):  # fmt: skip
                 code = 0
             fault = self._push_frame(current.vector, code, current.software)
             if fault is None:
