@@ -40,7 +40,7 @@ from sevsim.guest.snippets import TERMINATE
 from sevsim.guest.vc_native import TermReason, term_request, vc_image_args
 from sevsim.hw import Platform
 from sevsim.kvm.context import ExitContext
-from sevsim.kvm.dispatch import ExitHandler, ExitKind
+from sevsim.kvm.dispatch import ExitHandler, ExitKind, Handler
 from sevsim.kvm.exits import (
     FailEntry,
     Hlt,
@@ -421,7 +421,7 @@ class _Lie:
     guest: Callable[[], GuestImage]
     request: int
 
-    def owners(self) -> dict[str, str]:
+    def owners(self) -> dict[str | int, str]:
         """The ``[plugins.owners]`` rule that gives the liar the code a built-in owns."""
         if self.kind is ExitKind.MSR_PROTOCOL:
             return {f"msr_protocol:{self.code:#05x}": "liar"}
@@ -480,7 +480,8 @@ def corrupt_ghcb_replies() -> ScenarioResult:
     is neither success nor a deliverable exception, a result without its valid bit, an
     MSR reply without the response code asked for). An honest host, for comparison,
     gets the guest's normal end."""
-    problems, caught = [], []
+    problems: list[str] = []
+    caught: list[str] = []
     raced_want = SystemEvent(SystemEventType.SEV_TERM, (term_request(TermReason.VMM_ERROR),))
     with _Machine() as machine:
         normal = machine.run_once(_with_vc_handler(_CPUID_GUEST)())
@@ -539,9 +540,9 @@ _DELIVERED = {
         _EXCEPTION | EventInj.EV | Vector.UD, 0x1234, (Vector.UD,), _NORMAL_END,
         (0x1234, _RESUME_RIP)),
 }  # fmt: skip
-#: What the hardware refuses or delivers otherwise than sevsim did (APM 15.20: VMRUN
-#: exits with VMEXIT_INVALID for a reserved TYPE, or TYPE 3 with a vector that is not
-#: an exception, NMI's 2 included; without EV no error code is pushed).
+#: What the hardware refuses, and an exception without EV (APM 15.20: VMRUN exits with
+#: VMEXIT_INVALID for a reserved TYPE, or TYPE 3 with a vector that is not an
+#: exception, NMI's 2 included; without EV no error code is pushed).
 _REFUSED = {
     "an exception with vector 2 (the NMI)": _Injection(
         _EXCEPTION | Vector.NMI, 0, (), FailEntry(SvmExit.ERR)),
@@ -615,7 +616,7 @@ class _HandlerPlugin:
 
     def __init__(
         self,
-        handler: Callable[[ExitContext], object],
+        handler: Handler,
         kind: ExitKind = ExitKind.MSR_PROTOCOL,
         code: int = GhcbMsr.TERM_REQ,
     ) -> None:

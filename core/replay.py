@@ -26,7 +26,7 @@ import hashlib
 import itertools
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,10 @@ def digests(paths: Sequence[str]) -> dict[str, str | None]:
     return {path: _sha256(path) for path in paths}
 
 
+def _strings(values: Iterable[str]) -> tuple[str, ...]:
+    return tuple(values)
+
+
 @frozen(kw_only=True)
 class RunRecord:
     """What decides a ``sevsim run``; paths are absolute, as given when it ran.
@@ -77,7 +81,7 @@ class RunRecord:
     firmware: str | None = None
     vars: str | None = None
     config: str | None = None
-    plugins: tuple[str, ...] = field(default=(), converter=tuple)
+    plugins: tuple[str, ...] = field(default=(), converter=_strings)
     strict: bool = False
     env: Mapping[str, str] = field(factory=dict)
     era: str | None = None

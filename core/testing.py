@@ -50,6 +50,7 @@ from sevsim.kvm.exits import (
     Shutdown,
     SystemEvent,
 )
+from sevsim.kvm.extensions import Extensions
 from sevsim.kvm.vm import Kvm
 from sevsim.plugin.config import isolated_config
 from sevsim.plugin.host import PluginHost
@@ -123,7 +124,8 @@ class ExitDriver:
     ``inject_pending_events``: the plugins' events into EVENTINJ).
     """
 
-    def __init__(self, table: ExitTable, events: EventSink | None = None, **vm_args: Any) -> None:
+    def __init__(self, table: ExitTable | Extensions, events: EventSink | None = None,
+                 **vm_args: Any) -> None:  # fmt: skip
         self.vm = Kvm().create_vm(handlers=table, events=events, **vm_args)
         self.vm.add_ram(0, 0x200000)
         #: The standard machine's devices (UART, debug port, MMIO test device, ...).

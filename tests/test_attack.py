@@ -13,17 +13,7 @@ def results():
     return run_all()
 
 
-#: Scenarios whose property waits for a change in another engineer's area; each mark
-#: fails (strict) as soon as the change lands, so that it is removed with it.
-PENDING = {
-}
-
-
-@pytest.mark.parametrize("name", [
-    pytest.param(s.name, marks=pytest.mark.xfail(strict=True, reason=PENDING[s.name]))
-    if s.name in PENDING else s.name
-    for s in list_scenarios()
-])  # fmt: skip
+@pytest.mark.parametrize("name", [s.name for s in list_scenarios()])
 def test_scenario_holds(name, results):
     result = results[name]
     assert result.held, result.detail

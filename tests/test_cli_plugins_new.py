@@ -7,24 +7,14 @@ import os
 import subprocess
 import sys
 import tomllib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from test_cli_plugins import clean_environment  # noqa: F401 (autouse: forgets sevsim_demo*)
 
 from sevsim.cli import main
 
 NAME = "sevsim_demo_scaffold"
-
-
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
-    """No stray sevsim.toml or SEVSIM_* variables; the scaffolded module forgotten after."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("SEVSIM_PLUGINS", raising=False)
-    monkeypatch.delenv("SEVSIM_DISABLE_PLUGIN_AUTOLOAD", raising=False)
-    yield
-    sys.modules.pop(NAME, None)
 
 
 def sevsim(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:

@@ -271,7 +271,7 @@ class Vm:
             self.platform.free(vcpu.vmsa.pa)
             self.platform.free(vcpu.msrpm_pa)
         self.kvm.asids.free(self.asid)
-        self.emit("vm_destroyed", vm=self.info(), why=self.dead or "destroyed")
+        self.emit("vm_destroyed", vm=self.info(), why=self.dead or "KVM_DESTROY_VM")
         self.dead = self.dead or "destroyed"
         self.memory.release()
 

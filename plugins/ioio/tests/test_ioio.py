@@ -92,6 +92,16 @@ def test_bad_scratch_areas_get_invalid_scratch_area(scratch, count):
         2, GhcbErr.INVALID_SCRATCH_AREA)
 
 
+@pytest.mark.parametrize("flags", [(STR, REP), (IN, STR, REP)], ids=["out", "in"])
+def test_a_string_of_int_max_zero_byte_elements_moves_nothing_and_returns(flags):
+    """``sev_es_string_io`` with size 0: bytes = 0, accepted; the 2**31 - 1 accesses
+    of no bytes change nothing (a fuzzed request made sevsim loop over them)."""
+    d = driver()
+    reply = ioio(d, info1(0x3F8, 0, *flags), 0x7FFF_FFFF, sw_scratch=GHCB + 0x800)
+    assert (reply.ghcb["sw_exit_info_1"], reply.ghcb["sw_exit_info_2"]) == (0, 0)
+    assert d.devices.uart.output == b""
+
+
 def test_string_io_count_beyond_int_max_fails_kvm_run():
     reply = ioio(driver(), info1(0x3F8, 4, STR), 0x8000_0000, sw_scratch=0x9000)
     assert isinstance(reply.exit, RunFailed) and reply.exit.errno == "EINVAL"
