@@ -103,15 +103,18 @@ if TYPE_CHECKING:  # for type checkers; at run time __getattr__ below loads them
         Delivered,
         ExitDriver,
         GuestRun,
+        PcRun,
         SimLog,
         isolated_host,
         run_guest,
+        run_pc_guest,
     )
 
 #: The testing helpers and guest snippets, loaded on first use: module -> names.
 _ON_FIRST_USE = {
     "sevsim.testing": ("KVM_PLUGINS", "RUN_GUEST_TIMEOUT", "Delivered", "ExitDriver",
-                       "GuestRun", "SimLog", "isolated_host", "run_guest"),
+                       "GuestRun", "PcRun", "SimLog", "isolated_host", "run_guest",
+                       "run_pc_guest"),
     "sevsim.guest.snippets": ("TERMINATE", "ghcb_vmgexit", "nmi_complete", "terminate"),
     "sevsim.guest.image": ("CODE", "GHCB_GPA"),
     "sevsim.guest.asm": ("assemble",),
@@ -179,6 +182,7 @@ __all__ = [
     "KvmExit",
     "MappedGhcb",
     "Outcome",
+    "PcRun",
     "PluginError",
     "Regs",
     "Resume",
@@ -205,6 +209,7 @@ __all__ = [
     "msr",
     "nmi_complete",
     "run_guest",
+    "run_pc_guest",
     "sev_info_resp",
     "sev_term",
     "term_reason",

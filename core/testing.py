@@ -51,13 +51,16 @@ from sevsim.kvm.exits import (
     SystemEvent,
 )
 from sevsim.kvm.extensions import Extensions
-from sevsim.kvm.vm import Kvm
+from sevsim.kvm.vm import Kvm, Vm
 from sevsim.plugin.config import isolated_config
 from sevsim.plugin.host import PluginHost
 from sevsim.trace import Trace
+from sevsim.vmm.boot import launch_pc_image
 from sevsim.vmm.launch import launch_image
 from sevsim.vmm.machine import Devices
+from sevsim.vmm.pc import PcConfig, PcMachine
 from sevsim.vmm.runner import check_timeout
+from sevsim.vmm.vmm import ClockMode, RunEnd, Vmm
 
 #: :func:`run_guest`'s default time limit in seconds: far above what any test guest
 #: needs, low enough that a guest stuck in a loop fails its test instead of hanging it.
@@ -262,6 +265,48 @@ def run_guest(
         seen.append(exit_)
         if len(seen) == exits or isinstance(exit_, FINAL_EXITS):
             return GuestRun(exit_, trace, vm, devices, sim, tuple(seen))
+
+
+@frozen
+class PcRun:
+    """A guest the VMM's run loop ran on the ``pc`` machine, every vCPU, to its end."""
+
+    end: RunEnd
+    vmm: Vmm
+    vm: Vm
+    machine: PcMachine
+    trace: Trace | None
+
+
+def run_pc_guest(
+    source: str,
+    plugins: Mapping[str, object] | None = None,
+    *,
+    enable: Iterable[str] = (),
+    vcpus: int = 1,
+    ap_entry: int | None = None,
+    memory: int = 32 << 20,
+    clock: ClockMode = ClockMode.HOST,
+    timeout: float | None = RUN_GUEST_TIMEOUT,
+    max_exits: int | None = None,
+    trace: Trace | None = None,
+    **image_args: Any,
+) -> PcRun:
+    """Assemble ``source`` at the image's code address (the BSP's entry), launch it on
+    a ``pc`` machine of ``vcpus`` vCPUs (the APs start at ``ap_entry``, in the image's
+    data, and wait for INIT-SIPI-SIPI), and run every vCPU with the VMM's loop
+    (:class:`~sevsim.vmm.vmm.Vmm`: interrupts, HLT waits, time slices) until the run
+    ends. ``clock`` ICOUNT makes the run the same every time. The other keyword
+    arguments describe the :class:`~sevsim.guest.image.GuestImage` (give it the native
+    #VC handler's :func:`~sevsim.guest.vc_native.vc_image_args` for guests that #VC)."""
+    host = isolated_host(plugins, enable=enable)
+    image = GuestImage(assemble(source, CODE), **image_args)
+    vm, machine = launch_pc_image(Kvm(), image, PcConfig(vcpus, memory), ap_entry=ap_entry,
+                                  handlers=host.start(),
+                                  events=host.events if trace is None else TeeSink(
+                                      host.events, trace))  # fmt: skip
+    vmm = Vmm(vm, machine, trace=trace, clock_mode=clock, timeout=timeout, max_exits=max_exits)
+    return PcRun(vmm.run(), vmm, vm, machine, trace)
 
 
 @pytest.fixture(name="run_guest")

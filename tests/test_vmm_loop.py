@@ -12,18 +12,16 @@ import struct
 import pytest
 
 from sevsim.guest.asm import assemble
-from sevsim.guest.image import CODE, GuestImage
 from sevsim.guest.snippets import TERMINATE, terminate
 from sevsim.guest.vc_native import vc_image_args
 from sevsim.hw.inspect import cpu_of
-from sevsim.kvm.vm import Kvm
-from sevsim.plugin.config import PluginConfig
-from sevsim.plugin.host import PluginHost
+from sevsim.testing import run_pc_guest
 from sevsim.trace import Trace
-from sevsim.vmm.boot import launch_pc_image
-from sevsim.vmm.pc import PcConfig, PcMachine
+from sevsim.vmm.pc import PcMachine
 from sevsim.vmm.vmm import ClockMode, EndKind, RunEnd, Vmm
 
+#: The series' feature plugins, as a default configuration enables them.
+FEATURES = ("msr_protocol", "mmio", "ioio", "crtraps", "apboot", "nmi")
 #: Where the tests' second piece of code goes: an interrupt handler, or the APs' entry.
 SECOND = 0x30000
 TIMER_VECTOR = 0x30
@@ -59,28 +57,19 @@ def _apic_timer(count: int, periodic: bool = False) -> str:
 """
 
 
-def _launch(source: str, *, second: str | None = None, vcpus: int = 1,
-            trace: Trace | None = None) -> tuple[Kvm, PcMachine]:  # fmt: skip
-    """The guest at CODE (the BSP's entry); ``second`` at SECOND is the timer's
-    handler on one vCPU, the APs' entry on several."""
-    data = {} if second is None else {SECOND: assemble(second, SECOND)}
-    idt = {TIMER_VECTOR: SECOND} if second is not None and vcpus == 1 else {}
-    image = GuestImage(assemble(source, CODE), **vc_image_args(idt=idt, data=data))
-    table = PluginHost(PluginConfig()).start()
-    return launch_pc_image(
-        Kvm(), image, PcConfig(vcpus, 32 << 20), ap_entry=SECOND if vcpus > 1 else None,
-        handlers=table, events=trace,
-    )  # fmt: skip
-
-
 def run(source: str, *, second: str | None = None, vcpus: int = 1,
         clock_mode: ClockMode = ClockMode.HOST, timeout: float | None = 20.0,
         max_exits: int | None = None, trace: Trace | None = None,
         ) -> tuple[RunEnd, Vmm, PcMachine]:  # fmt: skip
-    vm, machine = _launch(source, second=second, vcpus=vcpus, trace=trace)
-    vmm = Vmm(vm, machine, trace=trace, clock_mode=clock_mode, timeout=timeout,
-              max_exits=max_exits)  # fmt: skip
-    return vmm.run(), vmm, machine
+    """The guest at CODE (the BSP's entry); ``second`` at SECOND is the timer's
+    handler on one vCPU, the APs' entry on several."""
+    data = {} if second is None else {SECOND: assemble(second, SECOND)}
+    idt = {TIMER_VECTOR: SECOND} if second is not None and vcpus == 1 else {}
+    done = run_pc_guest(source, enable=FEATURES, vcpus=vcpus,
+                        ap_entry=SECOND if vcpus > 1 else None,
+                        clock=clock_mode, timeout=timeout, max_exits=max_exits, trace=trace,
+                        **vc_image_args(idt=idt, data=data))  # fmt: skip
+    return done.end, done.vmm, done.machine
 
 
 # --- HLT and the LAPIC timer ---------------------------------------------------------------
