@@ -6,6 +6,7 @@ Slow: minutes per boot. ``.ci/run`` runs them; ``pytest -m "not slow"`` skips th
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -31,6 +32,14 @@ pytestmark = [
 ]
 #: What the run may take at most (it ends with the guest's power-off long before).
 LIMIT_S = 1800
+
+
+#: The console's escape sequences (colours, cursor moves) around the Shell's text.
+_ESCAPES = re.compile(r"\x1b\[[0-9;=?]*[A-Za-z]")
+
+
+def _plain(text: str) -> str:
+    return _ESCAPES.sub("", text)
 
 
 class Typist:
@@ -80,6 +89,6 @@ def test_ovmf_boots_to_the_shell_answers_ver_and_powers_off(tmp_path, vcpus):
     assert set(reached) == set(MILESTONES)
     ordered = ("MSR-protocol CPUID", "SEV_INFO", "first GHCB exit", "fw_cfg", "BDS", "Shell")
     assert [m for m in reached if m in ordered] == list(ordered)
-    after_ver = text.split("Shell> ver", 1)[1]
+    after_ver = _plain(text).split("Shell> ver", 1)[1]
     assert "UEFI Interactive Shell v2." in after_ver
     assert "UEFI v2." in after_ver and "(EDK II" in after_ver
