@@ -248,3 +248,60 @@ def test_icount_runs_give_the_same_exits_every_time():
     first = once()
     assert len(first[0]) > 20
     assert once() == first
+
+
+#: Code the BSP runs, then the AP rewrites: ``mov eax, 1; ret`` (a page of its own).
+FUNC = 0x52000
+FLAG = 0x53000
+#: The BSP runs FUNC (its engine translates it), wakes AP 1, waits for the AP to
+#: rewrite FUNC into ``mov eax, 2; ret``, and runs it again: it must see the new code.
+CALLS_REWRITTEN = f"""
+    mov rsi, {FUNC:#x}
+    call rsi
+    cmp eax, 1
+    jne wrong
+    mov rbx, 0xfee00000
+    mov dword ptr [rbx + 0x310], 0x1000000
+    mov dword ptr [rbx + 0x300], 0x4500
+    mov dword ptr [rbx + 0x300], 0x4600
+    mov dword ptr [rbx + 0x300], 0x4600
+    mov rdi, {FLAG:#x}
+wait:
+    pause
+    cmp qword ptr [rdi], 1
+    jne wait
+    call rsi
+    cmp eax, 2
+    jne wrong
+{TERMINATE}
+wrong:
+{terminate(1, 4)}
+"""
+REWRITES = f"""
+    mov rdi, {FUNC:#x}
+    mov dword ptr [rdi], 0x000002b8
+    mov word ptr [rdi + 4], 0xc300
+    mov rdi, {FLAG:#x}
+    mov qword ptr [rdi], 1
+park:
+    mov ecx, 0xc0010130
+    mov eax, 6
+    xor edx, edx
+    wrmsr
+    rep vmmcall
+    jmp park
+"""
+
+
+@pytest.mark.parametrize("clock_mode", list(ClockMode))
+def test_code_one_vcpu_rewrites_runs_new_on_another(clock_mode):
+    """Each vCPU has its own engine and translated code: a write by one vCPU to code
+    another has run must reach the other's next run, as on hardware (OVMF's
+    MpInitLib rewrites the AP start code between wake-ups)."""
+    done = run_pc_guest(
+        CALLS_REWRITTEN, enable=FEATURES, vcpus=2, ap_entry=SECOND, clock=clock_mode,
+        timeout=60, **vc_image_args(data={SECOND: assemble(REWRITES, SECOND),
+                                          FUNC: b"\xb8\x01\x00\x00\x00\xc3",
+                                          FLAG: bytes(8)}),
+    )  # fmt: skip
+    assert (done.end.kind, done.end.status) == (EndKind.TERMINATED, 0), done.end.why

@@ -401,6 +401,8 @@ class GuestCpu:
         if self.mmu.code_stale:
             self.mmu.code_stale = False
             self.uc.ctl_flush_tb()
+            # Fetches fill again, telling the other CPUs the code is run here.
+            self.mmu.flush_tlb()
         if not self.interceptor.reporting:  # a block Unicorn will not report
             self.interceptor.prime(self._linear(start))
         if self.deadline is not None:

@@ -53,6 +53,9 @@ class Change(IntEnum):
 
     BYTES = 1  # the host wrote into it: translated code there is stale
     VIEW = 2  # its owner changed (or it left ROM mode): translations are stale too
+    # Between the CPUs of one guest, each with its own engine and translated code:
+    EXECUTED = 3  # a CPU runs code from it: the others must not write it unseen
+    CODE_WRITTEN = 4  # a CPU wrote into it: the others' code translated from it is stale
 
 
 @frozen
@@ -125,6 +128,8 @@ class GuestMemory:
         self._ciphers: list[PageCipher | None] = [None]
         self._key_ids: dict[bytes, int] = {}
         self.on_page_changed: list[Callable[[int, Change], None]] = []
+        #: Pages some CPU has run code from.
+        self.executed: set[int] = set()
 
     # -- layout -------------------------------------------------------------------
 
@@ -251,6 +256,10 @@ class GuestMemory:
     def _changed(self, page: int, change: Change) -> None:
         for callback in self.on_page_changed:
             callback(page, change)
+
+    def cpus_changed(self, page: int, change: Change) -> None:
+        """A CPU tells the others what it did to ``page`` (EXECUTED, CODE_WRITTEN)."""
+        self._changed(page, change)
 
     # -- the host's view ---------------------------------------------------------
 

@@ -145,6 +145,10 @@ class Mmu:
         self._mapped: dict[int, int] = {}
         self._generation = 0
         self._code_pages: set[int] = set()
+        #: Physical page -> TLB generation of a fill that granted write access.
+        self._writable: dict[int, int] = {}
+        #: Telling the other CPUs: our own callback ignores what we tell them.
+        self._telling = False
         self.tlb_stale = False
         self.code_stale = False
         self._handle = uc._uch
@@ -191,10 +195,31 @@ class Mmu:
                 return
 
     def _page_changed(self, page: int, change: Change) -> None:
+        if change is Change.EXECUTED:
+            # Another CPU runs code from the page: a write of ours must fill again, so
+            # that it can tell that CPU (its translated code would go stale unseen).
+            if not self._telling and self._writable.get(page) == self._generation:
+                self.tlb_stale = True
+            return
+        if change is Change.CODE_WRITTEN:
+            if not self._telling and page in self._code_pages:
+                self.code_stale = True
+            return
         if page in self._code_pages:
             self.code_stale = True
         if change is Change.VIEW and self._mapped.get(page) == self._generation:
             self.tlb_stale = True
+
+    def _others(self) -> bool:
+        """Whether other CPUs (engines with code of their own) share this memory."""
+        return len(self.memory.on_page_changed) > 1
+
+    def _tell(self, page: int, change: Change) -> None:
+        self._telling = True
+        try:
+            self.memory.cpus_changed(page, change)
+        finally:
+            self._telling = False
 
     def tlb_fill(self, uc: Uc, vaddr: int, access: int, entry: Any, _: Any) -> bool:
         kind = ACCESS_FETCH if access == UC_MEM_FETCH else (
@@ -230,9 +255,31 @@ class Mmu:
         if kind == ACCESS_FETCH or t.paddr in self._code_pages:
             self._code_pages.add(t.paddr)
             perms |= UC_PROT_EXEC if t.executable else 0
+        if kind == ACCESS_FETCH:
+            self.memory.executed.add(t.paddr)
+        if self._others():
+            perms = self._shared_code(t.paddr, kind, perms)
         entry.paddr = t.paddr
         entry.perms = perms
         return True
+
+    def _shared_code(self, page: int, kind: int, perms: int) -> int:
+        """Several CPUs, each translating code on its own: a page one runs code from is
+        writable in the others' TLBs only after a fill for a write, which tells the CPUs
+        running it that their translations are stale (QEMU's vCPUs share one code
+        cache; sevsim's engines do not). OVMF's MpInitLib rewrites the APs' start code
+        between wake-ups."""
+        executed = self.memory.executed
+        if kind == ACCESS_FETCH:
+            self._tell(page, Change.EXECUTED)
+        elif kind == ACCESS_WRITE:
+            if page in executed:
+                self._tell(page, Change.CODE_WRITTEN)
+        elif page in executed:
+            perms &= ~UC_PROT_WRITE  # a later write fills again
+        if perms & UC_PROT_WRITE:
+            self._writable[page] = self._generation
+        return perms
 
     def _remembered(self, key: tuple[int, int, bool]) -> Translation | None:
         """The translation of an earlier walk whose table entries are all unchanged."""
@@ -366,6 +413,8 @@ class Mmu:
                 region.view[off : off + chunk] = data[done : done + chunk]
                 if (pa & PAGE_MASK) in self._code_pages:
                     self.code_stale = True
+                if self._others() and (pa & PAGE_MASK) in self.memory.executed:
+                    self._tell(pa & PAGE_MASK, Change.CODE_WRITTEN)
             done += chunk
         return bytes(out)
 
