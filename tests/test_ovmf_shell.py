@@ -72,8 +72,8 @@ class Typist:
 FOUR_VCPUS_GAP = (
     "with 4 vCPUs, ~20 s into the boot every vCPU spins without exits: the BSP in PEI's "
     "MpInitLib waiting on a lock (lock cmpxchg; pause at 0x1fbe623f), the APs in real "
-    "mode at CS 0x1fbe or 0 running garbage: the SEV-ES AP start path (reset block, AP "
-    "jump table, MpInitLib's real-mode entry) leaves the APs in the wrong place"
+    "mode at CS:IP 0:0 running zeros: they leave OVMF's SEV-ES AP entry at 0x80b004 "
+    "(CS base 0x800000) through a far pointer that reads as 0"
 )
 
 
