@@ -72,8 +72,9 @@ class Typist:
 FOUR_VCPUS_GAP = (
     "with 4 vCPUs, ~20 s into the boot every vCPU spins without exits: the BSP in PEI's "
     "MpInitLib waiting on a lock (lock cmpxchg; pause at 0x1fbe623f), the APs in real "
-    "mode at CS:IP 0:0 running zeros: they leave OVMF's SEV-ES AP entry at 0x80b004 "
-    "(CS base 0x800000) through a far pointer that reads as 0"
+    "mode at CS:IP 0:0 running zeros, although the far pointer OVMF's SEV-ES AP entry "
+    "jumps through (0x80b004: jmp far cs:[0xb00c]) holds 9f00:0000, MpInitLib's start "
+    "code: where they go wrong after it is not found yet"
 )
 
 
