@@ -4,6 +4,8 @@ through the AP jump table, a LAPIC timer interrupt and an NMI with NMI_COMPLETE.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from sevsim.cli import main
@@ -80,3 +82,20 @@ def test_a_manifest_with_aps_is_checked(guest, message):
     with pytest.raises(ConfigError) as error:
         parse_manifest(f"[guest]\n{guest}\n{_CODE}", "m.toml")
     assert str(error.value).startswith(message), str(error.value)
+
+
+def test_summarize_and_report_read_the_four_vcpus_trace(tmp_path, capsys):
+    """``trace summarize`` and ``trace report`` on a recorded multi-vCPU trace: every
+    vCPU appears with its own exits (issue 12's multi-vCPU trace)."""
+    trace = tmp_path / "smp.jsonl"
+    assert _run("--icount", "--trace-format", "jsonl", "--trace-file", str(trace)) == 0
+    capsys.readouterr()
+    assert main(["trace", "summarize", str(trace), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    rows = {row["key"]: row for row in summary["vcpus"]}
+    assert set(rows) == {"vCPU 0", "vCPU 1", "vCPU 2", "vCPU 3"}
+    assert all(row["count"] > 0 for row in rows.values())
+    report = tmp_path / "smp.html"
+    assert main(["trace", "report", str(trace), "-o", str(report)]) == 0
+    page = report.read_text()
+    assert page.startswith("<!DOCTYPE html>") and "vCPU 3" in page
