@@ -72,9 +72,10 @@ class Typist:
 FOUR_VCPUS_GAP = (
     "with 4 vCPUs, ~20 s into the boot every vCPU spins without exits: the BSP in PEI's "
     "MpInitLib waiting on a lock (lock cmpxchg; pause at 0x1fbe623f), the APs in real "
-    "mode at CS:IP 0:0 running zeros, although the far pointer OVMF's SEV-ES AP entry "
-    "jumps through (0x80b004: jmp far cs:[0xb00c]) holds 9f00:0000, MpInitLib's start "
-    "code: where they go wrong after it is not found yet"
+    "mode at 1fbe:8e00 running garbage after their second wake-up (their first, through "
+    "OVMF's SEV-ES AP entry at 0x80b004, goes to long mode and back): a segment of "
+    "0x1fbe is the top of a 32-bit address, as if a far jump read its pointer with the "
+    "wrong operand size while the AP returned to real mode"
 )
 
 

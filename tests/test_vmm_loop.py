@@ -305,3 +305,57 @@ def test_code_one_vcpu_rewrites_runs_new_on_another(clock_mode):
                                           FLAG: bytes(8)}),
     )  # fmt: skip
     assert (done.end.kind, done.end.status) == (EndKind.TERMINATED, 0), done.end.why
+
+
+#: The BSP wakes AP 1, waits until it is about to halt (IF=0) and some slices more (an
+#: INIT-SIPI before the HLT would be used up, as on hardware), wakes it again with
+#: INIT-SIPI-SIPI and waits for it to go on after its HLT.
+WAKES_A_HALTED_AP = f"""
+    mov rbx, 0xfee00000
+    mov rdi, {FLAG:#x}
+    mov dword ptr [rbx + 0x310], 0x1000000
+    mov dword ptr [rbx + 0x300], 0x4500
+    mov dword ptr [rbx + 0x300], 0x4600
+    mov dword ptr [rbx + 0x300], 0x4600
+halted:
+    pause
+    cmp qword ptr [rdi], 1
+    jne halted
+    mov ecx, 200000                 /* time slices enough for the AP to reach its HLT */
+slices:
+    loop slices
+    mov dword ptr [rbx + 0x300], 0x4500
+    mov dword ptr [rbx + 0x300], 0x4600
+    mov dword ptr [rbx + 0x300], 0x4600
+again:
+    pause
+    cmp qword ptr [rdi], 2
+    jne again
+{TERMINATE}
+"""
+HALTS = f"""
+    mov rdi, {FLAG:#x}
+    mov qword ptr [rdi], 1
+    cli
+    hlt
+    mov qword ptr [rdi], 2
+park:
+    mov ecx, 0xc0010130
+    mov eax, 6
+    xor edx, edx
+    wrmsr
+    rep vmmcall
+    jmp park
+"""
+
+
+def test_init_sipi_wakes_an_ap_halted_with_interrupts_off():
+    """QEMU's do_cpu_sipi ends a halt; KVM's INIT-SIPI makes an SEV-ES AP runnable
+    where it was (it cannot reset the sealed registers): OVMF's APs halt in their
+    SEV-ES reset code between wake-ups and go on after the HLT."""
+    done = run_pc_guest(
+        WAKES_A_HALTED_AP, enable=FEATURES, vcpus=2, ap_entry=SECOND, timeout=60,
+        clock=ClockMode.ICOUNT,
+        **vc_image_args(data={SECOND: assemble(HALTS, SECOND), FLAG: bytes(8)}),
+    )  # fmt: skip
+    assert (done.end.kind, done.end.status) == (EndKind.TERMINATED, 0), done.end.why

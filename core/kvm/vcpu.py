@@ -104,6 +104,8 @@ class Vcpu:
         self.msrs = MsrModel()
         #: What CPUID reflects of this vCPU's state (``kvm_update_cpuid_runtime``).
         self.cpuid_runtime = CpuidRuntime()
+        #: SIPIs taken so far: one ends a HLT the VMM waits on (QEMU's do_cpu_sipi).
+        self.sipis = 0
         #: ``KVM_MP_STATE_*``: the VMM puts APs in INIT_RECEIVED until their SIPI.
         self.mp_state = MpState.RUNNABLE
         #: ``kvm_run.request_interrupt_window``: exit (IRQ_WINDOW_OPEN) as soon as the
@@ -461,6 +463,7 @@ class Vcpu:
         if not 0 <= vector <= 0xFF:
             raise VcpuError(f"vCPU {self.id}: SIPI vector {vector!r} is not in 0..0xff")
         self.mp_state = MpState.RUNNABLE
+        self.sipis += 1
         self._lifecycle("vcpu_sipi", vector=vector)
 
     def _park(self) -> None:

@@ -148,6 +148,8 @@ class Vmm:
         self.poll_input = poll_input
         self.exits = 0
         self._halted = [False] * len(vm.vcpus)
+        #: Each vCPU's SIPI count when it halted (a later SIPI wakes it).
+        self._sipis = [0] * len(vm.vcpus)
         self._next = 0
         self._start = 0.0
         #: Guest time: what the vCPUs ran, plus the idle time that passed.
@@ -255,7 +257,10 @@ class Vmm:
         if self._halted[index]:
             # A halted vCPU wakes for an interrupt it can take (kvm_run->if_flag, as
             # QEMU's cpu_has_work for a protected guest) or a pending NMI.
-            wake = (self.machine.interrupt_pending(index) and vcpu.if_flag) or vcpu.wakeup_pending()
+            # INIT-SIPI ends the halt too (QEMU's do_cpu_sipi): an SEV-ES AP that
+            # halted in its reset code goes on after the HLT.
+            wake = ((self.machine.interrupt_pending(index) and vcpu.if_flag)
+                    or vcpu.wakeup_pending() or vcpu.sipis != self._sipis[index])  # fmt: skip
             if not wake:
                 return False
             self._halted[index] = False
@@ -341,6 +346,7 @@ class Vmm:
         match exit_:
             case Hlt():
                 self._halted[index] = True
+                self._sipis[index] = vcpu.sipis
                 return None
             case IrqWindowOpen() | ApResetHold():
                 return None
