@@ -206,14 +206,8 @@ wait:
     jb wait
 {TERMINATE}
 """
-#: The AP: its share, then the MSR-protocol AP reset hold, for good.
-AP_COUNTER = f"""
-    mov rdi, {COUNTER:#x}
-    mov ecx, {ROUNDS}
-count:
-    lock inc qword ptr [rdi]
-    dec ecx
-    jnz count
+#: An AP's end: the MSR-protocol AP reset hold, for good.
+PARK = """
 park:
     mov ecx, 0xc0010130
     mov eax, 6
@@ -222,6 +216,15 @@ park:
     rep vmmcall
     jmp park
 """
+#: The AP: its share, then the MSR-protocol AP reset hold, for good.
+AP_COUNTER = f"""
+    mov rdi, {COUNTER:#x}
+    mov ecx, {ROUNDS}
+count:
+    lock inc qword ptr [rdi]
+    dec ecx
+    jnz count
+{PARK}"""
 
 
 def _counter(machine: PcMachine) -> int:
@@ -283,14 +286,7 @@ REWRITES = f"""
     mov word ptr [rdi + 4], 0xc300
     mov rdi, {FLAG:#x}
     mov qword ptr [rdi], 1
-park:
-    mov ecx, 0xc0010130
-    mov eax, 6
-    xor edx, edx
-    wrmsr
-    rep vmmcall
-    jmp park
-"""
+{PARK}"""
 
 
 @pytest.mark.parametrize("clock_mode", list(ClockMode))
@@ -339,14 +335,7 @@ HALTS = f"""
     cli
     hlt
     mov qword ptr [rdi], 2
-park:
-    mov ecx, 0xc0010130
-    mov eax, 6
-    xor edx, edx
-    wrmsr
-    rep vmmcall
-    jmp park
-"""
+{PARK}"""
 
 
 def test_init_sipi_wakes_an_ap_halted_with_interrupts_off():
