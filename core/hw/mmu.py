@@ -305,10 +305,8 @@ class Mmu:
         tables: dict[int, tuple[int, memoryview, int]] = {}
 
         def read(paddr: int, size: int) -> memoryview:
-            raw = self.read_table(paddr, size)
-            region = self.memory.ram_at(paddr)
-            assert region is not None  # read_table found it
-            off = paddr - region.gpa
+            region, off = self._table_at(paddr)
+            raw = region.view[off : off + size]
             entry = _ENTRY[size]
             entries.append((region.view, off, entry, region.owner, off // PAGE_SIZE,
                             entry.unpack(raw)[0]))  # fmt: skip
@@ -352,12 +350,16 @@ class Mmu:
 
     def read_table(self, paddr: int, size: int) -> memoryview:
         """Page-table reads: always private; a table outside RAM is a nested fault."""
+        region, off = self._table_at(paddr)
+        return region.view[off : off + size]
+
+    def _table_at(self, paddr: int) -> tuple[RamRegion, int]:
+        """The region and offset of a page-table entry, its page in the CPU's view."""
         region = self.memory.ram_at(paddr)
         if region is None:
             raise _TableNpf(paddr)
         self.memory.convert(region, paddr & PAGE_MASK, self.kid)
-        off = paddr - region.gpa
-        return region.view[off : off + size]
+        return region, paddr - region.gpa
 
     # -- the model's own guest-virtual accesses ------------------------------------
 
