@@ -16,6 +16,7 @@ Everything here is hardware: it sees guest plaintext and registers. Only
 
 from __future__ import annotations
 
+import struct
 import threading
 import time
 from collections.abc import Callable, Generator
@@ -39,6 +40,7 @@ from sevsim.arch import msr as M
 from sevsim.arch.exits import SvmExit
 from sevsim.arch.vectors import Vector
 from sevsim.arch.vmcb import EventInj
+from sevsim.arch.vmsa import Segment
 from sevsim.errors import FOREIGN_FAULTS
 from sevsim.hw import watchdog
 from sevsim.hw.engine import TIMER_ERROR, Engine
@@ -61,6 +63,10 @@ _CPL0_ONLY = frozenset({
 _CPL0_ACTIONS = (Action.HARDWARE_MSR, Action.CR_WRITE, Action.CR8_READ)
 _NO_END = 0xFFFF_FFFF_FFFF_FFFF
 _IF = 1 << 9
+#: RFLAGS bits a real-mode IRET loads, by operand size: FLAGS, or all but VM, VIF, VIP.
+_IRET_LOADS = {2: 0xFFFF, 4: 0xFFFF | 1 << 16 | 1 << 18 | 1 << 21}
+#: RFLAGS bits that always read as zero (bit 1 reads as one).
+_RFLAGS_ZEROS = 1 << 3 | 1 << 5 | 1 << 15
 _HARDWARE_MSRS = (M.MSR_AMD64_SEV_ES_GHCB, M.MSR_AMD64_SEV)
 #: EVENTINJ types (APM 15.20): INTR, NMI, exception, software interrupt.
 _EVENT_TYPES = frozenset((EventInj.TYPE_INTR, EventInj.TYPE_NMI, EventInj.TYPE_EXEPT,
@@ -203,8 +209,6 @@ class GuestCpu:
         uc.hook_add(UC_HOOK_MEM_UNMAPPED, self._on_unmapped)
         self._stop: _Stop | None = None
         self._last_site: tuple[int, int] | None = None
-        #: (selector, base) of the CS the last VMSA load gave (see _linear).
-        self._loaded_cs = (0, 0)
         #: Guest software the model runs as this vCPU's #VC handler (None: the IDT's).
         self.vc_model: VcModel | None = None
         self._vc_run: Generator[None, None, int | None] | None = None
@@ -267,8 +271,6 @@ class GuestCpu:
         self.ghcb_msr = state.get("ghcb_msr", self.ghcb_msr)
         self._vintr_ctrl = state.get("vintr_ctrl", 0)
         self.tpr = self._vintr_ctrl & 0xF
-        cs = state.get("cs")
-        self._loaded_cs = (cs.selector, cs.base) if cs is not None else (0, 0)
 
     def save_state(self) -> dict[str, Any]:
         """The register state as VMSA fields (what #VMEXIT writes back to the VMSA)."""
@@ -344,11 +346,15 @@ class GuestCpu:
         natively (Unicorn drops writes to MSRs it does not know), as do instructions
         the VMCB does not intercept.
         """
+        action = site.action
+        if action is Action.REAL_MODE_IRET:
+            if not self.mmu.mode.cr0 & M.CR0_PE and self.regs.stack_bits() == 32:
+                self._halt(_AtSite(site, address))
+            return
         fault = self._privilege_fault(site)
         if fault is not None:  # checked by the hardware before the intercept
             self._halt(fault)
             return
-        action = site.action
         if action is Action.NAE:
             if self.intercepted(site.exit_code):
                 self._halt(_AtSite(site, address))
@@ -423,17 +429,12 @@ class GuestCpu:
                 self._running = False
 
     def _linear(self, rip: int) -> int:
-        """The linear address of ``rip``: CS base + IP in real mode, flat otherwise.
-
-        Unicorn does not show a segment's hidden base; in real mode it is the
-        selector times 16, except for the CS a VMSA started with (the reset CS, base
-        0xFFFF0000), which the CPU remembers from the state it loaded.
-        """
-        if self.mmu.mode.cr0 & M.CR0_PE:
+        """The linear address of ``rip``: flat in 64-bit mode, else CS's cached base
+        plus EIP — which in real mode need not be the selector times 16 (the reset
+        CS, or a CS protected mode left behind on its way back to real mode)."""
+        if self.bits() == 64:
             return rip
-        cs = self.regs.read(x86.UC_X86_REG_CS)
-        base = self._loaded_cs[1] if cs == self._loaded_cs[0] else cs << 4
-        return base + (rip & 0xFFFF)
+        return (self.regs.segment("cs").base + rip) & 0xFFFF_FFFF
 
     def _slice_over(self) -> bool:
         """The host's timer has taken the CPU back: its time or its instruction
@@ -547,7 +548,34 @@ class GuestCpu:
             return self._write_cr(site)
         if site.action is Action.HARDWARE_MSR:
             return self._msr(site)
+        if site.action is Action.REAL_MODE_IRET:
+            return self._real_mode_iret(site)
         return self.raise_vc(site.exit_code)
+
+    def _real_mode_iret(self, site: Sensitive) -> HwExit | None:
+        """IRET in real mode popping through ESP, as the CPU does when SS's cached
+        descriptor is 32-bit (APM vol. 3, IRET: pops use the stack's address size).
+
+        OVMF's MpInitLib returns an SEV-ES AP to real mode this way with its stack
+        above 64 KiB; Unicorn would pop from SS:SP and jump to garbage. CS gets the
+        selector and the selector times 16 as base, keeping its limit and attributes.
+        """
+        regs = self.regs
+        word = 4 if site.mnemonic == "iretd" else 2
+        esp = regs.read(x86.UC_X86_REG_RSP) & 0xFFFF_FFFF
+        try:
+            raw = self.mmu.read(regs.segment("ss").base + esp, 3 * word)
+        except GuestAccessFault:
+            return self._deliver(Event(Vector.SS, 0))
+        ip, cs, flags = struct.unpack("<3I" if word == 4 else "<3H", raw)
+        loaded = _IRET_LOADS[word]
+        regs.rflags = (regs.rflags & ~loaded | flags & loaded) & ~_RFLAGS_ZEROS | 2
+        regs.write(x86.UC_X86_REG_RSP, esp + 3 * word)
+        code = regs.segment("cs")
+        regs.set_segments({"cs": Segment(cs & 0xFFFF, code.attrib, code.limit, (cs & 0xFFFF) << 4)})
+        regs.rip = ip
+        regs.end_interrupt_shadow()
+        return None
 
     def _msr(self, site: Sensitive) -> HwExit | None:
         regs = self.regs

@@ -28,6 +28,7 @@ ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
 _CONTRIBUTORY = frozenset({0, 10, 11, 12, 13})
 _CLEARED = (1 << 8) | (1 << 14) | (1 << 16) | (1 << 17)  # TF NT RF VM
 _IF = 1 << 9
+_DB = 1 << 10  # a segment's D/B attribute (VMCB format): 32-bit
 
 
 @frozen
@@ -144,8 +145,12 @@ class Delivery:
                     return Event(Vector.TS, new_ss & ~3)
             if long_mode:
                 sp &= ~0xF
-            stack_base = 0 if long_mode else (
-                stack.base if stack is not None else self._segment_base(ss, protected))
+            # The stack's base and address size are SS's hidden ones (real mode keeps
+            # what protected mode loaded), or the new stack's.
+            stack_seg = stack if stack is not None else regs.segment("ss")
+            stack_base = 0 if long_mode else stack_seg.base
+            sp_mask = ((1 << 64) - 1 if long_mode
+                       else 0xFFFF_FFFF if stack_seg.attrib & _DB else 0xFFFF)  # fmt: skip
             rflags = regs.rflags
             frame = [rflags, cs, rip]
             if long_mode or stack is not None:
@@ -153,10 +158,10 @@ class Delivery:
             if error_code is not None:
                 frame.append(error_code)
             mask = (1 << (8 * word)) - 1
-            sp = (sp - word * len(frame)) & (mask if word < 8 else (1 << 64) - 1)
+            sp = sp & ~sp_mask | (sp - word * len(frame)) & sp_mask
             fmt = {8: "Q", 4: "I", 2: "H"}[word]
             data = struct.pack(f"<{len(frame)}{fmt}", *(v & mask for v in reversed(frame)))
-            self.mmu.write(stack_base + sp, data)
+            self.mmu.write(stack_base + (sp & sp_mask), data)
         except GuestAccessFault as failed:
             fault = failed.fault
             if fault.npf_gpa is not None or fault.vector != Vector.PF:
@@ -188,13 +193,3 @@ class Delivery:
             seg_limit = seg_limit << 12 | 0xFFF
         seg_base = ((raw >> 16) & 0xFF_FFFF) | ((raw >> 56) & 0xFF) << 24
         return Segment(selector, attrib, seg_limit, seg_base)
-
-    def _segment_base(self, selector: int, protected: bool) -> int:
-        """Base of a data segment: from the GDT in protected mode, selector*16 in real mode."""
-        if not protected:
-            return selector << 4
-        _, base, limit, _ = self.regs.table(x86.UC_X86_REG_GDTR)
-        if selector & ~7 == 0 or (selector | 7) > limit:
-            return 0
-        raw = int.from_bytes(self.mmu.read(base + (selector & ~7), 8), "little")
-        return ((raw >> 16) & 0xFF_FFFF) | ((raw >> 56) & 0xFF) << 24

@@ -15,7 +15,7 @@ block is then dropped from the translation cache and the CPU stopped before it r
 a single instruction, so that it is translated again with the hook in place. The
 hook stops the CPU in front of the instruction, with RIP at it. Code rewritten by the
 guest is retranslated by Unicorn and reported again; blocks whose bytes hold no
-opcode byte of any sensitive instruction (:data:`sevsim.hw.sites.CANDIDATE`) are
+opcode byte of any sensitive instruction (:func:`sevsim.hw.sites.candidates`) are
 not decoded at all.
 
 So the number of hooks follows the sensitive instructions the guest really
@@ -42,7 +42,7 @@ from unicorn import UC_HOOK_CODE, UC_HOOK_EDGE_GENERATED, Uc
 
 from sevsim.hw.engine import Engine
 from sevsim.hw.mmu import GuestAccessFault, Mmu
-from sevsim.hw.sites import CANDIDATE, MAX_INSN, Sensitive, classify, first_block, sensitive_in
+from sevsim.hw.sites import MAX_INSN, Sensitive, candidates, classify, first_block, sensitive_in
 
 #: (address, site) -> None; the CPU's reaction to an instruction that is about to run.
 SiteHandler = Callable[[int, Sensitive], None]
@@ -79,8 +79,8 @@ class Interceptor:
         """Decode the block at ``address`` before a run, while Unicorn does not
         report new blocks yet, and translate it with the checks it needs."""
         code = self.mmu.code_at(address, 2 * 0x1000 - (address & 0xFFF))
-        found = first_block(code, address, self._bits()) if code and CANDIDATE.search(
-            code) else []  # fmt: skip
+        bits = self._bits()
+        found = first_block(code, address, bits) if code and candidates(bits).search(code) else []
         self._place(found)
         self.engine.block_checks = bool(found)
 
@@ -89,11 +89,11 @@ class Interceptor:
         engine = self.engine
         pc, size = block.pc, block.size
         code = self.mmu.code_at(pc, size)
-        if not code or not CANDIDATE.search(code):
+        bits = self._bits()
+        if not code or not candidates(bits).search(code):
             self._forget(pc, pc + size, ())
             found = []
         else:
-            bits = self._bits()
             found = sensitive_in(code, pc, bits)
             self._forget(pc, pc + size, {addr for addr, _ in found})
             if self._place(found, bits):

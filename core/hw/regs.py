@@ -62,7 +62,7 @@ class Registers:
     """Register access for one Unicorn engine."""
 
     __slots__ = ("_buf", "_context", "_handle", "_hflags", "_mmr", "_mmr_ref", "_read", "_ref",
-                 "_write", "uc")  # fmt: skip
+                 "_state", "_write", "uc")  # fmt: skip
 
     def __init__(self, uc: Uc, env: int) -> None:
         self.uc = uc
@@ -74,7 +74,10 @@ class Registers:
         at = ctypes.cast(saved.context, ctypes.c_void_p).value
         assert at is not None
         header = ctypes.string_at(at, _layout().hflags).find(_MARK.to_bytes(8, "little"))
-        self._hflags = ctypes.c_uint32.from_address(env + _layout().hflags - header)
+        #: Where the live state would start if it had a saved context's header, so
+        #: that :class:`_ContextLayout` offsets apply to it.
+        self._state = env - header
+        self._hflags = ctypes.c_uint32.from_address(self._state + _layout().hflags)
         if header < 0 or ctypes.c_uint32.from_address(
                 at + _layout().hflags).value != self._hflags.value:  # fmt: skip
             raise RuntimeError("the live CPU state of this Unicorn build does not match its "
@@ -117,6 +120,19 @@ class Registers:
         mode bits QEMU derived when CS was loaded (what its decoder uses)."""
         hflags = self._hflags.value
         return 64 if hflags & _HF_CS64 else 32 if hflags & _HF_CS32 else 16
+
+    def stack_bits(self) -> int:
+        """Stack address size outside 64-bit mode: 32 if SS's cached descriptor has
+        B set, else 16. Real mode keeps the cache protected mode left behind."""
+        return 32 if self._hflags.value & _HF_SS32 else 16
+
+    def segment(self, name: str) -> Segment:
+        """A segment register as the CPU holds it now, hidden part included (its
+        base, limit and attributes need not follow from the selector: real mode
+        keeps what protected mode or VMRUN loaded)."""
+        raw = ctypes.string_at(self._state + _layout().segment(name), _SEGMENT_CACHE.size)
+        selector, base, limit, flags = _SEGMENT_CACHE.unpack(raw)
+        return Segment(selector, vmcb_attrib(flags), limit, base)
 
     def gpr(self, name: str) -> int:
         return self.read(GPR_IDS[name])

@@ -28,10 +28,16 @@ MAX_INSN = 15
 #: 0F 01 xx (VMRUN..INVLPGA, VMMCALL/VMGEXIT, MONITOR(X), MWAIT(X), RDTSCP, RDPRU,
 #: LMSW), RDMSR/WRMSR/RDPMC/CPUID/INVD/WBINVD/CLTS, MOV to/from CR and DR, and the
 #: one-byte IN/OUT/INS/OUTS and HLT.
-CANDIDATE = re.compile(
-    rb"\x0f[\x01\x06\x08\x09\x20-\x23\x30\x32\x33\xa2]|[\x6c-\x6f\xe4-\xe7\xec-\xef\xf4]",
-    re.DOTALL,
-)
+_OPCODES = rb"\x0f[\x01\x06\x08\x09\x20-\x23\x30\x32\x33\xa2]|[\x6c-\x6f\xe4-\xe7\xec-\xef\xf4"
+CANDIDATE = re.compile(_OPCODES + rb"]", re.DOTALL)
+#: 16-bit code also holds IRET (CF), which the model retires in real mode (see
+#: :attr:`Action.REAL_MODE_IRET`); other code never needs it decoded.
+CANDIDATE_16 = re.compile(_OPCODES + rb"\xcf]", re.DOTALL)
+
+
+def candidates(bits: int) -> re.Pattern[bytes]:
+    """The byte filter for code of this operand size."""
+    return CANDIDATE_16 if bits == 16 else CANDIDATE
 
 
 class Action(Enum):
@@ -42,6 +48,10 @@ class Action(Enum):
     HARDWARE_MSR = "hardware_msr"  # RDMSR/WRMSR: hardware, #VC or native, by ECX
     CR_WRITE = "cr_write"  # MOV to CRn, LMSW, CLTS: retired by the model, then a trap if armed
     CR8_READ = "cr8_read"  # MOV from CR8: the CPU's TPR, which Unicorn does not keep
+    #: IRET in real mode with a 32-bit stack (SS.B set, as after a return from
+    #: protected mode): the CPU pops through ESP, Unicorn's QEMU through SP alone
+    #: (helper_iret_real), so the model retires it. Not an intercept.
+    REAL_MODE_IRET = "real_mode_iret"
 
 
 @frozen
@@ -87,6 +97,12 @@ _BY_MNEMONIC: dict[str, tuple[int, Action]] = {
                                                "outsb", "outsw", "outsd")},
 }  # fmt: skip
 
+#: 16-bit code only: IRET with 16- and 32-bit operands.
+_BY_MNEMONIC_16: dict[str, tuple[int, Action]] = {
+    "iret": (SvmExit.IRET, Action.REAL_MODE_IRET),
+    "iretd": (SvmExit.IRET, Action.REAL_MODE_IRET),
+}
+
 VMGEXIT = b"\xf3\x0f\x01\xd9"
 #: RDPRU, which capstone 5 does not decode (its disassembly stops there): read here.
 RDPRU = b"\x0f\x01\xfd"
@@ -120,7 +136,7 @@ def _decode(code: bytes, address: int, bits: int) -> Iterator[Any]:
 def classify(code: bytes, bits: int) -> Sensitive | None:
     """Decode the instruction at the start of ``code`` and say if the hardware cares."""
     insn = next(_decode(code[:MAX_INSN], 0, bits), None)
-    return None if insn is None else _sensitive(insn, code)
+    return None if insn is None else _sensitive(insn, code, bits)
 
 
 def sensitive_in(code: bytes, address: int, bits: int) -> list[tuple[int, Sensitive]]:
@@ -129,13 +145,13 @@ def sensitive_in(code: bytes, address: int, bits: int) -> list[tuple[int, Sensit
     found = []
     for insn in _decode(code, address, bits):
         offset = insn.address - address
-        site = _sensitive(insn, code[offset : offset + MAX_INSN])
+        site = _sensitive(insn, code[offset : offset + MAX_INSN], bits)
         if site is not None:
             found.append((insn.address, site))
     return found
 
 
-def _sensitive(insn: object, code: bytes) -> Sensitive | None:
+def _sensitive(insn: object, code: bytes, bits: int) -> Sensitive | None:
     mnemonic: str = insn.mnemonic  # type: ignore[attr-defined]
     size: int = insn.size  # type: ignore[attr-defined]
     op_str: str = insn.op_str  # type: ignore[attr-defined]
@@ -144,7 +160,7 @@ def _sensitive(insn: object, code: bytes) -> Sensitive | None:
         return Sensitive(SvmExit.VMGEXIT, size, Action.AUTOMATIC_EXIT, "vmgexit")
     # capstone prints "rep insb" etc.; the exit is the same with or without REP.
     base = mnemonic.split()[-1]
-    known = _BY_MNEMONIC.get(base)
+    known = _BY_MNEMONIC.get(base) or (_BY_MNEMONIC_16.get(base) if bits == 16 else None)
     if known is not None:
         return Sensitive(known[0], size, known[1], mnemonic)
     if base == "lmsw":
@@ -186,7 +202,7 @@ def first_block(code: bytes, address: int, bits: int) -> list[tuple[int, Sensiti
     found = []
     for insn in _decode(code, address, bits):
         offset = insn.address - address
-        site = _sensitive(insn, code[offset : offset + MAX_INSN])
+        site = _sensitive(insn, code[offset : offset + MAX_INSN], bits)
         if site is not None:
             found.append((insn.address, site))
         base = insn.mnemonic.split()[-1]
