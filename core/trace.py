@@ -14,18 +14,13 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any, TypeGuard
 
-from capstone import CS_ARCH_X86, CS_MODE_16, CS_MODE_32, CS_MODE_64, Cs
-
 from sevsim.arch import ghcb_msr as G
+from sevsim.arch.disasm import capstone
 from sevsim.arch.exits import GhcbErr, GhcbResp, SvmExit, VmgExit, exit_name
 from sevsim.arch.ghcb_msr import TERM_REASON_SET, GhcbMsr, TermReason, bits
 from sevsim.arch.ioio import IoioInfo
 from sevsim.kvm.dispatch import ExitKind
 from sevsim.kvm.exits import Hlt, KvmExit, SystemEvent, SystemEventType
-
-_CAPSTONE = {16: Cs(CS_ARCH_X86, CS_MODE_16), 32: Cs(CS_ARCH_X86, CS_MODE_32),
-             64: Cs(CS_ARCH_X86, CS_MODE_64)}  # fmt: skip
-
 
 #: Reasons of sevsim's native #VC handler (its own reason set), by name.
 _TERM_REASONS = {(TERM_REASON_SET, r.value): f"sevsim #VC handler: {r.name}" for r in TermReason}
@@ -36,7 +31,7 @@ VMGEXIT_BYTES = b"\xf3\x0f\x01\xd9"
 def disassemble(code: bytes, address: int, bits_: int = 64) -> str:
     """One instruction as ``bytes  mnemonic operands``; capstone prints VMGEXIT as
     VMMCALL (it drops the REP prefix), so that one is named here."""
-    insn = next(_CAPSTONE[bits_].disasm(code, address, 1), None)
+    insn = next(capstone(bits_).disasm(code, address, 1), None)
     if insn is None:
         return f"{code[:4].hex(' ')} (undecodable)"
     text = f"{insn.mnemonic} {insn.op_str}"

@@ -23,12 +23,10 @@ from sevsim import hookimpl
 from sevsim.arch.exits import GhcbResp, SvmExit, VmgExit
 from sevsim.arch.ghcb import GHCB_PAGE_SIZE, Ghcb
 from sevsim.arch.ghcb_msr import TermReason
+from sevsim.arch.ioio import IOIO_REP, IOIO_STR, IOIO_TYPE_IN
 from sevsim.arch.vmcb import EventInj
 from sevsim.guest.asm import assemble
 from sevsim.guest.decode import (
-    IOIO_REP,
-    IOIO_TYPE_IN,
-    IOIO_TYPE_STR,
     ImmOperand,
     MemOperand,
     MmioType,
@@ -759,7 +757,7 @@ def test_each_request_carries_the_fields_kvm_needs_in_a_fresh_bitmap():
     assert infos[4:7] == [
         (0x402 << 16 | 0x10 | 0x200, 0),  # out dx, al: 1 byte, 64-bit addresses
         (0x402 << 16 | 0x10 | 0x200 | IOIO_TYPE_IN, 0),
-        (0x402 << 16 | 0x10 | 0x200 | IOIO_TYPE_STR | 3 << 10, 1),  # outsb from DS, 1 element
+        (0x402 << 16 | 0x10 | 0x200 | IOIO_STR | 3 << 10, 1),  # outsb from DS, 1 element
     ]
     assert infos[7:] == [(MMIO_TEST_GPA, 4), (MMIO_TEST_GPA + 8, 4)]
     for _, _, ghcb in recorder.requests:
@@ -1154,12 +1152,12 @@ DX = 0x3F8
      ("in ax, dx", 64, DX << 16 | 0x20 | 0x200 | IOIO_TYPE_IN),
      ("out dx, al", 32, DX << 16 | 0x10 | 0x100),
      ("out dx, ax", 16, DX << 16 | 0x20 | 0x80),
-     ("insb", 64, DX << 16 | 0x10 | 0x200 | IOIO_TYPE_IN | IOIO_TYPE_STR),
-     ("rep insd", 64, DX << 16 | 0x40 | 0x200 | IOIO_TYPE_IN | IOIO_TYPE_STR | IOIO_REP),
-     ("rep outsw", 64, DX << 16 | 0x20 | 0x200 | IOIO_TYPE_STR | IOIO_REP | 3 << 10),
-     (b"\x65\x6e", 64, DX << 16 | 0x10 | 0x200 | IOIO_TYPE_STR | 5 << 10),  # gs outsb
-     (b"\x67\xf3\x6c", 64, DX << 16 | 0x10 | 0x100 | IOIO_TYPE_IN | IOIO_TYPE_STR | IOIO_REP),
-     ("rep outsb", 32, DX << 16 | 0x10 | 0x100 | IOIO_TYPE_STR | IOIO_REP | 3 << 10)],
+     ("insb", 64, DX << 16 | 0x10 | 0x200 | IOIO_TYPE_IN | IOIO_STR),
+     ("rep insd", 64, DX << 16 | 0x40 | 0x200 | IOIO_TYPE_IN | IOIO_STR | IOIO_REP),
+     ("rep outsw", 64, DX << 16 | 0x20 | 0x200 | IOIO_STR | IOIO_REP | 3 << 10),
+     (b"\x65\x6e", 64, DX << 16 | 0x10 | 0x200 | IOIO_STR | 5 << 10),  # gs outsb
+     (b"\x67\xf3\x6c", 64, DX << 16 | 0x10 | 0x100 | IOIO_TYPE_IN | IOIO_STR | IOIO_REP),
+     ("rep outsb", 32, DX << 16 | 0x10 | 0x100 | IOIO_STR | IOIO_REP | 3 << 10)],
 )  # fmt: skip
 def test_ioio_exitinfo(source, bits, info):
     io = ioio_exitinfo(one(source, bits=bits), 0xABCD_0000 | DX)

@@ -18,12 +18,12 @@ from test_fidelity_kvm import table_without_rdtscp
 from sevsim import hookimpl
 from sevsim.arch.exits import SvmExit, VmgExit
 from sevsim.arch.ghcb_msr import TermReason
+from sevsim.arch.msr import DR7_RESET_VALUE
 from sevsim.guest import snippets
 from sevsim.guest.asm import assemble
 from sevsim.guest.image import GHCB_GPA, GuestImage
 from sevsim.guest.vc_native import (
     CODE_LIMIT,
-    DR7_RESET,
     HANDLER_SIZE,
     STATE_DR7,
     STATE_IN_VC,
@@ -173,7 +173,7 @@ def test_builder_layout_code_then_state_page():
     body = code[:STATE_OFFSET].rstrip(b"\0")
     assert 0 < len(body) <= CODE_LIMIT
     state = code[STATE_OFFSET:]
-    assert int.from_bytes(state[STATE_DR7 : STATE_DR7 + 8], "little") == DR7_RESET
+    assert int.from_bytes(state[STATE_DR7 : STATE_DR7 + 8], "little") == DR7_RESET_VALUE
     assert state.count(0) == len(state) - 1  # only DR7's reset value is set
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import IntEnum
+from types import MappingProxyType
 
 
 class SvmExit(IntEnum):
@@ -85,6 +87,41 @@ SVM_EXIT_SW = 0xF000_0000
 SNP_ONLY_VMGEXITS = frozenset(
     {VmgExit.PSC, VmgExit.GUEST_REQUEST, VmgExit.EXT_GUEST_REQUEST, VmgExit.AP_CREATION}
 )
+
+
+#: The exit code each intercepted instruction causes, by its mnemonic as capstone prints
+#: it without prefixes (``insb``, not ``rep insb``): the intercept table of APM vol. 2,
+#: 15.9-15.13, for the instructions whose mnemonic alone decides the exit. Not here,
+#: because their operands decide: MOV to/from CRn and DRn (the CR write traps,
+#: READ_DR7/WRITE_DR7), LMSW, and VMGEXIT (``rep vmmcall``). Which of these a CPU
+#: actually intercepts is the hypervisor's choice (KVM never asks for RDTSC).
+EXIT_BY_MNEMONIC: Mapping[str, SvmExit] = MappingProxyType({
+    "cpuid": SvmExit.CPUID,
+    "rdpmc": SvmExit.RDPMC,
+    "rdtsc": SvmExit.RDTSC,
+    "rdtscp": SvmExit.RDTSCP,
+    "rdpru": SvmExit.RDPRU,
+    "invd": SvmExit.INVD,
+    "wbinvd": SvmExit.WBINVD,
+    "monitor": SvmExit.MONITOR,
+    "monitorx": SvmExit.MONITOR,
+    "mwait": SvmExit.MWAIT,
+    "mwaitx": SvmExit.MWAIT,
+    "vmmcall": SvmExit.VMMCALL,
+    "vmrun": SvmExit.VMRUN,
+    "vmload": SvmExit.VMLOAD,
+    "vmsave": SvmExit.VMSAVE,
+    "stgi": SvmExit.STGI,
+    "clgi": SvmExit.CLGI,
+    "skinit": SvmExit.SKINIT,
+    "invlpga": SvmExit.INVLPGA,
+    "hlt": SvmExit.HLT,
+    "rdmsr": SvmExit.MSR,
+    "wrmsr": SvmExit.MSR,
+    "clts": SvmExit.CR0_WRITE_TRAP,
+    **dict.fromkeys(("in", "out", "insb", "insw", "insd", "outsb", "outsw", "outsd"),
+                    SvmExit.IOIO),
+})  # fmt: skip
 
 
 def exit_name(code: int) -> str:

@@ -83,9 +83,18 @@ def cpuid_req(function: int, register: int) -> int:
     return (function << 32) | (register << 30) | GhcbMsr.CPUID_REQ
 
 
+#: Bit positions of a TERM_REQ's reason set (15:12) and reason code (23:16).
+GHCB_MSR_TERM_REASON_SET_POS = 12
+GHCB_MSR_TERM_REASON_POS = 16
+
+
 def term_req(reason_set: int, reason_code: int) -> int:
     """Termination request: reason set[15:12], reason code[23:16], code 0x100."""
-    return (reason_code << 16) | (reason_set << 12) | GhcbMsr.TERM_REQ
+    return (
+        (reason_code << GHCB_MSR_TERM_REASON_POS)
+        | (reason_set << GHCB_MSR_TERM_REASON_SET_POS)
+        | GhcbMsr.TERM_REQ
+    )
 
 
 def term_reason(value: int) -> tuple[int, int] | None:

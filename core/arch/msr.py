@@ -1,4 +1,4 @@
-"""Model-specific register numbers sevsim names."""
+"""Model-specific register numbers sevsim names, and the bits of EFER, CR0, CR4 and RFLAGS."""
 
 from __future__ import annotations
 
@@ -50,9 +50,16 @@ CR4_OSFXSR = 1 << 9
 CR4_OSXMMEXCPT = 1 << 10
 CR4_LA57 = 1 << 12
 CR4_PCIDE = 1 << 17
+CR4_OSXSAVE = 1 << 18
 CR4_SMEP = 1 << 20
 CR4_SMAP = 1 << 21
 CR4_PKE = 1 << 22
+
+X86_EFLAGS_IF = 1 << 9
+X86_EFLAGS_DF = 1 << 10
+
+#: DR7 at reset: bit 10 always reads as 1 (Linux's ``DR7_RESET_VALUE``).
+DR7_RESET_VALUE = 0x400
 
 #: Power-on PAT value (APM vol. 2, A.3).
 PAT_DEFAULT = 0x0007_0406_0007_0406

@@ -12,9 +12,9 @@ Keystone 0.9.2 assembles ``rep vmmcall`` (VMGEXIT) correctly, but:
 
 from __future__ import annotations
 
-from capstone import CS_ARCH_X86, CS_MODE_64, Cs
 from keystone import KS_ARCH_X86, KS_MODE_16, KS_MODE_32, KS_MODE_64, Ks, KsError
 
+from sevsim.arch.disasm import capstone
 from sevsim.errors import SevsimError
 
 _MODES = {16: KS_MODE_16, 32: KS_MODE_32, 64: KS_MODE_64}
@@ -43,7 +43,7 @@ def assemble(source: str, address: int = 0, bits: int = 64) -> bytes:
 
 
 def _refuse_accidental_rip_relative(code: bytes, address: int) -> None:
-    for insn in Cs(CS_ARCH_X86, CS_MODE_64).disasm(code, address):
+    for insn in capstone(64).disasm(code, address):
         if "rip +" in insn.op_str or "rip -" in insn.op_str:
             raise AssemblyError(
                 f"keystone encoded an absolute address as RIP-relative at {insn.address:#x} "

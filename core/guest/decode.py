@@ -15,37 +15,18 @@ from collections.abc import Callable
 from enum import Enum
 
 from attrs import frozen
-from capstone import CS_ARCH_X86, CS_MODE_16, CS_MODE_32, CS_MODE_64, Cs, CsInsn
+from capstone import CsInsn
 from capstone.x86 import X86_OP_IMM, X86_OP_MEM, X86_OP_REG
 
-from sevsim.arch.exits import SvmExit
+from sevsim.arch.disasm import capstone
+from sevsim.arch.exits import EXIT_BY_MNEMONIC, SvmExit
+from sevsim.arch.ioio import SEGMENT_NUMBERS, IoioInfo
 
 MAX_INSN = 15
 U64 = (1 << 64) - 1
 
-#: ``sw_exit_info_1`` of SVM_EXIT_IOIO as the guest builds it (Linux's guest-side
-#: ``IOIO_*``; APM vol. 2, 15.10.2).
-IOIO_TYPE_IN = 1 << 0
-IOIO_TYPE_STR = 1 << 2
-IOIO_REP = 1 << 3
-IOIO_DATA_SHIFT = 4  # one-hot data size: bit 4 = 1 byte, 5 = 2, 6 = 4
-IOIO_ADDR = {2: 1 << 7, 4: 1 << 8, 8: 1 << 9}
-IOIO_SEG_SHIFT = 10
-#: Segment register numbers of the IOIO ``SEG`` field (and of the ModRM sreg encoding).
-SEGMENT_NUMBERS = {"es": 0, "cs": 1, "ss": 2, "ds": 3, "fs": 4, "gs": 5}
-
 _SEGMENT_PREFIXES = {0x26: "es", 0x2E: "cs", 0x36: "ss", 0x3E: "ds", 0x64: "fs", 0x65: "gs"}
 _REP_PREFIXES = frozenset({0xF2, 0xF3})
-_MODES = {16: CS_MODE_16, 32: CS_MODE_32, 64: CS_MODE_64}
-
-
-def _capstone(bits: int) -> Cs:
-    cs = Cs(CS_ARCH_X86, _MODES[bits])
-    cs.detail = True
-    return cs
-
-
-_ENGINES = {bits: _capstone(bits) for bits in _MODES}
 
 
 def _gpr_parts() -> dict[str, tuple[str, int, int]]:
@@ -148,7 +129,7 @@ class Instruction:
 
 def decode(code: bytes, address: int, bits: int) -> Instruction | None:
     """Decode the instruction at the start of ``code`` in ``bits``-bit mode (None: invalid)."""
-    insn = next(_ENGINES[bits].disasm(code[:MAX_INSN], address, 1), None)
+    insn = next(capstone(bits, detail=True).disasm(code[:MAX_INSN], address, 1), None)
     if insn is None:
         return None
     opcode_len = 1 if insn.opcode[0] != 0x0F else 3 if insn.opcode[1] in (0x38, 0x3A) else 2
@@ -319,25 +300,12 @@ def ioio_exitinfo(insn: Instruction, rdx: int) -> IoInsn | None:
         size = next(op.size for op in insn.operands if isinstance(op, RegOperand)
                     and op.name in ("al", "ax", "eax"))  # fmt: skip
     segment = "es" if is_in else effective_segment(insn)
-    info = port << 16 | size << IOIO_DATA_SHIFT | IOIO_ADDR[insn.address_size]
-    if is_in:
-        info |= IOIO_TYPE_IN
-    if string:
-        info |= IOIO_TYPE_STR | SEGMENT_NUMBERS[segment] << IOIO_SEG_SHIFT
-    if string and insn.rep:
-        info |= IOIO_REP
-    return IoInsn(info, port, size, is_in, string, segment)
+    info = IoioInfo(port, size, 8 * insn.address_size, rep=string and insn.rep, string=string,
+                    is_in=is_in, segment=SEGMENT_NUMBERS[segment] if string else 0)  # fmt: skip
+    return IoInsn(info.encode(), port, size, is_in, string, segment)
 
 
 # -- which exit code an instruction causes (vc_check_opcode_bytes) ----------------------
-
-_EXIT_BY_MNEMONIC = {
-    "cpuid": SvmExit.CPUID, "invd": SvmExit.INVD, "wbinvd": SvmExit.WBINVD,
-    "monitor": SvmExit.MONITOR, "monitorx": SvmExit.MONITOR,
-    "mwait": SvmExit.MWAIT, "mwaitx": SvmExit.MWAIT,
-    "rdmsr": SvmExit.MSR, "wrmsr": SvmExit.MSR, "rdpmc": SvmExit.RDPMC,
-    "rdtsc": SvmExit.RDTSC, "rdtscp": SvmExit.RDTSCP, "vmmcall": SvmExit.VMMCALL,
-}  # fmt: skip
 
 
 def exit_code_of(insn: Instruction) -> int | None:
@@ -355,4 +323,4 @@ def exit_code_of(insn: Instruction) -> int | None:
         first = insn.operands[0]
         writes = isinstance(first, RegOperand) and first.name == "dr7"
         return SvmExit.WRITE_DR7 if writes else SvmExit.READ_DR7
-    return _EXIT_BY_MNEMONIC.get(insn.mnemonic)
+    return EXIT_BY_MNEMONIC.get(insn.mnemonic)

@@ -68,6 +68,7 @@ from sevsim.arch.ghcb import (
     Ghcb,
 )
 from sevsim.arch.ghcb_msr import TERM_REASON_SET, TermReason, term_req
+from sevsim.arch.msr import DR7_RESET_VALUE, X86_EFLAGS_DF
 from sevsim.arch.vectors import Vector
 from sevsim.arch.vmcb import EventInj
 from sevsim.guest.decode import (
@@ -98,8 +99,6 @@ GHCB_PROTOCOL_MAX = 2
 #: Termination reason: set 0 (general), code 0 (general request).
 SEV_TERM_SET_GEN = 0
 GHCB_SEV_ES_GEN_REQ = 0
-DR7_RESET_VALUE = 0x400
-X86_EFLAGS_DF = 1 << 10
 GP_VECTOR, UD_VECTOR, PF_VECTOR = Vector.GP, Vector.UD, Vector.PF
 SHARED_BUFFER_SIZE = SHARED_BUFFER_END - SHARED_BUFFER_START
 _EVTINJ_TYPE_MASK = 7 << EventInj.TYPE_SHIFT

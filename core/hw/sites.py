@@ -6,7 +6,7 @@ a write the CPU model must retire itself. This module only decides *what* an
 instruction is; :mod:`sevsim.hw.intercept` decides where to look (at the exact
 instruction boundaries of every block Unicorn translates) and stops the CPU there.
 
-:data:`CANDIDATE` is a cheap byte filter: a run of code in which it finds nothing
+:func:`candidates` gives a cheap byte filter: a run of code in which it finds nothing
 holds no sensitive instruction, so most translated blocks are never decoded.
 """
 
@@ -18,9 +18,9 @@ from enum import Enum
 from typing import Any
 
 from attrs import frozen
-from capstone import CS_ARCH_X86, CS_MODE_16, CS_MODE_32, CS_MODE_64, Cs
 
-from sevsim.arch.exits import SvmExit
+from sevsim.arch.disasm import capstone
+from sevsim.arch.exits import EXIT_BY_MNEMONIC, SvmExit
 
 MAX_INSN = 15
 
@@ -67,35 +67,18 @@ class Sensitive:
     operand: str = ""
 
 
-_MODES = ((16, CS_MODE_16), (32, CS_MODE_32), (64, CS_MODE_64))
-_CS = {bits: Cs(CS_ARCH_X86, mode) for bits, mode in _MODES}
+#: What the hardware does for an exit code other than a plain #VC.
+_ACTIONS = {SvmExit.HLT: Action.AUTOMATIC_EXIT, SvmExit.MSR: Action.HARDWARE_MSR,
+            SvmExit.CR0_WRITE_TRAP: Action.CR_WRITE}  # fmt: skip
+#: Instructions the model never stops in front of: KVM does not intercept RDTSC, and
+#: :data:`CANDIDATE` does not look for it.
+_NEVER_INTERCEPTED = frozenset({SvmExit.RDTSC})
 
 _BY_MNEMONIC: dict[str, tuple[int, Action]] = {
-    "cpuid": (SvmExit.CPUID, Action.NAE),
-    "rdpmc": (SvmExit.RDPMC, Action.NAE),
-    "rdtscp": (SvmExit.RDTSCP, Action.NAE),
-    "rdpru": (SvmExit.RDPRU, Action.NAE),
-    "invd": (SvmExit.INVD, Action.NAE),
-    "wbinvd": (SvmExit.WBINVD, Action.NAE),
-    "monitor": (SvmExit.MONITOR, Action.NAE),
-    "monitorx": (SvmExit.MONITOR, Action.NAE),
-    "mwait": (SvmExit.MWAIT, Action.NAE),
-    "mwaitx": (SvmExit.MWAIT, Action.NAE),
-    "vmmcall": (SvmExit.VMMCALL, Action.NAE),
-    "vmrun": (SvmExit.VMRUN, Action.NAE),
-    "vmload": (SvmExit.VMLOAD, Action.NAE),
-    "vmsave": (SvmExit.VMSAVE, Action.NAE),
-    "stgi": (SvmExit.STGI, Action.NAE),
-    "clgi": (SvmExit.CLGI, Action.NAE),
-    "skinit": (SvmExit.SKINIT, Action.NAE),
-    "invlpga": (SvmExit.INVLPGA, Action.NAE),
-    "hlt": (SvmExit.HLT, Action.AUTOMATIC_EXIT),
-    "rdmsr": (SvmExit.MSR, Action.HARDWARE_MSR),
-    "wrmsr": (SvmExit.MSR, Action.HARDWARE_MSR),
-    "clts": (SvmExit.CR0_WRITE_TRAP, Action.CR_WRITE),
-    **{m: (SvmExit.IOIO, Action.NAE) for m in ("in", "out", "insb", "insw", "insd",
-                                               "outsb", "outsw", "outsd")},
-}  # fmt: skip
+    mnemonic: (code, _ACTIONS.get(code, Action.NAE))
+    for mnemonic, code in EXIT_BY_MNEMONIC.items()
+    if code not in _NEVER_INTERCEPTED
+}
 
 #: 16-bit code only: IRET with 16- and 32-bit operands.
 _BY_MNEMONIC_16: dict[str, tuple[int, Action]] = {
@@ -124,7 +107,7 @@ def _decode(code: bytes, address: int, bits: int) -> Iterator[Any]:
     RDPRU (which capstone stops at) and ending at the first byte nothing decodes."""
     offset = 0
     while offset < len(code):
-        for insn in _CS[bits].disasm(code[offset:], address + offset):
+        for insn in capstone(bits).disasm(code[offset:], address + offset):
             yield insn
             offset = insn.address - address + insn.size
         if code[offset : offset + len(RDPRU)] != RDPRU:
