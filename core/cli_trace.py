@@ -8,7 +8,9 @@ events come from, kvm's events (``create_vm(events=...)``) and the simulator's v
 still hears every event, since the run's verdict needs the termination reason it
 records, and only its printed lines are filtered (``Trace(shown=...)``).
 ``--hypervisor-view`` leaves out the simulator's view (guest RIPs, instructions,
-#VCs) from both: what KVM can see.
+#VCs) from both: what KVM can see. Device accesses are in the JSONL trace; the text
+trace shows them only when the filter names them (``event=device_access,...``), since
+the handlers' notes already say what each exit read or wrote.
 
 ``sevsim trace summarize FILE`` and ``sevsim trace report FILE -o PAGE`` read a JSON
 Lines trace back (:mod:`sevsim.trace_summary`, :mod:`sevsim.trace_report`).
@@ -153,8 +155,11 @@ class TraceOutput:
         echo: Callable[[str], None] | None = None
         if "text" in formats:
             echo = _printer(text_stream)
-        self.trace = Trace(echo, hypervisor_view=self.hypervisor_view,
-                           shown=trace_filter.matches if trace_filter else None)  # fmt: skip
+        self.trace = Trace(
+            echo, hypervisor_view=self.hypervisor_view,
+            shown=trace_filter.matches if trace_filter else None,
+            device_accesses=trace_filter is not None and trace_filter.names("device_access"),
+        )  # fmt: skip
 
     def events(self, *others: EventSink) -> EventSink:
         """What kvm reports to besides the text trace: ``others`` (the plugins'

@@ -6,24 +6,40 @@ codes, GHCB MSR protocol requests and replies, GHCB error replies, termination
 reasons. It also shows the guest instruction behind each exit, disassembled with
 capstone from the simulator's debug record of the exit: a view a real hypervisor
 does not have, marked as such.
+
+Besides the exits it shows what the hypervisor side did to a vCPU on its own account:
+interrupts and NMIs injected, INIT and SIPI delivered, a plugin's handler failing, and
+(when asked: they repeat the handlers' notes, naming the device) each access a VMM
+device served. Termination reasons are decoded by :mod:`sevsim.kvm.termination`,
+which the VMM uses too; its names are re-exported here.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Mapping
-from typing import Any, TypeGuard
+from typing import Any
 
 from sevsim.arch import ghcb_msr as G
 from sevsim.arch.disasm import capstone
 from sevsim.arch.exits import GhcbErr, GhcbResp, SvmExit, VmgExit, exit_name
-from sevsim.arch.ghcb_msr import TERM_REASON_SET, GhcbMsr, TermReason, bits
 from sevsim.arch.ioio import IoioInfo
-from sevsim.kvm.dispatch import ExitKind
-from sevsim.kvm.exits import Hlt, KvmExit, SystemEvent, SystemEventType
+from sevsim.kvm.dispatch import ExitKind, code_name
+from sevsim.kvm.exits import Hlt, KvmExit
+from sevsim.kvm.termination import (
+    Reason,
+    Terminations,
+    describe_exit,
+    describe_msr,
+    describe_reason,
+    is_sev_term,
+    term_reason,
+)
 
-#: Reasons of sevsim's native #VC handler (its own reason set), by name.
-_TERM_REASONS = {(TERM_REASON_SET, r.value): f"sevsim #VC handler: {r.name}" for r in TermReason}
+__all__ = [
+    "Reason", "Trace", "describe_access", "describe_exit", "describe_msr", "describe_reason",
+    "describe_request", "describe_response", "disassemble", "is_sev_term", "term_reason",
+]  # fmt: skip
 
 VMGEXIT_BYTES = b"\xf3\x0f\x01\xd9"
 
@@ -38,38 +54,6 @@ def disassemble(code: bytes, address: int, bits_: int = 64) -> str:
     if bytes(insn.bytes).endswith(VMGEXIT_BYTES):
         text = "vmgexit"
     return f"{insn.bytes.hex(' '):<14} {text}".rstrip()
-
-
-def describe_reason(reason_set: int, reason_code: int) -> str:
-    """A termination reason: ``set 1 code 4 (GHCB_TERM_CPUID)``."""
-    why = (_TERM_REASONS.get((reason_set, reason_code))
-           or G.term_reason_name(reason_set, reason_code))  # fmt: skip
-    return f"set {reason_set} code {reason_code} ({why})"
-
-
-def describe_msr(value: int) -> str:
-    """A GHCB MSR protocol value in words, request or response."""
-    code = G.info(value)
-    try:
-        name = GhcbMsr(code).name
-    except ValueError:
-        return f"unknown GHCBInfo {code:#05x}"
-    match code:
-        case GhcbMsr.SEV_INFO_RESP:
-            return (f"{name} max {bits(value, 63, 48)} min {bits(value, 47, 32)} "
-                    f"C-bit {bits(value, 31, 24)}")  # fmt: skip
-        case GhcbMsr.CPUID_REQ:
-            return f"{name} fn {bits(value, 63, 32):#x} E{'ABCD'[bits(value, 31, 30)]}X"
-        case GhcbMsr.CPUID_RESP:
-            data = bits(value, 63, 32)
-            text = data.to_bytes(4, "little")
-            shown = f" '{text.decode()}'" if all(32 <= b < 127 for b in text) else ""
-            return f"{name} {data:#010x}{shown}"
-        case GhcbMsr.TERM_REQ:
-            return f"{name} {describe_reason(*G.term_reason(value))}"  # type: ignore[misc]
-        case GhcbMsr.HV_FT_RESP:
-            return f"{name} features {value >> 12:#x}"
-    return name
 
 
 def describe_request(code: int, info1: int, info2: int) -> str:
@@ -101,39 +85,25 @@ def describe_response(info1: int, info2: int) -> str:
     return f"info1 {info1:#x} info2 {info2:#x}"
 
 
-def is_sev_term(exit_: KvmExit) -> TypeGuard[SystemEvent]:
-    return isinstance(exit_, SystemEvent) and exit_.type is SystemEventType.SEV_TERM
+def describe_access(bus: str, address: int, size: int, direction: str, value: int) -> str:
+    """A device access in words, as the ``ioio`` plugin notes one: ``port 0x80 <- 0x00``,
+    ``mmio 0xfee00300 -> 0x00004500``; the value shown with all of its bytes."""
+    where = f"port {address:#x}" if bus == "io" else f"{bus} {address:#x}"
+    arrow = "->" if direction == "read" else "<-"
+    return f"{where} {arrow} {value:#0{2 + 2 * size}x} ({size} byte{'s' * (size != 1)})"
 
 
-Reason = tuple[int, int]
-
-
-def term_reason(exit_: KvmExit, ghcb_reason: Reason | None = None) -> Reason | None:
-    """(reason set, reason code) of a SEV_TERM exit, if known. The MSR protocol's
-    request carries it; a GHCB TERM_REQUEST's exit carries only the GHCB's GPA, and
-    its reason (``ghcb_reason``) is known only to whoever saw the request (KVM logs
-    it; the trace records it)."""
-    if not is_sev_term(exit_) or not exit_.data:
-        return None
-    return G.term_reason(exit_.data[0]) if G.info(exit_.data[0]) else ghcb_reason
-
-
-def describe_exit(exit_: KvmExit, ghcb_reason: tuple[int, int] | None = None) -> str:
-    """An exit in words, a termination request's reason included when known
-    (:func:`term_reason`)."""
-    text = exit_.describe()
-    if is_sev_term(exit_) and exit_.data:
-        data = exit_.data[0]
-        if G.info(data):
-            return f"{text}: {describe_msr(data)}"
-        text += f": GHCB TERM_REQUEST at {data:#x}"
-        if ghcb_reason is not None:
-            text += f" {describe_reason(*ghcb_reason)}"
-    return text
+#: How an interrupt or NMI was injected (the events' ``how``), as the trace says it.
+_HOW = {"event_inj": "EVENTINJ"}
 
 
 class Trace:
-    """Records a run as lines of text (and echoes them, if asked) plus exit counts."""
+    """Records a run as lines of text (and echoes them, if asked) plus exit counts.
+
+    ``device_accesses`` adds a line for each access a VMM device served: off by default,
+    since the ``ioio`` and ``mmio`` plugins' notes already say what each exit read or
+    wrote, and a firmware boot makes thousands of them.
+    """
 
     def __init__(
         self,
@@ -141,6 +111,7 @@ class Trace:
         *,
         hypervisor_view: bool = False,
         shown: Callable[[str, Mapping[str, Any]], bool] | None = None,
+        device_accesses: bool = False,
     ) -> None:
         self.lines: list[str] = []
         #: Which events' lines are echoed (``TraceFilter.matches``; None: all). The
@@ -149,21 +120,16 @@ class Trace:
         self._echoing = True
         #: Show only what KVM could see: no guest RIP, instruction or #VC.
         self.hypervisor_view = hypervisor_view
+        #: Whether each device access gets a line (see above).
+        self.device_accesses = device_accesses
         #: #VMEXITs by exit code name.
         self.exits: Counter[str] = Counter()
         #: What the guest asked for: MSR-protocol requests and GHCB exit codes.
         self.requests: Counter[str] = Counter()
-        #: The reason of each vCPU's last GHCB TERM_REQUEST (from the request, as KVM
-        #: logs it: the SEV_TERM exit carries only the GHCB's address), by vCPU.
-        self._ghcb_term_reasons: dict[int, tuple[int, int]] = {}
-        #: The reason of a vCPU's last TERM_REQ that no plugin handled (the guest went
-        #: on), by vCPU.
-        self._ignored_terminations: dict[int, tuple[int, int]] = {}
+        #: What the events said about termination requests (the run's verdict needs it).
+        self.terminations = Terminations()
         self._echo = echo
         self._seq = 0
-        #: The MSR-protocol request being handled, by vCPU, and whether a plugin did.
-        self._request: dict[int, int] = {}
-        self._handled: set[int] = set()
         #: The silicon's account of each vCPU's last #VMEXIT (``sim_exit``), shown on
         #: the exit's line; empty when the trace sees only what KVM sees.
         self._sim_exits: dict[int, dict[str, Any]] = {}
@@ -173,9 +139,13 @@ class Trace:
     def wants(self, name: str) -> bool:
         if self.hypervisor_view and name.startswith("sim_"):
             return False
+        if name == "device_access":
+            return self.device_accesses
         return hasattr(self, f"_on_{name}")
 
     def emit(self, name: str, /, **fields: Any) -> None:
+        if self.terminations.wants(name):
+            self.terminations.emit(name, **fields)
         self._echoing = self._shown is None or self._shown(name, fields)
         try:
             getattr(self, f"_on_{name}")(**fields)
@@ -218,24 +188,17 @@ class Trace:
     def _on_msr_protocol_enter(self, vcpu_id: int, ghcb_gpa: int) -> None:
         self.requests[f"MSR {describe_msr(ghcb_gpa).split()[0]}"] += 1
         self._line(f"      MSR protocol {ghcb_gpa:#018x}  {describe_msr(ghcb_gpa)}")
-        self._request[vcpu_id] = ghcb_gpa
-        self._handled.discard(vcpu_id)
 
     def _on_msr_protocol_exit(self, vcpu_id: int, ghcb_gpa: int, result: int) -> None:
-        if vcpu_id not in self._handled and ghcb_gpa == self._request.get(vcpu_id):
+        if self.terminations.unanswered(vcpu_id, ghcb_gpa):
             self._line("      ignored: no plugin handles this request; the guest reads its "
                        "own value back")  # fmt: skip
-            reason = G.term_reason(ghcb_gpa)
-            if reason is not None:
-                self._ignored_terminations[vcpu_id] = reason
             return
         self._line(f"      reply        {ghcb_gpa:#018x}  {describe_msr(ghcb_gpa)}")
 
     def _on_vmgexit_enter(self, vcpu_id: int, exit_reason: int, info1: int, info2: int) -> None:
         name = exit_name(exit_reason)
         self.requests[f"GHCB {name}"] += 1
-        if exit_reason == VmgExit.TERM_REQUEST:
-            self._ghcb_term_reasons[vcpu_id] = G.ghcb_term_reason(info1)
         self._line(f"      GHCB {name}  {describe_request(exit_reason, info1, info2)}")
 
     def _on_sim_vc(self, vm: str, vcpu: int, exit_code: int, rip: int, insn: bytes,
@@ -249,10 +212,40 @@ class Trace:
     def _on_exit_handled(
         self, vcpu_id: int, kind: str, code: int, plugin: str, notes: dict[str, Any]
     ) -> None:
-        if kind == ExitKind.MSR_PROTOCOL.value:
-            self._handled.add(vcpu_id)
         for text in notes.values():
             self._line(f"      {plugin}: {text}")
+
+    # -- what the hypervisor side did on its own account ---------------------------------
+    #
+    # These name their vCPU: they happen between exits, or for another vCPU than the
+    # one whose exit is being handled (an IPI), so the exit above them may not be theirs.
+
+    def _labelled(self, label: str, text: str) -> None:
+        """A line in the MSR protocol lines' columns: ``      label        text``."""
+        self._line(f"      {label:<12} {text}")
+
+    def _on_plugin_failed(self, vcpu_id: int, plugin: str, kind: str, code: int,
+                          error: str | None, message: str) -> None:  # fmt: skip
+        problem = message if error is None else f"{error}: {message}"
+        self._labelled("plugin error", f"vcpu{vcpu_id} {plugin}: handler for {kind} "
+                       f"{code_name(ExitKind(kind), code)}: {problem}")  # fmt: skip
+
+    def _on_interrupt_injected(self, vcpu_id: int, vector: int, how: str) -> None:
+        self._labelled("interrupt", f"vcpu{vcpu_id} vector {vector:#x} ({_HOW.get(how, how)})")
+
+    def _on_nmi_injected(self, vcpu_id: int, how: str) -> None:
+        self._labelled("NMI", f"vcpu{vcpu_id} ({_HOW.get(how, how)})")
+
+    def _on_init_delivered(self, vcpu_id: int) -> None:
+        self._labelled("INIT", f"vcpu{vcpu_id}: waits for a SIPI")
+
+    def _on_sipi_delivered(self, vcpu_id: int, vector: int, start: int) -> None:
+        self._labelled("SIPI", f"vcpu{vcpu_id} vector {vector:#x} (start {start:#x})")
+
+    def _on_device_access(self, vcpu_id: int, device: str, bus: str, address: int, size: int,
+                          direction: str, value: int) -> None:  # fmt: skip
+        access = describe_access(bus, address, size, direction, value)
+        self._labelled("device", f"vcpu{vcpu_id} {device}: {access}")
 
     # -- the end of a run -------------------------------------------------------------------
 
@@ -264,17 +257,17 @@ class Trace:
         """A line of the VMM's own (launch digest, warnings)."""
         self._line(text)
 
-    def term_reason(self, exit_: KvmExit, vcpu_id: int) -> tuple[int, int] | None:
+    def term_reason(self, exit_: KvmExit, vcpu_id: int) -> Reason | None:
         """:func:`term_reason` of an exit of ``vcpu_id``, with the reason this trace saw."""
-        return term_reason(exit_, self._ghcb_term_reasons.get(vcpu_id))
+        return self.terminations.term_reason(exit_, vcpu_id)
 
-    def ignored_termination(self, vcpu_id: int) -> tuple[int, int] | None:
+    def ignored_termination(self, vcpu_id: int) -> Reason | None:
         """The reason of the vCPU's last termination request nobody handled, if any."""
-        return self._ignored_terminations.get(vcpu_id)
+        return self.terminations.ignored_termination(vcpu_id)
 
     def describe_exit(self, exit_: KvmExit, vcpu_id: int) -> str:
         """:func:`describe_exit` with the GHCB termination reason this trace saw."""
-        return describe_exit(exit_, self._ghcb_term_reasons.get(vcpu_id))
+        return self.terminations.describe_exit(exit_, vcpu_id)
 
     def summary(self, exit_: KvmExit, vcpu_id: int) -> list[str]:
         def counted(counter: Counter[str]) -> str:

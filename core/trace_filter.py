@@ -131,6 +131,11 @@ class TraceFilter:
             return True
         return all(any(f in known for f in fields) for fields, _ in self._field_clauses())
 
+    def names(self, event: str) -> bool:
+        """Whether the event clause lists ``event`` by name: how a reader asks for what
+        a trace leaves out unless asked (the text trace's device accesses)."""
+        return self.events is not None and event in self.events
+
     def matches(self, name: str, fields: Mapping[str, Any]) -> bool:
         """Whether this event passes every clause."""
         if self.events is not None and name not in self.events:

@@ -24,7 +24,13 @@ from sevsim.arch.ghcb_msr import GhcbMsr
 from sevsim.hw import SIM_EVENTS
 from sevsim.kvm.dispatch import ExitKind
 from sevsim.kvm.events import EVENTS
-from sevsim.trace import describe_msr, describe_request, describe_response, disassemble
+from sevsim.trace import (
+    describe_access,
+    describe_msr,
+    describe_request,
+    describe_response,
+    disassemble,
+)
 
 #: The header's ``schema`` value: what the file is.
 SCHEMA = "sevsim-trace"
@@ -48,6 +54,8 @@ VCPU_FIELDS = ("vcpu_id", "vcpu")
 #: Where an event keeps an exit code (kvm's vmexit and the simulator's, the GHCB's
 #: ``sw_exit_code``, an exit handler's code).
 CODE_FIELDS = ("exit_code", "exit_reason", "code")
+#: Events about an exit handler, whose ``code`` lives in the number space ``kind`` names.
+HANDLER_EVENTS = frozenset({"exit_handled", "plugin_failed"})
 
 _DISASSEMBLY_MODES = (16, 32, 64)
 
@@ -96,7 +104,7 @@ def ghcb_msr_name(code: int) -> str:
 
 def _exit_name(name: str, fields: Mapping[str, Any]) -> str | None:
     """The symbolic name of the code an event is about, in the number space it is in."""
-    if name == "exit_handled":
+    if name in HANDLER_EVENTS:
         code = fields.get("code")
         if not isinstance(code, int):
             return None
@@ -124,6 +132,12 @@ def _decoded(name: str, fields: Mapping[str, Any]) -> str | None:
         return describe_response(*ints)
     if name.startswith("msr_protocol_") and (ints := _ints(fields, "ghcb_gpa")):
         return describe_msr(*ints)
+    if name == "device_access" and (ints := _ints(fields, "address", "size", "value")):
+        bus, direction = fields.get("bus"), fields.get("direction")
+        if isinstance(bus, str) and isinstance(direction, str):
+            address, size, value = ints
+            access = describe_access(bus, address, size, direction, value)
+            return f"{fields.get('device')}: {access}"
     if name.startswith("sim_") and (ints := _ints(fields, "rip", "bits")):
         insn = fields.get("insn")
         if isinstance(insn, bytes) and insn and ints[1] in _DISASSEMBLY_MODES:

@@ -411,6 +411,38 @@ class Observer:
         self.calls.append(("exit_handled", {"vcpu_id": vcpu_id, "kind": kind, "code": code,
                                             "plugin": plugin, "notes": notes}))  # fmt: skip
 
+    @hookimpl
+    def sevsim_plugin_failed(self, vcpu_id: int, plugin: str, kind: str, code: int,
+                             error: str | None, message: str) -> None:  # fmt: skip
+        self.calls.append(("plugin_failed", {"vcpu_id": vcpu_id, "plugin": plugin, "kind": kind,
+                                             "code": code, "error": error,
+                                             "message": message}))  # fmt: skip
+
+    @hookimpl
+    def sevsim_interrupt_injected(self, vcpu_id: int, vector: int, how: str) -> None:
+        self.calls.append(("interrupt_injected", {"vcpu_id": vcpu_id, "vector": vector,
+                                                  "how": how}))  # fmt: skip
+
+    @hookimpl
+    def sevsim_nmi_injected(self, vcpu_id: int, how: str) -> None:
+        self.calls.append(("nmi_injected", {"vcpu_id": vcpu_id, "how": how}))
+
+    @hookimpl
+    def sevsim_init_delivered(self, vcpu_id: int) -> None:
+        self.calls.append(("init_delivered", {"vcpu_id": vcpu_id}))
+
+    @hookimpl
+    def sevsim_sipi_delivered(self, vcpu_id: int, vector: int, start: int) -> None:
+        self.calls.append(("sipi_delivered", {"vcpu_id": vcpu_id, "vector": vector,
+                                              "start": start}))  # fmt: skip
+
+    @hookimpl
+    def sevsim_device_access(self, vcpu_id: int, device: str, bus: str, address: int,
+                             size: int, direction: str, value: int) -> None:  # fmt: skip
+        self.calls.append(("device_access", {"vcpu_id": vcpu_id, "device": device, "bus": bus,
+                                             "address": address, "size": size,
+                                             "direction": direction, "value": value}))  # fmt: skip
+
 
 def test_every_event_reaches_its_observer_hook(plugin_host: Callable[..., PluginHost]) -> None:
     observer = Observer()

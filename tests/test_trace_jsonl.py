@@ -75,9 +75,9 @@ def test_an_out_to_port_0x80_is_a_vmgexit_handled_by_ioio(events: list[dict[str,
 
 def test_one_ghcb_exit_in_the_order_the_summary_pairs(events: list[dict[str, Any]]) -> None:
     first_vc = next(i for i, e in enumerate(events) if e["event"] == "sim_vc")
-    names = [e["event"] for e in events[first_vc : first_vc + 6]]
-    assert names == ["sim_vc", "sim_exit", "vmexit", "vmgexit_enter", "exit_handled",
-                     "vmgexit_exit"]  # fmt: skip
+    names = [e["event"] for e in events[first_vc : first_vc + 7]]
+    assert names == ["sim_vc", "sim_exit", "vmexit", "vmgexit_enter", "device_access",
+                     "exit_handled", "vmgexit_exit"]  # fmt: skip
     assert events[first_vc + 2]["exit_code"] == 0x403
     assert events[first_vc + 2]["exit_name"] == "SVM_EXIT_VMGEXIT"
 
@@ -135,15 +135,15 @@ class Opaque:
 def test_an_event_nobody_described_is_written_generically() -> None:
     out = io.StringIO()
     sink = JsonlSink(out)
-    assert sink.wants("nmi_delivered")
-    sink.emit("nmi_delivered", vcpu_id=1, vector=Vector.NMI, colour=Colour.RED,
+    assert sink.wants("cr_trap_value")
+    sink.emit("cr_trap_value", vcpu_id=1, vector=Vector.NMI, colour=Colour.RED,
               payload=b"\x00\xab", vm=VmInfo("vm", 1, "newest", 2), thing=Opaque(),
               nested={"list": [b"\x01", (1, 2)], 7: None, "set": {3}}, ratio=float("nan"),
               flag=True, seq=99, exit_code=0x7C)  # fmt: skip
     _header, line = out.getvalue().splitlines()
     event = json.loads(line)
     assert event == {
-        "seq": 0, "event": "nmi_delivered", "wall_ns": event["wall_ns"], "vcpu_id": 1,
+        "seq": 0, "event": "cr_trap_value", "wall_ns": event["wall_ns"], "vcpu_id": 1,
         "vector": 2, "colour": "RED", "payload": "00ab",
         "vm": {"name": "vm", "asid": 1, "era": "newest", "vcpus": 2},
         "thing": "<opaque thing>", "nested": {"list": ["01", [1, 2]], "7": None, "set": [3]},
@@ -194,7 +194,9 @@ def test_wants_says_no_to_events_a_filter_can_never_keep() -> None:
     by_plugin = TraceFilter.parse("plugin=ioio")
     assert by_plugin.wants("exit_handled")
     assert not by_plugin.wants("vmexit")  # a known event without a plugin field
-    assert by_plugin.wants("device_access")  # an unknown event: decided per event
+    assert not by_plugin.wants("device_access")  # no plugin field either
+    assert by_plugin.wants("plugin_failed")
+    assert by_plugin.wants("cr_trap_value")  # an unknown event: decided per event
 
 
 def test_a_code_filter_keeps_everything_about_that_code(tmp_path: Path) -> None:
@@ -233,7 +235,8 @@ def test_kvm_and_the_simulator_do_not_build_filtered_out_events(tmp_path: Path) 
 
 
 @pytest.mark.parametrize(("text", "problem"), [
-    ("event=vmexti", "event 'vmexti' is not valid; expected a known event (exit_handled, "),
+    ("event=vmexti", "event 'vmexti' is not valid; expected a known event (device_access, "
+                     "exit_handled, "),
     ("event=", "event '' is not valid; expected a known event"),
     ("vcpu=one", "vcpu 'one' is not valid; expected a vCPU index (0, 1, ...)"),
     ("vcpu=-1", "vcpu '-1' is not valid; expected a vCPU index"),

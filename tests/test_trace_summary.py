@@ -33,8 +33,9 @@ def test_exits_are_counted_by_what_the_guest_asked_for(summary: TraceSummary) ->
     ioio = exits["SVM_EXIT_IOIO"]
     assert (ioio.count, ioio.timed) == (2, 2)
     assert ioio.wall_ns > 0
-    # vmexit -> vmgexit_enter -> exit_handled -> vmgexit_exit: three ticks per exit.
-    assert ioio.guest_ns == 2 * 3000
+    # vmexit -> vmgexit_enter -> device_access (the POST port) -> exit_handled ->
+    # vmgexit_exit: four ticks per exit.
+    assert ioio.guest_ns == 2 * 4000
     # The termination request has no msr_protocol_exit: counted, not timed.
     assert exits["GHCB_MSR_TERM_REQ"] == Row("GHCB_MSR_TERM_REQ", 1, 0, 0, None)
 
@@ -42,7 +43,8 @@ def test_exits_are_counted_by_what_the_guest_asked_for(summary: TraceSummary) ->
 def test_handler_calls_are_counted_by_plugin(summary: TraceSummary) -> None:
     plugins = rows(summary.plugins)
     assert set(plugins) == {"ioio", "msr_protocol"}
-    assert (plugins["ioio"].count, plugins["ioio"].timed, plugins["ioio"].guest_ns) == (2, 2, 2000)
+    # vmgexit_enter -> device_access -> exit_handled: two ticks per call.
+    assert (plugins["ioio"].count, plugins["ioio"].timed, plugins["ioio"].guest_ns) == (2, 2, 4000)
     msr = plugins["msr_protocol"]
     assert (msr.count, msr.timed, msr.guest_ns) == (1, 1, 1000)  # enter -> handled
 
@@ -57,6 +59,7 @@ def test_every_event_is_counted_by_name(summary: TraceSummary) -> None:
     assert counts["vmexit"] == 3
     assert counts["vmgexit_enter"] == counts["vmgexit_exit"] == 2
     assert counts["exit_handled"] == 3
+    assert counts["device_access"] == 2  # the OUT and the IN reach the POST port
     assert counts["launch_command"] >= 5
     assert summary.events == sum(counts.values())
     assert summary.guest_clock
@@ -80,14 +83,14 @@ def test_render_prints_aligned_tables(summary: TraceSummary) -> None:
                             "total", "guest", "mean"]  # fmt: skip
     assert len(head) == len(ioio) == len(term)  # numbers right-aligned to the same edge
     assert ioio.split()[:4] == ["SVM_EXIT_IOIO", "2", "66.67", "2"]
-    assert ioio.endswith("3.00 us") and term.endswith("-")
+    assert ioio.endswith("4.00 us") and term.endswith("-")
     assert "Slowest handler calls (top 3)" in text
 
 
 def test_to_json_holds_the_same_numbers(summary: TraceSummary) -> None:
     data = json.loads(summary.to_json())
     assert data["exits"][0] == {"key": "SVM_EXIT_IOIO", "count": 2, "timed": 2,
-                                "wall_ns": summary.exits[0].wall_ns, "guest_ns": 6000}  # fmt: skip
+                                "wall_ns": summary.exits[0].wall_ns, "guest_ns": 8000}  # fmt: skip
     assert data["slowest"][0]["plugin"] in {"ioio", "msr_protocol"}
 
 
@@ -163,10 +166,10 @@ def test_only_the_top_slowest_calls_are_kept() -> None:
 
 def test_events_nobody_described_are_counted_by_name() -> None:
     summary = summarize(make(
-        ("nmi_delivered", 5, {"vcpu_id": 0}), ("nmi_delivered", 9, {"vcpu_id": 1}),
+        ("cr_trap_value", 5, {"vcpu_id": 0}), ("cr_trap_value", 9, {"vcpu_id": 1}),
         ("phase", 12, {"name": "x"}),
     ))  # fmt: skip
-    assert summary.by_event == (Row("nmi_delivered", 2), Row("phase", 1))
+    assert summary.by_event == (Row("cr_trap_value", 2), Row("phase", 1))
     assert summary.exits == ()
     assert (summary.first_ns, summary.last_ns, summary.span_ns) == (5, 12, 7)
 

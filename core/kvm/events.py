@@ -27,7 +27,9 @@ class NullSink:
         return None
 
 
-#: Event names kvm emits, with their fields; the hookspecs are ``sevsim_<name>``.
+#: Event names kvm emits, with their fields; the hookspecs are ``sevsim_<name>``. The
+#: VMM reports its devices' accesses through the VM's observers too (``device_access``,
+#: QEMU's ``memory_region_ops_read/write``): only it knows which device served one.
 EVENTS: dict[str, tuple[str, ...]] = {
     "vm_created": ("vm",),
     "vm_destroyed": ("vm", "why"),
@@ -38,6 +40,12 @@ EVENTS: dict[str, tuple[str, ...]] = {
     "msr_protocol_exit": ("vcpu_id", "ghcb_gpa", "result"),
     "vmexit": ("vcpu_id", "exit_code", "info1", "info2"),
     "exit_handled": ("vcpu_id", "kind", "code", "plugin", "notes"),
+    "plugin_failed": ("vcpu_id", "plugin", "kind", "code", "error", "message"),
+    "interrupt_injected": ("vcpu_id", "vector", "how"),
+    "nmi_injected": ("vcpu_id", "how"),
+    "init_delivered": ("vcpu_id",),
+    "sipi_delivered": ("vcpu_id", "vector", "start"),
+    "device_access": ("vcpu_id", "device", "bus", "address", "size", "direction", "value"),
 }
 
 

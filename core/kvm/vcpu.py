@@ -68,6 +68,9 @@ _SYNCED_IN = ("rax", "rbx", "rcx", "rdx", "rsi")
 _SYNCED_OUT = ("rax", "rbx", "rcx", "rdx")
 #: ``int_ctl``: a virtual interrupt is pending (V_IRQ), used for the interrupt window.
 _V_IRQ = 1 << 8
+#: How kvm injects interrupts and NMIs (the ``how`` of their events): through EVENTINJ,
+#: as ``svm_inject_irq`` and ``svm_inject_nmi`` do.
+INJECTED_BY_EVENTINJ = "event_inj"
 
 
 class MpState(IntEnum):
@@ -367,13 +370,18 @@ class Vcpu:
                      plugin=handler.owner, notes=ctx.notes)  # fmt: skip
         return O.RESUME if result is None else result
 
-    @staticmethod
-    def _plugin_failed(handler: ExitHandler, problem: BaseException | str) -> O.ExitToUser:
+    def _plugin_failed(self, handler: ExitHandler, problem: BaseException | str) -> O.ExitToUser:
+        """End the run with -EIO naming the plugin; observers hear of it first
+        (``plugin_failed``: the exception's type, or None for a broken contract)."""
         who = handler.owner
+        error, message = None, str(problem)
         if isinstance(problem, BaseException):
+            error = type(problem).__name__
             where = traceback.extract_tb(problem.__traceback__)
             at = f" (at {where[-1].filename}:{where[-1].lineno})" if where else ""
-            problem = f"raised {type(problem).__name__}: {problem}{at}"
+            problem = f"raised {error}: {message}{at}"
+        self.vm.emit("plugin_failed", vcpu_id=self.id, plugin=who, kind=handler.kind.value,
+                     code=handler.code, error=error, message=message)  # fmt: skip
         why = f"handler of plugin {who!r} for {handler.describe()} {problem}"
         return O.ExitToUser(RunFailed("EIO", why, plugin=who))
 
@@ -401,9 +409,21 @@ class Vcpu:
     # -- events between runs: interrupts, NMIs, INIT and SIPI ----------------------------
 
     def queue_event(self, event_inj: int, error_code: int = 0) -> None:
-        """Write EVENTINJ (and its error code) for the next VMRUN."""
+        """Write EVENTINJ (and its error code) for the next VMRUN. Whoever writes it (kvm
+        for KVM_INTERRUPT, the ``nmi`` plugin for NMIs), an interrupt or NMI is reported
+        here, as KVM's ``kvm_inj_virq`` tracepoint does when it injects."""
         VMCB_CONTROL.set(self.vmcb, "event_inj", event_inj & 0xFFFF_FFFF)
         VMCB_CONTROL.set(self.vmcb, "event_inj_err", error_code & 0xFFFF_FFFF)
+        if event_inj & EventInj.VALID:
+            self._report_injection(event_inj)
+
+    def _report_injection(self, event_inj: int) -> None:
+        kind = event_inj >> EventInj.TYPE_SHIFT & 7
+        if kind == EventInj.TYPE_INTR:
+            self.vm.emit("interrupt_injected", vcpu_id=self.id,
+                         vector=event_inj & EventInj.VECTOR_MASK, how=INJECTED_BY_EVENTINJ)
+        elif kind == EventInj.TYPE_NMI:
+            self.vm.emit("nmi_injected", vcpu_id=self.id, how=INJECTED_BY_EVENTINJ)
 
     def _event_pending(self) -> bool:
         return bool(VMCB_CONTROL.get(self.vmcb, "event_inj") & EventInj.VALID)
@@ -454,6 +474,7 @@ class Vcpu:
         """
         if self._dead is None:
             self.mp_state = MpState.INIT_RECEIVED
+            self.vm.emit("init_delivered", vcpu_id=self.id)
 
     def deliver_sipi(self, vector: int) -> None:
         """A SIPI from the local APIC (where KVM's ``kvm_apic_accept_events`` calls
@@ -464,6 +485,8 @@ class Vcpu:
             raise VcpuError(f"vCPU {self.id}: SIPI vector {vector!r} is not in 0..0xff")
         self.mp_state = MpState.RUNNABLE
         self.sipis += 1
+        # The real-mode start page the vector names (CS = vector << 8, IP = 0).
+        self.vm.emit("sipi_delivered", vcpu_id=self.id, vector=vector, start=vector << 12)
         self._lifecycle("vcpu_sipi", vector=vector)
 
     def _park(self) -> None:

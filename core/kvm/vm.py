@@ -142,6 +142,11 @@ class Vm:
 
     # -- observers -------------------------------------------------------------------
 
+    def wants(self, name: str) -> bool:
+        """Whether an observer listens to event ``name``: an emitter that must work to
+        build an event (or to watch for one) asks first, so that costs nothing unheard."""
+        return name in self._wanted
+
     def emit(self, name: str, /, **fields: Any) -> None:
         """Tell the observers; one that fails ends this VM (naming it), not the host."""
         if name in self._wanted:

@@ -461,7 +461,7 @@ def sevsim_exit_handled(
     vcpu_id: int, kind: str, code: int, plugin: str, notes: dict[str, Any]
 ) -> None:
     """A handler from the dispatch table returned a valid outcome (a handler that
-    failed ends the VM instead, and is not reported here): ``kind`` is the
+    failed ends the VM instead: :func:`sevsim_plugin_failed`): ``kind`` is the
     :class:`~sevsim.kvm.dispatch.ExitKind` value (``"vmgexit"``, ``"msr_protocol"``,
     ``"vmexit"``), ``plugin`` the owner of the row, and ``notes`` what the handler put
     in ``ctx.notes`` to explain itself (the trace prints them).
@@ -486,6 +486,156 @@ def sevsim_exit_handled(
         ioio: ioio: out 1 byte to port 0x3f8
         >>> watcher.handled
         Counter({'ioio': 1})
+    """
+
+
+@hookspec
+def sevsim_plugin_failed(
+    vcpu_id: int, plugin: str, kind: str, code: int, error: str | None, message: str
+) -> None:
+    """A plugin's exit handler failed while handling the exit ``kind``/``code`` (as in
+    :func:`sevsim_exit_handled`): it raised (``error`` is the exception's type name,
+    ``message`` its text), or broke its contract (``error`` is None and ``message`` says
+    how: a return value that is not an outcome, a scratch area resized). The host does
+    not crash: KVM_RUN fails with -EIO naming ``plugin``, and only that VM ends.
+
+    Example::
+
+        >>> from sevsim.kvm.dispatch import ExitHandler, ExitKind
+        >>> from sevsim.plugin.hookspecs import hookimpl
+        >>> from sevsim.testing import ExitDriver, isolated_host
+        >>> class Broken:
+        ...     @hookimpl
+        ...     def sevsim_exit_handlers(self):
+        ...         def handler(ctx):
+        ...             raise KeyError("rax")
+        ...         yield ExitHandler(ExitKind.VMGEXIT, 0xF000_0001, handler)
+        >>> class Pager:
+        ...     @hookimpl
+        ...     def sevsim_plugin_failed(self, plugin, code, error, message):
+        ...         print(f"{plugin} failed on {code:#x}: {error}: {message}")
+        >>> host = isolated_host({"broken": Broken(), "pager": Pager()})
+        >>> driver = ExitDriver(host.start(), events=host.events)
+        >>> out = driver.vmgexit({"sw_exit_code": 0xF000_0001, "sw_exit_info_1": 0,
+        ...                       "sw_exit_info_2": 0})
+        broken failed on 0xf0000001: KeyError: 'rax'
+        >>> out.exit.errno, out.exit.plugin
+        ('EIO', 'broken')
+    """
+
+
+@hookspec
+def sevsim_interrupt_injected(vcpu_id: int, vector: int, how: str) -> None:
+    """kvm injected external interrupt ``vector`` (the VMM's KVM_INTERRUPT) into a vCPU
+    for its next VMRUN (KVM's ``kvm_inj_virq``); ``how`` is the mechanism, ``"event_inj"``
+    (EVENTINJ, as ``svm_inject_irq`` writes it).
+
+    Example::
+
+        >>> from sevsim.plugin.hookspecs import hookimpl
+        >>> from sevsim.testing import ExitDriver, isolated_host
+        >>> class Irqs:
+        ...     @hookimpl
+        ...     def sevsim_interrupt_injected(self, vcpu_id, vector, how):
+        ...         print(f"vcpu{vcpu_id} vector {vector:#x} by {how}")
+        >>> host = isolated_host({"irqs": Irqs()})
+        >>> driver = ExitDriver(host.start(), events=host.events)
+        >>> driver.vcpu.interrupt(0x30)  # KVM_INTERRUPT: injected at the next entry
+        >>> _ = driver.vmexit(0x78)  # an exit (HLT), then that entry
+        vcpu0 vector 0x30 by event_inj
+    """
+
+
+@hookspec
+def sevsim_nmi_injected(vcpu_id: int, how: str) -> None:
+    """An NMI went into a vCPU for its next VMRUN (``svm_inject_nmi``, through the
+    ``nmi`` plugin, once NMIs are unmasked); ``how`` as in
+    :func:`sevsim_interrupt_injected`.
+
+    Example::
+
+        >>> from sevsim.plugin.hookspecs import hookimpl
+        >>> from sevsim.testing import ExitDriver, isolated_host
+        >>> class Nmis:
+        ...     @hookimpl
+        ...     def sevsim_nmi_injected(self, vcpu_id, how):
+        ...         print(f"NMI into vcpu{vcpu_id} by {how}")
+        >>> host = isolated_host({"nmis": Nmis()}, enable=["nmi"])
+        >>> driver = ExitDriver(host.start(), events=host.events)
+        >>> driver.vcpu.nmi()  # KVM_NMI
+        >>> _ = driver.vmexit(0x78)
+        NMI into vcpu0 by event_inj
+    """
+
+
+@hookspec
+def sevsim_init_delivered(vcpu_id: int) -> None:
+    """An INIT reached a vCPU (from the VMM's local APIC): it now waits for a SIPI
+    (KVM_MP_STATE_INIT_RECEIVED). A vCPU that shut down ignores INIT and is not reported.
+
+    Example::
+
+        >>> from sevsim.plugin.hookspecs import hookimpl
+        >>> from sevsim.testing import ExitDriver, isolated_host
+        >>> class Inits:
+        ...     @hookimpl
+        ...     def sevsim_init_delivered(self, vcpu_id):
+        ...         print(f"INIT vcpu{vcpu_id}")
+        >>> host = isolated_host({"inits": Inits()})
+        >>> driver = ExitDriver(host.start(), events=host.events)
+        >>> driver.vcpu.init()
+        INIT vcpu0
+        >>> driver.vcpu.mp_state.name
+        'INIT_RECEIVED'
+    """
+
+
+@hookspec
+def sevsim_sipi_delivered(vcpu_id: int, vector: int, start: int) -> None:
+    """A SIPI reached a vCPU waiting for one (``sev_vcpu_deliver_sipi_vector``):
+    ``vector`` is what it carried and ``start`` the real-mode address that names
+    (``vector << 12``), which an SEV-ES AP does not use: it goes on from its VMSA or
+    reads its AP jump table.
+
+    Example::
+
+        >>> from sevsim.plugin.hookspecs import hookimpl
+        >>> from sevsim.testing import ExitDriver, isolated_host
+        >>> class Sipis:
+        ...     @hookimpl
+        ...     def sevsim_sipi_delivered(self, vcpu_id, vector, start):
+        ...         print(f"SIPI vcpu{vcpu_id} vector {vector:#x} start {start:#x}")
+        >>> host = isolated_host({"sipis": Sipis()})
+        >>> driver = ExitDriver(host.start(), events=host.events)
+        >>> driver.vcpu.deliver_sipi(0x9F)
+        SIPI vcpu0 vector 0x9f start 0x9f000
+    """
+
+
+@hookspec
+def sevsim_device_access(
+    vcpu_id: int, device: str, bus: str, address: int, size: int, direction: str, value: int
+) -> None:
+    """A device of the VMM served an access (QEMU's ``memory_region_ops_read/write``):
+    ``bus`` is ``"io"`` (``address`` a port) or ``"mmio"`` (a guest-physical address),
+    ``direction`` ``"read"`` or ``"write"``, ``value`` the ``size`` bytes moved, as a
+    little-endian number. The VMM reports it, since only it knows the ``device``;
+    ``vcpu_id`` is the vCPU whose exit made the access.
+
+    Example::
+
+        >>> from sevsim.plugin.hookspecs import hookimpl
+        >>> from sevsim.testing import ExitDriver, isolated_host
+        >>> class Ports:
+        ...     @hookimpl
+        ...     def sevsim_device_access(self, device, address, direction, value):
+        ...         print(f"{device} {direction} {address:#x} {value:#x}")
+        >>> host = isolated_host({"ports": Ports()}, enable=["ioio"])
+        >>> driver = ExitDriver(host.start(), events=host.events)
+        >>> out_al_to_0x80 = 0x80 << 16 | 0x10  # IOIO exit info: port 31:16, 1 byte, OUT
+        >>> _ = driver.vmgexit({"sw_exit_code": 0x7B, "sw_exit_info_1": out_al_to_0x80,
+        ...                     "sw_exit_info_2": 0, "rax": 0x42})
+        post write 0x80 0x42
     """
 
 

@@ -2,18 +2,22 @@
 
 A bus refuses a registration that overlaps an existing one (naming both), answers
 an access nobody claims the way QEMU does — reads are all ones, writes are dropped —
-and reports it, so the trace shows every access that went nowhere.
+and reports it, so the trace shows every access that went nowhere. Accesses a device
+served are reported too, when someone listens (:func:`report_accesses`).
 """
 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Protocol
 
 from attrs import frozen
 
 from sevsim.errors import SevsimError
+
+if TYPE_CHECKING:
+    from sevsim.kvm.vm import Vm
 
 
 class BusError(SevsimError):
@@ -50,6 +54,9 @@ class Bus:
         self._entries: list[tuple[Range, Device]] = []
         #: Called as (bus, "read"/"write", address, size) for unclaimed accesses.
         self.on_unclaimed: list[Callable[[Bus, str, int, int], None]] = []
+        #: Called as (bus, "read"/"write", address, device, data) for accesses a device
+        #: served: a write before the device acts on it, a read once it has answered.
+        self.on_access: list[Callable[[Bus, str, int, Device, bytes], None]] = []
 
     def insert(self, device: Device, base: int, size: int) -> None:
         if size <= 0 or base < 0 or base + size > self.limit:
@@ -97,6 +104,8 @@ class Bus:
         data = device.read(offset, size)
         if len(data) != size:
             raise BusError(f"{device.name!r} returned {len(data)} bytes for a {size}-byte read")
+        for callback in self.on_access:
+            callback(self, "read", address, device, data)
         return data
 
     def write(self, address: int, data: bytes) -> None:
@@ -105,7 +114,10 @@ class Bus:
             self._unclaimed("write", address, len(data))
             return
         device, offset = hit
-        device.write(offset, bytes(data))
+        data = bytes(data)
+        for callback in self.on_access:
+            callback(self, "write", address, device, data)
+        device.write(offset, data)
 
     def _unclaimed(self, access: str, address: int, size: int) -> None:
         for callback in self.on_unclaimed:
@@ -113,3 +125,20 @@ class Bus:
 
     def devices(self) -> list[tuple[Range, Device]]:
         return list(self._entries)
+
+
+def report_accesses(vm: Vm, buses: Iterable[Bus], vcpu: Callable[[], int]) -> None:
+    """Report each access a device on ``buses`` serves to ``vm``'s observers, as the
+    ``device_access`` event of the vCPU ``vcpu()`` names (QEMU's
+    ``memory_region_ops_read/write`` trace events: only the VMM knows the device). A VM
+    whose observers do not listen gets no callback, so an access costs nothing more."""
+    if not vm.wants("device_access"):
+        return
+
+    def report(bus: Bus, direction: str, address: int, device: Device, data: bytes) -> None:
+        vm.emit("device_access", vcpu_id=vcpu(), device=device.name, bus=bus.name,
+                address=address, size=len(data), direction=direction,
+                value=int.from_bytes(data, "little"))  # fmt: skip
+
+    for bus in buses:
+        bus.on_access.append(report)

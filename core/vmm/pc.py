@@ -49,7 +49,7 @@ from sevsim.kvm.vcpu import MpState, Vcpu
 from sevsim.kvm.vm import Vm
 from sevsim.vmm import reset_ports
 from sevsim.vmm.acpi_pm import AcpiPmBlock
-from sevsim.vmm.bus import Bus
+from sevsim.vmm.bus import Bus, report_accesses
 from sevsim.vmm.clock import MachineClock
 from sevsim.vmm.cmos import RTC_IRQ, RTC_PORT, RTC_PORTS, Mc146818Rtc
 from sevsim.vmm.devices import COM1, DEBUG_PORT, POST_PORT, DebugPort, PostPort, Uart16550
@@ -228,6 +228,7 @@ class PcMachine:
         self.mmio.insert(_ApicWindow(self.apics, lambda: self.current_vcpu), DEFAULT_BASE,
                          MMIO_SIZE)  # fmt: skip
         vm.attach_buses(self.io, self.mmio, _ApicMsrs(self.apics))
+        report_accesses(vm, (self.io, self.mmio), lambda: self.current_vcpu)
         for index in range(self.config.vcpus):
             self._add_vcpu(vm, index)
 

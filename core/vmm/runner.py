@@ -1,10 +1,11 @@
 """The VMM's run loop: launch a guest with the plugins a host loaded, run to the end.
 
 This is what ``sevsim run`` does: create the VM with the host's exit table and its
-observers plus a :class:`~sevsim.trace.Trace`, launch the image, then call
-``Vcpu.run()`` until an exit this VMM cannot continue from. With no devices yet,
-every exit to userspace ends the run; a HLT does too, since nothing could wake
-the vCPU.
+observers plus the run's :class:`RunObserver` (the CLI's trace, or a silent
+:class:`RunLog`), launch the image, then call ``Vcpu.run()`` until an exit this VMM
+cannot continue from. With no devices yet, every exit to userspace ends the run; a
+HLT does too, since nothing could wake the vCPU. The VMM never builds a trace itself:
+a tool hands it one, and it only tells it what happened (:class:`RunObserver`).
 
 How the run ended decides whether it succeeded (:func:`abnormal_end`, and
 ``sevsim run``'s exit status): the guest asking for termination with the general
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar, overload
 
 from attrs import frozen
 
@@ -34,8 +35,15 @@ from sevsim.kvm.dispatch import ExitTable
 from sevsim.kvm.events import EventSink, TeeSink
 from sevsim.kvm.exits import Hlt, KvmExit
 from sevsim.kvm.extensions import Extensions
+from sevsim.kvm.termination import (
+    Reason,
+    Terminations,
+    describe_exit,
+    describe_reason,
+    is_sev_term,
+    term_reason,
+)
 from sevsim.kvm.vm import Kvm, Vm
-from sevsim.trace import Trace, describe_exit, describe_reason, is_sev_term, term_reason
 from sevsim.vmm.launch import launch_image
 from sevsim.vmm.machine import Devices
 
@@ -56,7 +64,48 @@ def check_timeout(value: object, where: str) -> float:
     return float(value)
 
 
-def abnormal_end(exit_: KvmExit, trace: Trace | None = None, vcpu_id: int = 0) -> str | None:
+class RunObserver(EventSink, Protocol):
+    """Whoever watches a run for the VMM: an event sink for kvm's events (and for the
+    simulator's view, on a platform :func:`run_image` makes), told the VMM's own notes
+    and each exit to userspace, and asked what the events said about termination (as
+    :class:`~sevsim.kvm.termination.Terminations` knows it). The CLI's text trace is
+    one; :class:`RunLog` is the VMM's own, silent one."""
+
+    def note(self, text: str) -> None:
+        """A line of the VMM's own: the guest's console, an access nobody claimed."""
+        ...
+
+    def record_exit(self, vcpu_id: int, exit_: KvmExit) -> None:
+        """The exit ``Vcpu.run`` of vCPU ``vcpu_id`` returned to userspace."""
+        ...
+
+    def term_reason(self, exit_: KvmExit, vcpu_id: int) -> Reason | None: ...
+
+    def describe_exit(self, exit_: KvmExit, vcpu_id: int) -> str: ...
+
+    def ignored_termination(self, vcpu_id: int) -> Reason | None: ...
+
+
+class RunLog(Terminations):
+    """The VMM's record of a run when nobody gave it a trace: its notes and exits to
+    userspace as lines, and what kvm's events said about termination."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def note(self, text: str) -> None:
+        self.lines.append(text)
+
+    def record_exit(self, vcpu_id: int, exit_: KvmExit) -> None:
+        self.note(f"      -> to userspace: {self.describe_exit(exit_, vcpu_id)}")
+
+
+ObserverT = TypeVar("ObserverT", bound=RunObserver)
+
+
+def abnormal_end(exit_: KvmExit, trace: RunObserver | None = None,
+                 vcpu_id: int = 0) -> str | None:  # fmt: skip
     """None if ``exit_`` (of ``vcpu``) is a normal end of a run (see the module doc),
     else why not.
 
@@ -82,9 +131,11 @@ def abnormal_end(exit_: KvmExit, trace: Trace | None = None, vcpu_id: int = 0) -
 
 
 @frozen
-class RunResult:
+class RunResult(Generic[ObserverT]):
+    """How :func:`run_image` ended, with the observer it was given (or its RunLog)."""
+
     exit: KvmExit
-    trace: Trace
+    trace: ObserverT
     vm: Vm
     devices: Devices
 
@@ -94,33 +145,43 @@ class RunResult:
         return abnormal_end(self.exit, self.trace, 0)
 
 
+@overload
+def run_image(image: GuestImage, table: ExitTable | Extensions, events: EventSink, *,
+              trace: None = None, **options: Any) -> RunResult[RunLog]: ...  # fmt: skip
+
+
+@overload
+def run_image(image: GuestImage, table: ExitTable | Extensions, events: EventSink, *,
+              trace: ObserverT, **options: Any) -> RunResult[ObserverT]: ...  # fmt: skip
+
+
 def run_image(
     image: GuestImage,
     table: ExitTable | Extensions,
     events: EventSink,
     *,
-    trace: Trace | None = None,
+    trace: RunObserver | None = None,
     sim: SimSink | None = None,
     make_devices: Callable[[Callable[[bytes], None]], Devices] = Devices.standard,
     kvm: Kvm | None = None,
     timeout: float | None = None,
     uart_input: bytes = b"",
     **vm_args: Any,
-) -> RunResult:
+) -> RunResult[Any]:
     """Launch ``image`` on one vCPU and run it until it stops (or ``timeout`` seconds
     have passed: a spinning guest cannot hang the VMM); trace every exit, device
     output and unclaimed access. ``uart_input`` is what the guest can read from COM1.
     ``timeout`` is None (no limit) or a finite number of seconds > 0.
 
-    ``trace`` records the run (a fresh, silent one by default); ``sim`` also hears
-    the simulator's view, beside the trace (ignored with a ``kvm`` of the caller's,
-    whose platform already has its listener). ``make_devices`` builds the machine
-    from the console callback (a guest manifest's devices, say).
+    ``trace`` watches the run (a :class:`RunLog` by default): it hears kvm's events
+    and, beside ``sim``, the simulator's view of the platform made here (not that of a
+    ``kvm`` of the caller's, whose platform has its listener already). ``make_devices``
+    builds the machine from the console callback (a guest manifest's devices, say).
     """
     if timeout is not None:
         timeout = check_timeout(timeout, "run_image(timeout=...)")
     if trace is None:
-        trace = Trace()
+        trace = RunLog()
     console = LineConsole(lambda line: trace.note(f"      [uart] {line}"))
     devices = make_devices(console.write)
     devices.uart.input += uart_input

@@ -46,11 +46,12 @@ from sevsim.kvm.exits import (
     RunFailed,
     SystemEvent,
 )
+from sevsim.kvm.termination import describe_exit, is_sev_term, term_reason
 from sevsim.kvm.vcpu import MpState, Vcpu
 from sevsim.kvm.vm import Vm
-from sevsim.trace import Trace, describe_exit, is_sev_term, term_reason
 from sevsim.vmm.pc import PcMachine
 from sevsim.vmm.power import DebugExitRequest, PowerOffRequest, ResetRequest
+from sevsim.vmm.runner import RunObserver
 
 #: Guest nanoseconds per retired instruction in icount mode (QEMU's shift=0).
 ICOUNT_NS_PER_INSN = 1
@@ -118,14 +119,17 @@ def _ns_to_s(ns: int) -> float:
 
 
 class Vmm:
-    """Runs every vCPU of ``machine`` (attached to ``vm`` and launched) to the end."""
+    """Runs every vCPU of ``machine`` (attached to ``vm`` and launched) to the end.
+
+    ``trace`` is the tool's observer of the run, given, never made here: it hears each
+    exit to userspace, and knows the termination reasons kvm's events carried."""
 
     def __init__(
         self,
         vm: Vm,
         machine: PcMachine,
         *,
-        trace: Trace | None = None,
+        trace: RunObserver | None = None,
         clock_mode: ClockMode = ClockMode.HOST,
         timeout: float | None = None,
         max_exits: int | None = None,
