@@ -19,7 +19,7 @@ from fuzz.oracle import INT_MAX, U64
 from sevsim.arch.exits import SVM_EXIT_SW, SvmExit, VmgExit
 from sevsim.arch.ghcb import valid_bit
 from sevsim.arch.ghcb_msr import GhcbMsr
-from sevsim.arch.ioio import IOIO_REP, IOIO_STR, IOIO_TYPE_IN
+from sevsim.arch.ioio import IOIO_REP, IOIO_STR, IOIO_TYPE_IN, IoioInfo
 from sevsim.arch.msr import MSR_AMD64_SEV_ES_GHCB
 from sevsim.guest.image import CODE, GHCB_GPA, IMAGE_END
 from sevsim.vmm.machine import MMIO_TEST_GPA
@@ -181,7 +181,7 @@ def info_for(d: Draw, code: int) -> tuple[int, int, dict[str, int]]:
 def scratch_length(code: int, info1: int, info2: int) -> int:
     """The scratch length a request implies, for placing its area on the edges."""
     if code == SvmExit.IOIO:
-        return info2 * (info1 >> 4 & 7)
+        return info2 * IoioInfo.decode(info1).size
     return info2 if info2 <= 0x1_0000 else 8
 
 

@@ -30,7 +30,7 @@ from attrs import define, field, frozen
 from sevsim.arch.exits import GhcbErr, GhcbResp, SvmExit, VmgExit
 from sevsim.arch.ghcb import GHCB_SAVE_AREA, Ghcb, valid_bit
 from sevsim.arch.ghcb_msr import GhcbMsr
-from sevsim.arch.ioio import IOIO_STR, IOIO_TYPE_IN
+from sevsim.arch.ioio import IOIO_STR, IOIO_TYPE_IN, IoioInfo
 
 NEWEST = "newest"
 V5_11 = "v5.11"
@@ -324,7 +324,7 @@ def _ioio(env: Env, state: State, page: Ghcb, gpa: int) -> _Action:
     """§1.2 IOIO: a plain IN returns device data in RAX; a string moves ``count``
     elements of ``size`` bytes through the scratch area (5.11 sized it in bytes)."""
     info1, count = page["sw_exit_info_1"], page["sw_exit_info_2"]
-    is_in, size = bool(info1 & IOIO_TYPE_IN), info1 >> 4 & 7
+    is_in, size = bool(info1 & IOIO_TYPE_IN), IoioInfo.decode(info1).size
     if not info1 & IOIO_STR:
         return _Action(regs={"rax": ANY} if is_in else {})
     if count > INT_MAX or count * size > INT_MAX:

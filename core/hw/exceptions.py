@@ -18,13 +18,12 @@ from attrs import frozen
 from unicorn import x86_const as x86
 
 from sevsim.arch import msr as M
-from sevsim.arch.vectors import Vector
+from sevsim.arch.vectors import ERROR_CODE_VECTORS, Vector
 from sevsim.arch.vmsa import Segment
 from sevsim.hw.mmu import GuestAccessFault, Mmu
 from sevsim.hw.regs import Registers
 
 #: Exceptions whose delivery pushes an error code.
-ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
 _CONTRIBUTORY = frozenset({0, 10, 11, 12, 13})
 _CLEARED = (1 << 8) | (1 << 14) | (1 << 16) | (1 << 17)  # TF NT RF VM
 _IF = 1 << 9

@@ -98,7 +98,6 @@ class CpuidModel:
 #: XSAVE area size for the components XCR0 (| XSS) enables: x87 and SSE share the
 #: 512-byte legacy area plus the 64-byte header; AVX adds 256 bytes at 576.
 _XSAVE_SIZES = ((1 << 2, 0x340), (1 << 1, 0x240), (1 << 0, 0x240))
-_CR4_OSXSAVE, _CR4_PKE = 1 << 18, 1 << 22
 _APIC_BASE_ENABLE = 1 << 11
 
 
@@ -137,13 +136,13 @@ class CpuidRuntime:
         eax, ebx, ecx, edx = leaf.eax, leaf.ebx, leaf.ecx, leaf.edx
         if function == 1:
             if ecx & (1 << 26):  # XSAVE offered: OSXSAVE mirrors CR4
-                ecx = ecx & ~(1 << 27) | (1 << 27 if self.cr4 & _CR4_OSXSAVE else 0)
+                ecx = ecx & ~(1 << 27) | (1 << 27 if self.cr4 & M.CR4_OSXSAVE else 0)
             edx = edx & ~(1 << 9) | (1 << 9 if self.apic_base & _APIC_BASE_ENABLE else 0)
             ebx = ebx & 0x00FF_FFFF | (self.apic_id & 0xFF) << 24
         elif function == 0xB:
             edx = self.apic_id
         elif function == 7 and index == 0 and ecx & (1 << 3):  # PKU offered: OSPKE
-            ecx = ecx & ~(1 << 4) | (1 << 4 if self.cr4 & _CR4_PKE else 0)
+            ecx = ecx & ~(1 << 4) | (1 << 4 if self.cr4 & M.CR4_PKE else 0)
         elif function == 0xD and index == 0:
             ebx = xstate_size(self.xcr0)
         elif function == 0xD and index == 1 and eax & (0b1010):  # XSAVEC or XSAVES

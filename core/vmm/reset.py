@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sevsim.arch.msr import PAT_DEFAULT
+from sevsim.arch.msr import DR7_RESET_VALUE, PAT_DEFAULT
 from sevsim.arch.vmsa import Segment
 from sevsim.vmm.firmware import FirmwareImage
 
@@ -35,7 +35,6 @@ ATTR_TSS = 0x8B  # present, system, busy 32-bit TSS
 #: QEMU's CR0 after reset: CD | NW | ET (KVM clears CD and NW for the VMSA).
 CR0_RESET = 0x6000_0010
 DR6_RESET = 0xFFFF_0FF0  # DR6_FIXED_1
-DR7_RESET = 0x400  # DR7_FIXED_1
 RFLAGS_RESET = 0x2  # bit 1 always set
 XCR0_X87 = 0x1
 MXCSR_RESET = 0x1F80
@@ -63,7 +62,7 @@ def reset_vmsa_fields(eip: int, vcpu_sig: int) -> dict[str, Any]:
         "efer": 0,
         "cr4": 0,
         "cr0": CR0_RESET,
-        "dr7": DR7_RESET,
+        "dr7": DR7_RESET_VALUE,
         "dr6": DR6_RESET,
         "rflags": RFLAGS_RESET,
         "rip": eip & 0xFFFF,
