@@ -123,7 +123,9 @@ class TraceOutput:
     ``text_stream`` is where the text trace is printed; without the text format the
     :class:`Trace` is still kept, silent: it decodes the run's end. ``guest_clock``
     gives the JSONL trace guest time (a machine's clock); ``host_times`` False leaves
-    the host's clock out of it (a reproducible ``--icount`` run).
+    the host's clock out of it (a reproducible ``--icount`` run). Device accesses get
+    text lines when a filter names them or with ``-vv`` (they repeat the handlers'
+    notes, naming the device).
     """
 
     def __init__(
@@ -158,7 +160,8 @@ class TraceOutput:
         self.trace = Trace(
             echo, hypervisor_view=self.hypervisor_view,
             shown=trace_filter.matches if trace_filter else None,
-            device_accesses=trace_filter is not None and trace_filter.names("device_access"),
+            device_accesses=(trace_filter is not None and trace_filter.names("device_access"))
+            or verbosity(args) >= 2,
         )  # fmt: skip
 
     def events(self, *others: EventSink) -> EventSink:

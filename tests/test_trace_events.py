@@ -403,3 +403,14 @@ def test_every_event_kind_is_documented_with_its_fields() -> None:
 def test_the_text_trace_has_a_line_for_every_kvm_event() -> None:
     trace = Trace(device_accesses=True)
     assert [name for name in EVENTS if not trace.wants(name)] == []
+
+
+def test_vv_adds_the_device_lines_to_the_text_trace(tmp_path: Path) -> None:
+    """The demo's text trace leaves device accesses to the handlers' notes; ``-vv``
+    adds a line per access, as many as the JSONL trace holds."""
+    _, events, quiet = cli_run(tmp_path, "--guest", "demo", "-v")
+    _, _, verbose = cli_run(tmp_path, "--guest", "demo", "-vv")
+    assert "      device       vcpu" not in quiet
+    shown = [line for line in verbose.splitlines() if line.startswith("      device       vcpu")]
+    assert shown and len(shown) == len(only(events, "device_access"))
+    assert "      device       vcpu0 uart16550: port 0x3f8 <- 0x48 (1 byte)" in shown  # "H"
