@@ -56,13 +56,43 @@ def test_pm_timer_is_exact_and_wraps_at_24_bits(pm):
         assert value == now_ns * 3_579_545 // 1_000_000_000
         assert value in (last, last + 1)
         last = value
-    clock.advance(10_000_000_000)
+    # Each read after an advance: reads with no time between them are a busy-wait.
+    ten_s = 10_000_000_000
+    clock.advance(ten_s)
     assert in32(io, PM_TMR) == 35_795_450 % (1 << 24) == 2_241_018
+    clock.advance(ten_s)
     assert io.read(PM_TMR + 3, 1) == b"\x00"  # bits 31:24 read 0
+    clock.advance(ten_s)
     assert io.read(PM_TMR, 2) == (2_241_018 & 0xFFFF).to_bytes(2, "little")
+    clock.advance(ten_s)
     assert io.read(PM_TMR + 2, 1) == bytes([2_241_018 >> 16])
     io.write(PM_TMR, b"\x00\x00\x00\x00")  # read-only
+    clock.advance(ten_s)
     assert in32(io, PM_TMR) == 2_241_018
+
+
+def test_a_busy_wait_on_the_pm_timer_skips_ahead_but_not_past_a_timer(pm):
+    """MicroSecondDelay polls PM_TMR: reads with hardly any guest time between them
+    move time on by a step that doubles (1 us, 2 us, ... at most 1 ms), stop at the
+    next timer's deadline and ask for the run loop (``on_due``), and the run loop
+    gets the skipped time to add to its own."""
+    io, clock, *_ = pm
+    due: list[int] = []
+    clock.on_due = lambda: due.append(clock.now_ns())
+    clock.timer(lambda: None, "lapic").arm(40_000_000)
+    reads = [in32(io, PM_TMR) for _ in range(60)]
+    skipped = clock.take_skipped()
+    # No skip before the first read; then 1, 2, 4 ... 512 us, then 1 ms a read up to
+    # the timer at 40 ms, where time stays.
+    times, now = [0], 0
+    for step in [1_000 << i for i in range(10)] + [1_000_000] * 49:
+        now = min(now + step, 40_000_000)
+        times.append(now)
+    assert reads == [acpi_pm.pm_timer_ticks(t) for t in times]
+    assert skipped == 40_000_000
+    assert due == [40_000_000] * len(due) and len(due) >= 1
+    clock.advance(skipped)  # the run loop folds it in: no time goes back
+    assert in32(io, PM_TMR) == 40_000_000 * 3_579_545 // 10**9  # a fresh read: no skip
 
 
 def test_tmr_sts_sets_when_bit_23_changes_and_clears_by_writing_one(pm):

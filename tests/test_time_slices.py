@@ -20,16 +20,21 @@ from sevsim.kvm.exits import RunFailed, SystemEvent
 
 COUNTER = 0x30000
 ROUNDS = 300_000
+#: Enough rounds for many slices of the host's timer (stores run at Unicorn's full
+#: speed: a few nanoseconds a round).
+TIMED_ROUNDS = 5_000_000
 
-#: Three read-modify-write forms on three counters (zeroed first: a page never
-#: written reads as the decryption of whatever was there).
-_COUNT = f"""
+
+def _count(rounds: int) -> str:
+    """Three read-modify-write forms on three counters (zeroed first: a page never
+    written reads as the decryption of whatever was there)."""
+    return f"""
     mov rbx, {COUNTER:#x}
     xor eax, eax
     mov [rbx], rax
     mov [rbx + 8], rax
     mov [rbx + 16], rax
-    mov rcx, {ROUNDS}
+    mov rcx, {rounds}
 again:
     add qword ptr [rbx], 1
     inc qword ptr [rbx + 8]
@@ -60,14 +65,35 @@ def _counters(vm) -> tuple[int, int, int]:
 
 
 def test_timer_slices_do_not_repeat_read_modify_write_instructions():
-    vm = launch(guest(_COUNT))
+    vm = launch(guest(_count(TIMED_ROUNDS)))
     interrupted = _finish(vm, lambda vcpu: vcpu.run(timeout=0.0005))
     assert interrupted > 20  # the host really did take the CPU back, often
-    assert _counters(vm) == (ROUNDS, ROUNDS, 3 * (ROUNDS - 1))
+    assert _counters(vm) == (TIMED_ROUNDS, TIMED_ROUNDS, 3 * (TIMED_ROUNDS - 1))
+
+
+def test_guest_time_slices_count_only_the_guests_own_time():
+    """``slice_ns`` ends KVM_RUN once the guest itself has run that long: every
+    slice but the last used at least its time, and all of them together no more
+    than the guest's own time (the exits' handling is not in it)."""
+    vm = launch(guest(_count(TIMED_ROUNDS)))
+    vcpu = vm.vcpus[0]
+    used = []
+
+    def run(vcpu):
+        before = vcpu.guest_ns
+        exit_ = vcpu.run(slice_ns=1_000_000)
+        used.append(vcpu.guest_ns - before)
+        return exit_
+
+    interrupted = _finish(vm, run)
+    assert interrupted >= 5
+    assert all(ns >= 1_000_000 for ns in used[:-1])
+    assert sum(used) == vcpu.guest_ns
+    assert _counters(vm) == (TIMED_ROUNDS, TIMED_ROUNDS, 3 * (TIMED_ROUNDS - 1))
 
 
 def test_instruction_budgets_slice_and_count_exactly():
-    vm = launch(guest(_COUNT))
+    vm = launch(guest(_count(ROUNDS)))
     interrupted = _finish(vm, lambda vcpu: vcpu.run(budget=10_007))
     assert _counters(vm) == (ROUNDS, ROUNDS, 3 * (ROUNDS - 1))
     # Six instructions a round: every slice but the last used its whole budget. A

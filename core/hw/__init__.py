@@ -286,15 +286,16 @@ class Platform(_Handle):
 
     def vmrun(
         self, vmcb: bytearray, memory: GuestMemoryView, deadline: float | None = None,
-        budget: int | None = None,
+        budget: int | None = None, *, guest_ns: int | None = None,
     ) -> Usage:  # fmt: skip
         """VMRUN with ``memory`` as the nested page tables; the #VMEXIT is in ``vmcb``.
 
         The memory controller encrypts with the key ACTIVATE bound to the VMCB's ASID;
-        the host's timer takes the CPU back at ``deadline`` (time.monotonic) or after
-        ``budget`` instructions (a counted, reproducible slice). Returns the time and
-        instructions the guest used, as the host's performance counters see them.
+        the host's timer takes the CPU back at ``deadline`` (time.monotonic), after
+        ``budget`` instructions (a counted, reproducible slice) or once the guest has
+        run ``guest_ns`` (its own time: :mod:`sevsim.hw.run_clock`). Returns the time
+        and instructions the guest used, as the host's performance counters see them.
         """
         silicon: _Silicon = _behind(self)
         key = silicon.psp.key_for_asid(VMCB_CONTROL.get(vmcb, "asid"))
-        return silicon.svm.vmrun(vmcb, _behind(memory), key, deadline, budget)
+        return silicon.svm.vmrun(vmcb, _behind(memory), key, deadline, budget, guest_ns)

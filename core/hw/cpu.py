@@ -47,7 +47,7 @@ from sevsim.hw.engine import TIMER_ERROR, Engine
 from sevsim.hw.exceptions import Delivery, Event
 from sevsim.hw.intercept import Interceptor
 from sevsim.hw.memory import SHARED, GuestMemory
-from sevsim.hw.mmu import Fault, GuestAccessFault, Mmu
+from sevsim.hw.mmu import POISON, Fault, GuestAccessFault, Mmu
 from sevsim.hw.paging import ACCESS_FETCH, ACCESS_WRITE, PagingMode
 from sevsim.hw.regs import CR_IDS, GPR_OF, Registers
 from sevsim.hw.sites import MAX_INSN, Action, Sensitive
@@ -62,6 +62,8 @@ _CPL0_ONLY = frozenset({
 #: Actions whose instructions #GP outside CPL 0 (RDMSR/WRMSR, MOV to and from CRs).
 _CPL0_ACTIONS = (Action.HARDWARE_MSR, Action.CR_WRITE, Action.CR8_READ)
 _NO_END = 0xFFFF_FFFF_FFFF_FFFF
+#: The shortest wall-clock window a run towards a guest-time limit gets.
+_MIN_RUN_NS = 100_000
 _IF = 1 << 9
 #: RFLAGS bits a real-mode IRET loads, by operand size: FLAGS, or all but VM, VIF, VIP.
 _IRET_LOADS = {2: 0xFFFF, 4: 0xFFFF | 1 << 16 | 1 << 18 | 1 << 21}
@@ -203,10 +205,15 @@ class GuestCpu:
         self.delivery = Delivery(self.regs, self.mmu)
         self.interceptor = Interceptor(self.engine, self.mmu, self.bits, self._at_site,
                                        self._retranslate)  # fmt: skip
-        uc.hook_add(UC_HOOK_TLB_FILL, self.mmu.tlb_fill)
-        uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
-        uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid)
-        uc.hook_add(UC_HOOK_MEM_UNMAPPED, self._on_unmapped)
+        engine = self.engine
+        engine.hook_add(UC_HOOK_TLB_FILL, self.mmu.tlb_fill)
+        engine.hook_add(UC_HOOK_INTR, self._on_interrupt)
+        engine.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid)
+        # Bounded to the poison page: any unbounded memory hook makes Unicorn 2.1's
+        # notdirty_write keep every RAM page on the slow store path (about 10x per
+        # store). A fill refused for MMIO needs no hook: the run ends with an
+        # unmapped-access error and _error_stop takes the fault.
+        engine.hook_add(UC_HOOK_MEM_UNMAPPED, self._on_unmapped, POISON, POISON + 0xFFF)
         self._stop: _Stop | None = None
         self._last_site: tuple[int, int] | None = None
         #: Guest software the model runs as this vCPU's #VC handler (None: the IDT's).
@@ -218,8 +225,13 @@ class GuestCpu:
         #: Instructions the guest may still retire before the host takes the CPU back
         #: (counted runs: deterministic slices), if any.
         self.budget: int | None = None
-        #: What the CPU spent in guest mode: host nanoseconds, and instructions retired
-        #: in counted runs (a performance counter of the host).
+        #: The value of :attr:`guest_ns` at which the host takes the CPU back, if any.
+        self.guest_limit: int | None = None
+        #: The wall-clock deadline the host's timer holds for the run in progress.
+        self._run_deadline: float | None = None
+        #: What the CPU spent in guest mode: host nanoseconds on guest code (the
+        #: simulator's own work inside a run left out: :mod:`sevsim.hw.run_clock`),
+        #: and instructions retired in counted runs (a performance counter of the host).
         self.guest_ns = 0
         self.retired = 0
         self._running = False
@@ -411,16 +423,26 @@ class GuestCpu:
             self.mmu.flush_tlb()
         if not self.interceptor.reporting:  # a block Unicorn will not report
             self.interceptor.prime(self._linear(start))
-        if self.deadline is not None:
-            watchdog.arm(self, self.deadline)
+        deadline = self.deadline
+        if self.guest_limit is not None:
+            # Guest time goes at the host's pace while the engine runs. A run gets a
+            # window of its own however little is left, or the engine's fixed cost
+            # could eat it all, run after run, and the guest never move on.
+            left = max(self.guest_limit - self.guest_ns, _MIN_RUN_NS)
+            at = time.monotonic() + left / 1e9
+            deadline = at if deadline is None else min(deadline, at)
+        self._run_deadline = deadline
+        if deadline is not None:
+            watchdog.arm(self, deadline)
         count = 0 if self.budget is None else max(self.budget, 1)
         with self._stop_lock:
             self._running = True
-        began = time.perf_counter_ns()
+        clock = self.engine.clock
+        mark = clock.begin()
         try:
             self.uc.emu_start(start, _NO_END, count=count)
         finally:
-            self.guest_ns += time.perf_counter_ns() - began
+            self.guest_ns += clock.end(mark)
             if count:
                 retired = self.engine.retired
                 self.retired += retired
@@ -441,13 +463,15 @@ class GuestCpu:
         budget for this VMRUN is used up."""
         if self.budget is not None and self.budget <= 0:
             return True
+        if self.guest_limit is not None and self.guest_ns >= self.guest_limit:
+            return True
         return self.deadline is not None and time.monotonic() >= self.deadline
 
     def time_is_up(self, deadline: float) -> bool:
         """Called by the host timer: stop the guest if it is still running towards
         ``deadline``."""
         with self._stop_lock:
-            overdue = self._running and self.deadline == deadline
+            overdue = self._running and self._run_deadline == deadline
             if overdue:
                 self.engine.interrupt()
             return overdue

@@ -40,7 +40,9 @@ from __future__ import annotations
 
 import ctypes
 import struct
+from collections.abc import Callable
 from functools import cache
+from typing import Any
 
 from attrs import frozen
 from unicorn import (
@@ -56,6 +58,7 @@ from unicorn import __version__ as unicorn_version
 from unicorn.x86_const import UC_X86_REG_RAX, UC_X86_REG_RIP
 
 from sevsim.errors import SevsimError
+from sevsim.hw.run_clock import RunClock
 
 #: How far into ``struct uc_struct`` the probe looks for the counter pair.
 _SEARCH = 1 << 16
@@ -222,10 +225,12 @@ class Engine:
 
     :attr:`block_checks` says whether blocks translated from now on check for a
     stop request after each memory access and hook (see the module doc);
-    :attr:`retired` is the instruction count of the last counted run.
+    :attr:`retired` is the instruction count of the last counted run; :attr:`clock`
+    the guest time of its runs (every hook goes through :meth:`hook_add`, so that
+    hook time is not guest time).
     """
 
-    __slots__ = ("_checks", "_counter", "_flag", "env", "interrupt", "uc")
+    __slots__ = ("_checks", "_counter", "_flag", "clock", "env", "interrupt", "uc")
 
     def __init__(self, cpu_model: int) -> None:
         layout = _layout()
@@ -246,8 +251,14 @@ class Engine:
         #: Address of the CPU's ``CPUX86State`` (what a saved context copies).
         self.env = ctypes.c_uint64.from_address(
             ctypes.c_uint64.from_address(base + layout.cpu).value + _CPU_ENV_PTR).value
+        self.clock = RunClock()
         self._checks = True
         self.block_checks = False
+
+    def hook_add(self, kind: int, callback: Callable[..., Any], begin: int = 1,
+                 end: int = 0) -> int:  # fmt: skip
+        """Unicorn's ``hook_add``, with the callback's time kept out of guest time."""
+        return self.uc.hook_add(kind, self.clock.timed(callback), begin=begin, end=end)
 
     @property
     def block_checks(self) -> bool:

@@ -56,7 +56,7 @@ class Interceptor:
         retranslate: Callable[[], None],
     ) -> None:  # fmt: skip
         self.engine = engine
-        self.uc = uc = engine.uc
+        self.uc = engine.uc
         self.mmu = mmu
         self._bits = bits
         self._on_site = on_site
@@ -69,7 +69,8 @@ class Interceptor:
         #: Unicorn reports new blocks (a block has run to its end since the engine
         #: was made); until then each run's first block must be primed.
         self.reporting = False
-        uc.hook_add(UC_HOOK_EDGE_GENERATED, self._on_block)
+        engine.hook_add(UC_HOOK_EDGE_GENERATED, self._on_block)
+        self._timed_hit = engine.clock.timed(self._on_hit)
 
     @property
     def hook_count(self) -> int:
@@ -122,7 +123,7 @@ class Interceptor:
         for addr, site in found:
             self._sites[addr] = (bits, site)
             if addr not in self._hooks:
-                self._hooks[addr] = self.uc.hook_add(UC_HOOK_CODE, self._on_hit,
+                self._hooks[addr] = self.uc.hook_add(UC_HOOK_CODE, self._timed_hit,
                                                      begin=addr, end=addr)  # fmt: skip
                 added = True
         return added

@@ -211,14 +211,15 @@ class Svm:
 
     def vmrun(
         self, vmcb: bytearray, memory: GuestMemory, key: bytes | None, deadline: float | None,
-        budget: int | None = None,
+        budget: int | None = None, guest_ns: int | None = None,
     ) -> Usage:  # fmt: skip
         """Run the guest of ``vmcb`` until the next #VMEXIT, recorded in ``vmcb``.
 
         ``memory`` stands for the nested page tables (the guest-physical space),
         ``key`` for the memory controller's key slot of the VMCB's ASID and
-        ``deadline`` (time.monotonic) or ``budget`` (instructions) for the host
-        timer's next tick (an INTR exit). Returns what the run used.
+        ``deadline`` (time.monotonic), ``budget`` (instructions) or ``guest_ns``
+        (guest time) for the host timer's next tick (an INTR exit). Returns what the
+        run used.
         """
         get = VMCB_CONTROL.get
         vmsa = self.pages.vmsa_at(get(vmcb, "vmsa_pa"))
@@ -237,7 +238,7 @@ class Svm:
         cpu = vmsa.cpu
         before = (cpu.guest_ns, cpu.retired) if cpu is not None else (0, 0)
         try:
-            hw_exit = self._run(vmcb, memory, vmsa, key, deadline, budget)
+            hw_exit = self._run(vmcb, memory, vmsa, key, deadline, budget, guest_ns)
         except FOREIGN_FAULTS as exc:  # nothing a guest does may take the host down
             hw_exit = HwExit(SvmExit.SHUTDOWN, why=f"simulator fault: {type(exc).__name__}: {exc}")
         self._record(vmcb, vmsa, hw_exit)
@@ -248,7 +249,7 @@ class Svm:
 
     def _run(
         self, vmcb: bytearray, memory: GuestMemory, vmsa: VmsaPage, key: bytes | None,
-        deadline: float | None, budget: int | None,
+        deadline: float | None, budget: int | None, guest_ns: int | None,
     ) -> HwExit:  # fmt: skip
         get, put = VMCB_CONTROL.get, VMCB_CONTROL.set
         cpu = vmsa.cpu
@@ -258,6 +259,7 @@ class Svm:
         cpu.set_key(memory.key_id(key))
         cpu.deadline = deadline
         cpu.budget = budget
+        cpu.guest_limit = None if guest_ns is None else cpu.guest_ns + guest_ns
         cpu.ghcb_msr = get(vmcb, "ghcb_gpa")
         intercepts = int.from_bytes(get(vmcb, "intercepts"), "little")
         cpu.intercepted = lambda code: _intercepted(intercepts, code)

@@ -238,13 +238,16 @@ class Vcpu:
         return self._dead
 
     def run(self, timeout: float | None = None, budget: int | None = None, *,
+            slice_ns: int | None = None,
             plugin_timeout: float | Literal["timeout"] | None = "timeout") -> KvmExit:  # fmt: skip
         """KVM_RUN: run until an exit userspace must see.
 
-        ``timeout`` (seconds) bounds the call, as a signal would, and ``budget``
-        bounds the guest instructions it may retire (a reproducible slice, as the
-        host's counters would enforce): when either is used up, KVM_RUN returns
-        -EINTR and the vCPU can be run again. :attr:`usage` adds up what every
+        ``timeout`` (seconds) bounds the call, as a signal would; ``budget`` bounds
+        the guest instructions it may retire (a reproducible slice, as the host's
+        counters would enforce) and ``slice_ns`` the guest time it may use (a host
+        timer that counts only while the guest runs: the simulator's exit handling
+        takes far longer than KVM's, and is not the guest's time). When one is used
+        up, KVM_RUN returns -EINTR and the vCPU can be run again. :attr:`usage` adds up what every
         VMRUN used. ``plugin_timeout`` (by default ``timeout``) bounds plugin code:
         a plugin still running when it passes is interrupted, and KVM_RUN fails
         naming it. A VMM that slices time passes its overall limit here: a slice
@@ -254,10 +257,10 @@ class Vcpu:
         deadline = None if timeout is None else now + timeout
         limit = timeout if plugin_timeout == "timeout" else plugin_timeout
         with foreign_time_limit(None if limit is None else now + limit):
-            return self._run(timeout, deadline, budget)
+            return self._run(timeout, deadline, budget, slice_ns)
 
-    def _run(self, timeout: float | None, deadline: float | None,
-             budget: int | None) -> KvmExit:  # fmt: skip
+    def _run(self, timeout: float | None, deadline: float | None, budget: int | None,
+             slice_ns: int | None) -> KvmExit:  # fmt: skip
         if self._dead is not None:
             raise VcpuError(f"vCPU {self.id} cannot run again: {self._dead}")
         if self.vm.dead is not None:
@@ -270,7 +273,7 @@ class Vcpu:
                 return RunFailed("EINTR", f"vCPU {self.id} is {self.mp_state.name}: a SIPI "
                                  "(deliver_sipi) or an event must wake it")  # fmt: skip
             self.mp_state = MpState.RUNNABLE
-        retired_before = self.retired
+        retired_before, ns_before = self.retired, self.guest_ns
         while True:
             if self.immediate_exit:
                 return RunFailed("EINTR", f"vCPU {self.id}: KVM_RUN interrupted: the VMM "
@@ -282,9 +285,11 @@ class Vcpu:
             if self.vm.dead is not None:
                 return RunFailed("EIO", self.vm.dead, plugin=self.vm.dead_plugin)
             entry_deadline = time.monotonic() if immediate else deadline
+            ns_left = None if slice_ns is None else max(slice_ns - (self.guest_ns - ns_before), 1)
             left = None if budget is None else budget - (self.retired - retired_before)
             used = self.vm.platform.vmrun(self.vmcb, self.vm.memory, entry_deadline,
-                                          None if left is None else max(left, 1))  # fmt: skip
+                                          None if left is None else max(left, 1),
+                                          guest_ns=ns_left)  # fmt: skip
             self.guest_ns += used.guest_ns
             self.retired += used.retired
             result = self.handle_exit()
@@ -297,6 +302,9 @@ class Vcpu:
                     return RunFailed("EINTR", f"KVM_RUN interrupted after its {timeout:g} s limit")
                 if budget is not None and self.retired - retired_before >= budget:
                     return RunFailed("EINTR", f"KVM_RUN interrupted after {budget} instructions")
+                if slice_ns is not None and self.guest_ns - ns_before >= slice_ns:
+                    return RunFailed("EINTR", f"KVM_RUN interrupted after {slice_ns} ns of "
+                                     "guest time")  # fmt: skip
                 continue
             if isinstance(result, O.Fail):
                 return RunFailed(result.errno, result.why, exit=result.exit)

@@ -131,7 +131,9 @@ class AcpiPmBlock:
     # -- what the guest sees -------------------------------------------------------------
 
     def timer_value(self) -> int:
-        """PM_TMR: the 24-bit tick count at the machine clock's present time."""
+        """PM_TMR: the 24-bit tick count at the machine clock's present time (a read
+        the guest repeats at once is a busy-wait: :meth:`MachineClock.polled`)."""
+        self._clock.polled()
         return pm_timer_ticks(self._clock.now_ns()) % (1 << _TIMER_BITS)
 
     def status(self) -> int:

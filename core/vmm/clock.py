@@ -68,6 +68,12 @@ class Timer:
         return True
 
 
+#: Two reads of a time source closer than this (guest time) are a busy-wait.
+POLL_GAP_NS = 50_000
+#: What each read of a busy-wait moves time on by: the first step, and the most.
+POLL_STEP_NS = (1_000, 1_000_000)
+
+
 class MachineClock:
     """The machine's time, moved forward only by the run loop.
 
@@ -76,6 +82,18 @@ class MachineClock:
     order they were armed). Between two advances a vCPU keeps running, handling exits
     inside KVM_RUN: :attr:`running` (set by the run loop) says how far its time has
     gone since, so a device it reads (a PM timer it polls) sees time move.
+
+    A guest that reads a time source over and over, with hardly any time passing in
+    between, is waiting for time to pass (OVMF's ``MicroSecondDelay`` polls the ACPI
+    PM timer). On hardware each read costs about a microsecond; here it is an exit
+    that costs the host a thousand times more, and a few milliseconds of delay took
+    minutes of OVMF's boot. So each such read (:meth:`polled`) moves time on by a
+    step that doubles while the spin goes on (up to a millisecond) and starts small
+    again once the guest does something else or the clock is advanced: the guest
+    sees a slow host, never time going back. A skip stops at the next timer's
+    deadline and calls :attr:`on_due` (the machine kicks the running vCPU, so that
+    the run loop fires the timer); the loop folds the skipped time into its own
+    (:meth:`take_skipped`).
     """
 
     def __init__(self) -> None:
@@ -84,9 +102,37 @@ class MachineClock:
         self._order = itertools.count()
         #: Guest nanoseconds the running vCPU has used since the last advance.
         self.running: Callable[[], int] | None = None
+        self._skipped = 0
+        self._last_poll: int | None = None
+        self._step = 0
+        #: Called when a busy-wait's skip reaches the next timer's deadline.
+        self.on_due: Callable[[], None] | None = None
 
     def now_ns(self) -> int:
-        return self._now if self.running is None else self._now + max(self.running(), 0)
+        now = self._now + self._skipped
+        return now if self.running is None else now + max(self.running(), 0)
+
+    def polled(self) -> None:
+        """A time source was read: if the last read was only just before, the guest
+        spins on it, and time skips ahead."""
+        now = self.now_ns()
+        if self._last_poll is not None and now - self._last_poll < POLL_GAP_NS:
+            first, most = POLL_STEP_NS
+            self._step = min(2 * self._step, most) if self._step else first
+            deadline = self.next_deadline()
+            step = self._step if deadline is None else max(min(self._step, deadline - now), 0)
+            self._skipped += step
+            if step < self._step and self.on_due is not None:
+                self.on_due()
+        else:
+            self._step = 0
+        self._last_poll = self.now_ns()
+
+    def take_skipped(self) -> int:
+        """The time busy-waits skipped since the last call, for the run loop to add to
+        its own before it next advances the clock."""
+        skipped, self._skipped = self._skipped, 0
+        return skipped
 
     def timer(self, callback: Callable[[], None], name: str = "timer") -> Timer:
         """A new, unarmed timer that calls ``callback`` when it fires."""
@@ -112,8 +158,11 @@ class MachineClock:
         Each callback runs with the clock at its own deadline, so a periodic device
         that re-arms "one period from now" keeps its rhythm across a long advance.
         """
-        if now_ns < self._now:
-            raise ClockError(f"machine clock cannot go back from {self._now} ns to {now_ns} ns")
+        if now_ns < self._now + self._skipped:
+            raise ClockError(f"machine clock cannot go back from {self._now + self._skipped} ns "
+                             f"to {now_ns} ns")  # fmt: skip
+        self._skipped = 0
+        self._last_poll, self._step = None, 0
         self.running = None
         fired = 0
         while self._queue and self._queue[0][0] <= now_ns:

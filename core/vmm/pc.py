@@ -179,6 +179,7 @@ class PcMachine:
     ) -> None:
         self.config = config
         self.clock = clock
+        clock.on_due = self.kick
         self.requests: list[MachineRequest] = []
         request: RequestSink = self._request
         self.io = Bus("io", 0x1_0000)

@@ -190,7 +190,7 @@ class Vmm:
         """Move guest time on by what one run of ``vcpu`` used, shared with the
         ``sharing`` vCPUs that were runnable beside it."""
         used = retired * ICOUNT_NS_PER_INSN if self.clock_mode is ClockMode.ICOUNT else ran_ns
-        self._now += used // max(sharing, 1)
+        self._now += used // max(sharing, 1) + self.machine.clock.take_skipped()
         self.machine.clock.advance(self._now)
 
     def _idle(self) -> bool:
@@ -303,8 +303,7 @@ class Vmm:
             budget = None if slice_ns is None else max(slice_ns // ICOUNT_NS_PER_INSN, 1)
             exit_ = vcpu.run(wall_left, budget)
         else:
-            limits = [t for t in (slice_ns and _ns_to_s(slice_ns), wall_left) if t]
-            exit_ = vcpu.run(min(limits) if limits else None, plugin_timeout=wall_left)
+            exit_ = vcpu.run(wall_left, slice_ns=slice_ns, plugin_timeout=wall_left)
         self.exits += 1
         ran_ns, retired = vcpu.guest_ns - ran_ns, vcpu.retired - retired
         if vcpu.immediate_exit:
@@ -313,9 +312,9 @@ class Vmm:
             # is likely inside its #VC handler holding what the others wait for.
             self._next = index
         elif slice_ns is not None and _sliced(exit_):
-            # The host's timer ended the run: the slice is over, however little of it
-            # the guest got (the run may have started late).
-            ran_ns = max(ran_ns, slice_ns)
+            # The slice ended the run: in icount mode it is over, however few of its
+            # instructions the guest got (a stop lands at a block's start). Host time
+            # is what the guest really ran: its slice ends on its own clock.
             retired = max(retired, slice_ns // ICOUNT_NS_PER_INSN)
         self._account(vcpu, ran_ns, retired, sharing)
         return self._after(index, vcpu, exit_)

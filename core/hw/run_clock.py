@@ -1,0 +1,57 @@
+"""Guest time of the CPU model's runs when time comes from the host's clock.
+
+On hardware a guest's clock advances while the guest runs. Here a run of the CPU
+model (one ``emu_start``) also holds the simulator's own work: Python hooks that
+Unicorn calls from inside the run (TLB fills, new blocks, sensitive-instruction
+hooks) and a fixed cost to enter and leave the engine, each far slower than the
+hardware they stand for. Counted as guest time, they made OVMF's timer interrupts
+come so often that handling one tick (about sixty exits) took most of the next
+tick's time, and the firmware crawled from tick to tick.
+
+So a run is charged the wall time it took minus the time its hooks took, minus the
+engine's fixed cost: the shortest run seen so far, hooks excluded, which is a run
+that stopped before its first instruction (a block dropped for retranslation, a
+hooked instruction at the start). In icount mode none of this matters: time there
+is counted in instructions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from time import perf_counter_ns
+from typing import Any
+
+
+class RunClock:
+    """Host nanoseconds one engine spent on guest code."""
+
+    __slots__ = ("_fixed_ns", "hooks_ns")
+
+    def __init__(self) -> None:
+        #: Wall time spent in hooks, all runs together.
+        self.hooks_ns = 0
+        self._fixed_ns: int | None = None
+
+    def timed(self, hook: Callable[..., Any]) -> Callable[..., Any]:
+        """``hook`` with the time it takes left out of guest time."""
+
+        def timed_hook(*args: Any) -> Any:
+            began = perf_counter_ns()
+            try:
+                return hook(*args)
+            finally:
+                self.hooks_ns += perf_counter_ns() - began
+
+        return timed_hook
+
+    def begin(self) -> tuple[int, int]:
+        """Mark the start of a run: pass the result to :meth:`end`."""
+        return perf_counter_ns(), self.hooks_ns
+
+    def end(self, mark: tuple[int, int]) -> int:
+        """The guest time of the run that began at ``mark``."""
+        began, hooks = mark
+        spent = perf_counter_ns() - began - (self.hooks_ns - hooks)
+        if self._fixed_ns is None or spent < self._fixed_ns:
+            self._fixed_ns = spent
+        return spent - self._fixed_ns
