@@ -36,7 +36,7 @@ class Plan:
 
     @classmethod
     def choose(cls, quick: bool, shell_cap_s: float | None) -> Plan:
-        plan = cls(3, 1_000, 20_000_000, 30.0) if quick else cls(7, 5_000, 20_000_000, 120.0)
+        plan = cls(3, 1_000, 20_000_000, 30.0) if quick else cls(7, 5_000, 20_000_000, 600.0)
         return plan if shell_cap_s is None else evolve(plan, shell_cap_s=shell_cap_s)
 
     def benchmarks(self) -> dict[str, Callable[[], list[Row]]]:
@@ -60,7 +60,7 @@ def main() -> None:
                         help="fewer repetitions and a shorter Shell cap (BENCH_QUICK=1)")
     parser.add_argument("--shell-cap", type=float, metavar="SECONDS",
                         help="give up on reaching the UEFI Shell after this long "
-                             "(default 120, quick 30)")  # fmt: skip
+                             "(default 600, quick 30)")  # fmt: skip
     parser.add_argument("--only", nargs="+", metavar="NAME",
                         help="run only these lines: out compute new-code rss launch shell")
     args = parser.parse_args()

@@ -8,7 +8,7 @@ from guests import guest, launch
 from sevsim.errors import GuestMemoryError
 from sevsim.guest.snippets import TERMINATE
 from sevsim.hw.crypto import new_key
-from sevsim.hw.memory import SHARED, GuestMemory
+from sevsim.hw.memory import SHARED, Change, GuestMemory
 from sevsim.kvm.exits import SystemEvent
 
 PAGE = bytes(range(256)) * 16
@@ -112,3 +112,80 @@ def test_a_page_launched_in_part_shows_only_the_launched_bytes_as_plaintext():
     mem.host_write(0x1020, b"N" * 16)
     assert mem.launch_encrypt(0x1020, 16, key) == b"N" * 16
     assert mem.guest_read(0x1020, 16, mem.key_id(key)) == b"N" * 16
+
+
+# -- whole runs of pages at once (an image placed and launched) --------------------------
+
+
+def _filled(size: int, base: int = 0x10000) -> tuple[GuestMemory, bytes]:
+    """Memory with two RAM regions side by side, the host's bytes written over both."""
+    mem = GuestMemory()
+    mem.add_ram(base, size // 2, "low")
+    mem.add_ram(base + size // 2, size // 2, "high")
+    data = bytes((i * 7 + i // 4096) & 0xFF for i in range(size))
+    mem.host_write(base, data)
+    return mem, data
+
+
+@pytest.mark.parametrize(("start", "length"), [
+    (0x10000, 0x4000),  # a whole region (launched at once)
+    (0x11000, 0x2000),  # whole pages inside one region (at once)
+    (0x10000, 0x8000),  # whole pages of both regions
+    (0x10010, 0x7FE0),  # a partial page at each end
+    (0x11FF0, 0x20),  # one 16-byte block each side of a page boundary
+    (0x13000, 0x1010),  # whole pages across the region boundary, a partial tail
+])  # fmt: skip
+def test_launching_a_range_equals_launching_it_page_by_page(start, length):
+    key = new_key()
+    bulk, data = _filled(0x8000)
+    paged, _ = _filled(0x8000)
+    measured = bulk.launch_encrypt(start, length, key)
+    assert measured == data[start - 0x10000 : start - 0x10000 + length]
+    pieces = []
+    for gpa in range(start, start + length, 16):  # never more than a block at a time
+        pieces.append(paged.launch_encrypt(gpa, 16, key))
+    assert b"".join(pieces) == measured
+    kid = bulk.key_id(key)
+    for page in range(0x10000, 0x18000, 0x1000):
+        assert bulk.owner(page) == paged.owner(page)
+        assert bulk.host_read(page, 0x1000) == paged.host_read(page, 0x1000)
+    assert bulk.guest_read(start, length, kid) == measured
+
+
+@pytest.mark.parametrize("end", [0x14000, 0x18000])  # one region, or both
+def test_launching_over_a_private_page_refuses_it_after_the_pages_before(end):
+    first, second = new_key(), new_key()
+    mem, _ = _filled(0x8000)
+    mem.launch_encrypt(0x12000, 0x1000, first)
+    with pytest.raises(GuestMemoryError, match="page 0x12000 is already encrypted"):
+        mem.launch_encrypt(0x10000, end - 0x10000, second)
+    # As page by page: the pages before the refused one were launched, none after.
+    owners = [mem.owner(page) for page in range(0x10000, 0x18000, 0x1000)]
+    assert owners == [mem.key_id(second)] * 2 + [mem.key_id(first)] + [SHARED] * 5
+
+
+def test_a_host_write_over_shared_and_private_pages():
+    key = new_key()
+    mem, data = _filled(0x8000)
+    kid = mem.key_id(key)
+    mem.launch_encrypt(0x12000, 0x1000, key)
+    seen: list[tuple[int, int]] = []
+    mem.on_page_changed.append(lambda page, change: seen.append((page, change)))
+    planted = b"\x5a" * 0x3000
+    mem.host_write(0x11800, planted)
+    assert mem.host_read(0x11800, 0x800) == planted[:0x800]  # shared: as written
+    assert mem.host_read(0x12000, 0x1000) == planted[0x800:0x1800]  # private: DRAM as written
+    assert mem.guest_read(0x12000, 16, kid) != planted[:16]  # the guest sees garbage
+    assert mem.host_read(0x13000, 0x800) == planted[0x1800:0x2000]
+    assert mem.host_read(0x14800, 0x800) == data[0x4800:0x5000]  # untouched
+    assert sorted(page for page, _ in seen) == list(range(0x11000, 0x15000, 0x1000))
+
+
+def test_a_large_host_write_into_shared_pages_tells_every_page():
+    mem, data = _filled(0x8000)
+    seen: list[tuple[int, int]] = []
+    mem.on_page_changed.append(lambda page, change: seen.append((page, change)))
+    planted = b"\xa5" * 0x2800
+    mem.host_write(0x10800, planted)  # inside the low region, all shared: one copy
+    assert mem.host_read(0x10000, 0x4000) == data[:0x800] + planted + data[0x3000:0x4000]
+    assert seen == [(page, Change.BYTES) for page in (0x10000, 0x11000, 0x12000)]

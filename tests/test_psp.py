@@ -11,7 +11,7 @@ import pytest
 from attrs import define, field
 
 from sevsim.errors import ConfigError, GuestMemoryError, SevFirmwareError
-from sevsim.hw.psp import FirmwareVersion, LaunchSession, Psp
+from sevsim.hw.psp import LAUNCH_UPDATE_CHUNK, FirmwareVersion, LaunchSession, Psp
 from sevsim.hw.sev_api import GuestState, PlatformState, Policy
 from sevsim.hw.sev_caps import CpuidLeaf, SevCapabilities
 from sevsim.kvm.asid import AsidAllocator, AsidError
@@ -268,6 +268,34 @@ def test_update_data_encrypts_under_the_guest_key_and_measures_in_order(psp):
     psp.launch_measure(handle)
     expected = hashlib.sha256(memory.data[0x1000:0x1020] + memory.data[0x10:0x40]).digest()
     assert psp.launch_digest(handle) == expected
+
+
+def test_update_data_measures_a_long_range_piece_by_piece_as_one(psp):
+    # An image larger than LAUNCH_UPDATE_CHUNK, not starting on a piece boundary: the
+    # pieces end at multiples of the chunk size, and the digest is that of the range.
+    size = 3 * LAUNCH_UPDATE_CHUNK
+    memory = FakeMemory(data=bytes(range(256)) * (size // 256))
+    handle = launched(psp)
+    gpa, length = 0x10, size - 0x30
+    psp.launch_update_data(handle, memory, gpa, length)
+    pieces = [(g, n) for g, n, _ in memory.calls]
+    assert pieces[0] == (gpa, LAUNCH_UPDATE_CHUNK - gpa)
+    assert all(g % LAUNCH_UPDATE_CHUNK == 0 for g, _ in pieces[1:])
+    assert sum(n for _, n in pieces) == length
+    psp.launch_measure(handle)
+    assert psp.launch_digest(handle) == hashlib.sha256(memory.data[gpa : gpa + length]).digest()
+
+
+def test_update_data_that_fails_part_way_leaves_the_digest_alone(psp):
+    memory = FakeMemory(data=bytes(range(256)) * (2 * LAUNCH_UPDATE_CHUNK // 256))
+    handle = launched(psp)
+    psp.launch_update_data(handle, memory, 0, 0x100)
+    # The range's first piece is in RAM, its second runs past the end of RAM.
+    gpa = LAUNCH_UPDATE_CHUNK + 0x1000
+    fails("INVALID_ADDRESS", psp.launch_update_data, handle, memory, gpa, LAUNCH_UPDATE_CHUNK)
+    assert [g for g, _, _ in memory.calls] == [0, gpa]  # the first piece went through
+    psp.launch_measure(handle)
+    assert psp.launch_digest(handle) == hashlib.sha256(memory.data[:0x100]).digest()
 
 
 @pytest.mark.parametrize("gpa", [0x8, 0x1001, 0xF])

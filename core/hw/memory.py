@@ -34,6 +34,7 @@ from __future__ import annotations
 import bisect
 import ctypes
 import mmap
+import sys
 from array import array
 from collections.abc import Callable, Iterator
 from enum import IntEnum
@@ -44,6 +45,13 @@ from sevsim.errors import GuestMemoryError
 from sevsim.hw.crypto import PAGE_SIZE, PageCipher
 
 PAGE_MASK = ~(PAGE_SIZE - 1)
+#: madvise(MADV_POPULATE_WRITE) (Linux 5.14): the host kernel commits a range of a
+#: mapping in one call instead of one page fault per page touched.
+_MADV_POPULATE_WRITE: int | None = getattr(
+    mmap, "MADV_POPULATE_WRITE", 23 if sys.platform == "linux" else None
+)
+#: Host writes at least this large commit their range first (an image being placed).
+POPULATE_MIN = 64 << 10
 #: Owner of a page whose DRAM holds the buffer's bytes unencrypted.
 SHARED = 0
 
@@ -97,6 +105,19 @@ class RamRegion:
     def page_view(self, page: int) -> memoryview:
         off = page - self.gpa
         return self.view[off : off + PAGE_SIZE]
+
+    def populate(self, off: int, length: int) -> None:
+        """Commit ``[off, off+length)`` of the mapping at once, before a write fills all
+        of it: one call rather than a page fault per host page. Only what the write is
+        about to touch is committed, so RSS stays what has been touched. A host that
+        cannot (Linux before 5.14, other systems) lets the write fault the pages in."""
+        if _MADV_POPULATE_WRITE is None or length < POPULATE_MIN:
+            return
+        start = off - off % mmap.PAGESIZE
+        try:
+            self._map.madvise(_MADV_POPULATE_WRITE, start, off + length - start)
+        except OSError:  # EINVAL on an older kernel
+            pass
 
     def release(self) -> None:
         """Give the host memory back (the region is unusable afterwards)."""
@@ -231,6 +252,19 @@ class GuestMemory:
             yield region, page, start, length
             gpa += length
 
+    @staticmethod
+    def _all_shared(region: RamRegion, start: int, stop: int) -> bool:
+        """Whether every page overlapping ``[start, stop)`` (inside ``region``) is SHARED."""
+        first = (start - region.gpa) // PAGE_SIZE
+        last = (stop - 1 - region.gpa) // PAGE_SIZE + 1
+        return region.owner[first:last].count(SHARED) == last - first
+
+    def _changed_range(self, start: int, stop: int, change: Change) -> None:
+        """:meth:`_changed` for every page overlapping ``[start, stop)``."""
+        if self.on_page_changed:
+            for page in range(start & PAGE_MASK, stop, PAGE_SIZE):
+                self._changed(page, change)
+
     def owner(self, gpa: int) -> int:
         region = self._region(gpa, 1)
         return region.owner[(gpa - region.gpa) // PAGE_SIZE]
@@ -265,6 +299,12 @@ class GuestMemory:
 
     def host_read(self, gpa: int, size: int) -> bytes:
         """What the hypervisor reads: plaintext of shared pages, ciphertext of private ones."""
+        region = self.ram_at(gpa)
+        if region is not None and 0 < size <= PAGE_SIZE - (gpa & ~PAGE_MASK):
+            index = (gpa - region.gpa) // PAGE_SIZE
+            if index < len(region.owner) and region.owner[index] == SHARED:  # one shared page
+                off = gpa - region.gpa
+                return region.view[off : off + size].tobytes()
         out = bytearray()
         for region, page, start, length in self._pages(gpa, size):
             owner = region.owner[(page - region.gpa) // PAGE_SIZE]
@@ -278,6 +318,8 @@ class GuestMemory:
     def host_write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         """A hypervisor write: lands in DRAM as written (the guest decrypts private pages)."""
         data = memoryview(bytes(data))
+        if len(data) > PAGE_SIZE and self._host_write_shared(gpa, data):
+            return
         done = 0
         for region, page, start, length in self._pages(gpa, len(data)):
             chunk = data[done : done + length]
@@ -292,6 +334,20 @@ class GuestMemory:
                 region.page_view(page)[:] = cipher.decrypt(page, dram)
             self._changed(page, Change.BYTES)
             done += length
+
+    def _host_write_shared(self, gpa: int, data: memoryview) -> bool:
+        """:meth:`host_write` of a range inside one region whose pages are all SHARED (the
+        VMM placing an image before launch): one copy into the buffer. False, with
+        nothing written, for any other range (it goes page by page)."""
+        region = self.ram_at(gpa)
+        end = gpa + len(data)
+        if region is None or end > region.end or not self._all_shared(region, gpa, end):
+            return False
+        off = gpa - region.gpa
+        region.populate(off, len(data))
+        region.view[off : off + len(data)] = data
+        self._changed_range(gpa, end, Change.BYTES)
+        return True
 
     # -- a CPU's view (hardware-internal) ----------------------------------------------
 
@@ -321,8 +377,16 @@ class GuestMemory:
         plaintext. Encryption is modelled per page: in a page launched in part, every
         byte outside the launched ranges shows the guest the decryption of what DRAM
         held, as on hardware, and cannot carry unmeasured code or data.
+
+        Whole SHARED pages need no cipher at all: DRAM will hold their encryption, which
+        is derived only if the host reads them (lazily), and the buffer keeps the
+        plaintext the guest sees. So a range of them in one region (a firmware image)
+        costs one copy of its bytes and one store of its owners.
         """
         kid = self.key_id(key)
+        whole = self._launch_shared(gpa, length, kid)
+        if whole is not None:
+            return whole
         cipher = self._cipher(kid)
         measured = bytearray()
         for region, page, start, size in self._pages(gpa, length):
@@ -343,3 +407,18 @@ class GuestMemory:
             region.owner[index] = kid
             self._changed(page, Change.VIEW)
         return bytes(measured)
+
+    def _launch_shared(self, gpa: int, length: int, kid: int) -> bytes | None:
+        """:meth:`launch_encrypt` of whole pages, inside one region and all SHARED, at
+        once: the launched bytes. None, with nothing done, for any other range (it goes
+        page by page)."""
+        region = self.ram_at(gpa)
+        end = gpa + length
+        if (region is None or end > region.end or (gpa | length) & ~PAGE_MASK
+                or not self._all_shared(region, gpa, end)):  # fmt: skip
+            return None
+        first, count = (gpa - region.gpa) // PAGE_SIZE, length // PAGE_SIZE
+        launched = bytes(region.view[gpa - region.gpa : end - region.gpa])
+        region.owner[first : first + count] = array("I", (kid,)) * count
+        self._changed_range(gpa, end, Change.VIEW)
+        return launched
