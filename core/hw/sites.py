@@ -12,12 +12,14 @@ holds no sensitive instruction, so most translated blocks are never decoded.
 
 from __future__ import annotations
 
+import ctypes
 import re
+import struct
 from collections.abc import Iterator
 from enum import Enum
-from typing import Any
 
 from attrs import frozen
+from capstone import _cs, _cs_insn
 
 from sevsim.arch.disasm import capstone
 from sevsim.arch.exits import EXIT_BY_MNEMONIC, SvmExit
@@ -28,11 +30,13 @@ MAX_INSN = 15
 #: 0F 01 xx (VMRUN..INVLPGA, VMMCALL/VMGEXIT, MONITOR(X), MWAIT(X), RDTSCP, RDPRU,
 #: LMSW), RDMSR/WRMSR/RDPMC/CPUID/INVD/WBINVD/CLTS, MOV to/from CR and DR, and the
 #: one-byte IN/OUT/INS/OUTS and HLT.
-_OPCODES = rb"\x0f[\x01\x06\x08\x09\x20-\x23\x30\x32\x33\xa2]|[\x6c-\x6f\xe4-\xe7\xec-\xef\xf4"
-CANDIDATE = re.compile(_OPCODES + rb"]", re.DOTALL)
+_CANDIDATE_BYTES = (
+    rb"\x0f[\x01\x06\x08\x09\x20-\x23\x30\x32\x33\xa2]|[\x6c-\x6f\xe4-\xe7\xec-\xef\xf4"
+)
+CANDIDATE = re.compile(_CANDIDATE_BYTES + rb"]", re.DOTALL)
 #: 16-bit code also holds IRET (CF), which the model retires in real mode (see
 #: :attr:`Action.REAL_MODE_IRET`); other code never needs it decoded.
-CANDIDATE_16 = re.compile(_OPCODES + rb"\xcf]", re.DOTALL)
+CANDIDATE_16 = re.compile(_CANDIDATE_BYTES + rb"\xcf]", re.DOTALL)
 
 
 def candidates(bits: int) -> re.Pattern[bytes]:
@@ -91,53 +95,110 @@ VMGEXIT = b"\xf3\x0f\x01\xd9"
 RDPRU = b"\x0f\x01\xfd"
 
 
-class _Rdpru:
-    """RDPRU where capstone would have given an instruction."""
+#: A decoded instruction: (address, size, mnemonic, operands).
+_Insn = tuple[int, int, str, str]
 
-    mnemonic = "rdpru"
-    size = len(RDPRU)
-    op_str = ""
+#: Legacy prefixes, and REX in 64-bit code: what comes before an opcode byte.
+_PREFIXES = frozenset((0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, 0x66, 0x67, 0xF0, 0xF2, 0xF3))
+_REX = frozenset(range(0x40, 0x50))
+#: The first opcode byte of every sensitive instruction (0F: the two-byte ones).
+_OPCODES = frozenset((0x0F, 0xF4, *range(0x6C, 0x70), *range(0xE4, 0xE8),
+                      *range(0xEC, 0xF0)))  # fmt: skip
+_OPCODES_16 = _OPCODES | {0xCF}
 
-    def __init__(self, address: int) -> None:
-        self.address = address
+# Capstone's ``cs_insn`` records, read in bulk: a block's instructions come from one
+# ``cs_disasm`` call, and only the few that may be sensitive have their text decoded
+# (the binding's per-instruction objects and strings cost more than the decoding).
+_RECORD = ctypes.sizeof(_cs_insn)
+#: A whole record, of which only the address and the size are read.
+_ADDRESS_SIZE = struct.Struct(
+    f"<{_cs_insn.address.offset}xQ{_cs_insn.size.offset - _cs_insn.address.offset - 8}xH"
+    f"{_RECORD - _cs_insn.size.offset - 2}x")
+_TEXT = ((_cs_insn.mnemonic.offset, _cs_insn.mnemonic.size),
+         (_cs_insn.op_str.offset, _cs_insn.op_str.size))  # fmt: skip
 
 
-def _decode(code: bytes, address: int, bits: int) -> Iterator[Any]:
-    """Capstone's instructions through ``code`` from ``address``, going on past each
-    RDPRU (which capstone stops at) and ending at the first byte nothing decodes."""
+def _records(code: bytes, address: int, bits: int) -> bytes:
+    """``cs_disasm`` of ``code`` at ``address``: its records, copied out."""
+    insns = ctypes.POINTER(_cs_insn)()
+    count = _cs.cs_disasm(capstone(bits).csh, code, len(code), address, 0, ctypes.byref(insns))
+    if count <= 0:
+        return b""
+    try:
+        return ctypes.string_at(insns, count * _RECORD)
+    finally:
+        _cs.cs_free(insns, count)
+
+
+#: (address, size, where its record is: the records and an offset, or None for RDPRU).
+_Span = tuple[int, int, tuple[bytes, int] | None]
+
+
+def _decode(code: bytes, address: int, bits: int) -> Iterator[_Span]:
+    """The instructions through ``code`` from ``address``, going on past each RDPRU
+    (which capstone stops at) and ending at the first byte nothing decodes."""
     offset = 0
     while offset < len(code):
-        for insn in capstone(bits).disasm(code[offset:], address + offset):
-            yield insn
-            offset = insn.address - address + insn.size
+        records = _records(code[offset:] if offset else code, address + offset, bits)
+        at = 0
+        for insn_address, size in _ADDRESS_SIZE.iter_unpack(records):
+            yield insn_address, size, (records, at)
+            at += _RECORD
+            offset = insn_address - address + size
         if code[offset : offset + len(RDPRU)] != RDPRU:
             return
-        yield _Rdpru(address + offset)
+        yield address + offset, len(RDPRU), None
         offset += len(RDPRU)
+
+
+def _text(span: _Span) -> _Insn:
+    """The instruction with its mnemonic and operands, as capstone prints them."""
+    insn_address, size, where = span
+    if where is None:
+        return insn_address, size, "rdpru", ""
+    records, at = where
+    mnemonic, op_str = (records[at + o : at + o + n].split(b"\0", 1)[0].decode("ascii")
+                        for o, n in _TEXT)  # fmt: skip
+    return insn_address, size, mnemonic, op_str
+
+
+#: By operand size: the bytes that may come before an opcode, and the first opcode
+#: bytes of sensitive instructions.
+_SKIP = {16: _PREFIXES, 32: _PREFIXES, 64: _PREFIXES | _REX}
+_FIRST = {16: _OPCODES_16, 32: _OPCODES, 64: _OPCODES}
+
+
+def _may_be_sensitive(code: bytes, offset: int, size: int, bits: int) -> bool:
+    """Whether the instruction at ``code[offset:offset + size]`` has the opcode byte of
+    a sensitive one (most instructions of a block are ruled out here, their text never
+    decoded)."""
+    skip, end = _SKIP[bits], offset + size
+    while offset < end and code[offset] in skip:
+        offset += 1
+    return offset < end and code[offset] in _FIRST[bits]
 
 
 def classify(code: bytes, bits: int) -> Sensitive | None:
     """Decode the instruction at the start of ``code`` and say if the hardware cares."""
-    insn = next(_decode(code[:MAX_INSN], 0, bits), None)
-    return None if insn is None else _sensitive(insn, code, bits)
+    span = next(_decode(code[:MAX_INSN], 0, bits), None)
+    return None if span is None else _sensitive(_text(span), code, bits)
 
 
 def sensitive_in(code: bytes, address: int, bits: int) -> list[tuple[int, Sensitive]]:
     """Every sensitive instruction among the instructions that start at ``address``
     and follow one another through ``code`` (one translated block)."""
     found = []
-    for insn in _decode(code, address, bits):
-        offset = insn.address - address
-        site = _sensitive(insn, code[offset : offset + MAX_INSN], bits)
-        if site is not None:
-            found.append((insn.address, site))
+    for span in _decode(code, address, bits):
+        offset = span[0] - address
+        if _may_be_sensitive(code, offset, span[1], bits):
+            site = _sensitive(_text(span), code[offset : offset + MAX_INSN], bits)
+            if site is not None:
+                found.append((span[0], site))
     return found
 
 
-def _sensitive(insn: object, code: bytes, bits: int) -> Sensitive | None:
-    mnemonic: str = insn.mnemonic  # type: ignore[attr-defined]
-    size: int = insn.size  # type: ignore[attr-defined]
-    op_str: str = insn.op_str  # type: ignore[attr-defined]
+def _sensitive(insn: _Insn, code: bytes, bits: int) -> Sensitive | None:
+    _, size, mnemonic, op_str = insn
     if mnemonic == "vmmcall" and code[:size].endswith(b"\x0f\x01\xd9") and b"\xf3" in code[
             : size - 3]:  # fmt: skip
         return Sensitive(SvmExit.VMGEXIT, size, Action.AUTOMATIC_EXIT, "vmgexit")
@@ -183,12 +244,14 @@ def first_block(code: bytes, address: int, bits: int) -> list[tuple[int, Sensiti
     instructions up to the first one that ends a block (a jump, call, return,
     interrupt, ...), as far as ``code`` goes."""
     found = []
-    for insn in _decode(code, address, bits):
-        offset = insn.address - address
-        site = _sensitive(insn, code[offset : offset + MAX_INSN], bits)
-        if site is not None:
-            found.append((insn.address, site))
-        base = insn.mnemonic.split()[-1]
+    for span in _decode(code, address, bits):
+        insn = _text(span)
+        offset = insn[0] - address
+        if _may_be_sensitive(code, offset, insn[1], bits):
+            site = _sensitive(insn, code[offset : offset + MAX_INSN], bits)
+            if site is not None:
+                found.append((insn[0], site))
+        base = insn[2].split()[-1]
         if base in BLOCK_ENDS or base.startswith("j"):
             break
     return found
