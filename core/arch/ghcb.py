@@ -7,7 +7,10 @@ is the field's offset within the save area divided by 8 (Linux's ``GHCB_BITMAP_I
 
 from __future__ import annotations
 
+import struct
+
 from sevsim.arch.layout import Layout
+from sevsim.errors import LayoutError
 
 GHCB_PAGE_SIZE = 4096
 
@@ -48,6 +51,23 @@ _BITMAP = GHCB_SAVE_AREA.offset("valid_bitmap")
 REGISTER_FIELDS = tuple(f.name for f in GHCB_SAVE_AREA.fields if f.is_int)
 
 
+#: Integer fields of the page by name (a save-area name first, as :class:`Ghcb` looks
+#: them up): (offset in the page, compiled struct, largest value). Derived from the
+#: layouts once: a field access is one dict lookup and one struct call.
+INT_FIELDS: dict[str, tuple[int, struct.Struct, int]] = {
+    f.name: (layout.offset(f.name), struct.Struct(f.fmt), (1 << (8 * f.size)) - 1)
+    for layout in (GHCB, GHCB_SAVE_AREA) for f in layout.fields if f.fmt is not None
+}  # fmt: skip
+#: Save-area field -> (byte of the valid bitmap in the page, bit mask in that byte).
+VALID_BITS: dict[str, tuple[int, int]] = {
+    f.name: (_BITMAP + f.offset // 8 // 8, 1 << (f.offset // 8 % 8)) for f in GHCB_SAVE_AREA.fields
+}
+
+
+#: The request's exit code and info, read with one struct call.
+GHCB_EXIT = GHCB_SAVE_AREA.group("sw_exit_code", "sw_exit_info_1", "sw_exit_info_2")
+
+
 def valid_bit(name: str) -> int:
     """The valid-bitmap bit index of a save-area field (``GHCB_BITMAP_IDX``)."""
     return GHCB_SAVE_AREA.offset(name) // 8
@@ -70,32 +90,71 @@ class Ghcb:
             raise ValueError(f"a GHCB page is {GHCB_PAGE_SIZE} bytes, got {len(self.raw)}")
 
     def __getitem__(self, name: str) -> int:
+        codec = INT_FIELDS.get(name)
+        if codec is not None:
+            return codec[1].unpack_from(self.raw, codec[0])[0]
         if name in GHCB_SAVE_AREA:
             return GHCB_SAVE_AREA.get(self.raw, name)
         return GHCB.get(self.raw, name)
 
     def __setitem__(self, name: str, value: int) -> None:
         """Write a field; save-area fields also get their valid bit, as ``ghcb_set_*`` does."""
-        if name in GHCB_SAVE_AREA:
+        codec = INT_FIELDS.get(name)
+        if codec is not None and isinstance(value, int) and 0 <= value <= codec[2]:
+            codec[1].pack_into(self.raw, codec[0], value)
+            if name in VALID_BITS:
+                self.set_valid(name)
+        elif name in GHCB_SAVE_AREA:  # and the layout's errors for a bad name or value
             GHCB_SAVE_AREA.set(self.raw, name, value)
             self.set_valid(name)
         else:
             GHCB.set(self.raw, name, value)
 
     def is_valid(self, name: str) -> bool:
-        bit = valid_bit(name)
-        return bool(self.raw[_BITMAP + bit // 8] >> (bit % 8) & 1)
+        at = VALID_BITS.get(name)
+        if at is None:
+            valid_bit(name)  # the layout's error for an unknown name
+            return False
+        return bool(self.raw[at[0]] & at[1])
 
     def set_valid(self, name: str, valid: bool = True) -> None:
-        bit = valid_bit(name)
+        at = VALID_BITS.get(name)
+        if at is None:
+            raise LayoutError(f"{GHCB_SAVE_AREA.name} has no field {name!r}")
         if valid:
-            self.raw[_BITMAP + bit // 8] |= 1 << (bit % 8)
+            self.raw[at[0]] |= at[1]
         else:
-            self.raw[_BITMAP + bit // 8] &= ~(1 << (bit % 8)) & 0xFF
+            self.raw[at[0]] &= ~at[1] & 0xFF
 
     def get_if_valid(self, name: str) -> int:
         """The field's value if its valid bit is set, else 0 (KVM's ``kvm_ghcb_get_*_if_valid``)."""
         return self[name] if self.is_valid(name) else 0
+
+    def values_if_valid(self, names: tuple[str, ...]) -> list[int]:
+        """:meth:`get_if_valid` of each integer save-area field in ``names``, in one call."""
+        raw = self.raw
+        values = []
+        for name in names:
+            at = VALID_BITS.get(name)
+            codec = INT_FIELDS.get(name)
+            if at is None or codec is None:  # the layout's error for a bad name
+                values.append(self.get_if_valid(name))
+            elif raw[at[0]] & at[1]:
+                values.append(codec[1].unpack_from(raw, codec[0])[0])
+            else:
+                values.append(0)
+        return values
+
+    def all_valid(self, names: tuple[str, ...] | list[str]) -> bool:
+        """Whether every field in ``names`` has its valid bit set."""
+        raw = self.raw
+        for name in names:
+            at = VALID_BITS.get(name)
+            if at is None:
+                return self.is_valid(name)  # the layout's error for a bad name
+            if not raw[at[0]] & at[1]:
+                return False
+        return True
 
     @property
     def valid_bitmap(self) -> int:

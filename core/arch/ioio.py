@@ -20,6 +20,8 @@ bits 31:16 port
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from attrs import frozen
 
 IOIO_TYPE_IN = 1 << 0
@@ -61,6 +63,12 @@ class IoioInfo:
         """The fields as given. The size field is one-hot (1, 2, 4) when the hardware
         fills it, but a guest can write anything, and KVM's ``io_interception`` uses
         the value as it is (0..7 bytes)."""
+        if cls is IoioInfo:  # a frozen value: one per distinct info1, kept (every IOIO exit)
+            return _decoded(info1)
+        return cls._decode(info1)
+
+    @classmethod
+    def _decode(cls, info1: int) -> IoioInfo:
         size = (info1 & IOIO_SIZE_MASK) >> IOIO_SIZE_SHIFT
         asize = _ADDR_BITS.get((info1 >> IOIO_ADDR_SHIFT) & 7, 0)
         return cls(info1 >> IOIO_PORT_SHIFT & 0xFFFF, size, asize, bool(info1 & IOIO_REP),
@@ -86,3 +94,8 @@ class IoioInfo:
     def describe(self) -> str:
         op = ("in" if self.is_in else "out") + ("s" if self.string else "")
         return f"{'rep ' if self.rep else ''}{op} port {self.port:#x} size {self.size}"
+
+
+@lru_cache(maxsize=1024)
+def _decoded(info1: int) -> IoioInfo:
+    return IoioInfo._decode(info1)

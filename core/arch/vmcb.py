@@ -38,6 +38,18 @@ VMCB_CONTROL = Layout.build("vmcb_control_area", 1024, [
 ])
 # fmt: on
 
+#: The control fields every VMRUN and #VMEXIT touch, each read or written with one
+#: compiled struct (same bytes as ``VMCB_CONTROL.get``/``set`` of each field).
+VMCB_EXIT = VMCB_CONTROL.group("exit_code", "exit_code_hi", "exit_info_1", "exit_info_2")
+VMCB_INT_CTL = VMCB_CONTROL.group("int_ctl")
+VMCB_INT_STATE = VMCB_CONTROL.group("int_state")
+VMCB_GHCB_GPA = VMCB_CONTROL.group("ghcb_gpa")
+VMCB_EVENT_INJ = VMCB_CONTROL.group("event_inj", "event_inj_err")
+VMCB_ASID = VMCB_CONTROL.group("asid")
+VMCB_VMSA_PA = VMCB_CONTROL.group("vmsa_pa")
+VMCB_NESTED_CTL = VMCB_CONTROL.group("nested_ctl")
+VMCB_MSRPM_BASE_PA = VMCB_CONTROL.group("msrpm_base_pa")
+
 
 class NestedCtl(IntFlag):
     """``nested_ctl`` (newest: ``misc_ctl``) enable bits."""

@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import itertools
 import weakref
+from collections.abc import Sequence
 from typing import Any
 
 from attrs import frozen
 
-from sevsim.arch.vmcb import VMCB_CONTROL
+from sevsim.arch.vmcb import VMCB_ASID
 from sevsim.arch.vmsa import VMSA_PAGE_SIZE
 from sevsim.errors import GuestMemoryError
 from sevsim.hw.memory import GuestMemory as _GuestMemory
@@ -162,11 +163,16 @@ class GuestMemoryView(_Handle):
 
     def read(self, gpa: int, size: int) -> bytes:
         """Host read: plaintext of shared pages, ciphertext of private ones."""
-        return _behind(self).host_read(gpa, size)
+        return _hardware[self._number].host_read(gpa, size)  # _behind(self), inline
 
     def write(self, gpa: int, data: bytes | bytearray) -> None:
         """Host write: a private page's guest sees the decryption of what was written."""
         _behind(self).host_write(gpa, data)
+
+    def write_parts(self, gpa: int, parts: Sequence[tuple[int, bytes | bytearray]]) -> None:
+        """Several host writes near ``gpa``, ``(offset, data)`` each, in order: the same
+        as :meth:`write` of each, in one call (KVM's writes into a mapped GHCB page)."""
+        _hardware[self._number].host_write_parts(gpa, parts)  # _behind(self), inline
 
     def set_romd(self, gpa: int, romd: bool) -> None:
         """A read-only slot's ROM mode (reads from memory) or device mode (reads exit)."""
@@ -296,6 +302,7 @@ class Platform(_Handle):
         run ``guest_ns`` (its own time: :mod:`sevsim.hw.run_clock`). Returns the time
         and instructions the guest used, as the host's performance counters see them.
         """
-        silicon: _Silicon = _behind(self)
-        key = silicon.psp.key_for_asid(VMCB_CONTROL.get(vmcb, "asid"))
-        return silicon.svm.vmrun(vmcb, _behind(memory), key, deadline, budget, guest_ns)
+        silicon: _Silicon = _hardware[self._number]  # _behind(self), inline: every VMRUN
+        key = silicon.psp.key_for_asid(VMCB_ASID.get(vmcb)[0])
+        return silicon.svm.vmrun(vmcb, _hardware[memory._number], key, deadline, budget,
+                                 guest_ns)  # fmt: skip

@@ -61,10 +61,14 @@ _CPL0_ONLY = frozenset({
 })  # fmt: skip
 #: Actions whose instructions #GP outside CPL 0 (RDMSR/WRMSR, MOV to and from CRs).
 _CPL0_ACTIONS = (Action.HARDWARE_MSR, Action.CR_WRITE, Action.CR8_READ)
+#: Enum members the exit path compares with, bound once: reading a member as an
+#: attribute of its Enum class costs several times a module global here (CPython 3.11).
+_AUTOMATIC_EXIT, _CR8_READ, _CR_WRITE = Action.AUTOMATIC_EXIT, Action.CR8_READ, Action.CR_WRITE
+_HARDWARE_MSR, _NAE, _REAL_MODE_IRET = Action.HARDWARE_MSR, Action.NAE, Action.REAL_MODE_IRET
+_CR0_WRITE_TRAP, _VC = SvmExit.CR0_WRITE_TRAP, Vector.VC
 _NO_END = 0xFFFF_FFFF_FFFF_FFFF
 #: The shortest wall-clock window a run towards a guest-time limit gets.
 _MIN_RUN_NS = 100_000
-_IF = 1 << 9
 #: RFLAGS bits a real-mode IRET loads, by operand size: FLAGS, or all but VM, VIF, VIP.
 _IRET_LOADS = {2: 0xFFFF, 4: 0xFFFF | 1 << 16 | 1 << 18 | 1 << 21}
 #: RFLAGS bits that always read as zero (bit 1 reads as one).
@@ -201,7 +205,7 @@ class GuestCpu:
         self._mapped: list[int] = []
         self._map(memory)
         self.regs = Registers(uc, self.engine.env)
-        self.mmu = Mmu(uc, memory, cbit, self.cpl)
+        self.mmu = Mmu(uc, memory, cbit, self.regs.cpl)
         self.delivery = Delivery(self.regs, self.mmu)
         self.interceptor = Interceptor(self.engine, self.mmu, self.bits, self._at_site,
                                        self._retranslate)  # fmt: skip
@@ -302,7 +306,7 @@ class GuestCpu:
 
     def interrupts_enabled(self) -> bool:
         """RFLAGS.IF, which the hardware reports to KVM in the VMCB's int_state."""
-        return bool(self.regs.rflags & _IF)
+        return self.regs.interrupt_flag()
 
     def interrupt_shadow(self) -> bool:
         """The STI / MOV SS shadow, reported in int_state beside IF."""
@@ -359,7 +363,7 @@ class GuestCpu:
         the VMCB does not intercept.
         """
         action = site.action
-        if action is Action.REAL_MODE_IRET:
+        if action is _REAL_MODE_IRET:
             if not self.mmu.mode.cr0 & M.CR0_PE and self.regs.stack_bits() == 32:
                 self._halt(_AtSite(site, address))
             return
@@ -367,11 +371,11 @@ class GuestCpu:
         if fault is not None:  # checked by the hardware before the intercept
             self._halt(fault)
             return
-        if action is Action.NAE:
+        if action is _NAE:
             if self.intercepted(site.exit_code):
                 self._halt(_AtSite(site, address))
             return
-        if action is Action.HARDWARE_MSR:
+        if action is _HARDWARE_MSR:
             ecx = self.regs.read(x86.UC_X86_REG_RCX) & 0xFFFF_FFFF
             write = site.mnemonic == "wrmsr"
             if ecx == M.MSR_AMD64_SEV_ES_GHCB and write:
@@ -394,12 +398,12 @@ class GuestCpu:
         exceptions, CPL checks among them; IN/OUT check IOPL (a TSS without an I/O
         bitmap, as sevsim's guests have, allows nothing beyond it).
         """
-        cpl = self.cpl()
+        cpl = self.regs.cpl()
         if cpl == 0:
             return None
         code = site.exit_code
         if code == SvmExit.IOIO:
-            iopl = (self.regs.rflags >> 12) & 3
+            iopl = self.regs.iopl()
             return Event(Vector.GP, 0) if cpl > iopl else None
         if code in (SvmExit.MONITOR, SvmExit.MWAIT):
             return Event(Vector.UD)
@@ -517,6 +521,8 @@ class GuestCpu:
         return _AtSite(Sensitive(SvmExit.HLT, 1, Action.AUTOMATIC_EXIT, "hlt"), rip - 1)
 
     def _handle(self, stop: _Stop) -> HwExit | None:
+        if type(stop) is _AtSite:  # the usual stop, first: a hooked instruction
+            return self._handle_site(stop.site, stop.rip)
         match stop:
             case _Retranslate():
                 self.interceptor.drop_stale_blocks()
@@ -555,24 +561,26 @@ class GuestCpu:
         """The model completed the instruction at RIP: move past it. It was the one an
         STI or MOV SS shadow covered, if any, so the shadow is over (QEMU ends it only
         when it executes the instruction itself)."""
-        self.regs.rip += length
-        self.regs.end_interrupt_shadow()
+        regs = self.regs
+        regs.set_rip_between_runs(regs.rip + length)  # the engine is stopped here
+        regs.end_interrupt_shadow()
 
     def _handle_site(self, site: Sensitive, address: int) -> HwExit | None:
         regs = self.regs
         self._last_site = (address, site.length)
-        if site.action is Action.AUTOMATIC_EXIT:  # VMGEXIT, HLT: trap-like, RIP moves on
+        action = site.action
+        if action is _AUTOMATIC_EXIT:  # VMGEXIT, HLT: trap-like, RIP moves on
             self._retire(site.length)
             return HwExit(site.exit_code)
-        if site.action is Action.CR8_READ:
+        if action is _CR8_READ:
             regs.set_gpr(GPR_OF[site.operand], self.tpr)
             self._retire(site.length)
             return None
-        if site.action is Action.CR_WRITE:
+        if action is _CR_WRITE:
             return self._write_cr(site)
-        if site.action is Action.HARDWARE_MSR:
+        if action is _HARDWARE_MSR:
             return self._msr(site)
-        if site.action is Action.REAL_MODE_IRET:
+        if action is _REAL_MODE_IRET:
             return self._real_mode_iret(site)
         return self.raise_vc(site.exit_code)
 
@@ -638,7 +646,7 @@ class GuestCpu:
         value in exit_info_1. No single-stepping: that would discard every
         translated block."""
         regs, mode = self.regs, self.mmu.mode
-        cr = site.exit_code - SvmExit.CR0_WRITE_TRAP
+        cr = site.exit_code - _CR0_WRITE_TRAP
         base = site.mnemonic.split()[-1]
         if base == "clts":
             value = mode.cr0 & ~(1 << 3)
@@ -647,7 +655,7 @@ class GuestCpu:
             value = mode.cr0 & ~0xE | source & 0xF | mode.cr0 & 1
         else:
             value = regs.gpr(GPR_OF[site.operand])
-            if self.bits() != 64:
+            if regs.code_bits() != 64:
                 value &= 0xFFFF_FFFF
         if not valid_cr_write(cr, value, mode):
             return self._deliver(Event(Vector.GP, 0))
@@ -656,7 +664,7 @@ class GuestCpu:
             self.tpr = value
         else:
             self._set_cr(cr, value)
-        trap = SvmExit.CR0_WRITE_TRAP + cr
+        trap = _CR0_WRITE_TRAP + cr
         return HwExit(trap, info1=value) if cr != 3 and self.intercepted(trap) else None
 
     def _set_cr(self, cr: int, value: int) -> None:
@@ -667,7 +675,7 @@ class GuestCpu:
         (OVMF writes CR0, CR3 and CR4 back on every exception exit). Reloading CR3
         keeps the translations that are still exact (:meth:`Mmu.reload_cr3`)."""
         mode = self.mmu.mode
-        old = getattr(mode, f"cr{cr}")
+        old = mode.cr0 if cr == 0 else mode.cr3 if cr == 3 else mode.cr4
         if value == old:
             if cr == 3:  # Unicorn would flush its TLB whatever the tables say
                 self.mmu.reload_cr3()
@@ -692,7 +700,7 @@ class GuestCpu:
             self._on_vc(exit_code, rip, self._code_bytes(rip), self.bits())
         self.guest_exit = (exit_code, info1, info2)
         if self.vc_model is None:
-            return self._deliver(Event(Vector.VC, exit_code))
+            return self._deliver(Event(_VC, exit_code))
         self._vc_run = self.vc_model(GuestView(self), exit_code)
         return self._continue_vc()
 

@@ -13,6 +13,7 @@ The guest's own IRET then runs natively.
 from __future__ import annotations
 
 import struct
+from functools import cache, lru_cache
 
 from attrs import frozen
 from unicorn import x86_const as x86
@@ -67,6 +68,16 @@ def gate(raw: bytes) -> tuple[int, int, int, int, int] | None:
     return (low >> 16) & 0xFFFF, target, gate_type, (low >> 32) & 7, (low >> 45) & 3
 
 
+#: :func:`gate`, kept per gate's bytes: every #VC decodes the same gate.
+_gate = lru_cache(maxsize=1024)(gate)
+
+
+@cache
+def _frame(word: int, count: int) -> struct.Struct:
+    """An interrupt frame of ``count`` stack words of ``word`` bytes."""
+    return struct.Struct(f"<{count}{ {8: 'Q', 4: 'I', 2: 'H'}[word]}")
+
+
 class Delivery:
     """Delivers events into one vCPU (its registers and its MMU)."""
 
@@ -107,13 +118,13 @@ class Delivery:
         idt_error = vector * 8 + 2
         if vector * gate_size + gate_size - 1 > idt_limit:
             return Event(Vector.GP, idt_error)
-        cs = regs.read(x86.UC_X86_REG_CS)
+        # The engine is stopped: delivery happens between runs.
+        cs, rip, rflags, old_sp, ss = regs.interrupt_frame()
         cpl = cs & 3
-        rip = regs.rip
         try:
             raw = self.mmu.read(idt_base + vector * gate_size, gate_size)
             if protected:
-                parsed = gate(raw)
+                parsed = _gate(raw)
                 if parsed is None:
                     return Event(Vector.GP, idt_error)
                 selector, target, gate_type, ist, dpl = parsed
@@ -127,8 +138,7 @@ class Delivery:
             if protected and (target_cs is None or not (target_cs.attrib >> 7) & 1):
                 return Event(Vector.GP, selector & ~3)
             new_cpl = (target_cs.attrib >> 5) & 3 if target_cs is not None else 0
-            sp = old_sp = regs.read(x86.UC_X86_REG_RSP)
-            ss = regs.read(x86.UC_X86_REG_SS)
+            sp = old_sp
             stack = None  # the stack segment a privilege change loads
             if long_mode and (ist or new_cpl < cpl):
                 _, tss_base, _, _ = regs.table(x86.UC_X86_REG_TR)
@@ -142,15 +152,15 @@ class Delivery:
                 stack = self._descriptor(new_ss)
                 if stack is None:
                     return Event(Vector.TS, new_ss & ~3)
-            if long_mode:
+            if long_mode:  # a flat 64-bit stack: SS's base and size play no part
                 sp &= ~0xF
-            # The stack's base and address size are SS's hidden ones (real mode keeps
-            # what protected mode loaded), or the new stack's.
-            stack_seg = stack if stack is not None else regs.segment("ss")
-            stack_base = 0 if long_mode else stack_seg.base
-            sp_mask = ((1 << 64) - 1 if long_mode
-                       else 0xFFFF_FFFF if stack_seg.attrib & _DB else 0xFFFF)  # fmt: skip
-            rflags = regs.rflags
+                stack_base, sp_mask = 0, (1 << 64) - 1
+            else:
+                # The stack's base and address size are SS's hidden ones (real mode
+                # keeps what protected mode loaded), or the new stack's.
+                stack_seg = stack if stack is not None else regs.segment("ss")
+                stack_base = stack_seg.base
+                sp_mask = 0xFFFF_FFFF if stack_seg.attrib & _DB else 0xFFFF
             frame = [rflags, cs, rip]
             if long_mode or stack is not None:
                 frame = [ss, old_sp, *frame]
@@ -158,17 +168,17 @@ class Delivery:
                 frame.append(error_code)
             mask = (1 << (8 * word)) - 1
             sp = sp & ~sp_mask | (sp - word * len(frame)) & sp_mask
-            fmt = {8: "Q", 4: "I", 2: "H"}[word]
-            data = struct.pack(f"<{len(frame)}{fmt}", *(v & mask for v in reversed(frame)))
+            data = _frame(word, len(frame)).pack(*[v & mask for v in reversed(frame)])
             self.mmu.write(stack_base + (sp & sp_mask), data)
         except GuestAccessFault as failed:
             fault = failed.fault
             if fault.npf_gpa is not None or fault.vector != Vector.PF:
                 return Event(Vector.GP, 0)
             return Event(Vector.PF, fault.error_code, fault.vaddr)
-        regs.write(x86.UC_X86_REG_RSP, sp)
         cleared = _CLEARED | (_IF if gate_type in (0xE, 0x6) else 0)
-        regs.rflags = rflags & ~cleared
+        # RIP before the segments: set_segments carries the whole state through a
+        # saved context, so the order of the two does not matter.
+        regs.enter(sp, rflags & ~cleared, target)
         if not protected:  # real mode: the base is the selector times 16
             regs.set_segments({"cs": Segment(selector, 0x9B, 0xFFFF, selector << 4)})
         elif target_cs is not None and ((selector & ~3 | new_cpl) != cs or stack is not None):
@@ -177,7 +187,6 @@ class Delivery:
             if stack is not None:
                 loads["ss"] = stack
             regs.set_segments(loads)
-        regs.rip = target
         return None
 
     def _descriptor(self, selector: int) -> Segment | None:
@@ -185,10 +194,17 @@ class Delivery:
         _, base, limit, _ = self.regs.table(x86.UC_X86_REG_GDTR)
         if selector & ~7 == 0 or selector & 4 or (selector | 7) > limit:
             return None
-        raw = int.from_bytes(self.mmu.read(base + (selector & ~7), 8), "little")
-        seg_limit = (raw & 0xFFFF) | ((raw >> 48) & 0xF) << 16
-        attrib = ((raw >> 40) & 0xFF) | ((raw >> 52) & 0xF) << 8
-        if attrib & 0x800:  # granular: a limit in 4 KiB units
-            seg_limit = seg_limit << 12 | 0xFFF
-        seg_base = ((raw >> 16) & 0xFF_FFFF) | ((raw >> 56) & 0xFF) << 24
-        return Segment(selector, attrib, seg_limit, seg_base)
+        return _segment_of(selector, self.mmu.read(base + (selector & ~7), 8))
+
+
+@lru_cache(maxsize=1024)
+def _segment_of(selector: int, descriptor: bytes) -> Segment:
+    """A GDT descriptor as the segment ``selector`` loads (kept: the same few come back
+    on every exception)."""
+    raw = int.from_bytes(descriptor, "little")
+    seg_limit = (raw & 0xFFFF) | ((raw >> 48) & 0xF) << 16
+    attrib = ((raw >> 40) & 0xFF) | ((raw >> 52) & 0xF) << 8
+    if attrib & 0x800:  # granular: a limit in 4 KiB units
+        seg_limit = seg_limit << 12 | 0xFFF
+    seg_base = ((raw >> 16) & 0xFF_FFFF) | ((raw >> 56) & 0xFF) << 24
+    return Segment(selector, attrib, seg_limit, seg_base)

@@ -36,7 +36,7 @@ import ctypes
 import mmap
 import sys
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from enum import IntEnum
 
 from attrs import frozen
@@ -64,6 +64,9 @@ class Change(IntEnum):
     # Between the CPUs of one guest, each with its own engine and translated code:
     EXECUTED = 3  # a CPU runs code from it: the others must not write it unseen
     CODE_WRITTEN = 4  # a CPU wrote into it: the others' code translated from it is stale
+
+
+_BYTES = Change.BYTES  # bound once: an Enum class attribute costs more than a global
 
 
 @frozen
@@ -191,7 +194,7 @@ class GuestMemory:
         at = bisect.bisect(self._starts, gpa) - 1
         if at >= 0:
             region = self._ram[at]
-            if gpa < region.end:
+            if gpa < region.gpa + region.size:  # region.end, without a property call
                 return region
         return None
 
@@ -348,6 +351,29 @@ class GuestMemory:
         region.view[off : off + len(data)] = data
         self._changed_range(gpa, end, Change.BYTES)
         return True
+
+    def host_write_parts(self, gpa: int, parts: Sequence[tuple[int, bytes | bytearray]]) -> None:
+        """Host writes of ``data`` at ``gpa + offset`` for each ``(offset, data)``, in
+        order: the same as :meth:`host_write` of each. Parts that all lie in one shared
+        page (what KVM wrote into a GHCB) are copied in, and the page's change told once."""
+        page = gpa & PAGE_MASK
+        region = self.ram_at(page)
+        if region is not None and parts:
+            first = page - region.gpa  # the page's offset in the region
+            inside = first + PAGE_SIZE <= region.size and region.owner[first // PAGE_SIZE] == SHARED
+            base = gpa - page
+            for off, data in parts:
+                if not (inside and 0 <= base + off and base + off + len(data) <= PAGE_SIZE):
+                    inside = False
+                    break
+            if inside:
+                view, base = region.view, gpa - region.gpa
+                for off, data in parts:
+                    view[base + off : base + off + len(data)] = data
+                self._changed(page, _BYTES)
+                return
+        for off, data in parts:
+            self.host_write(gpa + off, data)
 
     # -- a CPU's view (hardware-internal) ----------------------------------------------
 

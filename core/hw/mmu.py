@@ -63,6 +63,9 @@ from sevsim.hw.paging import (
 #: A physical page no guest has: failed translations point here (see tlb_fill).
 POISON = 0xDEAD_0000_0000
 _PROT = {ACCESS_READ: UC_PROT_READ, ACCESS_WRITE: UC_PROT_WRITE, ACCESS_FETCH: UC_PROT_EXEC}
+#: Bound once: an Enum class attribute costs several times a global (page changes are
+#: told on every host write into guest memory).
+_EXECUTED, _CODE_WRITTEN, _VIEW = Change.EXECUTED, Change.CODE_WRITTEN, Change.VIEW
 
 
 @frozen
@@ -195,19 +198,19 @@ class Mmu:
                 return
 
     def _page_changed(self, page: int, change: Change) -> None:
-        if change is Change.EXECUTED:
+        if change is _EXECUTED:
             # Another CPU runs code from the page: a write of ours must fill again, so
             # that it can tell that CPU (its translated code would go stale unseen).
             if not self._telling and self._writable.get(page) == self._generation:
                 self.tlb_stale = True
             return
-        if change is Change.CODE_WRITTEN:
+        if change is _CODE_WRITTEN:
             if not self._telling and page in self._code_pages:
                 self.code_stale = True
             return
         if page in self._code_pages:
             self.code_stale = True
-        if change is Change.VIEW and self._mapped.get(page) == self._generation:
+        if change is _VIEW and self._mapped.get(page) == self._generation:
             self.tlb_stale = True
 
     def _others(self) -> bool:
@@ -366,7 +369,7 @@ class Mmu:
     def translate(self, vaddr: int, access: int) -> tuple[RamRegion, int]:
         """(region, physical address) of a supervisor access, through the TLB; raises
         GuestAccessFault with the exact fault the CPU would take."""
-        if self.mode.efer & M.EFER_LMA and vaddr >> 47 not in (0, (1 << 17) - 1):
+        if self._mode.efer & M.EFER_LMA and vaddr >> 47 not in (0, (1 << 17) - 1):
             # The TLB probe would see the address truncated; the CPU raises #GP(0).
             raise GuestAccessFault(Fault(vaddr, access, vector=13))
         self._probing = True
@@ -402,6 +405,15 @@ class Mmu:
         return region, paddr
 
     def _access(self, vaddr: int, size: int, access: int, data: bytes | None) -> bytes:
+        va = vaddr & 0xFFFF_FFFF_FFFF_FFFF
+        if 0 < size and (va & 0xFFF) + size <= 0x1000:  # one page (a gate, a frame)
+            region, pa = self.translate(va, access)
+            off = pa - region.gpa
+            if data is None:
+                return region.view[off : off + size].tobytes()
+            region.view[off : off + size] = data
+            self._written(pa & PAGE_MASK)
+            return b""
         out = bytearray()
         done = 0
         while done < size:
@@ -413,18 +425,35 @@ class Mmu:
                 out += region.view[off : off + chunk]
             else:
                 region.view[off : off + chunk] = data[done : done + chunk]
-                if (pa & PAGE_MASK) in self._code_pages:
-                    self.code_stale = True
-                if self._others() and (pa & PAGE_MASK) in self.memory.executed:
-                    self._tell(pa & PAGE_MASK, Change.CODE_WRITTEN)
+                self._written(pa & PAGE_MASK)
             done += chunk
         return bytes(out)
 
+    def _written(self, page: int) -> None:
+        """The model wrote guest memory in ``page``: code translated from it is stale."""
+        if page in self._code_pages:
+            self.code_stale = True
+        if self._others() and page in self.memory.executed:
+            self._tell(page, Change.CODE_WRITTEN)
+
     def read(self, vaddr: int, size: int) -> bytes:
+        va = vaddr & 0xFFFF_FFFF_FFFF_FFFF
+        if 0 < size and (va & 0xFFF) + size <= 0x1000:  # one page (_access, inline)
+            region, pa = self.translate(va, ACCESS_READ)
+            off = pa - region.gpa
+            return region.view[off : off + size].tobytes()
         return self._access(vaddr, size, ACCESS_READ, None)
 
     def write(self, vaddr: int, data: bytes) -> None:
-        self._access(vaddr, len(data), ACCESS_WRITE, data)
+        va = vaddr & 0xFFFF_FFFF_FFFF_FFFF
+        size = len(data)
+        if 0 < size and (va & 0xFFF) + size <= 0x1000:  # one page (_access, inline)
+            region, pa = self.translate(va, ACCESS_WRITE)
+            off = pa - region.gpa
+            region.view[off : off + size] = data
+            self._written(pa & PAGE_MASK)
+            return
+        self._access(vaddr, size, ACCESS_WRITE, data)
 
     def fetch(self, vaddr: int, size: int) -> bytes:
         """Instruction bytes as the CPU fetches them (always private)."""

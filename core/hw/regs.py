@@ -2,10 +2,15 @@
 
 The Python binding's ``reg_read`` costs several times a direct call into the C
 library (its type dispatch runs on every access), and the exit path reads and writes
-a dozen registers per exit. So the registers an exit touches (GPRs, RIP, RFLAGS,
-segment selectors, control and debug registers) go through ``uc_reg_read`` /
-``uc_reg_write`` with one reusable buffer; the rare ones (descriptor-table registers,
-MSRs, x87/SSE state) through the binding.
+a dozen registers per exit. Reading most of them does not need the engine at all:
+``uc_reg_read`` of a GPR, RIP, a segment selector or a descriptor-table register only
+copies a field of the CPU's live ``CPUX86State``, so those are read from that memory
+directly (the fields are found by probing, :func:`_probe_live`, and a build with
+another layout is refused). GPR writes are stores into the same fields, as
+``uc_reg_write`` does; RIP and RFLAGS are written through ``uc_reg_write`` (a RIP
+write also ends the current translation block, and RFLAGS is split in QEMU's lazy
+condition codes), as are control and debug registers, with one reusable buffer; the
+rare ones (MSRs, x87/SSE state) go through the binding.
 
 :meth:`Registers.load_state` and :meth:`Registers.save_state` are what VMRUN and
 #VMEXIT do with a VMSA: every architectural field the VMSA holds, the FPU/SSE save
@@ -54,15 +59,19 @@ MSR_FIELDS = {
     "sysenter_eip": M.MSR_IA32_SYSENTER_EIP, "tsc_aux": M.MSR_TSC_AUX,
 }  # fmt: skip
 _RIP, _RFLAGS = x86.UC_X86_REG_RIP, x86.UC_X86_REG_RFLAGS
-#: Selector registers read back only 16 bits in 64-bit mode.
-_NARROW = frozenset(SEG_IDS.values())
+_RSP, _CS, _SS = x86.UC_X86_REG_RSP, x86.UC_X86_REG_CS, x86.UC_X86_REG_SS
+_RFLAGS_IF = 1 << 9
+#: Descriptor-table registers, with the limit bits ``uc_reg_read`` reports.
+_TABLE_IDS = {x86.UC_X86_REG_GDTR: 0xFFFF, x86.UC_X86_REG_IDTR: 0xFFFF,
+              x86.UC_X86_REG_TR: 0xFFFF_FFFF, x86.UC_X86_REG_LDTR: 0xFFFF_FFFF}  # fmt: skip
 
 
 class Registers:
     """Register access for one Unicorn engine."""
 
-    __slots__ = ("_buf", "_context", "_handle", "_hflags", "_mmr", "_mmr_ref", "_read", "_ref",
-                 "_state", "_write", "uc")  # fmt: skip
+    __slots__ = ("_buf", "_cells", "_context", "_eflags", "_gprs", "_handle", "_hflags", "_mmr",
+                 "_mmr_ref", "_read", "_ref", "_selectors", "_state", "_tables", "_view", "_write",
+                 "uc")  # fmt: skip
 
     def __init__(self, uc: Uc, env: int) -> None:
         self.uc = uc
@@ -90,17 +99,80 @@ class Registers:
         self._mmr = _Mmr()
         self._mmr_ref = ctypes.byref(self._mmr)
         self._context: Any = None
+        # The fields uc_reg_read would copy, read in place (see the module doc).
+        live = _live(uc, env)
+        self._gprs = {reg: ctypes.c_uint64.from_address(env + live.regs[reg])
+                      for reg in GPR_IDS.values()}  # fmt: skip
+        #: GPRs and RIP: register id -> its 64-bit field.
+        self._cells = {**self._gprs, _RIP: ctypes.c_uint64.from_address(env + live.regs[_RIP])}
+        #: QEMU's ``eflags`` field: IF and IOPL are always current there (the arithmetic
+        #: flags are not while the CPU runs: they are computed lazily).
+        self._eflags = ctypes.c_uint64.from_address(env + live.eflags)
+        #: Selectors (16 bits through the API) of the six segment registers.
+        self._selectors = {reg: ctypes.c_uint32.from_address(self._state + _layout().segment(name))
+                           for name, reg in SEG_IDS.items()}  # fmt: skip
+        #: GDTR, IDTR, TR, LDTR: register id -> (offset of QEMU's SegmentCache, limit mask).
+        self._tables = live.tables
+        self._view = memoryview((ctypes.c_char * live.size).from_address(env)).cast("B")
 
     def read(self, reg_id: int) -> int:
+        cell = self._cells.get(reg_id)
+        if cell is not None:
+            return cell.value
+        selector = self._selectors.get(reg_id)
+        if selector is not None:
+            return selector.value & 0xFFFF
         buf = self._buf
         buf.value = 0
         self._read(self._handle, reg_id, self._ref)
-        return buf.value & 0xFFFF if reg_id in _NARROW else buf.value
+        return buf.value
 
     def write(self, reg_id: int, value: int) -> bool:
         """Write a register; False when the CPU refuses it (a selector that cannot load)."""
+        cell = self._gprs.get(reg_id)
+        if cell is not None:  # what uc_reg_write does for a GPR of a 64-bit engine
+            cell.value = value & 0xFFFF_FFFF_FFFF_FFFF
+            return True
         self._buf.value = value & 0xFFFF_FFFF_FFFF_FFFF
         return self._write(self._handle, reg_id, self._ref) == 0
+
+    def interrupt_flag(self) -> bool:
+        """RFLAGS.IF: one memory read (QEMU keeps IF in ``eflags`` at all times)."""
+        return bool(self._eflags.value & _RFLAGS_IF)
+
+    def iopl(self) -> int:
+        """RFLAGS.IOPL (kept in ``eflags`` at all times, like IF)."""
+        return (self._eflags.value >> 12) & 3
+
+    def interrupt_frame(self) -> tuple[int, int, int, int, int]:
+        """(CS, RIP, RFLAGS, RSP, SS) between runs, in one call: what an interrupt
+        frame saves (RFLAGS as :meth:`rflags_between_runs` reads it)."""
+        selectors = self._selectors
+        return (selectors[_CS].value & 0xFFFF, self._cells[_RIP].value, self._eflags.value,
+                self._gprs[_RSP].value, selectors[_SS].value & 0xFFFF)
+
+    def enter(self, rsp: int, rflags: int, rip: int) -> None:
+        """Load RSP, RFLAGS and RIP between runs, as an interrupt entering its handler
+        does: RFLAGS through ``uc_reg_write`` (see the module doc), RSP and RIP in place
+        (:meth:`set_rip_between_runs`)."""
+        self._gprs[_RSP].value = rsp & 0xFFFF_FFFF_FFFF_FFFF
+        self._buf.value = rflags & 0xFFFF_FFFF_FFFF_FFFF
+        self._write(self._handle, _RFLAGS, self._ref)
+        self._cells[_RIP].value = rip & 0xFFFF_FFFF_FFFF_FFFF
+
+    def set_rip_between_runs(self, rip: int) -> None:
+        """Write RIP in place while the engine is stopped. What ``uc_reg_write`` adds to
+        the store, a request to leave the translation block being run, matters only
+        inside a run: the next run starts at the address it is given (RIP) and clears
+        the request. Inside a hook, write :attr:`rip`."""
+        self._cells[_RIP].value = rip & 0xFFFF_FFFF_FFFF_FFFF
+
+    def rflags_between_runs(self) -> int:
+        """RFLAGS while the engine is stopped, read in place: leaving a run folds QEMU's
+        lazily computed arithmetic flags and DF into ``eflags``, and a write through the
+        API stores all of it there, so between runs the field is exactly what
+        ``uc_reg_read`` computes. Inside a hook (a run in progress) use :attr:`rflags`."""
+        return self._eflags.value
 
     def cpl(self) -> int:
         """The privilege level the CPU runs at (QEMU's ``hflags``: SS.DPL in protected
@@ -135,14 +207,14 @@ class Registers:
         return Segment(selector, vmcb_attrib(flags), limit, base)
 
     def gpr(self, name: str) -> int:
-        return self.read(GPR_IDS[name])
+        return self._gprs[GPR_IDS[name]].value
 
     def set_gpr(self, name: str, value: int) -> None:
-        self.write(GPR_IDS[name], value)
+        self._gprs[GPR_IDS[name]].value = value & 0xFFFF_FFFF_FFFF_FFFF
 
     @property
     def rip(self) -> int:
-        return self.read(_RIP)
+        return self._cells[_RIP].value
 
     @rip.setter
     def rip(self, value: int) -> None:
@@ -157,11 +229,14 @@ class Registers:
         self.write(_RFLAGS, value)
 
     def table(self, reg_id: int) -> tuple[int, int, int, int]:
-        """(selector, base, limit, flags) of GDTR, IDTR, TR or LDTR (one C call: every
-        exception delivery reads IDTR and often TR and GDTR)."""
-        mmr = self._mmr
-        self._read(self._handle, reg_id, self._mmr_ref)
-        return mmr.selector, mmr.base, mmr.limit, mmr.flags
+        """(selector, base, limit, flags) of GDTR, IDTR, TR or LDTR, read in place (every
+        exception delivery reads IDTR and often TR and GDTR). GDTR and IDTR have no
+        selector or flags (0); their limit is 16 bits, as ``uc_reg_read`` gives it."""
+        at, limit_mask = self._tables[reg_id]
+        selector, base, limit, flags = _SEGMENT_CACHE.unpack_from(self._view, at)
+        if limit_mask == 0xFFFF:
+            return 0, base, limit & 0xFFFF, 0
+        return selector & 0xFFFF, base, limit, flags
 
     def msr(self, index: int) -> int:
         return self.uc.msr_read(index)
@@ -361,6 +436,78 @@ class _ContextLayout:
 
 
 _LAYOUT: list[_ContextLayout] = []
+
+
+@frozen
+class _LiveLayout:
+    """Where the live ``CPUX86State`` keeps what ``uc_reg_read`` copies out of it:
+    offsets from ``env`` of each GPR and RIP, of ``eflags``, and of the SegmentCache
+    of each descriptor-table register (with the limit mask the API applies)."""
+
+    regs: dict[int, int]
+    eflags: int
+    tables: dict[int, tuple[int, int]]
+    size: int
+
+
+_LIVE: list[_LiveLayout] = []
+#: How far into the live CPU state the probe looks (its fields sit near the start).
+_LIVE_SEARCH = 0x400
+#: A value for RFLAGS that no fresh engine holds: CF PF AF ZF SF DF OF AC ID set.
+_RFLAGS_MARK = 0x24_0CD7
+
+
+def _live(uc: Uc, env: int) -> _LiveLayout:
+    if not _LIVE:
+        _LIVE.append(_probe_live(uc, env))
+    return _LIVE[0]
+
+
+def _probe_live(uc: Uc, env: int) -> _LiveLayout:
+    """Write a distinct value into every GPR, RIP, RFLAGS and descriptor-table
+    register of an engine through the API, find each once in its live state, and put
+    the registers back. A build that keeps any of them elsewhere (or twice) is
+    refused, rather than read wrongly."""
+    direct = [*GPR_IDS.values(), _RIP]
+    saved = [uc.reg_read(reg) for reg in direct]
+    saved_flags = uc.reg_read(_RFLAGS)
+    saved_tables = {reg: uc.reg_read(reg) for reg in _TABLE_IDS}
+    marks = {reg: _MARK ^ (i + 1) << 40 for i, reg in enumerate(direct)}
+    table_marks = {reg: (0x28 + 8 * i, _MARK ^ (0x80 + i) << 40, 0x5A5 + i, 0x89 << 8)
+                   for i, reg in enumerate(_TABLE_IDS)}  # fmt: skip
+    try:
+        for reg, mark in marks.items():
+            uc.reg_write(reg, mark)
+        uc.reg_write(_RFLAGS, _RFLAGS_MARK)
+        for reg, value in table_marks.items():
+            uc.reg_write(reg, value)
+        raw = ctypes.string_at(env, _LIVE_SEARCH)
+    finally:
+        for reg, value in zip(direct, saved, strict=True):
+            uc.reg_write(reg, value)
+        uc.reg_write(_RFLAGS, saved_flags)
+        for reg, table in saved_tables.items():
+            uc.reg_write(reg, table)
+
+    def only(value: int) -> int:
+        found = [off for off in range(0, _LIVE_SEARCH - 7, 8)
+                 if struct.unpack_from("<Q", raw, off)[0] == value]  # fmt: skip
+        return found[0] if len(found) == 1 else -1
+
+    regs = {reg: only(mark) for reg, mark in marks.items()}
+    eflags = only(_RFLAGS_MARK)
+    tables = {reg: (only(value[1]) - 8, _TABLE_IDS[reg]) for reg, value in table_marks.items()}
+    bad = [reg for reg, off in regs.items() if off < 0]
+    bad += [reg for reg, (off, mask) in tables.items()
+            if off < 0 or _SEGMENT_CACHE.unpack_from(raw, off)[2] & mask != table_marks[reg][2]]
+    if bad or eflags < 0:
+        raise RuntimeError(
+            "this Unicorn build keeps its x86 registers in an unexpected layout (register "
+            f"ids {bad}{', RFLAGS' if eflags < 0 else ''} not found); sevsim needs unicorn "
+            "2.1.x (see pyproject.toml)"
+        )
+    size = max([*regs.values(), eflags, *(off + _SEGMENT_CACHE.size for off, _ in tables.values())])
+    return _LiveLayout(regs, eflags, tables, size + 8)
 
 
 def _layout() -> _ContextLayout:

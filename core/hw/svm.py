@@ -11,13 +11,28 @@ runs; the encrypted page is produced only when the host reads it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from attrs import define, field, frozen
 
 from sevsim.arch import msr as M
 from sevsim.arch.exits import SvmExit
-from sevsim.arch.vmcb import VMCB_CONTROL, IntState, NestedCtl
+from sevsim.arch.vmcb import (
+    VMCB_CONTROL,
+    VMCB_EVENT_INJ,
+    VMCB_EXIT,
+    VMCB_GHCB_GPA,
+    VMCB_INT_CTL,
+    VMCB_INT_STATE,
+    VMCB_MSRPM_BASE_PA,
+    VMCB_NESTED_CTL,
+    VMCB_VMSA_PA,
+    EventInj,
+    IntState,
+    NestedCtl,
+)
 from sevsim.arch.vmsa import SEGMENT_NAMES, VMSA, VMSA_PAGE_SIZE, Segment
 from sevsim.errors import FOREIGN_FAULTS, GuestMemoryError
 from sevsim.hw.cpu import GuestCpu, HwExit
@@ -208,6 +223,12 @@ class Svm:
         self.pages = pages
         self.cbit = cbit
         self.sim = sim
+        #: VMRUN decodes the intercept vector and finds the MSR permission map of a
+        #: VMCB on every entry; the same few values come back each time, so each
+        #: decoding is kept (bounded): intercept bytes -> the exit codes intercepted,
+        #: msrpm_base_pa -> (its buffer, the test over it).
+        self._intercepts: dict[bytes, frozenset[int]] = {}
+        self._msrpms: dict[int, tuple[bytearray | None, Callable[[int, bool], bool]]] = {}
 
     def vmrun(
         self, vmcb: bytearray, memory: GuestMemory, key: bytes | None, deadline: float | None,
@@ -221,18 +242,18 @@ class Svm:
         (guest time) for the host timer's next tick (an INTR exit). Returns what the
         run used.
         """
-        get = VMCB_CONTROL.get
-        vmsa = self.pages.vmsa_at(get(vmcb, "vmsa_pa"))
-        nested = get(vmcb, "nested_ctl")
-        es = NestedCtl.SEV_ENABLE | NestedCtl.SEV_ES_ENABLE
-        if vmsa is None or not vmsa.protected or nested & es != es:
+        vmsa = self.pages.vmsa_at(VMCB_VMSA_PA.get(vmcb)[0])
+        nested = VMCB_NESTED_CTL.get(vmcb)[0]
+        # VmsaPage's checks, inline where they are one comparison (every VMRUN):
+        # protected, sealed_with, and integrity_ok's fast case.
+        if vmsa is None or vmsa._cipher is None or nested & _SEV_ES != _SEV_ES:
             self._record(vmcb, None, HwExit(SvmExit.ERR, why="invalid vmsa_pa or SEV-ES off"))
             return Usage(0, 0)
-        if not vmsa.sealed_with(key):
+        if key is None or key != vmsa._key:
             why = "the VMSA was sealed under another guest's key than this ASID's"
             self._record(vmcb, vmsa, HwExit(SvmExit.ERR, why=why))
             return Usage(0, 0)
-        if not vmsa.integrity_ok():
+        if vmsa._host_bytes is not None and not vmsa.integrity_ok():
             self._record(vmcb, vmsa, HwExit(SvmExit.SHUTDOWN, why="VMSA integrity check failed"))
             return Usage(0, 0)
         cpu = vmsa.cpu
@@ -251,32 +272,56 @@ class Svm:
         self, vmcb: bytearray, memory: GuestMemory, vmsa: VmsaPage, key: bytes | None,
         deadline: float | None, budget: int | None, guest_ns: int | None,
     ) -> HwExit:  # fmt: skip
-        get, put = VMCB_CONTROL.get, VMCB_CONTROL.set
         cpu = vmsa.cpu
         if cpu is None:
             cpu = vmsa.cpu = self._new_cpu(memory, vmsa)
-        cpu.rebind(memory)
-        cpu.set_key(memory.key_id(key))
+        if memory is not cpu.memory:
+            cpu.rebind(memory)
+        kid = memory.key_id(key)
+        if kid != cpu.mmu.kid:
+            cpu.set_key(kid)
         cpu.deadline = deadline
         cpu.budget = budget
         cpu.guest_limit = None if guest_ns is None else cpu.guest_ns + guest_ns
-        cpu.ghcb_msr = get(vmcb, "ghcb_gpa")
-        intercepts = int.from_bytes(get(vmcb, "intercepts"), "little")
-        cpu.intercepted = lambda code: _intercepted(intercepts, code)
-        msrpm = self.pages.buffer(get(vmcb, "msrpm_base_pa")) or bytes(MSRPM_SIZE)
-        cpu.msr_intercepted = lambda msr, write: _msr_intercepted(msrpm, msr, write)
-        cpu.virq_pending = bool(get(vmcb, "int_ctl") & V_IRQ) and _intercepted(
-            intercepts, SvmExit.VINTR)  # fmt: skip
-        event_inj = get(vmcb, "event_inj")
-        put(vmcb, "event_inj", 0)
-        hw_exit = cpu.inject(event_inj, get(vmcb, "event_inj_err")) or cpu.run()
-        put(vmcb, "ghcb_gpa", cpu.ghcb_msr)
+        cpu.ghcb_msr = VMCB_GHCB_GPA.get(vmcb)[0]
+        intercepted = self._intercepted_codes(VMCB_CONTROL.get(vmcb, "intercepts"))
+        cpu.intercepted = intercepted.__contains__
+        cpu.msr_intercepted = self._msr_test(VMCB_MSRPM_BASE_PA.get(vmcb)[0])
+        cpu.virq_pending = bool(VMCB_INT_CTL.get(vmcb)[0] & V_IRQ) and _VINTR in intercepted
+        event_inj, event_inj_err = VMCB_EVENT_INJ.get(vmcb)
+        VMCB_EVENT_INJ.set(vmcb, 0, event_inj_err)
+        injected = cpu.inject(event_inj, event_inj_err) if event_inj & EventInj.VALID else None
+        hw_exit = injected or cpu.run()
+        VMCB_GHCB_GPA.set(vmcb, cpu.ghcb_msr)
         # SEV-ES: the hardware tells the hypervisor the guest's IF in int_state, beside
         # the interrupt shadow (KVM's svm_interrupt_blocked reads both).
         int_state = (_GUEST_IF if cpu.interrupts_enabled() else 0) | (
             _SHADOW if cpu.interrupt_shadow() else 0)  # fmt: skip
-        put(vmcb, "int_state", int_state)
+        VMCB_INT_STATE.set(vmcb, int_state)
         return hw_exit
+
+    def _intercepted_codes(self, raw: bytes) -> frozenset[int]:
+        """The exit codes the intercept vector ``raw`` (the VMCB's 24 bytes) intercepts."""
+        codes = self._intercepts.get(raw)
+        if codes is None:
+            intercepts = int.from_bytes(raw, "little")
+            codes = frozenset(code for code in _INTERCEPT_BIT if _intercepted(intercepts, code))
+            if len(self._intercepts) >= _DECODED_KEPT:
+                self._intercepts.clear()
+            self._intercepts[raw] = codes
+        return codes
+
+    def _msr_test(self, pa: int) -> Callable[[int, bool], bool]:
+        """(msr, write) -> intercepted?, by the MSR permission map at ``pa`` (always,
+        for an address that holds none)."""
+        buffer = self.pages.buffer(pa)
+        known = self._msrpms.get(pa)
+        if known is None or known[0] is not buffer:
+            msrpm = buffer or bytes(MSRPM_SIZE)
+            if len(self._msrpms) >= _DECODED_KEPT:
+                self._msrpms.clear()
+            known = self._msrpms[pa] = (buffer, partial(_msr_intercepted, msrpm))
+        return known[1]
 
     def _new_cpu(self, memory: GuestMemory, vmsa: VmsaPage) -> GuestCpu:
         on_vc = None
@@ -294,12 +339,8 @@ class Svm:
         return cpu
 
     def _record(self, vmcb: bytearray, vmsa: VmsaPage | None, hw_exit: HwExit) -> None:
-        put = VMCB_CONTROL.set
         code = hw_exit.exit_code & 0xFFFF_FFFF_FFFF_FFFF
-        put(vmcb, "exit_code", code & 0xFFFF_FFFF)
-        put(vmcb, "exit_code_hi", code >> 32)
-        put(vmcb, "exit_info_1", hw_exit.info1)
-        put(vmcb, "exit_info_2", hw_exit.info2)
+        VMCB_EXIT.set(vmcb, code & 0xFFFF_FFFF, code >> 32, hw_exit.info1, hw_exit.info2)
         if vmsa is not None and self.sim.wants("sim_exit"):
             vm, vcpu = vmsa.label
             rip, insn, bits = vmsa.cpu.exit_site() if vmsa.cpu is not None else (None, b"", 64)
@@ -308,6 +349,11 @@ class Svm:
 
 
 _GUEST_IF, _SHADOW = int(IntState.GUEST_INTERRUPT_MASK), int(IntState.INTERRUPT_SHADOW)
+_VINTR = SvmExit.VINTR  # bound once: an Enum class attribute costs more than a global
+#: ``nested_ctl`` bits an SEV-ES guest's VMCB must have.
+_SEV_ES = int(NestedCtl.SEV_ENABLE | NestedCtl.SEV_ES_ENABLE)
+#: Decoded intercept vectors and MSR maps an Svm keeps before it starts over.
+_DECODED_KEPT = 64
 
 
 def _msr_intercepted(msrpm: bytes | bytearray, msr: int, write: bool) -> bool:

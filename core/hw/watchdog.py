@@ -82,11 +82,16 @@ class _Timer:
         self._sweep_at = _SWEEP_AT
 
     def arm(self, target: Interruptible, deadline: float) -> None:
+        """Queue ``deadline`` for ``target``.
+
+        The thread sleeps until the earliest entry, so it needs waking only when the
+        new entry is the earliest: a vCPU that arms a later deadline at each entry (a
+        guest-time slice) does not wake it, nor switch the host to it, every time."""
         with self._wake:
             if self._armed.get(target) == deadline:
                 return
             self._armed[target] = deadline
-            self._push(deadline, weakref.ref(target), deadline)
+            first = self._push(deadline, weakref.ref(target), deadline)
             if len(self._queue) > self._sweep_at:  # targets gone before their deadline
                 self._queue = [e for e in self._queue if e[2]() is not None]
                 heapq.heapify(self._queue)
@@ -95,10 +100,14 @@ class _Timer:
                 self._thread = threading.Thread(target=self._run, name="sevsim-host-timer",
                                                 daemon=True)  # fmt: skip
                 self._thread.start()
-            self._wake.notify()
+            elif first:
+                self._wake.notify()
 
-    def _push(self, when: float, ref: weakref.ref[Interruptible], deadline: float) -> None:
-        heapq.heappush(self._queue, (when, next(self._order), ref, deadline))
+    def _push(self, when: float, ref: weakref.ref[Interruptible], deadline: float) -> bool:
+        """Queue an entry; True if it is now the earliest."""
+        order = next(self._order)
+        heapq.heappush(self._queue, (when, order, ref, deadline))
+        return self._queue[0][1] == order
 
     def _run(self) -> None:
         while True:
@@ -203,7 +212,9 @@ def run_foreign(code: Callable[..., T], /, *args: object, **kwargs: object) -> T
     ``except FOREIGN_FAULTS`` contains it). An exception the timer sent that was not
     raised before the code returned is withdrawn here: none lands in sevsim's own code.
     """
-    clock = _clock()
+    clock: _ThreadClock | None = getattr(_local, "clock", None)  # _clock(), inline
+    if clock is None:
+        clock = _clock()
     outer = clock.inside
     clock.inside = True
     try:

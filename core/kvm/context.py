@@ -16,7 +16,7 @@ to the vCPU, its VM, KVM and the platform.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from attrs import frozen
@@ -39,6 +39,9 @@ if TYPE_CHECKING:
 GPRS = ("rax", "rbx", "rcx", "rdx", "rsp", "rbp", "rsi", "rdi",
         "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip")  # fmt: skip
 _U64 = (1 << 64) - 1
+_ZEROS = dict.fromkeys(GPRS, 0)
+_EXIT_INFO = ("sw_exit_info_1", "sw_exit_info_2")
+_NO_ACTION = GhcbResp.NO_ACTION  # bound once: an Enum class attribute costs more than a global
 
 
 class Regs(Mapping[str, int]):
@@ -73,10 +76,25 @@ class Regs(Mapping[str, int]):
             for name, value in source.items():
                 self[name] = value
 
+    def pick(self, names: tuple[str, ...]) -> list[int]:
+        """The values of ``names``, in order (``regs[name]`` of each, in one call)."""
+        values = self._values
+        return [values[name] for name in names]
+
     def clear_all(self) -> None:
         """``sev_es_sync_from_ghcb`` starts by zeroing every register."""
-        for name in self._values:
-            self._values[name] = 0
+        self._values.update(_ZEROS)
+
+    def load(self, names: tuple[str, ...], values: Sequence[int]) -> None:
+        """Every register zeroed, then each of ``names`` set to its value (checked as
+        ``regs[name] = value`` checks it): ``sev_es_sync_from_ghcb`` in one call."""
+        regs = self._values
+        regs.update(_ZEROS)
+        for name, value in zip(names, values, strict=True):
+            if name in regs and type(value) is int and 0 <= value <= _U64:
+                regs[name] = value
+            else:
+                self[name] = value
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._values)
@@ -277,13 +295,11 @@ class ExitContext:
 
     def set_exit_info(self, info1: int, info2: int) -> None:
         """``svm_vmgexit_set_return_code``: write both response fields."""
-        ghcb = self._ghcb()
-        ghcb["sw_exit_info_1"] = info1
-        ghcb["sw_exit_info_2"] = info2
+        self._ghcb().set_fields(_EXIT_INFO, (info1, info2))
 
     def success(self, info2: int = 0) -> None:
         """``svm_vmgexit_success``: info_1 = 0, info_2 = ``info2``."""
-        self.set_exit_info(GhcbResp.NO_ACTION, info2)
+        self.set_exit_info(_NO_ACTION, info2)
 
     def inject_exception(self, vector: int) -> None:
         """Ask the guest to raise ``vector`` (info_1 = 1, info_2 = the event, as KVM)."""

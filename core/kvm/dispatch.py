@@ -73,9 +73,13 @@ def _check_code(instance: Any, attribute: Any, value: Any) -> None:
         )
 
 
+#: The names ``requires`` may give, for a membership test per name (it runs per exit).
+_REGISTER_FIELDS = frozenset(REGISTER_FIELDS)
+
+
 def _check_requires(names: Iterable[str]) -> tuple[str, ...]:
     names = tuple(names)
-    unknown = [name for name in names if not isinstance(name, str) or name not in REGISTER_FIELDS]
+    unknown = [name for name in names if not isinstance(name, str) or name not in _REGISTER_FIELDS]
     if unknown:
         raise PluginError(
             f"ExitHandler requires unknown GHCB field(s) {unknown}; "

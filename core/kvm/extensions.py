@@ -51,9 +51,19 @@ class Extensions:
 
     table: ExitTable = field(factory=ExitTable)
     parts: tuple[PluginPart, ...] = ()
+    #: Lifecycle hook -> the parts implementing it, found once: kvm asks before every
+    #: VMRUN (``vcpu_events``), and a hook nobody implements then costs one lookup.
+    _implementing: Mapping[str, tuple[PluginPart, ...]] = field(init=False, repr=False,
+                                                                eq=False)  # fmt: skip
+
+    @_implementing.default
+    def _index(self) -> Mapping[str, tuple[PluginPart, ...]]:
+        hooks = {*LIFECYCLE, *(hook for part in self.parts for hook in part.lifecycle)}
+        return MappingProxyType({hook: tuple(part for part in self.parts if hook in part.lifecycle)
+                                 for hook in hooks})  # fmt: skip
 
     def implementing(self, hook: str) -> tuple[PluginPart, ...]:
-        return tuple(part for part in self.parts if hook in part.lifecycle)
+        return self._implementing.get(hook, ())
 
     def lookup(self, kind: ExitKind, code: int) -> ExitHandler | None:
         """The table's row for ``(kind, code)``."""

@@ -22,8 +22,16 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from sevsim.arch import ghcb_msr
 from sevsim.arch.exits import SNP_ONLY_VMGEXITS, GhcbErr, SvmExit
-from sevsim.arch.ghcb import GHCB_PAGE_SIZE, GHCB_USAGE_DEFAULT, Ghcb
-from sevsim.arch.vmcb import VMCB_CONTROL, EventInj, IntState
+from sevsim.arch.ghcb import GHCB_EXIT, GHCB_PAGE_SIZE, GHCB_USAGE_DEFAULT, Ghcb
+from sevsim.arch.vmcb import (
+    VMCB_CONTROL,
+    VMCB_EVENT_INJ,
+    VMCB_EXIT,
+    VMCB_GHCB_GPA,
+    VMCB_INT_STATE,
+    EventInj,
+    IntState,
+)
 from sevsim.arch.vmsa import VMSA, VMSA_PAGE_SIZE, Segment
 from sevsim.errors import FOREIGN_FAULTS, GuestMemoryError, PluginError, VcpuError
 from sevsim.hw import CpuidLeaf, foreign_time_limit, run_foreign
@@ -64,10 +72,16 @@ if TYPE_CHECKING:
 _ALWAYS_REQUIRED = ("sw_exit_code", "sw_exit_info_1", "sw_exit_info_2")
 #: GPRs ``sev_es_sync_from_ghcb`` takes from the GHCB when valid.
 _SYNCED_IN = ("rax", "rbx", "rcx", "rdx", "rsi")
+_SYNCED_IN_CPL = (*_SYNCED_IN, "cpl")
 #: GPRs ``sev_es_sync_to_ghcb`` always writes back.
 _SYNCED_OUT = ("rax", "rbx", "rcx", "rdx")
 #: ``int_ctl``: a virtual interrupt is pending (V_IRQ), used for the interrupt window.
 _V_IRQ = 1 << 8
+#: Enum members every exit compares with, bound once: reading a member as an attribute
+#: of its Enum class costs several times a module global (CPython 3.11).
+_VMGEXIT, _SHUTDOWN, _ERR = SvmExit.VMGEXIT, SvmExit.SHUTDOWN, SvmExit.ERR
+_INTR, _VINTR = SvmExit.INTR, SvmExit.VINTR
+_KIND_VMEXIT, _KIND_VMGEXIT = ExitKind.VMEXIT, ExitKind.VMGEXIT
 #: How kvm injects interrupts and NMIs (the ``how`` of their events): through EVENTINJ,
 #: as ``svm_inject_irq`` and ``svm_inject_nmi`` do.
 INJECTED_BY_EVENTINJ = "event_inj"
@@ -315,29 +329,29 @@ class Vcpu:
             return result.exit
 
     def _exit_code(self) -> int:
-        lo = VMCB_CONTROL.get(self.vmcb, "exit_code")
-        return VMCB_CONTROL.get(self.vmcb, "exit_code_hi") << 32 | lo
+        lo, hi, _, _ = VMCB_EXIT.get(self.vmcb)
+        return hi << 32 | lo
 
     def handle_exit(self) -> O.Outcome:
         """``svm_handle_exit``: act on the #VMEXIT recorded in the VMCB."""
-        code = self._exit_code()
-        info1 = VMCB_CONTROL.get(self.vmcb, "exit_info_1")
-        info2 = VMCB_CONTROL.get(self.vmcb, "exit_info_2")
-        self.vm.emit("vmexit", vcpu_id=self.id, exit_code=code, info1=info1, info2=info2)
-        if code == SvmExit.VMGEXIT:
+        lo, hi, info1, info2 = VMCB_EXIT.get(self.vmcb)
+        code = hi << 32 | lo
+        if self.vm.wants("vmexit"):
+            self.vm.emit("vmexit", vcpu_id=self.id, exit_code=code, info1=info1, info2=info2)
+        if code == _VMGEXIT:
             return self._vmgexit()
-        if code == SvmExit.SHUTDOWN:
+        if code == _SHUTDOWN:
             return O.ExitToUser(Shutdown())
-        if code == SvmExit.ERR:
+        if code == _ERR:
             return O.ExitToUser(FailEntry(code))
-        if code == SvmExit.INTR:  # the host's interrupt: handled by the host, resume
+        if code == _INTR:  # the host's interrupt: handled by the host, resume
             return O.RESUME
-        if code == SvmExit.VINTR:  # interrupt_window_interception
+        if code == _VINTR:  # interrupt_window_interception
             self._clear_vintr()
             return O.RESUME
-        handler = self.vm.lookup(ExitKind.VMEXIT, code)
+        handler = self.vm.lookup(_KIND_VMEXIT, code)
         if handler is not None:
-            ctx = ExitContext(self.view(handler.plugin), ExitKind.VMEXIT, code, info1, info2)
+            ctx = ExitContext(self.view(handler.plugin), _KIND_VMEXIT, code, info1, info2)
             return self._call(handler, ctx)
         if code == SvmExit.HLT:
             return O.ExitToUser(Hlt())
@@ -369,13 +383,14 @@ class Vcpu:
             return self._plugin_failed(
                 handler, f"returned {result!r}, expected an outcome (RESUME, ExitToUser, Fail) "
                 "or None")  # fmt: skip
-        scratch = ctx.scratch
+        scratch = ctx._scratch  # ctx.scratch, without the property call (every exit)
         if scratch is not None and len(scratch.data) != scratch.length:
             ctx._scratch = None  # nothing of it goes back to the guest
             return self._plugin_failed(handler, f"left a scratch area of {len(scratch.data)} "
                                        f"bytes where it mapped {scratch.length}")  # fmt: skip
-        self.vm.emit("exit_handled", vcpu_id=self.id, kind=ctx.kind.value, code=ctx.code,
-                     plugin=handler.owner, notes=ctx.notes)  # fmt: skip
+        if self.vm.wants("exit_handled"):
+            self.vm.emit("exit_handled", vcpu_id=self.id, kind=ctx.kind.value, code=ctx.code,
+                         plugin=handler.owner, notes=ctx.notes)  # fmt: skip
         return O.RESUME if result is None else result
 
     def _plugin_failed(self, handler: ExitHandler, problem: BaseException | str) -> O.ExitToUser:
@@ -398,8 +413,11 @@ class Vcpu:
     def _lifecycle(self, hook: str, **args: Any) -> list[Any]:
         """Call ``hook`` of every plugin that implements it, with its own view; a plugin
         that fails ends this VM, naming it."""
+        parts = self.vm.extensions.implementing(hook)
+        if not parts:
+            return []
         results = []
-        for part in self.vm.extensions.implementing(hook):
+        for part in parts:
             try:
                 results.append(run_foreign(part.lifecycle[hook], vcpu=self.view(part.name),
                                            **args))  # fmt: skip
@@ -420,8 +438,7 @@ class Vcpu:
         """Write EVENTINJ (and its error code) for the next VMRUN. Whoever writes it (kvm
         for KVM_INTERRUPT, the ``nmi`` plugin for NMIs), an interrupt or NMI is reported
         here, as KVM's ``kvm_inj_virq`` tracepoint does when it injects."""
-        VMCB_CONTROL.set(self.vmcb, "event_inj", event_inj & 0xFFFF_FFFF)
-        VMCB_CONTROL.set(self.vmcb, "event_inj_err", error_code & 0xFFFF_FFFF)
+        VMCB_EVENT_INJ.set(self.vmcb, event_inj & 0xFFFF_FFFF, error_code & 0xFFFF_FFFF)
         if event_inj & EventInj.VALID:
             self._report_injection(event_inj)
 
@@ -434,19 +451,19 @@ class Vcpu:
             self.vm.emit("nmi_injected", vcpu_id=self.id, how=INJECTED_BY_EVENTINJ)
 
     def _event_pending(self) -> bool:
-        return bool(VMCB_CONTROL.get(self.vmcb, "event_inj") & EventInj.VALID)
+        return bool(VMCB_EVENT_INJ.get(self.vmcb)[0] & EventInj.VALID)
 
     @property
     def if_flag(self) -> bool:
         """``kvm_run.if_flag``: the guest's RFLAGS.IF, which for SEV-ES KVM knows only
         from the VMCB's int_state (``svm_get_if_flag``)."""
-        return bool(VMCB_CONTROL.get(self.vmcb, "int_state") & IntState.GUEST_INTERRUPT_MASK)
+        return bool(VMCB_INT_STATE.get(self.vmcb)[0] & IntState.GUEST_INTERRUPT_MASK)
 
     @property
     def ready_for_interrupt_injection(self) -> bool:
         """``kvm_vcpu_ready_for_interrupt_injection``: interrupts allowed (IF, no
         interrupt shadow) and nothing queued already."""
-        int_state = VMCB_CONTROL.get(self.vmcb, "int_state")
+        int_state = VMCB_INT_STATE.get(self.vmcb)[0]
         allowed = int_state & IntState.GUEST_INTERRUPT_MASK and not (
             int_state & IntState.INTERRUPT_SHADOW)  # fmt: skip
         return bool(allowed) and self._interrupt is None and not self._event_pending()
@@ -550,7 +567,7 @@ class Vcpu:
         VMCB_CONTROL.set(self.vmcb, "ghcb_gpa", value)
 
     def _vmgexit(self) -> O.Outcome:
-        ghcb_gpa = VMCB_CONTROL.get(self.vmcb, "ghcb_gpa")
+        ghcb_gpa = VMCB_GHCB_GPA.get(self.vmcb)[0]
         if ghcb_msr.info(ghcb_gpa):
             return self._msr_protocol(ghcb_gpa)
         compat = self.vm.compat
@@ -561,9 +578,10 @@ class Vcpu:
         except GuestMemoryError:
             return compat.ghcb_unmapped(f"GHCB GPA {ghcb_gpa:#x} is not guest RAM")
         ghcb = MappedGhcb(raw, ghcb_gpa)
-        code = ghcb["sw_exit_code"]
-        self.vm.emit("vmgexit_enter", vcpu_id=self.id, exit_reason=code,
-                     info1=ghcb["sw_exit_info_1"], info2=ghcb["sw_exit_info_2"])  # fmt: skip
+        code, info1, info2 = GHCB_EXIT.get(ghcb.raw)  # what the snapshot will hold
+        if self.vm.wants("vmgexit_enter"):
+            self.vm.emit("vmgexit_enter", vcpu_id=self.id, exit_reason=code, info1=info1,
+                         info2=info2)  # fmt: skip
         self._ghcb = ghcb
         snapshot = self._sync_from_ghcb(ghcb)
         try:
@@ -571,9 +589,8 @@ class Vcpu:
         except _RequiresFailed as bad:
             return self._plugin_failed(bad.handler, bad.problem)
         plugin = handler.plugin if handler is not None else None
-        ctx = ExitContext(self.view(plugin), ExitKind.VMGEXIT, code, snapshot["sw_exit_info_1"],
-                          snapshot["sw_exit_info_2"], ghcb=ghcb, regs=self.regs,
-                          memory=self.vm.memory, compat=compat)  # fmt: skip
+        ctx = ExitContext(self.view(plugin), _KIND_VMGEXIT, code, info1, info2, ghcb=ghcb,
+                          regs=self.regs, memory=self.vm.memory, compat=compat)  # fmt: skip
         self._ctx = ctx
         if error is not None:
             result = compat.bad_input(ctx, error, snapshot)
@@ -594,19 +611,14 @@ class Vcpu:
     def _sync_from_ghcb(self, ghcb: MappedGhcb) -> Ghcb:
         """``sev_es_sync_from_ghcb``: snapshot, zero the GPRs, take the valid ones."""
         snapshot = Ghcb(ghcb.raw)
-        self.regs.clear_all()
-        for name in _SYNCED_IN:
-            self.regs[name] = snapshot.get_if_valid(name)
-        self.cpl = snapshot.get_if_valid("cpl")
+        *synced, self.cpl = snapshot.values_if_valid(_SYNCED_IN_CPL)
+        self.regs.load(_SYNCED_IN, synced)
         if snapshot.is_valid("xcr0"):
             self.xcr0 = snapshot["xcr0"]
             self.cpuid_runtime.update(xcr0=self.xcr0)
         ghcb.snapshot_scratch = self.vm.compat.sw_scratch(snapshot)
-        code = snapshot["sw_exit_code"]
-        VMCB_CONTROL.set(self.vmcb, "exit_code", code & 0xFFFF_FFFF)
-        VMCB_CONTROL.set(self.vmcb, "exit_code_hi", code >> 32)
-        VMCB_CONTROL.set(self.vmcb, "exit_info_1", snapshot["sw_exit_info_1"])
-        VMCB_CONTROL.set(self.vmcb, "exit_info_2", snapshot["sw_exit_info_2"])
+        code, info1, info2 = GHCB_EXIT.get(snapshot.raw)
+        VMCB_EXIT.set(self.vmcb, code & 0xFFFF_FFFF, code >> 32, info1, info2)
         ghcb.valid_bitmap = 0
         return snapshot
 
@@ -614,9 +626,9 @@ class Vcpu:
         """``sev_es_validate_vmgexit`` on the snapshot, with required bits from the table."""
         if snapshot["ghcb_usage"] != GHCB_USAGE_DEFAULT:
             return None, GhcbErr.INVALID_USAGE
-        if not all(snapshot.is_valid(name) for name in _ALWAYS_REQUIRED):
+        if not snapshot.all_valid(_ALWAYS_REQUIRED):
             return None, GhcbErr.MISSING_INPUT
-        handler = self.vm.lookup(ExitKind.VMGEXIT, code)
+        handler = self.vm.lookup(_KIND_VMGEXIT, code)
         if handler is None:
             # The SNP codes fail with KVM's default reason, MISSING_INPUT, for SEV-ES.
             snp = code in SNP_ONLY_VMGEXITS
@@ -625,7 +637,7 @@ class Vcpu:
             required = run_foreign(handler.required_fields, snapshot)
         except FOREIGN_FAULTS as exc:  # the plugin's requires() is plugin code too
             raise _RequiresFailed(handler, exc) from exc
-        if not all(snapshot.is_valid(name) for name in required):
+        if not snapshot.all_valid(required):
             return None, GhcbErr.MISSING_INPUT
         return handler, None
 
@@ -637,10 +649,10 @@ class Vcpu:
             return
         if ctx is not None and ctx.scratch is not None:
             ctx.scratch.write_back(self.vm.memory)
-        self.vm.emit("vmgexit_exit", vcpu_id=self.id, exit_reason=ghcb["sw_exit_code"],
-                     info1=ghcb["sw_exit_info_1"], info2=ghcb["sw_exit_info_2"])  # fmt: skip
-        for name in _SYNCED_OUT:
-            ghcb[name] = self.regs[name]
+        if self.vm.wants("vmgexit_exit"):
+            self.vm.emit("vmgexit_exit", vcpu_id=self.id, exit_reason=ghcb["sw_exit_code"],
+                         info1=ghcb["sw_exit_info_1"], info2=ghcb["sw_exit_info_2"])  # fmt: skip
+        ghcb.set_fields(_SYNCED_OUT, self.regs.pick(_SYNCED_OUT))
         self._write_ghcb()
         self._ghcb = None
 

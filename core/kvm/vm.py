@@ -136,8 +136,8 @@ class Vm:
     def lookup(self, kind: ExitKind, code: int) -> ExitHandler | None:
         """The handler of an exit, if this VM's KVM has that row."""
         handler = self.extensions.table.lookup(kind, code)
-        if handler is None or not handler.known_in(self.compat.name):
-            return None
+        if handler is None or (handler.eras is not None and self.compat.name not in handler.eras):
+            return None  # not ExitHandler.known_in(era), inline: this runs on every exit
         return handler
 
     # -- observers -------------------------------------------------------------------

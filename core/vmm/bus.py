@@ -91,7 +91,7 @@ class Bus:
         if at < 0:
             return None
         where, device = self._entries[at]
-        if address + size > where.end:
+        if address + size > where.base + where.size:  # where.end, without a property call
             return None
         return device, address - where.base
 
