@@ -8,7 +8,9 @@ hardware they stand for. Counted as guest time, they made OVMF's timer interrupt
 come so often that handling one tick (about sixty exits) took most of the next
 tick's time, and the firmware crawled from tick to tick.
 
-So a run is charged the wall time it took minus the time its hooks took, minus the
+So a run is charged the CPU time the host thread spent in it (not wall time: a busy
+host that takes the CPU away from the simulator must not make the guest's clock run
+faster) minus the time its hooks took, minus the
 engine's fixed cost: the shortest run seen so far, hooks excluded (a run that stopped
 before its first instruction: a block dropped for retranslation, a hooked
 instruction at the start), and at most :data:`FIXED_COST_NS` — a guest that computes
@@ -20,7 +22,7 @@ is counted in instructions.
 from __future__ import annotations
 
 from collections.abc import Callable
-from time import perf_counter_ns
+from time import thread_time_ns
 from typing import Any
 
 #: The most a run's fixed cost is taken to be (measured on this project's machine:
@@ -42,22 +44,22 @@ class RunClock:
         """``hook`` with the time it takes left out of guest time."""
 
         def timed_hook(*args: Any) -> Any:
-            began = perf_counter_ns()
+            began = thread_time_ns()
             try:
                 return hook(*args)
             finally:
-                self.hooks_ns += perf_counter_ns() - began
+                self.hooks_ns += thread_time_ns() - began
 
         return timed_hook
 
     def begin(self) -> tuple[int, int]:
         """Mark the start of a run: pass the result to :meth:`end`."""
-        return perf_counter_ns(), self.hooks_ns
+        return thread_time_ns(), self.hooks_ns
 
     def end(self, mark: tuple[int, int]) -> int:
         """The guest time of the run that began at ``mark``."""
         began, hooks = mark
-        spent = perf_counter_ns() - began - (self.hooks_ns - hooks)
+        spent = thread_time_ns() - began - (self.hooks_ns - hooks)
         if spent < self._fixed_ns:
             self._fixed_ns = spent
         return spent - self._fixed_ns
