@@ -15,7 +15,7 @@ from __future__ import annotations
 import ctypes
 import re
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from enum import Enum
 
 from attrs import frozen
@@ -187,8 +187,14 @@ def classify(code: bytes, bits: int) -> Sensitive | None:
 def sensitive_in(code: bytes, address: int, bits: int) -> list[tuple[int, Sensitive]]:
     """Every sensitive instruction among the instructions that start at ``address``
     and follow one another through ``code`` (one translated block)."""
+    return _sites(_decode(code, address, bits), code, address, bits)
+
+
+def _sites(spans: Iterable[_Span], code: bytes, address: int,
+           bits: int) -> list[tuple[int, Sensitive]]:  # fmt: skip
+    """The sensitive ones among ``spans``, decoded from ``code`` (at ``address``)."""
     found = []
-    for span in _decode(code, address, bits):
+    for span in spans:
         offset = span[0] - address
         if _may_be_sensitive(code, offset, span[1], bits):
             site = _sensitive(_text(span), code[offset : offset + MAX_INSN], bits)
@@ -243,15 +249,12 @@ def first_block(code: bytes, address: int, bits: int) -> list[tuple[int, Sensiti
     """The sensitive instructions of the block that starts at ``address``: the
     instructions up to the first one that ends a block (a jump, call, return,
     interrupt, ...), as far as ``code`` goes."""
-    found = []
-    for span in _decode(code, address, bits):
-        insn = _text(span)
-        offset = insn[0] - address
-        if _may_be_sensitive(code, offset, insn[1], bits):
-            site = _sensitive(insn, code[offset : offset + MAX_INSN], bits)
-            if site is not None:
-                found.append((insn[0], site))
-        base = insn[2].split()[-1]
+    return _sites(_to_block_end(_decode(code, address, bits)), code, address, bits)
+
+
+def _to_block_end(spans: Iterable[_Span]) -> Iterator[_Span]:
+    for span in spans:
+        yield span
+        base = _text(span)[2].split()[-1]
         if base in BLOCK_ENDS or base.startswith("j"):
-            break
-    return found
+            return
