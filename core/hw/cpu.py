@@ -66,7 +66,6 @@ _CPL0_ACTIONS = (Action.HARDWARE_MSR, Action.CR_WRITE, Action.CR8_READ)
 _AUTOMATIC_EXIT, _CR8_READ, _CR_WRITE = Action.AUTOMATIC_EXIT, Action.CR8_READ, Action.CR_WRITE
 _HARDWARE_MSR, _NAE, _REAL_MODE_IRET = Action.HARDWARE_MSR, Action.NAE, Action.REAL_MODE_IRET
 _CR0_WRITE_TRAP, _VC = SvmExit.CR0_WRITE_TRAP, Vector.VC
-_NO_END = 0xFFFF_FFFF_FFFF_FFFF
 #: The shortest wall-clock window a run towards a guest-time limit gets.
 _MIN_RUN_NS = 100_000
 #: RFLAGS bits a real-mode IRET loads, by operand size: FLAGS, or all but VM, VIF, VIP.
@@ -317,7 +316,7 @@ class GuestCpu:
     def _halt(self, stop: _Stop) -> None:
         if self._stop is None:
             self._stop = stop
-        self.uc.emu_stop()
+        self.engine.stop()
 
     def _retranslate(self) -> None:
         self._halt(_Retranslate())
@@ -444,7 +443,7 @@ class GuestCpu:
         clock = self.engine.clock
         mark = clock.begin()
         try:
-            self.uc.emu_start(start, _NO_END, count=count)
+            self.engine.start(start, count)
         finally:
             self.guest_ns += clock.end(mark)
             if count:

@@ -47,18 +47,28 @@ from typing import Any
 from attrs import frozen
 from unicorn import (
     UC_ARCH_X86,
+    UC_ERR_OK,
     UC_ERR_RESOURCE,
     UC_HOOK_CODE,
+    UC_HOOK_EDGE_GENERATED,
+    UC_HOOK_TLB_FILL,
     UC_MODE_64,
     UC_TLB_VIRTUAL,
     Uc,
     UcError,
 )
 from unicorn import __version__ as unicorn_version
+from unicorn.unicorn_py3.unicorn import (
+    HOOK_CODE_CFUNC,
+    HOOK_EDGE_GEN_CFUNC,
+    HOOK_TLB_FILL_CFUNC,
+    uc_hook_h,
+    uclib,
+)
 from unicorn.x86_const import UC_X86_REG_RAX, UC_X86_REG_RIP
 
 from sevsim.errors import SevsimError
-from sevsim.hw.run_clock import RunClock
+from sevsim.hw.run_clock import RunClock, hook_clock
 
 #: How far into ``struct uc_struct`` the probe looks for the counter pair.
 _SEARCH = 1 << 16
@@ -230,7 +240,7 @@ class Engine:
     hook time is not guest time).
     """
 
-    __slots__ = ("_checks", "_counter", "_flag", "clock", "env", "interrupt", "uc")
+    __slots__ = ("_checks", "_counter", "_flag", "_handle", "clock", "env", "interrupt", "uc")
 
     def __init__(self, cpu_model: int) -> None:
         layout = _layout()
@@ -252,13 +262,49 @@ class Engine:
         self.env = ctypes.c_uint64.from_address(
             ctypes.c_uint64.from_address(base + layout.cpu).value + _CPU_ENV_PTR).value
         self.clock = RunClock()
+        self._handle = uc._uch
         self._checks = True
         self.block_checks = False
 
     def hook_add(self, kind: int, callback: Callable[..., Any], begin: int = 1,
                  end: int = 0) -> int:  # fmt: skip
-        """Unicorn's ``hook_add``, with the callback's time kept out of guest time."""
-        return self.uc.hook_add(kind, self.clock.timed(callback), begin=begin, end=end)
+        """Unicorn's ``hook_add``, with the callback's time kept out of guest time.
+
+        The kinds called on the exit path and for new code (code hooks on sensitive
+        instructions, TLB fills, new blocks) are registered with Unicorn here, not
+        through the binding: one Python frame per call that times the callback, calls
+        it with the binding's arguments and records an exception the binding's way,
+        where the binding and the clock would stack three. ``uc.hook_del`` removes
+        either kind.
+        """
+        direct = _DIRECT_HOOKS.get(kind)
+        if direct is None:
+            return self.uc.hook_add(kind, self.clock.timed(callback), begin=begin, end=end)
+        uc = self.uc
+        fptr = direct(uc, self.clock, callback)
+        handle = uc_hook_h()
+        status = uclib.uc_hook_add(self._handle, ctypes.byref(handle), kind, fptr, None,
+                                   ctypes.c_uint64(begin), ctypes.c_uint64(end))  # fmt: skip
+        if status != UC_ERR_OK:
+            raise UcError(status)
+        uc._callbacks[handle.value] = fptr  # where the binding keeps its callbacks alive
+        return int(handle.value)
+
+    def start(self, begin: int, count: int = 0) -> None:
+        """``emu_start`` from ``begin`` for at most ``count`` instructions (0: no limit),
+        with no end address (exits are enabled, none set); an exception a hook raised
+        comes out here, as from the binding's ``emu_start``."""
+        uc = self.uc
+        uc._hook_exception = None
+        status = _uc_emu_start(self._handle, begin, _NO_END, 0, count)
+        if status != UC_ERR_OK:
+            raise UcError(status)
+        if uc._hook_exception is not None:
+            raise uc._hook_exception
+
+    def stop(self) -> None:
+        """``emu_stop``: the run ends at the CPU's next check (after the hook calling it)."""
+        _uc_emu_stop(self._handle)
 
     @property
     def block_checks(self) -> bool:
@@ -274,3 +320,63 @@ class Engine:
         """Instructions the last counted run executed (Unicorn counts the one it
         stopped in front of, too)."""
         return max(self._counter.value - 1, 0)
+
+
+_uc_emu_start, _uc_emu_stop = uclib.uc_emu_start, uclib.uc_emu_stop
+_NO_END = 0xFFFF_FFFF_FFFF_FFFF
+
+
+def _hook_failed(uc: Uc, error: BaseException) -> None:
+    """What the binding does with a hook's exception: keep the first for ``emu_start``
+    to raise, and stop the run."""
+    if uc._hook_exception is None:
+        uc._hook_exception = error
+    _uc_emu_stop(uc._uch)
+
+
+def _code_hook(uc: Uc, clock: RunClock, callback: Callable[..., Any]) -> Any:
+    def hook(_: int, address: int, size: int, _data: int) -> None:
+        began = hook_clock()
+        try:
+            callback(uc, address, size, None)
+        except BaseException as error:
+            _hook_failed(uc, error)
+        finally:
+            clock.hooks_ns += hook_clock() - began
+
+    return HOOK_CODE_CFUNC(hook)
+
+
+def _tlb_fill_hook(uc: Uc, clock: RunClock, callback: Callable[..., Any]) -> Any:
+    def hook(_: int, vaddr: int, access: int, entry: Any, _data: int) -> bool:
+        began = hook_clock()
+        try:
+            return bool(callback(uc, vaddr, access, entry.contents, None))
+        except BaseException as error:
+            _hook_failed(uc, error)
+            return False
+        finally:
+            clock.hooks_ns += hook_clock() - began
+
+    return HOOK_TLB_FILL_CFUNC(hook)
+
+
+def _edge_hook(uc: Uc, clock: RunClock, callback: Callable[..., Any]) -> Any:
+    def hook(_: int, block: Any, previous: Any, _data: int) -> None:
+        began = hook_clock()
+        try:
+            callback(uc, block.contents, previous.contents, None)
+        except BaseException as error:
+            _hook_failed(uc, error)
+        finally:
+            clock.hooks_ns += hook_clock() - began
+
+    return HOOK_EDGE_GEN_CFUNC(hook)
+
+
+#: Hook kinds :meth:`Engine.hook_add` registers directly: kind -> callback factory.
+_DIRECT_HOOKS: dict[int, Callable[[Uc, RunClock, Callable[..., Any]], Any]] = {
+    UC_HOOK_CODE: _code_hook,
+    UC_HOOK_TLB_FILL: _tlb_fill_hook,
+    UC_HOOK_EDGE_GENERATED: _edge_hook,
+}

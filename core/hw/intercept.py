@@ -70,7 +70,6 @@ class Interceptor:
         #: was made); until then each run's first block must be primed.
         self.reporting = False
         engine.hook_add(UC_HOOK_EDGE_GENERATED, self._on_block)
-        self._timed_hit = engine.clock.timed(self._on_hit)
 
     @property
     def hook_count(self) -> int:
@@ -123,8 +122,7 @@ class Interceptor:
         for addr, site in found:
             self._sites[addr] = (bits, site)
             if addr not in self._hooks:
-                self._hooks[addr] = self.uc.hook_add(UC_HOOK_CODE, self._timed_hit,
-                                                     begin=addr, end=addr)  # fmt: skip
+                self._hooks[addr] = self.engine.hook_add(UC_HOOK_CODE, self._on_hit, addr, addr)
                 added = True
         return added
 
