@@ -8,6 +8,17 @@ mode; 4-byte pushes in protected mode; IP, CS, FLAGS through the IVT in real mod
 clears IF for an interrupt gate and loads CS:RIP. A fault while delivering becomes a
 double fault, a fault while delivering that is a triple fault: the SHUTDOWN exit.
 The guest's own IRET then runs natively.
+
+Nearly every delivery takes the same path: a #VC in 64-bit mode from CPL 0 to a
+CPL 0 handler under the same CS, often through an IST. That case is decoded once
+per vector into a :class:`_Plan` (the handler, the gate, and where the gate, the CS
+descriptor and the IST slot lie in host memory) and replayed. Replaying stays exact:
+CS, IDTR, GDTR, TR, long mode and the guest-physical space are compared; the TLB is
+asked again for every page the delivery reads, as the full path asks it (the guest
+may remap one and INVLPG it, which Unicorn executes unseen); the gate and the
+descriptor's P and DPL, which the guest may rewrite at any time without a flush,
+are read again and compared; the IST slot is read and the stack translated for
+every frame. Whatever differs, or any access that would fault, takes the full path.
 """
 
 from __future__ import annotations
@@ -16,11 +27,13 @@ import struct
 from functools import cache, lru_cache
 
 from attrs import frozen
+from unicorn import UC_PROT_READ, UC_PROT_WRITE
 from unicorn import x86_const as x86
 
 from sevsim.arch import msr as M
 from sevsim.arch.vectors import ERROR_CODE_VECTORS, Vector
 from sevsim.arch.vmsa import Segment
+from sevsim.hw.memory import GuestMemory
 from sevsim.hw.mmu import GuestAccessFault, Mmu
 from sevsim.hw.regs import Registers
 
@@ -29,6 +42,17 @@ _CONTRIBUTORY = frozenset({0, 10, 11, 12, 13})
 _CLEARED = (1 << 8) | (1 << 14) | (1 << 16) | (1 << 17)  # TF NT RF VM
 _IF = 1 << 9
 _DB = 1 << 10  # a segment's D/B attribute (VMCB format): 32-bit
+#: A descriptor's access byte: P and DPL, and their values for a present DPL 0 segment.
+_PRESENT_DPL, _PRESENT_DPL0 = 0xE0, 0x80
+_IDTR, _GDTR, _TR = x86.UC_X86_REG_IDTR, x86.UC_X86_REG_GDTR, x86.UC_X86_REG_TR
+_LMA = M.EFER_LMA
+_MASK64 = (1 << 64) - 1
+#: Bits 63:47 of a canonical address, shifted down: all clear or all set.
+_CANONICAL = (0, (1 << 17) - 1)
+_QWORD = struct.Struct("<Q")
+#: A 64-bit interrupt frame without and with an error code, lowest address first.
+_LONG_FRAME = struct.Struct("<5Q")
+_LONG_FRAME_CODE = struct.Struct("<6Q")
 
 
 @frozen
@@ -78,12 +102,46 @@ def _frame(word: int, count: int) -> struct.Struct:
     return struct.Struct(f"<{count}{ {8: 'Q', 4: 'I', 2: 'H'}[word]}")
 
 
+_Table = tuple[int, int, int, int]
+
+
+@frozen
+class _Plan:
+    """One vector's delivery from CPL 0 in 64-bit mode to a CPL 0 handler under the
+    same CS, decoded, and what it was decoded from (see the module doc)."""
+
+    #: What it was decoded under: the CS selector delivered from (which the gate
+    #: also names), IDTR, GDTR and TR.
+    key: tuple[int, _Table, _Table, _Table]
+    #: The guest-physical space the pages below lie in.
+    memory: GuestMemory
+    #: Each page the delivery reads: (linear page, the physical page the TLB gave).
+    pages: tuple[tuple[int, int], ...]
+    #: The 16-byte gate as decoded, and where it lies.
+    gate: bytes
+    gate_view: memoryview
+    gate_at: int
+    #: Where the access byte of the CS descriptor lies: of the descriptor, only its
+    #: P and DPL bits play a part (CS is not reloaded).
+    access_view: memoryview
+    access_at: int
+    #: Where the TSS's IST slot lies (read on every delivery); None: no IST, the
+    #: handler runs on the interrupted stack.
+    ist_view: memoryview | None
+    ist_at: int
+    target: int
+    #: RFLAGS bits the delivery clears (IF too through an interrupt gate).
+    cleared: int
+
+
 class Delivery:
     """Delivers events into one vCPU (its registers and its MMU)."""
 
     def __init__(self, regs: Registers, mmu: Mmu) -> None:
         self.regs = regs
         self.mmu = mmu
+        #: Vector -> the plan of its last delivery that had one.
+        self._plans: dict[int, _Plan] = {}
 
     def deliver(self, event: Event) -> str | None:
         """Deliver ``event``; a failed delivery escalates. Returns None, or why the CPU
@@ -108,7 +166,114 @@ class Delivery:
                 current = fault
 
     def _push_frame(self, vector: int, error_code: int | None, software: bool) -> Event | None:
-        """Push an interrupt frame and enter the handler; the fault if that fails."""
+        """Push an interrupt frame and enter the handler; the fault if that fails.
+
+        Through the vector's plan when it still holds and the frame goes to one page
+        that translates; otherwise (and to compute any fault) the full path."""
+        regs, mmu = self.regs, self.mmu
+        if regs.cpl():  # the TLB probes below answer for CPL 0 only
+            return self._push_frame_full(vector, error_code, software)
+        cs, rip, rflags, old_sp, ss = regs.interrupt_frame()
+        table = regs.table
+        plan = self._plans.get(vector)
+        if plan is None or not (
+            plan.key == (cs, table(_IDTR), table(_GDTR), table(_TR))
+            and plan.memory is mmu.memory and mmu.mode.efer & _LMA
+            and mmu.tlb_maps(plan.pages)
+            # The guest may rewrite them at any time, no flush needed.
+            and plan.gate_view[plan.gate_at : plan.gate_at + 16] == plan.gate
+            and plan.access_view[plan.access_at] & _PRESENT_DPL == _PRESENT_DPL0
+        ):  # fmt: skip
+            plan = self._plan(vector, cs)
+            if plan is None:
+                return self._push_frame_full(vector, error_code, software)
+            self._plans[vector] = plan
+        ist_view = plan.ist_view
+        sp = old_sp if ist_view is None else _QWORD.unpack_from(ist_view, plan.ist_at)[0]
+        if error_code is None:
+            data = _LONG_FRAME.pack(rip, cs, rflags, old_sp, ss)
+        else:
+            data = _LONG_FRAME_CODE.pack(error_code & _MASK64, rip, cs, rflags, old_sp, ss)
+        size = len(data)
+        sp = (sp & ~0xF) - size & _MASK64
+        if sp >> 47 not in _CANONICAL or (sp & 0xFFF) + size > 0x1000:
+            return self._push_frame_full(vector, error_code, software)
+        paddr = mmu.tlb_paddr(sp, UC_PROT_WRITE)
+        region = mmu.memory.ram_at(paddr) if paddr >= 0 else None
+        if region is None:
+            return self._push_frame_full(vector, error_code, software)
+        at = paddr - region.gpa
+        region.view[at : at + size] = data
+        mmu.written(paddr & ~0xFFF)
+        regs.enter(sp, rflags & ~plan.cleared, plan.target)
+        return None
+
+    def _plan(self, vector: int, cs: int) -> _Plan | None:
+        """Decode the delivery of ``vector`` from CPL 0 under ``cs`` in 64-bit mode;
+        None if it is not the planned case (see :class:`_Plan`) or one of its reads
+        would not go through the TLB to RAM in one page (the full path then says what
+        happens)."""
+        mmu = self.mmu
+        if not mmu.mode.efer & _LMA or cs & 3:
+            return None
+        table = self.regs.table
+        idtr, gdtr, tr = table(_IDTR), table(_GDTR), table(_TR)
+        _, idt_base, idt_limit, _ = idtr
+        if vector * 16 + 15 > idt_limit:
+            return None
+        pages: dict[int, int] = {}
+        gate_found = self._locate(idt_base + vector * 16, 16, pages)
+        if gate_found is None:
+            return None
+        gate_view, gate_at = gate_found
+        raw_gate = gate_view[gate_at : gate_at + 16].tobytes()
+        parsed = _gate(raw_gate)
+        if parsed is None:
+            return None
+        selector, target, gate_type, ist, _ = parsed
+        _, gdt_base, gdt_limit, _ = gdtr
+        if selector & ~3 != cs or selector & ~7 == 0 or selector & 4 or (selector | 7) > gdt_limit:
+            return None
+        descriptor_found = self._locate(gdt_base + (selector & ~7), 8, pages)
+        if descriptor_found is None:
+            return None
+        access_view, access_at = descriptor_found
+        access_at += 5
+        if access_view[access_at] & _PRESENT_DPL != _PRESENT_DPL0:
+            return None
+        ist_view, ist_at = None, 0
+        if ist:
+            ist_found = self._locate(tr[1] + 0x24 + 8 * (ist - 1), 8, pages)
+            if ist_found is None:
+                return None
+            ist_view, ist_at = ist_found
+        return _Plan((cs, idtr, gdtr, tr), mmu.memory, tuple(pages.items()), raw_gate,
+                     gate_view, gate_at, access_view, access_at, ist_view, ist_at, target,
+                     _CLEARED | (_IF if gate_type in (0xE, 0x6) else 0))  # fmt: skip
+
+    def _locate(
+        self, linear: int, size: int, pages: dict[int, int]
+    ) -> tuple[memoryview, int] | None:
+        """(buffer, offset) of ``size`` bytes a supervisor read at ``linear`` reaches
+        through the TLB, its page noted in ``pages``; None unless that is RAM in one
+        page (what :meth:`Mmu.translate` would give without walking)."""
+        linear &= _MASK64
+        page = linear & ~0xFFF
+        if linear >> 47 not in _CANONICAL or linear - page + size > 0x1000:
+            return None
+        physical = pages.get(page)
+        if physical is None:
+            physical = self.mmu.tlb_paddr(page, UC_PROT_READ)
+            if physical < 0:
+                return None
+            pages[page] = physical
+        region = self.mmu.memory.ram_at(physical)
+        if region is None:
+            return None
+        return region.view, physical + linear - page - region.gpa
+
+    def _push_frame_full(self, vector: int, error_code: int | None, software: bool) -> Event | None:
+        """:meth:`_push_frame` for any mode and privilege, every fault computed."""
         regs = self.regs
         mode = self.mmu.mode
         long_mode, protected = bool(mode.efer & M.EFER_LMA), bool(mode.cr0 & M.CR0_PE)

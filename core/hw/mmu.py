@@ -11,9 +11,9 @@ address Unicorn does not give the fill hook, so the fill points the page at a
 physical page that does not exist; the access then reports its offset there.
 
 The model's own accesses (pushing an exception frame, reading the IDT or the
-instruction at RIP) go through the same TLB (``uc_vmem_translate``), so they cost
-one C call when the page is already mapped, and fall back to the Python walk only
-to compute the exact fault when there is one.
+instruction at RIP) go through the same TLB (``uc_vmem_translate``, :meth:`Mmu.tlb_paddr`),
+so they cost one C call when the page is already mapped, and fall back to the Python
+walk only to compute the exact fault when there is one.
 
 Guests flush the TLB far more often than they change their page tables (OVMF
 reloads CR3 on every exception return), so the fill remembers each successful walk
@@ -99,6 +99,15 @@ class _TableNpf(Exception):
         super().__init__(f"page table at {gpa:#x} has no RAM")
         self.gpa = gpa
 
+
+#: ``uc_vmem_translate``, called holding the GIL (a ``PyDLL`` function): on a TLB hit
+#: the call is shorter than giving the GIL up and taking it back, and on a miss the
+#: fill it runs is Python. Called without a prototype, as Unicorn's binding declares
+#: none: ctypes passes a Python int as a C int, so an address from 2 GiB up would
+#: reach it sign-extended or cut to 32 bits; those go as a 64-bit value, smaller
+#: ones as they are (cheaper).
+_vmem_translate = ctypes.PyDLL(uclib._name, handle=uclib._handle).uc_vmem_translate
+_INT_ADDRESSES = 1 << 31
 
 #: Remembered walks kept at most (a guest touching more pages starts over).
 _WALKS_KEPT = 1 << 16
@@ -372,18 +381,41 @@ class Mmu:
         if self._mode.efer & M.EFER_LMA and vaddr >> 47 not in (0, (1 << 17) - 1):
             # The TLB probe would see the address truncated; the CPU raises #GP(0).
             raise GuestAccessFault(Fault(vaddr, access, vector=13))
-        self._probing = True
-        try:
-            ok = uclib.uc_vmem_translate(self._handle, vaddr, _PROT[access],
-                                         self._paddr_ref) == 0  # fmt: skip
-        finally:
-            self._probing = False
-        if ok and self._cpl() == 0:
-            paddr = self._paddr.value
+        paddr = self.tlb_paddr(vaddr, _PROT[access])
+        if paddr >= 0 and self._cpl() == 0:
             region = self.memory.ram_at(paddr)
             if region is not None:
                 return region, paddr
         return self._walk(vaddr, access)
+
+    def tlb_paddr(self, vaddr: int, prot: int) -> int:
+        """The physical address Unicorn's TLB gives an access of ``prot`` (UC_PROT_*)
+        to ``vaddr`` at the CPU's current privilege level, filled on a miss as the
+        access itself would fill it; -1 when the fill refuses (a fault, or no RAM:
+        :meth:`translate` says which). ``vaddr`` must be canonical in long mode."""
+        self._probing = True
+        try:
+            failed = _vmem_translate(self._handle, vaddr if vaddr < _INT_ADDRESSES else
+                                     ctypes.c_uint64(vaddr), prot, self._paddr_ref)  # fmt: skip
+        finally:
+            self._probing = False
+        return -1 if failed else self._paddr.value
+
+    def tlb_maps(self, pages: tuple[tuple[int, int], ...]) -> bool:
+        """Whether the TLB, filled on a miss, still maps each (linear page, physical
+        page) of ``pages`` so for a read (:meth:`tlb_paddr` for each, in one call: an
+        exception delivery checks the pages it read the last time)."""
+        handle, paddr, ref = self._handle, self._paddr, self._paddr_ref
+        self._probing = True
+        try:
+            for linear, physical in pages:
+                if _vmem_translate(handle, linear if linear < _INT_ADDRESSES else
+                                   ctypes.c_uint64(linear), UC_PROT_READ, ref) or (
+                        paddr.value != physical):  # fmt: skip
+                    return False
+        finally:
+            self._probing = False
+        return True
 
     def _walk(self, vaddr: int, access: int) -> tuple[RamRegion, int]:
         """The slow path: sevsim's walk at CPL 0, converting the page as a fill would."""
@@ -412,7 +444,7 @@ class Mmu:
             if data is None:
                 return region.view[off : off + size].tobytes()
             region.view[off : off + size] = data
-            self._written(pa & PAGE_MASK)
+            self.written(pa & PAGE_MASK)
             return b""
         out = bytearray()
         done = 0
@@ -425,11 +457,11 @@ class Mmu:
                 out += region.view[off : off + chunk]
             else:
                 region.view[off : off + chunk] = data[done : done + chunk]
-                self._written(pa & PAGE_MASK)
+                self.written(pa & PAGE_MASK)
             done += chunk
         return bytes(out)
 
-    def _written(self, page: int) -> None:
+    def written(self, page: int) -> None:
         """The model wrote guest memory in ``page``: code translated from it is stale."""
         if page in self._code_pages:
             self.code_stale = True
@@ -451,7 +483,7 @@ class Mmu:
             region, pa = self.translate(va, ACCESS_WRITE)
             off = pa - region.gpa
             region.view[off : off + size] = data
-            self._written(pa & PAGE_MASK)
+            self.written(pa & PAGE_MASK)
             return
         self._access(vaddr, size, ACCESS_WRITE, data)
 
