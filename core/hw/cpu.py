@@ -65,7 +65,8 @@ _CPL0_ACTIONS = (Action.HARDWARE_MSR, Action.CR_WRITE, Action.CR8_READ)
 #: attribute of its Enum class costs several times a module global here (CPython 3.11).
 _AUTOMATIC_EXIT, _CR8_READ, _CR_WRITE = Action.AUTOMATIC_EXIT, Action.CR8_READ, Action.CR_WRITE
 _HARDWARE_MSR, _NAE, _REAL_MODE_IRET = Action.HARDWARE_MSR, Action.NAE, Action.REAL_MODE_IRET
-_CR0_WRITE_TRAP, _VC = SvmExit.CR0_WRITE_TRAP, Vector.VC
+_TLB_INVALIDATION = Action.TLB_INVALIDATION
+_CR0_WRITE_TRAP, _INVLPGA, _VC = SvmExit.CR0_WRITE_TRAP, SvmExit.INVLPGA, Vector.VC
 #: The shortest wall-clock window a run towards a guest-time limit gets.
 _MIN_RUN_NS = 100_000
 #: RFLAGS bits a real-mode IRET loads, by operand size: FLAGS, or all but VM, VIF, VIP.
@@ -359,7 +360,9 @@ class GuestCpu:
         Runs inside Unicorn (a code hook), so whatever can be decided without changing
         RIP is decided here: a GHCB MSR write is taken and the instruction then runs
         natively (Unicorn drops writes to MSRs it does not know), as do instructions
-        the VMCB does not intercept.
+        the VMCB does not intercept. Before an INVLPG, or an INVLPGA the VMCB lets run,
+        the MMU drops the fills it keeps; Unicorn then drops its own entry for the page
+        (or, for INVLPG outside CPL 0, raises the #GP).
         """
         action = site.action
         if action is _REAL_MODE_IRET:
@@ -373,6 +376,11 @@ class GuestCpu:
         if action is _NAE:
             if self.intercepted(site.exit_code):
                 self._halt(_AtSite(site, address))
+            elif site.exit_code == _INVLPGA:
+                self.mmu.forget_fills()
+            return
+        if action is _TLB_INVALIDATION:
+            self.mmu.forget_fills()
             return
         if action is _HARDWARE_MSR:
             ecx = self.regs.read(x86.UC_X86_REG_RCX) & 0xFFFF_FFFF

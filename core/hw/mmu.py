@@ -25,6 +25,41 @@ the walk would take the same path to the same result. That keeps flushes exact
 Pages change behind Unicorn's back (a conversion to the other key, a host write):
 translations of a page that may still be in the TLB are flushed, and so is code
 translated from it; pages nobody mapped since the last flush cost nothing.
+
+Unicorn's TLB is direct-mapped, and QEMU resizes it at each flush by how full it was
+within 100 ms of wall-clock time, down to 64 entries: hot pages keep evicting each
+other. Booting OVMF to its Shell fills 0.4 to 1.3 M entries (by the run) for 17 k
+pages and 2.7 k flushes. Each successful fill is therefore also kept, until the next
+flush, in a *fill cache*: (linear page, access, CPL) -> the physical page and the
+permissions it put in the entry. A refill of a page filled since the last flush is a
+dictionary lookup and the two stores into the entry, not a walk. That is exact for
+the same reason a bigger TLB would be: a CPU may keep a translation until the guest
+invalidates it (MOV to CR3, a paging change of CR0 or CR4, INVLPG), and a guest that
+rewrites an entry without an invalidation may get the old translation or the new one;
+a refill that gives back what the TLB held before the eviction is one of them. It
+stays exact only while every invalidation reaches the MMU, so the cache is dropped:
+
+- on every flush (:meth:`Mmu.flush_tlb`: CR3 writes, paging changes of CR0/CR4, a new
+  key, a new guest-physical space, a loaded VMSA), a CR3 reload included unless each
+  table page the fills since the flush read is still as they all read it
+  (:meth:`Mmu.reload_cr3`);
+- on INVLPG, which the CPU model hooks without an exit (KVM does not intercept it
+  under nested paging) and then lets Unicorn run, and on INVLPGA that a hypervisor
+  lets run (:meth:`Mmu.forget_fills`). INVPCID needs nothing: Unicorn's x86
+  translator does not implement it, so it raises #UD, as the CPUID of the CPU model
+  and of KVM's table (leaf 7, EBX bit 10 clear) promises;
+- wherever a fill would give another answer for a reason no TLB keeps: a change of
+  the paging mode that does not flush (EFER.NXE, say), a page whose view (key) changes
+  while a translation may map it, and whatever marks the TLB stale until the next
+  flush (the poison translation of a fault, another CPU running code from a page
+  this one may write). Refused fills (MMIO, faults) are never kept.
+
+A cached fill needs none of the full fill's bookkeeping again: its physical page was
+marked mapped in this generation when it was filled (and a flush drops the cache),
+and the sets of code pages and executed pages only grow. With other CPUs on the same
+memory the code-page protocol (:meth:`Mmu._shared_code`) runs on every fill, cached
+or not. A read or write entry kept from before its page first ran code lacks EXEC, so
+a fetch from it fills once more, as after any eviction.
 """
 
 from __future__ import annotations
@@ -39,6 +74,7 @@ from unicorn import (
     UC_CTL_IO_WRITE,
     UC_CTL_TLB_FLUSH,
     UC_MEM_FETCH,
+    UC_MEM_READ,
     UC_MEM_WRITE,
     UC_PROT_EXEC,
     UC_PROT_READ,
@@ -109,23 +145,27 @@ class _TableNpf(Exception):
 _vmem_translate = ctypes.PyDLL(uclib._name, handle=uclib._handle).uc_vmem_translate
 _INT_ADDRESSES = 1 << 31
 
-#: Remembered walks kept at most (a guest touching more pages starts over).
-_WALKS_KEPT = 1 << 16
+#: Remembered walks, and fills kept since a flush, at most (a guest touching more pages
+#: starts over).
+_WALKS_KEPT = _FILLS_KEPT = 1 << 16
+#: An address's offset in its page.
+_IN_PAGE = PAGE_SIZE - 1
+#: Unicorn's access type -> the walk's.
+_KIND = {UC_MEM_READ: ACCESS_READ, UC_MEM_WRITE: ACCESS_WRITE, UC_MEM_FETCH: ACCESS_FETCH}
 _ENTRY = {8: struct.Struct("<Q"), 4: struct.Struct("<I")}
 
-#: One table entry a walk read: the page's buffer, the entry's offset there and its
-#: format, the page owners' array and the page's index in it, the value read.
-_Read = tuple[memoryview, int, struct.Struct, array, int, int]
+#: One table entry a walk read: the region's buffer, the entry's offset there and its
+#: format, the page owners' array and the page's index in it, the value read, and the
+#: guest-physical address of the table page.
+_Read = tuple[memoryview, int, struct.Struct, array, int, int, int]
 
 
 @frozen
 class _Walk:
-    """A successful walk, the table entries it read, and the table pages they lie in
-    (their guest-physical address, buffer and offset)."""
+    """A successful walk and the table entries it read."""
 
     translation: Translation
     entries: tuple[_Read, ...]
-    tables: tuple[tuple[int, memoryview, int], ...]
 
 
 class Mmu:
@@ -143,6 +183,12 @@ class Mmu:
         #: Each table page the fills since the last flush read, as it was at the first
         #: of them: while every one is unchanged, the TLB holds no stale translation.
         self._tables: dict[int, tuple[memoryview, int, bytes]] = {}
+        #: A fill since the last flush read a table entry other than the one that first
+        #: copy holds: the TLB may hold translations from two versions of the table.
+        self._tables_changed = False
+        #: The fill cache (module doc): (linear page | access << 2 | CPL) -> (physical
+        #: page, permissions before the code-page protocol), since the last flush.
+        self._filled: dict[int, tuple[int, int]] = {}
         self._mode = PagingMode(0, 0, 0, 0, cbit)
         self.kid = SHARED
         #: Reads the current privilege level (the CPU knows how).
@@ -176,11 +222,22 @@ class Mmu:
     def mode(self, mode: PagingMode) -> None:
         if mode != self._mode:
             self._walks.clear()
+            # Also for changes that do not flush (EFER.NXE, CR0.TS): refills walk
+            # under the new mode, as they did before fills were kept.
+            self._filled.clear()
         self._mode = mode
 
     def forget_walks(self) -> None:
-        """Another guest-physical space: remembered walks name regions of the old one."""
+        """Another guest-physical space: remembered walks and fills name regions of the
+        old one."""
         self._walks.clear()
+        self._filled.clear()
+
+    def forget_fills(self) -> None:
+        """INVLPG (or INVLPGA) is about to run: Unicorn drops its own entries for the
+        page, and refills must walk again. All fills kept are dropped: the instruction
+        is rare, and which page it names is not decoded."""
+        self._filled.clear()
 
     def close(self) -> None:
         if self._page_changed in self.memory.on_page_changed:
@@ -192,6 +249,8 @@ class Mmu:
         self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
         self._generation += 1
         self._tables.clear()
+        self._tables_changed = False
+        self._filled.clear()
         self.tlb_stale = False
 
     def reload_cr3(self) -> None:
@@ -200,7 +259,12 @@ class Mmu:
         changed since, the TLB already holds exactly what refilling it would give, and
         flushing would only cost refills (OVMF reloads CR3 on every exception return);
         otherwise flush. A table page's bytes also change when it converts to another
-        key, so comparing bytes covers both."""
+        key, so comparing bytes covers both. A page that changed and changed back
+        still flushes if a fill read it in between (``_tables_changed``): a PTE
+        mapped, used and cleared again before the reload must not stay in the TLB."""
+        if self._tables_changed:
+            self.flush_tlb()
+            return
         for view, off, seen in self._tables.values():
             if view[off : off + PAGE_SIZE].tobytes() != seen:
                 self.flush_tlb()
@@ -211,7 +275,7 @@ class Mmu:
             # Another CPU runs code from the page: a write of ours must fill again, so
             # that it can tell that CPU (its translated code would go stale unseen).
             if not self._telling and self._writable.get(page) == self._generation:
-                self.tlb_stale = True
+                self._stale()
             return
         if change is _CODE_WRITTEN:
             if not self._telling and page in self._code_pages:
@@ -220,7 +284,14 @@ class Mmu:
         if page in self._code_pages:
             self.code_stale = True
         if change is _VIEW and self._mapped.get(page) == self._generation:
-            self.tlb_stale = True
+            self._stale()
+
+    def _stale(self) -> None:
+        """The TLB may hold a translation a fill would no longer give: it is flushed
+        before the guest runs again, and until then fills walk (and convert the page
+        back to the view they ask for) instead of repeating what they gave."""
+        self.tlb_stale = True
+        self._filled.clear()
 
     def _others(self) -> bool:
         """Whether other CPUs (engines with code of their own) share this memory."""
@@ -234,9 +305,19 @@ class Mmu:
             self._telling = False
 
     def tlb_fill(self, uc: Uc, vaddr: int, access: int, entry: Any, _: Any) -> bool:
-        kind = ACCESS_FETCH if access == UC_MEM_FETCH else (
-            ACCESS_WRITE if access == UC_MEM_WRITE else ACCESS_READ)  # fmt: skip
+        # The fill cache's key: the page's address, its low 12 bits holding the
+        # access (16..18) and the CPL.
         cpl = self._cpl()
+        fill_key = vaddr & PAGE_MASK | access << 2 | cpl
+        filled = self._filled.get(fill_key)
+        if filled is not None:  # filled since the last flush: the same again
+            paddr, perms = filled
+            if len(self.memory.on_page_changed) > 1:  # self._others(), inline
+                perms = self._shared_code(paddr, _KIND[access], perms)
+            entry.paddr = paddr
+            entry.perms = perms
+            return True
+        kind = _KIND[access]
         key = (vaddr & PAGE_MASK, kind, cpl == 3)
         t = self._remembered(key)
         if t is None:
@@ -269,6 +350,10 @@ class Mmu:
             perms |= UC_PROT_EXEC if t.executable else 0
         if kind == ACCESS_FETCH:
             self.memory.executed.add(t.paddr)
+        kept = self._filled
+        if len(kept) >= _FILLS_KEPT:
+            kept.clear()
+        kept[fill_key] = (t.paddr, perms)
         if self._others():
             perms = self._shared_code(t.paddr, kind, perms)
         entry.paddr = t.paddr
@@ -299,38 +384,44 @@ class Mmu:
         if known is None:
             return None
         kid = self.kid
-        for view, off, entry, owner, index, value in known.entries:
+        for view, off, entry, owner, index, value, _ in known.entries:
             if owner[index] != kid or entry.unpack_from(view, off)[0] != value:
                 return None
-        self._note_tables(known.tables)
+        self._note_tables(known.entries)
         return known.translation
 
-    def _note_tables(self, tables: tuple[tuple[int, memoryview, int], ...]) -> None:
-        for page, view, off in tables:
-            if page not in self._tables:
-                self._tables[page] = (view, off, view[off : off + PAGE_SIZE].tobytes())
+    def _note_tables(self, entries: tuple[_Read, ...]) -> None:
+        """Keep a copy of each table page a fill read, as the first fill since the last
+        flush found it; a later fill that read an entry other than that copy holds
+        marks the tables changed (:meth:`reload_cr3`)."""
+        noted = self._tables
+        for view, off, entry, _, _, value, page in entries:
+            first = noted.get(page)
+            if first is None:
+                start = off & PAGE_MASK
+                noted[page] = (view, start, view[start : start + PAGE_SIZE].tobytes())
+            elif entry.unpack_from(first[2], off & _IN_PAGE)[0] != value:
+                self._tables_changed = True
 
     def _walk_and_remember(
         self, vaddr: int, kind: int, cpl: int, key: tuple[int, int, bool]
     ) -> Translation | PageFault | NonCanonical:
         entries: list[_Read] = []
-        tables: dict[int, tuple[int, memoryview, int]] = {}
 
         def read(paddr: int, size: int) -> memoryview:
             region, off = self._table_at(paddr)
             raw = region.view[off : off + size]
             entry = _ENTRY[size]
             entries.append((region.view, off, entry, region.owner, off // PAGE_SIZE,
-                            entry.unpack(raw)[0]))  # fmt: skip
-            tables[paddr & PAGE_MASK] = (paddr & PAGE_MASK, region.view, off & PAGE_MASK)
+                            entry.unpack(raw)[0], paddr & PAGE_MASK))  # fmt: skip
             return raw
 
         t = walk(self.mode, vaddr, kind, cpl, read)
         if isinstance(t, Translation):
             if len(self._walks) >= _WALKS_KEPT:
                 self._walks.clear()
-            known = self._walks[key] = _Walk(t, tuple(entries), tuple(tables.values()))
-            self._note_tables(known.tables)
+            known = self._walks[key] = _Walk(t, tuple(entries))
+            self._note_tables(known.entries)
         return t
 
     def _refuse(self, fault: Fault, entry: Any) -> bool:
@@ -352,7 +443,7 @@ class Mmu:
         """The access that reached the poison page (or an address nothing maps): the
         fault is exact now. The poison translation must leave the TLB afterwards."""
         pending, self._pending = self._pending, None
-        self.tlb_stale = True
+        self._stale()
         if pending is None or address & PAGE_MASK != POISON:
             return Fault(address, ACCESS_READ, vector=13)
         exact = pending.vaddr | (address & 0xFFF)

@@ -2,7 +2,8 @@
 
 An SEV-ES guest's sensitive instructions (CPUID, IN/OUT/INS/OUTS, RDMSR/WRMSR, MOV
 to a control register, VMGEXIT, HLT, ...) each end in a #VC, an automatic exit, or
-a write the CPU model must retire itself. This module only decides *what* an
+a write the CPU model must retire itself; INVLPG in none of these, but the model must
+see it before Unicorn runs it (:attr:`Action.TLB_INVALIDATION`). This module only decides *what* an
 instruction is; :mod:`sevsim.hw.intercept` decides where to look (at the exact
 instruction boundaries of every block Unicorn translates) and stops the CPU there.
 
@@ -28,8 +29,8 @@ MAX_INSN = 15
 
 #: Every opcode byte sequence a sensitive instruction contains after its prefixes:
 #: 0F 01 xx (VMRUN..INVLPGA, VMMCALL/VMGEXIT, MONITOR(X), MWAIT(X), RDTSCP, RDPRU,
-#: LMSW), RDMSR/WRMSR/RDPMC/CPUID/INVD/WBINVD/CLTS, MOV to/from CR and DR, and the
-#: one-byte IN/OUT/INS/OUTS and HLT.
+#: LMSW, INVLPG), RDMSR/WRMSR/RDPMC/CPUID/INVD/WBINVD/CLTS, MOV to/from CR and DR,
+#: and the one-byte IN/OUT/INS/OUTS and HLT.
 _CANDIDATE_BYTES = (
     rb"\x0f[\x01\x06\x08\x09\x20-\x23\x30\x32\x33\xa2]|[\x6c-\x6f\xe4-\xe7\xec-\xef\xf4"
 )
@@ -56,6 +57,11 @@ class Action(Enum):
     #: protected mode): the CPU pops through ESP, Unicorn's QEMU through SP alone
     #: (helper_iret_real), so the model retires it. Not an intercept.
     REAL_MODE_IRET = "real_mode_iret"
+    #: INVLPG: the TLB forgets a page. KVM does not intercept it under nested paging
+    #: (which SEV requires), so it never exits; Unicorn runs it, and the model first
+    #: drops the translations it keeps beside Unicorn's TLB (:mod:`sevsim.hw.mmu`).
+    #: INVPCID is not here: Unicorn raises #UD for it, as the CPUID promises.
+    TLB_INVALIDATION = "tlb_invalidation"
 
 
 @frozen
@@ -78,11 +84,16 @@ _ACTIONS = {SvmExit.HLT: Action.AUTOMATIC_EXIT, SvmExit.MSR: Action.HARDWARE_MSR
 #: :data:`CANDIDATE` does not look for it.
 _NEVER_INTERCEPTED = frozenset({SvmExit.RDTSC})
 
+#: SVM_EXIT_INVLPG, the exit INVLPG would cause if intercepted: recorded with the
+#: site, never raised (:attr:`Action.TLB_INVALIDATION`).
+SVM_EXIT_INVLPG = 0x079
+
 _BY_MNEMONIC: dict[str, tuple[int, Action]] = {
-    mnemonic: (code, _ACTIONS.get(code, Action.NAE))
-    for mnemonic, code in EXIT_BY_MNEMONIC.items()
-    if code not in _NEVER_INTERCEPTED
-}
+    **{mnemonic: (code, _ACTIONS.get(code, Action.NAE))
+       for mnemonic, code in EXIT_BY_MNEMONIC.items()
+       if code not in _NEVER_INTERCEPTED},
+    "invlpg": (SVM_EXIT_INVLPG, Action.TLB_INVALIDATION),
+}  # fmt: skip
 
 #: 16-bit code only: IRET with 16- and 32-bit operands.
 _BY_MNEMONIC_16: dict[str, tuple[int, Action]] = {
