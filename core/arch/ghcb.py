@@ -8,8 +8,9 @@ is the field's offset within the save area divided by 8 (Linux's ``GHCB_BITMAP_I
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
 
-from sevsim.arch.layout import Layout
+from sevsim.arch.layout import FieldReader, Layout
 from sevsim.errors import LayoutError
 
 GHCB_PAGE_SIZE = 4096
@@ -66,11 +67,33 @@ VALID_BITS: dict[str, tuple[int, int]] = {
 
 #: The request's exit code and info, read with one struct call.
 GHCB_EXIT = GHCB_SAVE_AREA.group("sw_exit_code", "sw_exit_info_1", "sw_exit_info_2")
+#: Every field of the page by name, a save-area name first (the save area is at offset
+#: 0, so each field's offset is its offset in the page).
+_PAGE_FIELDS = {f.name: f for layout in (GHCB, GHCB_SAVE_AREA) for f in layout.fields}
+
+
+def page_reader(*names: str) -> FieldReader:
+    """A :class:`~sevsim.arch.layout.FieldReader` of fields anywhere in the page (the
+    valid bitmap comes out as its 16 bytes): what KVM reads of each request, in one
+    struct call."""
+    unknown = [name for name in names if name not in _PAGE_FIELDS]
+    if unknown:
+        raise LayoutError(f"{GHCB.name} has no field(s) {unknown}")
+    return FieldReader(_PAGE_FIELDS[name] for name in names)
 
 
 def valid_bit(name: str) -> int:
     """The valid-bitmap bit index of a save-area field (``GHCB_BITMAP_IDX``)."""
     return GHCB_SAVE_AREA.offset(name) // 8
+
+
+def valid_mask(names: Iterable[str]) -> int:
+    """The bits of ``names`` in the valid bitmap read as one little-endian integer: a
+    set of fields checked with one AND."""
+    mask = 0
+    for name in names:
+        mask |= 1 << valid_bit(name)
+    return mask
 
 
 class Ghcb:

@@ -16,7 +16,8 @@ to the vCPU, its VM, KVM and the platform.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 from attrs import frozen
@@ -26,7 +27,7 @@ from sevsim.arch.vmcb import EventInj
 from sevsim.errors import PluginError
 from sevsim.hw import CpuidLeaf
 from sevsim.kvm.dispatch import ExitKind
-from sevsim.kvm.ghcb_map import MappedGhcb
+from sevsim.kvm.ghcb_map import EXIT_INFO, MappedGhcb
 from sevsim.kvm.outcome import Outcome
 from sevsim.kvm.scratch import Scratch, setup_scratch
 from sevsim.kvm.seal import Seal, unseal
@@ -40,7 +41,6 @@ GPRS = ("rax", "rbx", "rcx", "rdx", "rsp", "rbp", "rsi", "rdi",
         "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip")  # fmt: skip
 _U64 = (1 << 64) - 1
 _ZEROS = dict.fromkeys(GPRS, 0)
-_EXIT_INFO = ("sw_exit_info_1", "sw_exit_info_2")
 _NO_ACTION = GhcbResp.NO_ACTION  # bound once: an Enum class attribute costs more than a global
 
 
@@ -76,25 +76,25 @@ class Regs(Mapping[str, int]):
             for name, value in source.items():
                 self[name] = value
 
-    def pick(self, names: tuple[str, ...]) -> list[int]:
+    def pick(self, names: tuple[str, ...]) -> tuple[int, ...]:
         """The values of ``names``, in order (``regs[name]`` of each, in one call)."""
-        values = self._values
-        return [values[name] for name in names]
+        if len(names) > 1:  # itemgetter's tuple: the lookups in one C call
+            return itemgetter(*names)(self._values)
+        return tuple(self._values[name] for name in names)
 
     def clear_all(self) -> None:
         """``sev_es_sync_from_ghcb`` starts by zeroing every register."""
         self._values.update(_ZEROS)
 
-    def load(self, names: tuple[str, ...], values: Sequence[int]) -> None:
-        """Every register zeroed, then each of ``names`` set to its value (checked as
-        ``regs[name] = value`` checks it): ``sev_es_sync_from_ghcb`` in one call."""
-        regs = self._values
-        regs.update(_ZEROS)
-        for name, value in zip(names, values, strict=True):
-            if name in regs and type(value) is int and 0 <= value <= _U64:
-                regs[name] = value
-            else:
-                self[name] = value
+    def load_synced(self, rax: int, rbx: int, rcx: int, rdx: int, rsi: int) -> None:
+        """``sev_es_sync_from_ghcb`` in one call: every register zeroed, then the five it
+        takes from the GHCB set (each a u64 read from the page, 0 unless valid)."""
+        values = self._values = _ZEROS.copy()
+        values["rax"] = rax
+        values["rbx"] = rbx
+        values["rcx"] = rcx
+        values["rdx"] = rdx
+        values["rsi"] = rsi
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._values)
@@ -295,7 +295,7 @@ class ExitContext:
 
     def set_exit_info(self, info1: int, info2: int) -> None:
         """``svm_vmgexit_set_return_code``: write both response fields."""
-        self._ghcb().set_fields(_EXIT_INFO, (info1, info2))
+        self._ghcb().set_group(EXIT_INFO, (info1, info2))
 
     def success(self, info2: int = 0) -> None:
         """``svm_vmgexit_success``: info_1 = 0, info_2 = ``info2``."""

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from attrs import evolve, field, frozen
 
 from sevsim.arch.exits import exit_name
-from sevsim.arch.ghcb import REGISTER_FIELDS
+from sevsim.arch.ghcb import REGISTER_FIELDS, valid_mask
 from sevsim.arch.ghcb_msr import GhcbMsr
 from sevsim.errors import PluginError
 
@@ -35,6 +35,10 @@ class ExitKind(Enum):
     MSR_PROTOCOL = "msr_protocol"
     #: An automatic #VMEXIT code the hardware raises by itself (CR/EFER write traps, HLT).
     VMEXIT = "vmexit"
+
+    #: A member is its only instance: hashed by identity, in C, not by its name in
+    #: Python as Enum does (the dispatch table is keyed by kind, and looked up per exit).
+    __hash__ = object.__hash__
 
 
 #: The largest code of each kind: GHCBInfo is 12 bits, exit codes are 64-bit.
@@ -86,6 +90,14 @@ def _check_requires(names: Iterable[str]) -> tuple[str, ...]:
             f"expected names from ghcb_save_area: {', '.join(REGISTER_FIELDS)}"
         )
     return names
+
+
+#: Valid-bitmap masks of ``requires`` answers already checked, by the answer's id: a
+#: static tuple, or the constant tuples a callable returns, is checked and turned into
+#: a mask once, not on every exit. Each entry holds its tuple, so that an id in the
+#: table is never another object's; emptied when full.
+_MASKS: dict[int, tuple[tuple[str, ...], int]] = {}
+_MASKS_KEPT = 64
 
 
 def _check_requires_field(instance: Any, attribute: Any, value: Any) -> None:
@@ -147,10 +159,20 @@ class ExitHandler:
     eras: frozenset[str] | None = field(default=None, validator=_check_eras, converter=_as_eras)
     plugin: str | None = None
 
-    def required_fields(self, ghcb: Any) -> tuple[str, ...]:
-        if callable(self.requires):
-            return _check_requires(self.requires(ghcb))
-        return self.requires
+    def required_mask(self, ghcb: Any) -> int:
+        """The valid bits ``requires`` asks for (:func:`~sevsim.arch.ghcb.valid_mask`);
+        for a callable, of this request (it is plugin code: call it as such)."""
+        requires = self.requires
+        names = requires(ghcb) if callable(requires) else requires
+        known = _MASKS.get(id(names))
+        if known is not None and known[0] is names:
+            return known[1]
+        mask = valid_mask(_check_requires(names))
+        if type(names) is tuple:  # immutable, and so its answer too
+            if len(_MASKS) >= _MASKS_KEPT:
+                _MASKS.clear()
+            _MASKS[id(names)] = (names, mask)
+        return mask
 
     def known_in(self, era: str) -> bool:
         """Whether a KVM of ``era`` had this row at all."""

@@ -22,7 +22,16 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from sevsim.arch import ghcb_msr
 from sevsim.arch.exits import SNP_ONLY_VMGEXITS, GhcbErr, SvmExit
-from sevsim.arch.ghcb import GHCB_EXIT, GHCB_PAGE_SIZE, GHCB_USAGE_DEFAULT, Ghcb
+from sevsim.arch.ghcb import (
+    GHCB_EXIT,
+    GHCB_PAGE_SIZE,
+    GHCB_SAVE_AREA,
+    GHCB_USAGE_DEFAULT,
+    Ghcb,
+    page_reader,
+    valid_mask,
+)
+from sevsim.arch.ghcb_msr import GHCB_MSR_INFO_MASK
 from sevsim.arch.vmcb import (
     VMCB_CONTROL,
     VMCB_EVENT_INJ,
@@ -49,7 +58,7 @@ from sevsim.kvm.exits import (
     RunFailed,
     Shutdown,
 )
-from sevsim.kvm.ghcb_map import MappedGhcb
+from sevsim.kvm.ghcb_map import EXIT_INFO, GhcbSetter, MappedGhcb
 from sevsim.kvm.msrs import MsrModel
 from sevsim.kvm.protected import (
     STATE_GROUPS,
@@ -68,13 +77,33 @@ from sevsim.kvm.svm_setup import (
 if TYPE_CHECKING:
     from sevsim.kvm.vm import Vm
 
-#: The three fields every GHCB-page VMGEXIT must mark valid.
-_ALWAYS_REQUIRED = ("sw_exit_code", "sw_exit_info_1", "sw_exit_info_2")
-#: GPRs ``sev_es_sync_from_ghcb`` takes from the GHCB when valid.
-_SYNCED_IN = ("rax", "rbx", "rcx", "rdx", "rsi")
-_SYNCED_IN_CPL = (*_SYNCED_IN, "cpl")
-#: GPRs ``sev_es_sync_to_ghcb`` always writes back.
-_SYNCED_OUT = ("rax", "rbx", "rcx", "rdx")
+#: What KVM reads of a GHCB-page request (``sev_es_sync_from_ghcb``,
+#: ``sev_es_validate_vmgexit``), in page order: one struct call per VMGEXIT.
+_REQUEST = page_reader("cpl", "rax", "rcx", "rdx", "rbx", "rsi", "sw_exit_code",
+                       "sw_exit_info_1", "sw_exit_info_2", "sw_scratch", "xcr0",
+                       "valid_bitmap", "ghcb_usage")  # fmt: skip
+#: Where the exit code (then its two infos) and the usage are in a request read.
+_EXIT_AT = _REQUEST.names.index("sw_exit_code")
+_USAGE_AT = _REQUEST.names.index("ghcb_usage")
+#: The three fields every GHCB-page VMGEXIT must mark valid, as valid-bitmap bits.
+_ALWAYS_REQUIRED = valid_mask(("sw_exit_code", "sw_exit_info_1", "sw_exit_info_2"))
+#: Valid-bitmap bits of what ``sev_es_sync_from_ghcb`` takes when valid.
+_RAX, _RBX, _RCX, _RDX, _RSI, _CPL, _XCR0, _SCRATCH = (valid_mask((name,)) for name in (
+    "rax", "rbx", "rcx", "rdx", "rsi", "cpl", "xcr0", "sw_scratch"))  # fmt: skip
+#: GPRs ``sev_es_sync_to_ghcb`` always writes back (in page order, compiled).
+_SYNCED_OUT = GhcbSetter("rax", "rcx", "rdx", "rbx")
+#: ``svm_vmgexit_success(svm, 0)``: sw_exit_info_1 and sw_exit_info_2 both 0.
+_SUCCESS = (0, 0)
+#: The valid bitmap in the page (a snapshot's, after its ``requires`` ran).
+_BITMAP_AT = GHCB_SAVE_AREA.offset("valid_bitmap")
+_BITMAP_END = _BITMAP_AT + GHCB_SAVE_AREA["valid_bitmap"].size
+#: The VMCB's exit code, its high half and the two infos, packed with one struct call.
+_PACK_VMCB_EXIT, _VMCB_EXIT_AT = VMCB_EXIT.codec.pack_into, VMCB_EXIT.offset
+#: What a handler may return besides None.
+_OUTCOMES = (O.Resume, O.ExitToUser, O.Fail)
+#: What validation found: the handler, or the GHCB error to answer; and the snapshot a
+#: handler's ``requires`` was given, if one ran.
+_Validated = tuple["ExitHandler | None", "GhcbErr | None", "Ghcb | None"]
 #: ``int_ctl``: a virtual interrupt is pending (V_IRQ), used for the interrupt window.
 _V_IRQ = 1 << 8
 #: Enum members every exit compares with, bound once: reading a member as an attribute
@@ -271,7 +300,13 @@ class Vcpu:
         deadline = None if timeout is None else now + timeout
         limit = timeout if plugin_timeout == "timeout" else plugin_timeout
         with foreign_time_limit(None if limit is None else now + limit):
-            return self._run(timeout, deadline, budget, slice_ns)
+            try:
+                return self._run(timeout, deadline, budget, slice_ns)
+            finally:
+                # KVM writes the mapped GHCB page directly: what it wrote since the last
+                # entry is in guest memory when KVM_RUN returns, however it returns. (On
+                # the way back into the guest, prepare_switch_to_guest writes it.)
+                self._write_ghcb()
 
     def _run(self, timeout: float | None, deadline: float | None, budget: int | None,
              slice_ns: int | None) -> KvmExit:  # fmt: skip
@@ -288,6 +323,8 @@ class Vcpu:
                                  "(deliver_sipi) or an event must wake it")  # fmt: skip
             self.mp_state = MpState.RUNNABLE
         retired_before, ns_before = self.retired, self.guest_ns
+        vm = self.vm
+        vmrun = vm.platform.vmrun
         while True:
             if self.immediate_exit:
                 return RunFailed("EINTR", f"vCPU {self.id}: KVM_RUN interrupted: the VMM "
@@ -296,19 +333,18 @@ class Vcpu:
             # req_immediate_exit: an event still waits, so leave the guest right after
             # entry (the host IPIs itself) and inject it at the next one.
             immediate = self.inject_pending_events()
-            if self.vm.dead is not None:
-                return RunFailed("EIO", self.vm.dead, plugin=self.vm.dead_plugin)
+            if vm.dead is not None:
+                return RunFailed("EIO", vm.dead, plugin=vm.dead_plugin)
             entry_deadline = time.monotonic() if immediate else deadline
             ns_left = None if slice_ns is None else max(slice_ns - (self.guest_ns - ns_before), 1)
             left = None if budget is None else budget - (self.retired - retired_before)
-            used = self.vm.platform.vmrun(self.vmcb, self.vm.memory, entry_deadline,
-                                          None if left is None else max(left, 1),
-                                          guest_ns=ns_left)  # fmt: skip
+            used = vmrun(self.vmcb, vm.memory, entry_deadline,
+                         None if left is None else max(left, 1), guest_ns=ns_left)  # fmt: skip
             self.guest_ns += used.guest_ns
             self.retired += used.retired
-            result = self.handle_exit()
-            if self.vm.dead is not None and not isinstance(result, O.ExitToUser):
-                return RunFailed("EIO", self.vm.dead, plugin=self.vm.dead_plugin)
+            result = self._handle_exit()
+            if vm.dead is not None and not isinstance(result, O.ExitToUser):
+                return RunFailed("EIO", vm.dead, plugin=vm.dead_plugin)
             if isinstance(result, O.Resume):
                 if self.request_interrupt_window and self.ready_for_interrupt_injection:
                     return IrqWindowOpen()  # dm_request_for_irq_injection
@@ -325,7 +361,7 @@ class Vcpu:
             if isinstance(result.exit, Shutdown):
                 self._dead = "it shut down (triple fault or VMSA integrity failure)"
             if isinstance(result.exit, RunFailed) and result.exit.plugin is not None:
-                self.vm.terminate(result.exit.why, result.exit.plugin)
+                vm.terminate(result.exit.why, result.exit.plugin)
             return result.exit
 
     def _exit_code(self) -> int:
@@ -333,11 +369,21 @@ class Vcpu:
         return hi << 32 | lo
 
     def handle_exit(self) -> O.Outcome:
-        """``svm_handle_exit``: act on the #VMEXIT recorded in the VMCB."""
+        """``svm_handle_exit``: act on the #VMEXIT recorded in the VMCB. What KVM wrote
+        into a mapped GHCB page is in guest memory when it returns, as KVM's own writes
+        into the page are."""
+        result = self._handle_exit()
+        self._write_ghcb()
+        return result
+
+    def _handle_exit(self) -> O.Outcome:
+        """:meth:`handle_exit` inside KVM_RUN, which writes the GHCB page back where
+        anyone else could look: before the guest runs again, or when it returns."""
         lo, hi, info1, info2 = VMCB_EXIT.get(self.vmcb)
         code = hi << 32 | lo
-        if self.vm.wants("vmexit"):
-            self.vm.emit("vmexit", vcpu_id=self.id, exit_code=code, info1=info1, info2=info2)
+        vm = self.vm
+        if vm.wants("vmexit"):
+            vm.emit("vmexit", vcpu_id=self.id, exit_code=code, info1=info1, info2=info2)
         if code == _VMGEXIT:
             return self._vmgexit()
         if code == _SHUTDOWN:
@@ -349,7 +395,7 @@ class Vcpu:
         if code == _VINTR:  # interrupt_window_interception
             self._clear_vintr()
             return O.RESUME
-        handler = self.vm.lookup(_KIND_VMEXIT, code)
+        handler = vm.lookup(_KIND_VMEXIT, code)
         if handler is not None:
             ctx = ExitContext(self.view(handler.plugin), _KIND_VMEXIT, code, info1, info2)
             return self._call(handler, ctx)
@@ -379,7 +425,7 @@ class Vcpu:
             result = run_foreign(handler.handler, ctx)
         except FOREIGN_FAULTS as exc:  # a plugin bug must not take the host down
             return self._plugin_failed(handler, exc)
-        if result is not None and not isinstance(result, O.Resume | O.ExitToUser | O.Fail):
+        if result is not None and not isinstance(result, _OUTCOMES):
             return self._plugin_failed(
                 handler, f"returned {result!r}, expected an outcome (RESUME, ExitToUser, Fail) "
                 "or None")  # fmt: skip
@@ -388,9 +434,10 @@ class Vcpu:
             ctx._scratch = None  # nothing of it goes back to the guest
             return self._plugin_failed(handler, f"left a scratch area of {len(scratch.data)} "
                                        f"bytes where it mapped {scratch.length}")  # fmt: skip
-        if self.vm.wants("exit_handled"):
-            self.vm.emit("exit_handled", vcpu_id=self.id, kind=ctx.kind.value, code=ctx.code,
-                         plugin=handler.owner, notes=ctx.notes)  # fmt: skip
+        vm = self.vm
+        if vm.wants("exit_handled"):
+            vm.emit("exit_handled", vcpu_id=self.id, kind=ctx.kind.value, code=ctx.code,
+                    plugin=handler.owner, notes=ctx.notes)  # fmt: skip
         return O.RESUME if result is None else result
 
     def _plugin_failed(self, handler: ExitHandler, problem: BaseException | str) -> O.ExitToUser:
@@ -568,38 +615,37 @@ class Vcpu:
 
     def _vmgexit(self) -> O.Outcome:
         ghcb_gpa = VMCB_GHCB_GPA.get(self.vmcb)[0]
-        if ghcb_msr.info(ghcb_gpa):
+        if ghcb_gpa & GHCB_MSR_INFO_MASK:
             return self._msr_protocol(ghcb_gpa)
-        compat = self.vm.compat
+        vm = self.vm
+        compat, memory = vm.compat, vm.memory
         if ghcb_gpa == 0:
             return compat.ghcb_unmapped("GHCB GPA is 0")
         try:
-            raw = self.vm.memory.read(ghcb_gpa, GHCB_PAGE_SIZE)
+            page = memory.read(ghcb_gpa, GHCB_PAGE_SIZE)
         except GuestMemoryError:
             return compat.ghcb_unmapped(f"GHCB GPA {ghcb_gpa:#x} is not guest RAM")
-        ghcb = MappedGhcb(raw, ghcb_gpa)
-        code, info1, info2 = GHCB_EXIT.get(ghcb.raw)  # what the snapshot will hold
-        if self.vm.wants("vmgexit_enter"):
-            self.vm.emit("vmgexit_enter", vcpu_id=self.id, exit_reason=code, info1=info1,
-                         info2=info2)  # fmt: skip
+        ghcb = MappedGhcb(page, ghcb_gpa)
+        request = _REQUEST.get(page)  # what the snapshot will hold
+        code, info1, info2 = request[_EXIT_AT : _EXIT_AT + 3]
+        if vm.wants("vmgexit_enter"):
+            vm.emit("vmgexit_enter", vcpu_id=self.id, exit_reason=code, info1=info1,
+                    info2=info2)  # fmt: skip
         self._ghcb = ghcb
-        snapshot = self._sync_from_ghcb(ghcb)
+        bitmap = self._sync_from_ghcb(ghcb, request)
         try:
-            handler, error = self._validate(snapshot, code)
+            handler, error, snapshot = self._validate(page, code, request[_USAGE_AT], bitmap)
         except _RequiresFailed as bad:
             return self._plugin_failed(bad.handler, bad.problem)
         plugin = handler.plugin if handler is not None else None
         ctx = ExitContext(self.view(plugin), _KIND_VMGEXIT, code, info1, info2, ghcb=ghcb,
-                          regs=self.regs, memory=self.vm.memory, compat=compat)  # fmt: skip
+                          regs=self.regs, memory=memory, compat=compat)  # fmt: skip
         self._ctx = ctx
         if error is not None:
-            result = compat.bad_input(ctx, error, snapshot)
-        else:
-            ctx.success()
-            assert handler is not None
-            result = self._call(handler, ctx)
-        self._write_ghcb()
-        return result
+            return compat.bad_input(ctx, error, snapshot if snapshot is not None else Ghcb(page))
+        ghcb.put(EXIT_INFO, _SUCCESS)  # ctx.success(), inline
+        assert handler is not None
+        return self._call(handler, ctx)
 
     def _write_ghcb(self) -> None:
         """KVM works on the mapped GHCB page: what it wrote there (valid bitmap cleared,
@@ -608,52 +654,75 @@ class Vcpu:
         if self._ghcb is not None:
             self._ghcb.flush(self.vm.memory)
 
-    def _sync_from_ghcb(self, ghcb: MappedGhcb) -> Ghcb:
-        """``sev_es_sync_from_ghcb``: snapshot, zero the GPRs, take the valid ones."""
-        snapshot = Ghcb(ghcb.raw)
-        *synced, self.cpl = snapshot.values_if_valid(_SYNCED_IN_CPL)
-        self.regs.load(_SYNCED_IN, synced)
-        if snapshot.is_valid("xcr0"):
-            self.xcr0 = snapshot["xcr0"]
-            self.cpuid_runtime.update(xcr0=self.xcr0)
-        ghcb.snapshot_scratch = self.vm.compat.sw_scratch(snapshot)
-        code, info1, info2 = GHCB_EXIT.get(snapshot.raw)
-        VMCB_EXIT.set(self.vmcb, code & 0xFFFF_FFFF, code >> 32, info1, info2)
-        ghcb.valid_bitmap = 0
-        return snapshot
+    def _sync_from_ghcb(self, ghcb: MappedGhcb, request: tuple[Any, ...]) -> int:
+        """``sev_es_sync_from_ghcb`` from the page as read (``request``): zero the GPRs,
+        take the valid ones, snapshot ``sw_scratch``, clear the page's valid bitmap; the
+        bitmap the guest sent (newest KVM's snapshot of it) is returned."""
+        cpl, rax, rcx, rdx, rbx, rsi, code, info1, info2, scratch, xcr0, valid, _ = request
+        bitmap = int.from_bytes(valid, "little")
+        self.regs.load_synced(rax if bitmap & _RAX else 0, rbx if bitmap & _RBX else 0,
+                              rcx if bitmap & _RCX else 0, rdx if bitmap & _RDX else 0,
+                              rsi if bitmap & _RSI else 0)  # fmt: skip
+        self.cpl = cpl if bitmap & _CPL else 0
+        if bitmap & _XCR0:
+            self.xcr0 = xcr0
+            self.cpuid_runtime.update(xcr0=xcr0)
+        ghcb.snapshot_scratch = self.vm.compat.sw_scratch(scratch, bitmap & _SCRATCH != 0)
+        _PACK_VMCB_EXIT(self.vmcb, _VMCB_EXIT_AT, code & 0xFFFF_FFFF, code >> 32, info1, info2)
+        ghcb.clear_valid_bitmap()
+        return bitmap
 
-    def _validate(self, snapshot: Ghcb, code: int) -> tuple[ExitHandler | None, GhcbErr | None]:
-        """``sev_es_validate_vmgexit`` on the snapshot, with required bits from the table."""
-        if snapshot["ghcb_usage"] != GHCB_USAGE_DEFAULT:
-            return None, GhcbErr.INVALID_USAGE
-        if not snapshot.all_valid(_ALWAYS_REQUIRED):
-            return None, GhcbErr.MISSING_INPUT
+    def _validate(self, page: bytes, code: int, usage: int, bitmap: int) -> _Validated:
+        """``sev_es_validate_vmgexit`` on the snapshot (``page`` as read, ``bitmap`` its
+        valid bits), with required bits from the table; also the snapshot a handler's
+        ``requires`` callable was given, if one ran (a refusal reads the same one)."""
+        if usage != GHCB_USAGE_DEFAULT:
+            return None, GhcbErr.INVALID_USAGE, None
+        if bitmap & _ALWAYS_REQUIRED != _ALWAYS_REQUIRED:
+            return None, GhcbErr.MISSING_INPUT, None
         handler = self.vm.lookup(_KIND_VMGEXIT, code)
         if handler is None:
             # The SNP codes fail with KVM's default reason, MISSING_INPUT, for SEV-ES.
             snp = code in SNP_ONLY_VMGEXITS
-            return None, GhcbErr.MISSING_INPUT if snp else GhcbErr.INVALID_EVENT
+            return None, GhcbErr.MISSING_INPUT if snp else GhcbErr.INVALID_EVENT, None
+        if not callable(handler.requires):  # a tuple, checked when the row was made
+            required = handler.required_mask(None)
+            return (handler, None, None) if bitmap & required == required else (
+                None, GhcbErr.MISSING_INPUT, None)  # fmt: skip
+        snapshot = Ghcb(page)
         try:
-            required = run_foreign(handler.required_fields, snapshot)
+            required = run_foreign(handler.required_mask, snapshot)
         except FOREIGN_FAULTS as exc:  # the plugin's requires() is plugin code too
             raise _RequiresFailed(handler, exc) from exc
-        if not snapshot.all_valid(required):
-            return None, GhcbErr.MISSING_INPUT
-        return handler, None
+        bitmap = int.from_bytes(snapshot.raw[_BITMAP_AT:_BITMAP_END], "little")  # as left
+        if bitmap & required != required:
+            return None, GhcbErr.MISSING_INPUT, snapshot
+        return handler, None, snapshot
 
     def prepare_switch_to_guest(self) -> None:
-        """``sev_es_unmap_ghcb``: scratch back, trace, sync registers, release the GHCB."""
+        """``sev_es_unmap_ghcb``: scratch back, trace, sync registers, release the GHCB.
+
+        What KVM wrote into the page since the exit reaches guest memory here with the
+        registers, in one write; first, though, wherever another writer or reader comes
+        before: a scratch area copied back (it may cover part of the page) and the
+        observers of ``vmgexit_exit`` find the page as KVM left it."""
         ghcb, ctx = self._ghcb, self._ctx
         self._ctx = None
         if ghcb is None:
             return
-        if ctx is not None and ctx.scratch is not None:
-            ctx.scratch.write_back(self.vm.memory)
-        if self.vm.wants("vmgexit_exit"):
-            self.vm.emit("vmgexit_exit", vcpu_id=self.id, exit_reason=ghcb["sw_exit_code"],
-                         info1=ghcb["sw_exit_info_1"], info2=ghcb["sw_exit_info_2"])  # fmt: skip
-        ghcb.set_fields(_SYNCED_OUT, self.regs.pick(_SYNCED_OUT))
-        self._write_ghcb()
+        vm = self.vm
+        memory = vm.memory
+        scratch = ctx._scratch if ctx is not None else None  # ctx.scratch (every exit)
+        if scratch is not None:
+            ghcb.flush(memory)
+            scratch.write_back(memory)
+        if vm.wants("vmgexit_exit"):
+            ghcb.flush(memory)
+            code, info1, info2 = GHCB_EXIT.get(ghcb.raw)
+            vm.emit("vmgexit_exit", vcpu_id=self.id, exit_reason=code, info1=info1,
+                    info2=info2)  # fmt: skip
+        ghcb.put(_SYNCED_OUT, self.regs.pick(_SYNCED_OUT.names))  # u64s: Regs checks them
+        ghcb.flush(memory)
         self._ghcb = None
 
     # -- the GHCB MSR protocol (sev_handle_vmgexit_msr_protocol) -----------------------

@@ -29,13 +29,13 @@ from sevsim.kvm.scratch import Scratch
 INT_MAX = 0x7FFF_FFFF
 
 
-def requires(ghcb: Ghcb) -> Iterator[str]:
-    """``sev_es_validate_vmgexit``: string IO needs sw_scratch, a plain OUT needs RAX."""
+def requires(ghcb: Ghcb) -> tuple[str, ...]:
+    """``sev_es_validate_vmgexit``: string IO needs sw_scratch, a plain OUT needs RAX.
+    (The same tuples every time: kvm checks each answer once.)"""
     info1 = ghcb["sw_exit_info_1"]
     if info1 & IOIO_STR:
-        yield "sw_scratch"
-    elif not info1 & IOIO_TYPE_IN:
-        yield "rax"
+        return ("sw_scratch",)
+    return () if info1 & IOIO_TYPE_IN else ("rax",)
 
 
 def io_interception(ctx: ExitContext) -> O.Outcome | None:
@@ -49,11 +49,11 @@ def io_interception(ctx: ExitContext) -> O.Outcome | None:
         # complete_fast_pio_in: a 4-byte IN replaces RAX, as a 32-bit register write does.
         keep = ctx.regs["rax"] & ~mask if info.size < 4 else 0
         ctx.regs["rax"] = keep | value
-        ctx.notes["ioio"] = f"port {info.port:#x} -> {value:#x}"
+        ctx.notes["ioio"] = f"port {hex(info.port)} -> {hex(value)}"
     else:
         value = ctx.regs["rax"] & mask
         bus.write(info.port, value.to_bytes(info.size, "little"))
-        ctx.notes["ioio"] = f"port {info.port:#x} <- {value:#x}"
+        ctx.notes["ioio"] = f"port {hex(info.port)} <- {hex(value)}"  # hex(): cheaper, same
     return None
 
 
