@@ -212,8 +212,9 @@ def run_foreign(code: Callable[..., T], /, *args: object, **kwargs: object) -> T
     ``except FOREIGN_FAULTS`` contains it). An exception the timer sent that was not
     raised before the code returned is withdrawn here: none lands in sevsim's own code.
     """
-    clock: _ThreadClock | None = getattr(_local, "clock", None)  # _clock(), inline
-    if clock is None:
+    try:
+        clock: _ThreadClock = _local.clock  # _clock(), inline: an attribute read
+    except AttributeError:
         clock = _clock()
     outer = clock.inside
     clock.inside = True

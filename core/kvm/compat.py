@@ -53,10 +53,9 @@ class Newest:
         """The guest's scratch buffer cannot be read (aa9f58415a8e: -EFAULT)."""
         return O.Fail("EFAULT", why)
 
-    def sw_scratch(self, value: int, valid: bool) -> int:
-        """The scratch GPA KVM works with, from the page's ``sw_scratch`` and its valid
-        bit: the snapshot's, 0 unless marked valid (v6.5+)."""
-        return value if valid else 0
+    #: Whether the scratch GPA KVM works with is the page's ``sw_scratch`` whatever its
+    #: valid bit; newest KVM takes the snapshot's, 0 unless marked valid (v6.5+).
+    sw_scratch_unchecked = False
 
     def is_termination(self, exit_: KvmExit) -> bool:
         """Whether an exit ends the guest at its own request (KVM skips the MSR-protocol
@@ -93,9 +92,8 @@ class V5_11(Newest):
     def unreadable_scratch(self, why: str) -> O.Outcome:
         return O.Fail("EINVAL", why)
 
-    def sw_scratch(self, value: int, valid: bool) -> int:
-        """5.11 read ``sw_scratch`` from the live page, valid bit or not."""
-        return value
+    #: 5.11 read ``sw_scratch`` from the live page, valid bit or not.
+    sw_scratch_unchecked = True
 
 
 ERAS = {era.name: era for era in (Newest(), V5_11())}

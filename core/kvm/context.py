@@ -268,7 +268,7 @@ class ExitContext:
 
     @property
     def vm(self) -> VmView:
-        return self.vcpu.vm
+        return self.vcpu._vm  # self.vcpu.vm, without the second property call
 
     @property
     def msr(self) -> int:
@@ -295,7 +295,12 @@ class ExitContext:
 
     def set_exit_info(self, info1: int, info2: int) -> None:
         """``svm_vmgexit_set_return_code``: write both response fields."""
-        self._ghcb().set_group(EXIT_INFO, (info1, info2))
+        ghcb = self._ghcb()
+        if (isinstance(info1, int) and isinstance(info2, int)
+                and 0 <= info1 <= _U64 and 0 <= info2 <= _U64):  # fmt: skip
+            ghcb.put_exit_info(info1, info2)
+        else:  # field by field: refused as ghcb[name] = value refuses it, after the first
+            ghcb.set_fields(EXIT_INFO, (info1, info2))
 
     def success(self, info2: int = 0) -> None:
         """``svm_vmgexit_success``: info_1 = 0, info_2 = ``info2``."""

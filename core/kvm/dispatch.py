@@ -77,7 +77,7 @@ def _check_code(instance: Any, attribute: Any, value: Any) -> None:
         )
 
 
-#: The names ``requires`` may give, for a membership test per name (it runs per exit).
+#: The names ``requires`` may give, for a membership test per name.
 _REGISTER_FIELDS = frozenset(REGISTER_FIELDS)
 
 

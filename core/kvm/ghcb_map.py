@@ -14,9 +14,7 @@ fields every time) with one lookup.
 
 from __future__ import annotations
 
-import struct
-from collections.abc import Callable, Sequence
-from itertools import pairwise
+from collections.abc import Sequence
 
 from sevsim.arch.ghcb import GHCB, GHCB_PAGE_SIZE, GHCB_SAVE_AREA, INT_FIELDS, VALID_BITS, Ghcb
 from sevsim.errors import LayoutError
@@ -48,49 +46,38 @@ _RUNS: dict[int, tuple[tuple[int, int], ...]] = {}
 _RUNS_KEPT = 256
 
 
-class GhcbSetter:
-    """``ghcb_set_*`` of a fixed tuple of u64 save-area fields, compiled once: one struct
-    call per run of adjacent fields, one OR per valid-bitmap byte, the bytes written
-    known in advance. KVM sets the same few fields on every exit (the reply's exit
-    info, RAX..RDX), where :meth:`MappedGhcb.set_fields` would look each one up.
-
-    ``names`` are in page order, so that each run's values are a slice of the values.
-    """
-
-    __slots__ = ("_bits", "_packs", "names", "written")
-
-    def __init__(self, *names: str) -> None:
-        fields = [GHCB_SAVE_AREA[name] for name in names]
-        if any(f.type != "u64" for f in fields) or any(
-                a.offset >= b.offset for a, b in pairwise(fields)):  # fmt: skip
-            raise LayoutError(f"a GHCB setter takes u64 save-area fields in page order: {names}")
-        self.names = names
-        #: Per run of adjacent fields: (its struct's pack_into, offset, its values' slice).
-        packs: list[tuple[Callable[..., None], int, slice]] = []
-        first = 0
-        for end in range(1, len(fields) + 1):
-            if end == len(fields) or fields[end].offset != fields[end - 1].offset + 8:
-                codec = struct.Struct("<" + "Q" * (end - first))
-                packs.append((codec.pack_into, fields[first].offset, slice(first, end)))
-                first = end
-        self._packs = tuple(packs)
-        bits: dict[int, int] = {}
-        for name in names:
-            byte, bit = VALID_BITS[name]
-            bits[byte] = bits.get(byte, 0) | bit
-        self._bits = tuple(bits.items())
-        written = 0
-        for name in names:
-            written |= _SETTERS[name][5]
-        #: The bytes a write through this setter changes (a written-bytes mask).
-        self.written = written
-
-    def __repr__(self) -> str:
-        return f"GhcbSetter{self.names!r}"
+def _valid_bytes(*names: str) -> tuple[tuple[int, int], ...]:
+    """The valid-bitmap bytes (offsets in the page) that ``names`` set bits in, with
+    those bits: one OR per byte."""
+    bits: dict[int, int] = {}
+    for name in names:
+        byte, bit = VALID_BITS[name]
+        bits[byte] = bits.get(byte, 0) | bit
+    return tuple(bits.items())
 
 
-#: ``svm_vmgexit_set_return_code``'s two fields.
-EXIT_INFO = GhcbSetter("sw_exit_info_1", "sw_exit_info_2")
+def _written(*names: str) -> int:
+    """The written-bytes mask of ``ghcb_set_*`` of ``names``: the fields and their bits."""
+    mask = 0
+    for name in names:
+        mask |= _SETTERS[name][5]
+    return mask
+
+
+# The two writes KVM makes on every exit, compiled from the layout: one struct call per
+# run of adjacent fields, one OR per valid-bitmap byte (unpacking checks the counts).
+#: ``svm_vmgexit_set_return_code``: sw_exit_info_1 and sw_exit_info_2, adjacent.
+EXIT_INFO = ("sw_exit_info_1", "sw_exit_info_2")
+_INFO = GHCB_SAVE_AREA.group(*EXIT_INFO)
+_PACK_INFO, _INFO_AT = _INFO.codec.pack_into, _INFO.offset
+((_INFO_BYTE, _INFO_BITS),) = _valid_bytes(*EXIT_INFO)
+_INFO_WRITTEN = _written(*EXIT_INFO)
+#: ``sev_es_sync_to_ghcb``: RAX, then RCX, RDX and RBX, adjacent.
+_RAX, _RCX_RDX_RBX = GHCB_SAVE_AREA.group("rax"), GHCB_SAVE_AREA.group("rcx", "rdx", "rbx")
+_PACK_RAX, _RAX_AT = _RAX.codec.pack_into, _RAX.offset
+_PACK_RCX_RDX_RBX, _RCX_AT = _RCX_RDX_RBX.codec.pack_into, _RCX_RDX_RBX.offset
+(_GPR_BYTE_1, _GPR_BITS_1), (_GPR_BYTE_2, _GPR_BITS_2) = _valid_bytes("rax", "rcx", "rdx", "rbx")
+_GPRS_WRITTEN = _written("rax", "rcx", "rdx", "rbx")
 
 
 class MappedGhcb(Ghcb):
@@ -100,9 +87,9 @@ class MappedGhcb(Ghcb):
 
     def __init__(self, raw: bytes, gpa: int) -> None:
         # Ghcb.__init__, inline (one page mapped per VMGEXIT).
-        self.raw = bytearray(raw)
-        if len(self.raw) != GHCB_PAGE_SIZE:
-            raise ValueError(f"a GHCB page is {GHCB_PAGE_SIZE} bytes, got {len(self.raw)}")
+        page = self.raw = bytearray(raw)
+        if len(page) != GHCB_PAGE_SIZE:
+            raise ValueError(f"a GHCB page is {GHCB_PAGE_SIZE} bytes, got {len(page)}")
         self.gpa = gpa
         #: The bytes written since the last flush, bit n for byte n of the page.
         self._dirty = 0
@@ -139,25 +126,24 @@ class MappedGhcb(Ghcb):
                 super().__setitem__(name, value)
                 self._dirty |= _FIELD_BYTES[name]
 
-    def set_group(self, setter: GhcbSetter, values: Sequence[int]) -> None:
-        """:meth:`set_fields` of ``setter``'s fields, compiled. A value that is not a u64
-        takes the field-by-field way, which refuses it exactly as ``self[name] = value``
-        does, after writing the fields before it."""
-        for value in values:
-            if not (isinstance(value, int) and 0 <= value <= _U64):
-                self.set_fields(setter.names, values)
-                return
-        self.put(setter, values)
-
-    def put(self, setter: GhcbSetter, values: Sequence[int]) -> None:
-        """:meth:`set_group` of values known to be u64s (KVM's own: its register copy,
-        its success reply), unchecked."""
+    def put_exit_info(self, info1: int, info2: int) -> None:
+        """``svm_vmgexit_set_return_code``: ``self[name] = value`` of sw_exit_info_1 and
+        sw_exit_info_2, compiled, for values known to be u64s (KVM's own replies; a
+        plugin's go through :meth:`ExitContext.set_exit_info`, which checks them)."""
         raw = self.raw
-        for pack, offset, part in setter._packs:
-            pack(raw, offset, *values[part])
-        for byte, bits in setter._bits:
-            raw[byte] |= bits
-        self._dirty |= setter.written
+        _PACK_INFO(raw, _INFO_AT, info1, info2)
+        raw[_INFO_BYTE] |= _INFO_BITS
+        self._dirty |= _INFO_WRITTEN
+
+    def put_gprs(self, rax: int, rbx: int, rcx: int, rdx: int) -> None:
+        """``sev_es_sync_to_ghcb``: ``self[name] = value`` of RAX..RDX, compiled, for
+        values known to be u64s (KVM's register copy, which checks what is stored)."""
+        raw = self.raw
+        _PACK_RAX(raw, _RAX_AT, rax)
+        _PACK_RCX_RDX_RBX(raw, _RCX_AT, rcx, rdx, rbx)
+        raw[_GPR_BYTE_1] |= _GPR_BITS_1
+        raw[_GPR_BYTE_2] |= _GPR_BITS_2
+        self._dirty |= _GPRS_WRITTEN
 
     def set_valid(self, name: str, valid: bool = True) -> None:
         super().set_valid(name, valid)
@@ -187,7 +173,7 @@ class MappedGhcb(Ghcb):
             return
         self._dirty = 0
         raw = self.raw
-        runs = _RUNS.get(dirty) or _runs(dirty)  # _runs(dirty): seen before, looked up here
+        runs = _RUNS.get(dirty) or _runs(dirty)  # _runs(dirty), its table looked up inline
         memory.write_parts(self.gpa, [(offset, raw[offset : offset + length])
                                       for offset, length in runs])  # fmt: skip
 

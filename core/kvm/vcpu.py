@@ -58,7 +58,7 @@ from sevsim.kvm.exits import (
     RunFailed,
     Shutdown,
 )
-from sevsim.kvm.ghcb_map import EXIT_INFO, GhcbSetter, MappedGhcb
+from sevsim.kvm.ghcb_map import MappedGhcb
 from sevsim.kvm.msrs import MsrModel
 from sevsim.kvm.protected import (
     STATE_GROUPS,
@@ -82,25 +82,26 @@ if TYPE_CHECKING:
 _REQUEST = page_reader("cpl", "rax", "rcx", "rdx", "rbx", "rsi", "sw_exit_code",
                        "sw_exit_info_1", "sw_exit_info_2", "sw_scratch", "xcr0",
                        "valid_bitmap", "ghcb_usage")  # fmt: skip
-#: Where the exit code (then its two infos) and the usage are in a request read.
-_EXIT_AT = _REQUEST.names.index("sw_exit_code")
+#: Where the exit code and its two infos, and the usage, are in a request read.
+_EXIT = slice(_REQUEST.names.index("sw_exit_code"), _REQUEST.names.index("sw_exit_info_2") + 1)
 _USAGE_AT = _REQUEST.names.index("ghcb_usage")
 #: The three fields every GHCB-page VMGEXIT must mark valid, as valid-bitmap bits.
 _ALWAYS_REQUIRED = valid_mask(("sw_exit_code", "sw_exit_info_1", "sw_exit_info_2"))
 #: Valid-bitmap bits of what ``sev_es_sync_from_ghcb`` takes when valid.
 _RAX, _RBX, _RCX, _RDX, _RSI, _CPL, _XCR0, _SCRATCH = (valid_mask((name,)) for name in (
     "rax", "rbx", "rcx", "rdx", "rsi", "cpl", "xcr0", "sw_scratch"))  # fmt: skip
-#: GPRs ``sev_es_sync_to_ghcb`` always writes back (in page order, compiled).
-_SYNCED_OUT = GhcbSetter("rax", "rcx", "rdx", "rbx")
-#: ``svm_vmgexit_success(svm, 0)``: sw_exit_info_1 and sw_exit_info_2 both 0.
-_SUCCESS = (0, 0)
+#: GPRs ``sev_es_sync_to_ghcb`` always writes back.
+_SYNCED_OUT = ("rax", "rbx", "rcx", "rdx")
 #: The valid bitmap in the page (a snapshot's, after its ``requires`` ran).
 _BITMAP_AT = GHCB_SAVE_AREA.offset("valid_bitmap")
 _BITMAP_END = _BITMAP_AT + GHCB_SAVE_AREA["valid_bitmap"].size
 #: The VMCB's exit code, its high half and the two infos, packed with one struct call.
 _PACK_VMCB_EXIT, _VMCB_EXIT_AT = VMCB_EXIT.codec.pack_into, VMCB_EXIT.offset
-#: What a handler may return besides None.
+#: The events of every exit, which the vCPU asks its VM about once (``Vcpu._traced``).
+_EXIT_EVENTS = ("vmexit", "vmgexit_enter", "exit_handled", "vmgexit_exit")
+#: What a handler may return besides None; Resume, bound once (the run loop asks per exit).
 _OUTCOMES = (O.Resume, O.ExitToUser, O.Fail)
+_RESUME = O.Resume
 #: What validation found: the handler, or the GHCB error to answer; and the snapshot a
 #: handler's ``requires`` was given, if one ran.
 _Validated = tuple["ExitHandler | None", "GhcbErr | None", "Ghcb | None"]
@@ -170,6 +171,12 @@ class Vcpu:
         self.plugin_states = {part.name: part.vcpu_state() for part in vm.extensions.parts
                               if part.vcpu_state is not None}  # fmt: skip
         self._views: dict[str | None, VcpuView] = {}
+        #: Whether any plugin injects events before VMRUN: asked before every entry.
+        self._injects = bool(vm.extensions.implementing("vcpu_events"))
+        #: The per-exit events an observer listens to, asked once: a VM's observers are
+        #: fixed when it is made, and emit() asks again (one that failed since hears
+        #: nothing more), so this only spares building events nobody hears.
+        self._traced = frozenset(name for name in _EXIT_EVENTS if vm.wants(name))
         #: Host nanoseconds in guest mode and guest instructions retired (counted
         #: runs only), over every VMRUN: the VMM's clock reads them.
         self.guest_ns = 0
@@ -345,7 +352,7 @@ class Vcpu:
             result = self._handle_exit()
             if vm.dead is not None and not isinstance(result, O.ExitToUser):
                 return RunFailed("EIO", vm.dead, plugin=vm.dead_plugin)
-            if isinstance(result, O.Resume):
+            if isinstance(result, _RESUME):
                 if self.request_interrupt_window and self.ready_for_interrupt_injection:
                     return IrqWindowOpen()  # dm_request_for_irq_injection
                 if deadline is not None and time.monotonic() >= deadline:
@@ -382,7 +389,7 @@ class Vcpu:
         lo, hi, info1, info2 = VMCB_EXIT.get(self.vmcb)
         code = hi << 32 | lo
         vm = self.vm
-        if vm.wants("vmexit"):
+        if "vmexit" in self._traced:
             vm.emit("vmexit", vcpu_id=self.id, exit_code=code, info1=info1, info2=info2)
         if code == _VMGEXIT:
             return self._vmgexit()
@@ -434,8 +441,8 @@ class Vcpu:
             ctx._scratch = None  # nothing of it goes back to the guest
             return self._plugin_failed(handler, f"left a scratch area of {len(scratch.data)} "
                                        f"bytes where it mapped {scratch.length}")  # fmt: skip
-        vm = self.vm
-        if vm.wants("exit_handled"):
+        if "exit_handled" in self._traced:
+            vm = self.vm
             vm.emit("exit_handled", vcpu_id=self.id, kind=ctx.kind.value, code=ctx.code,
                     plugin=handler.owner, notes=ctx.notes)  # fmt: skip
         return O.RESUME if result is None else result
@@ -572,7 +579,7 @@ class Vcpu:
             self.queue_event(EventInj.VALID | EventInj.TYPE_INTR << EventInj.TYPE_SHIFT
                              | self._interrupt)  # fmt: skip
             self._interrupt = None
-        immediate = any(self._lifecycle("vcpu_events"))
+        immediate = self._injects and any(self._lifecycle("vcpu_events"))
         if self.request_interrupt_window and not self.ready_for_interrupt_injection:
             self._set_vintr()
         return immediate
@@ -627,8 +634,8 @@ class Vcpu:
             return compat.ghcb_unmapped(f"GHCB GPA {ghcb_gpa:#x} is not guest RAM")
         ghcb = MappedGhcb(page, ghcb_gpa)
         request = _REQUEST.get(page)  # what the snapshot will hold
-        code, info1, info2 = request[_EXIT_AT : _EXIT_AT + 3]
-        if vm.wants("vmgexit_enter"):
+        code, info1, info2 = request[_EXIT]
+        if "vmgexit_enter" in self._traced:
             vm.emit("vmgexit_enter", vcpu_id=self.id, exit_reason=code, info1=info1,
                     info2=info2)  # fmt: skip
         self._ghcb = ghcb
@@ -638,12 +645,13 @@ class Vcpu:
         except _RequiresFailed as bad:
             return self._plugin_failed(bad.handler, bad.problem)
         plugin = handler.plugin if handler is not None else None
-        ctx = ExitContext(self.view(plugin), _KIND_VMGEXIT, code, info1, info2, ghcb=ghcb,
-                          regs=self.regs, memory=memory, compat=compat)  # fmt: skip
+        view = self._views.get(plugin) or self.view(plugin)  # self.view(plugin), inline
+        ctx = ExitContext(view, _KIND_VMGEXIT, code, info1, info2, ghcb=ghcb, regs=self.regs,
+                          memory=memory, compat=compat)  # fmt: skip
         self._ctx = ctx
         if error is not None:
             return compat.bad_input(ctx, error, snapshot if snapshot is not None else Ghcb(page))
-        ghcb.put(EXIT_INFO, _SUCCESS)  # ctx.success(), inline
+        ghcb.put_exit_info(0, 0)  # ctx.success(): svm_vmgexit_success(svm, 0)
         assert handler is not None
         return self._call(handler, ctx)
 
@@ -667,7 +675,9 @@ class Vcpu:
         if bitmap & _XCR0:
             self.xcr0 = xcr0
             self.cpuid_runtime.update(xcr0=xcr0)
-        ghcb.snapshot_scratch = self.vm.compat.sw_scratch(scratch, bitmap & _SCRATCH != 0)
+        if not (bitmap & _SCRATCH or self.vm.compat.sw_scratch_unchecked):
+            scratch = 0
+        ghcb.snapshot_scratch = scratch
         _PACK_VMCB_EXIT(self.vmcb, _VMCB_EXIT_AT, code & 0xFFFF_FFFF, code >> 32, info1, info2)
         ghcb.clear_valid_bitmap()
         return bitmap
@@ -716,12 +726,12 @@ class Vcpu:
         if scratch is not None:
             ghcb.flush(memory)
             scratch.write_back(memory)
-        if vm.wants("vmgexit_exit"):
+        if "vmgexit_exit" in self._traced:
             ghcb.flush(memory)
             code, info1, info2 = GHCB_EXIT.get(ghcb.raw)
             vm.emit("vmgexit_exit", vcpu_id=self.id, exit_reason=code, info1=info1,
                     info2=info2)  # fmt: skip
-        ghcb.put(_SYNCED_OUT, self.regs.pick(_SYNCED_OUT.names))  # u64s: Regs checks them
+        ghcb.put_gprs(*self.regs.pick(_SYNCED_OUT))
         ghcb.flush(memory)
         self._ghcb = None
 
