@@ -153,32 +153,6 @@ class Ghcb:
         """The field's value if its valid bit is set, else 0 (KVM's ``kvm_ghcb_get_*_if_valid``)."""
         return self[name] if self.is_valid(name) else 0
 
-    def values_if_valid(self, names: tuple[str, ...]) -> list[int]:
-        """:meth:`get_if_valid` of each integer save-area field in ``names``, in one call."""
-        raw = self.raw
-        values = []
-        for name in names:
-            at = VALID_BITS.get(name)
-            codec = INT_FIELDS.get(name)
-            if at is None or codec is None:  # the layout's error for a bad name
-                values.append(self.get_if_valid(name))
-            elif raw[at[0]] & at[1]:
-                values.append(codec[1].unpack_from(raw, codec[0])[0])
-            else:
-                values.append(0)
-        return values
-
-    def all_valid(self, names: tuple[str, ...] | list[str]) -> bool:
-        """Whether every field in ``names`` has its valid bit set."""
-        raw = self.raw
-        for name in names:
-            at = VALID_BITS.get(name)
-            if at is None:
-                return self.is_valid(name)  # the layout's error for a bad name
-            if not raw[at[0]] & at[1]:
-                return False
-        return True
-
     @property
     def valid_bitmap(self) -> int:
         return int.from_bytes(self.raw[_BITMAP : _BITMAP + 16], "little")
