@@ -5,18 +5,18 @@ fills the GHCB, writes the GHCB MSR and VMGEXITs; kvm and the ioio plugin delive
 the byte to the POST-port device, VMRUN resumes the handler, IRETQ.
 
 The fair floor does the same work with the fewest steps bare Unicorn allows, on the
-same image (same loop, same handler): three single-address code hooks — one stops
-at the OUT, one records the GHCB MSR value at the handler's WRMSR (Unicorn keeps no
-unknown MSR), one stops at its VMGEXIT — and two emu_stop/emu_start pairs per round
-trip: the first pushes the #VC frame on the IST1 stack and enters the handler, the
-second reads the GHCB, takes the byte, writes the reply and resumes past VMGEXIT.
+same image (same loop, same handler): three single-address code hooks — one at the
+OUT pushes the #VC frame on the IST1 stack and enters the handler by writing RIP, one
+records the GHCB MSR value at the handler's WRMSR (Unicorn keeps no unknown MSR), one
+stops at its VMGEXIT — and one emu_stop/emu_start pair per round trip, which reads the
+GHCB, takes the byte, writes the reply and resumes past VMGEXIT. sevsim also enters
+the handler from the hook without a stop (``sevsim.hw.exceptions``).
 """
 
 from __future__ import annotations
 
 import struct
 import time
-from collections.abc import Callable
 
 from unicorn import UC_HOOK_CODE, Uc
 from unicorn import x86_const as x86
@@ -67,7 +67,8 @@ class Floor:
         self.ghcb = 0
         self.out_at = out_at
         self.port_data = bytearray()
-        self.next: Callable[[Uc], int] | None = None
+        #: Stopped at the VMGEXIT (else the final HLT ended the run).
+        self.at_vmgexit = False
         self.uc = bare.engine(image, RAM)
         self.uc.hook_add(UC_HOOK_CODE, self._at_out, begin=out_at, end=out_at)
         self.uc.hook_add(UC_HOOK_CODE, self._at_wrmsr, begin=wrmsr_at, end=wrmsr_at)
@@ -75,8 +76,16 @@ class Floor:
                          end=self.vmgexit_at)  # fmt: skip
 
     def _at_out(self, uc: Uc, address: int, size: int, _: object) -> None:
-        uc.emu_stop()
-        self.next = self._deliver_vc
+        """#VC(IOIO) through an IST1 interrupt gate, as the hardware delivers it. The
+        frame's RIP is the OUT's address: the hook runs in front of it. Writing RIP
+        makes Unicorn leave the block and go on at the handler."""
+        rflags = uc.reg_read(x86.UC_X86_REG_RFLAGS)
+        frame = struct.pack("<6Q", SvmExit.IOIO, self.out_at, CODE64_SEL, rflags,
+                            uc.reg_read(x86.UC_X86_REG_RSP), DATA_SEL)  # fmt: skip
+        uc.mem_write(IST1_TOP - len(frame), frame)
+        uc.reg_write(x86.UC_X86_REG_RSP, IST1_TOP - len(frame))
+        uc.reg_write(x86.UC_X86_REG_RFLAGS, rflags & ~RFLAGS_TF_IF)
+        uc.reg_write(x86.UC_X86_REG_RIP, self.entry)
 
     def _at_wrmsr(self, uc: Uc, address: int, size: int, _: object) -> None:
         if uc.reg_read(x86.UC_X86_REG_ECX) == MSR_AMD64_SEV_ES_GHCB:
@@ -84,18 +93,7 @@ class Floor:
 
     def _at_vmgexit(self, uc: Uc, address: int, size: int, _: object) -> None:
         uc.emu_stop()
-        self.next = self._vmgexit
-
-    def _deliver_vc(self, uc: Uc) -> int:
-        """#VC(IOIO) through an IST1 interrupt gate, as the hardware delivers it."""
-        rflags = uc.reg_read(x86.UC_X86_REG_RFLAGS)
-        # The frame's RIP is the OUT's address: the hook stopped in front of it.
-        frame = struct.pack("<6Q", SvmExit.IOIO, self.out_at, CODE64_SEL, rflags,
-                            uc.reg_read(x86.UC_X86_REG_RSP), DATA_SEL)  # fmt: skip
-        uc.mem_write(IST1_TOP - len(frame), frame)
-        uc.reg_write(x86.UC_X86_REG_RSP, IST1_TOP - len(frame))
-        uc.reg_write(x86.UC_X86_REG_RFLAGS, rflags & ~RFLAGS_TF_IF)
-        return self.entry
+        self.at_vmgexit = True
 
     def _vmgexit(self, uc: Uc) -> int:
         """KVM's part: read the request, hand AL to the port, reply success."""
@@ -111,11 +109,11 @@ class Floor:
         pc = self.uc.reg_read(x86.UC_X86_REG_RIP)
         start = time.perf_counter()
         while True:
-            self.next = None
+            self.at_vmgexit = False
             self.uc.emu_start(pc, bare.NEVER)
-            if self.next is None:  # the HLT ended the run
+            if not self.at_vmgexit:  # the HLT ended the run
                 return time.perf_counter() - start
-            pc = self.next(self.uc)
+            pc = self._vmgexit(self.uc)
 
 
 def rows(round_trips: int, repeat: int) -> list[Row]:

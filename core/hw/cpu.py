@@ -374,7 +374,7 @@ class GuestCpu:
             self._halt(fault)
             return
         if action is _NAE:
-            if self.intercepted(site.exit_code):
+            if self.intercepted(site.exit_code) and not self._raise_vc_in_run(site.exit_code):
                 self._halt(_AtSite(site, address))
             elif site.exit_code == _INVLPGA:
                 self.mmu.forget_fills()
@@ -710,6 +710,26 @@ class GuestCpu:
             return self._deliver(Event(_VC, exit_code))
         self._vc_run = self.vc_model(GuestView(self), exit_code)
         return self._continue_vc()
+
+    def _raise_vc_in_run(self, exit_code: int) -> bool:
+        """:meth:`raise_vc` from the code hook in front of the instruction, without
+        stopping the run: the usual #VC (no modeled handler, its vector's delivery
+        plan holding, :meth:`Delivery.deliver_in_run`) enters the handler and the
+        engine goes on there. False, with nothing done, for anything else, which the
+        caller stops for. Counted runs always stop: the instruction the hook is in
+        front of would be counted as retired. So does a run before Unicorn reports
+        new blocks: a block left by a RIP write does not count as one that ran to its
+        end, and the handler's first block would go undecoded (:mod:`sevsim.hw.intercept`)."""
+        if self.vc_model is not None or self.budget is not None or not self.interceptor.reporting:
+            return False
+        rip = self.regs.rip
+        code = self._code_bytes(rip) if self._on_vc is not None else b""
+        if not self.delivery.deliver_in_run(_VC, exit_code):
+            return False
+        self.guest_exit = (exit_code, 0, 0)
+        if self._on_vc is not None:
+            self._on_vc(exit_code, rip, code, self.bits())
+        return True
 
     def _code_bytes(self, rip: int) -> bytes:
         try:

@@ -19,6 +19,13 @@ may remap one and INVLPG it, which Unicorn executes unseen); the gate and the
 descriptor's P and DPL, which the guest may rewrite at any time without a flush,
 are read again and compared; the IST slot is read and the stack translated for
 every frame. Whatever differs, or any access that would fault, takes the full path.
+
+A plan also lets a #VC be delivered from the code hook in front of the instruction
+that raises it, the engine still running (:meth:`Delivery.deliver_in_run`): RFLAGS
+is then read through the API (its arithmetic flags may still be lazy in QEMU) and
+the RIP write makes Unicorn leave the block for the handler. A frame that would land
+on a page code was translated from is not written there: that code must be dropped
+first, between runs.
 """
 
 from __future__ import annotations
@@ -165,15 +172,31 @@ class Delivery:
             else:
                 current = fault
 
+    def deliver_in_run(self, vector: int, error_code: int) -> bool:
+        """Deliver an exception from inside a code hook, in front of the instruction
+        that raises it, when its vector's plan holds; False (nothing done) otherwise,
+        and the caller stops the run and delivers it with :meth:`deliver`.
+
+        Writing RIP inside the hook makes Unicorn leave the block and go on at the
+        handler: no stop, no restart, nothing flushed."""
+        return self._push_planned(vector, error_code, in_run=True)
+
     def _push_frame(self, vector: int, error_code: int | None, software: bool) -> Event | None:
         """Push an interrupt frame and enter the handler; the fault if that fails.
 
-        Through the vector's plan when it still holds and the frame goes to one page
-        that translates; otherwise (and to compute any fault) the full path."""
+        Through the vector's plan when it still holds; otherwise (and to compute any
+        fault) the full path."""
+        if self._push_planned(vector, error_code):
+            return None
+        return self._push_frame_full(vector, error_code, software)
+
+    def _push_planned(self, vector: int, error_code: int | None, in_run: bool = False) -> bool:
+        """Deliver through the vector's plan if it still holds and the frame goes to one
+        page that translates to RAM; False, with nothing changed, otherwise."""
         regs, mmu = self.regs, self.mmu
         if regs.cpl():  # the TLB probes below answer for CPL 0 only
-            return self._push_frame_full(vector, error_code, software)
-        cs, rip, rflags, old_sp, ss = regs.interrupt_frame()
+            return False
+        cs, rip, rflags, old_sp, ss = regs.interrupt_frame(in_run)
         table = regs.table
         plan = self._plans.get(vector)
         if plan is None or not (
@@ -186,7 +209,7 @@ class Delivery:
         ):  # fmt: skip
             plan = self._plan(vector, cs)
             if plan is None:
-                return self._push_frame_full(vector, error_code, software)
+                return False
             self._plans[vector] = plan
         ist_view = plan.ist_view
         sp = old_sp if ist_view is None else _QWORD.unpack_from(ist_view, plan.ist_at)[0]
@@ -197,16 +220,16 @@ class Delivery:
         size = len(data)
         sp = (sp & ~0xF) - size & _MASK64
         if sp >> 47 not in _CANONICAL or (sp & 0xFFF) + size > 0x1000:
-            return self._push_frame_full(vector, error_code, software)
+            return False
         paddr = mmu.tlb_paddr(sp, UC_PROT_WRITE)
         region = mmu.memory.ram_at(paddr) if paddr >= 0 else None
-        if region is None:
-            return self._push_frame_full(vector, error_code, software)
+        if region is None or (in_run and mmu.holds_code(paddr & ~0xFFF)):
+            return False  # (translated code written from a hook would run stale)
         at = paddr - region.gpa
         region.view[at : at + size] = data
         mmu.written(paddr & ~0xFFF)
-        regs.enter(sp, rflags & ~plan.cleared, plan.target)
-        return None
+        regs.enter(sp, rflags & ~plan.cleared, plan.target, in_run)
+        return True
 
     def _plan(self, vector: int, cs: int) -> _Plan | None:
         """Decode the delivery of ``vector`` from CPL 0 under ``cs`` in 64-bit mode;

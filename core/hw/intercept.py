@@ -13,7 +13,9 @@ instructions that will execute, whatever bytes lie around them. A block that hol
 a sensitive instruction not yet hooked gets a single-address code hook on it; the
 block is then dropped from the translation cache and the CPU stopped before it ran
 a single instruction, so that it is translated again with the hook in place. The
-hook stops the CPU in front of the instruction, with RIP at it. Code rewritten by the
+hook runs in front of the instruction, with RIP at it, and the CPU model stops there
+or, for the usual #VC, enters the guest's handler from the hook by writing RIP
+(which leaves the block: it needs the stop checks below too). Code rewritten by the
 guest is retranslated by Unicorn and reported again; blocks whose bytes hold no
 opcode byte of any sensitive instruction (:func:`sevsim.hw.sites.candidates`) are
 not decoded at all.
@@ -29,7 +31,8 @@ one it was translated with, so a block translated with the wrong one is dropped 
 translated again under the right one, which then stays for the blocks that follow.
 
 Unicorn reports a block as an edge from the last block that ran to its end, so
-until one block has (a stop in a hook does not count), a new block goes unreported:
+until one block has (a stop in a hook, or a RIP write there, does not count), a new
+block goes unreported:
 until then the CPU decodes the block at the start of each run itself (:meth:`prime`).
 """
 

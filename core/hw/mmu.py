@@ -552,6 +552,11 @@ class Mmu:
             done += chunk
         return bytes(out)
 
+    def holds_code(self, page: int) -> bool:
+        """Whether code may have been translated from physical ``page``: a write by the
+        model there makes that code stale (:meth:`written`)."""
+        return page in self._code_pages
+
     def written(self, page: int) -> None:
         """The model wrote guest memory in ``page``: code translated from it is stale."""
         if page in self._code_pages:

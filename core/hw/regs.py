@@ -144,21 +144,31 @@ class Registers:
         """RFLAGS.IOPL (kept in ``eflags`` at all times, like IF)."""
         return (self._eflags.value >> 12) & 3
 
-    def interrupt_frame(self) -> tuple[int, int, int, int, int]:
-        """(CS, RIP, RFLAGS, RSP, SS) between runs, in one call: what an interrupt
-        frame saves (RFLAGS as :meth:`rflags_between_runs` reads it)."""
+    def interrupt_frame(self, in_run: bool = False) -> tuple[int, int, int, int, int]:
+        """(CS, RIP, RFLAGS, RSP, SS) in one call: what an interrupt frame saves.
+
+        Between runs RFLAGS is read in place (:meth:`rflags_between_runs`); inside a
+        hook (``in_run``) through ``uc_reg_read``, which folds in the arithmetic flags
+        QEMU may still hold lazily there."""
         selectors = self._selectors
-        return (selectors[_CS].value & 0xFFFF, self._cells[_RIP].value, self._eflags.value,
+        rflags = self.read(_RFLAGS) if in_run else self._eflags.value
+        return (selectors[_CS].value & 0xFFFF, self._cells[_RIP].value, rflags,
                 self._gprs[_RSP].value, selectors[_SS].value & 0xFFFF)
 
-    def enter(self, rsp: int, rflags: int, rip: int) -> None:
-        """Load RSP, RFLAGS and RIP between runs, as an interrupt entering its handler
-        does: RFLAGS through ``uc_reg_write`` (see the module doc), RSP and RIP in place
-        (:meth:`set_rip_between_runs`)."""
+    def enter(self, rsp: int, rflags: int, rip: int, in_run: bool = False) -> None:
+        """Load RSP, RFLAGS and RIP as an interrupt entering its handler does: RFLAGS
+        through ``uc_reg_write`` (see the module doc), RSP in place, RIP in place
+        between runs (:meth:`set_rip_between_runs`) and through ``uc_reg_write`` inside
+        a hook (``in_run``), which makes the engine leave the block and go on at RIP."""
         self._gprs[_RSP].value = rsp & 0xFFFF_FFFF_FFFF_FFFF
-        self._buf.value = rflags & 0xFFFF_FFFF_FFFF_FFFF
-        self._write(self._handle, _RFLAGS, self._ref)
-        self._cells[_RIP].value = rip & 0xFFFF_FFFF_FFFF_FFFF
+        buf, ref = self._buf, self._ref
+        buf.value = rflags & 0xFFFF_FFFF_FFFF_FFFF
+        self._write(self._handle, _RFLAGS, ref)
+        if in_run:
+            buf.value = rip & 0xFFFF_FFFF_FFFF_FFFF
+            self._write(self._handle, _RIP, ref)
+        else:
+            self._cells[_RIP].value = rip & 0xFFFF_FFFF_FFFF_FFFF
 
     def set_rip_between_runs(self, rip: int) -> None:
         """Write RIP in place while the engine is stopped. What ``uc_reg_write`` adds to
