@@ -1,7 +1,8 @@
 """The exit path's compiled field access agrees with the layout tables it comes from.
 
 VMCB control fields read and written on every exit go through ``Layout.group`` (one
-struct call for adjacent fields), and KVM's GHCB writes and valid-bit checks through
+struct call for adjacent fields) or, for what VMRUN reads, one ``FieldReader``, and
+KVM's GHCB writes and valid-bit checks through
 precomputed offsets: the bytes must be the ones ``Layout.get``/``Layout.set`` and
 ``Ghcb``'s per-field methods give.
 """
@@ -40,6 +41,15 @@ def test_a_vmcb_field_group_reads_and_writes_what_the_layout_does(group):
         VMCB_CONTROL.set(expected, name, value)
     group.set(buf, *values)
     assert buf == expected
+
+
+def test_the_vmrun_reader_reads_what_the_layout_does():
+    rng = random.Random(11)
+    for _ in range(20):
+        buf = bytearray(rng.randbytes(VMCB_CONTROL.size))
+        expected = tuple(VMCB_CONTROL.get(buf, name) for name in vmcb.VMCB_VMRUN.names)
+        assert vmcb.VMCB_VMRUN.get(buf) == expected
+    assert "intercepts" in vmcb.VMCB_VMRUN.names and "vmsa_pa" in vmcb.VMCB_VMRUN.names
 
 
 def test_a_group_must_be_adjacent_integer_fields():

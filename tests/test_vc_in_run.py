@@ -1,17 +1,19 @@
-"""The usual #VC is delivered from the code hook in front of the instruction, without
-stopping the engine (``GuestCpu._raise_vc_in_run``, ``Delivery.deliver_in_run``).
+"""What needs no #VMEXIT is finished from the code hook in front of the instruction,
+without stopping the engine: the usual #VC (``GuestCpu._raise_vc_in_run``,
+``Delivery.deliver_in_run``), and what the CPU answers itself under SEV-ES (RDMSR of
+the GHCB MSR and SEV_STATUS, MOV from CR8), retired by writing RIP.
 
 What the guest's handler sees must be what a stop and a delivery between runs give:
 the flags the interrupted code left (QEMU still holds the arithmetic ones lazily in
-the hook), IF and TF cleared by the interrupt gate, the frame where the IST says.
-The engine really must not stop for it, and the cases that need a stop must still
-get one: a counted run (the instruction the hook is in front of would count as
-retired), a frame that lands on a page code was translated from, the first run
-before Unicorn reports new blocks.
+the hook), IF and TF cleared by the interrupt gate, the frame where the IST says, the
+error code. The engine really must not stop for it, and the cases that need a stop
+must still get one: a counted run (the instruction the hook is in front of would
+count as retired), a frame that lands on a page code was translated from, the first
+run before Unicorn reports new blocks.
 
-Each guest takes #VC (vector 29, IST1) on CPUID; its handler records its own RFLAGS,
-the frame's RFLAGS and RIP and where the frame lies into the shared page at
-``RECORD``, then skips the CPUID.
+Most guests here take #VC (vector 29, IST1) on CPUID or an intercepted MSR; their
+handler records its own RFLAGS, the frame's RFLAGS and RIP, where the frame lies and
+the error code into the shared page at ``RECORD``, then skips the 2-byte instruction.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from guests import guest, launch
 from test_vc_native import done
 from test_vc_native import run as run_native
 
+from sevsim.arch.exits import SvmExit
+from sevsim.arch.msr import MSR_AMD64_SEV_ENABLED, MSR_AMD64_SEV_ES_ENABLED
 from sevsim.guest.asm import assemble
 from sevsim.guest.image import IST1_TOP, TSS
 from sevsim.guest.snippets import TERMINATE
@@ -31,10 +35,13 @@ from sevsim.hw import engine as engine_module
 from sevsim.kvm.exits import RunFailed, SystemEvent
 from sevsim.testing import GuestRun, run_guest
 
-RECORD = 0x7800  # in the shared GHCB page: a count, then 32 bytes per #VC
-EXPECT = 0x7C00  # the guest's own PUSHFQ before each CPUID, and after it
+#: In the shared GHCB page: a count, then 40 bytes per #VC (room for 44).
+RECORD = 0x7800
+#: In the same page: what the guest itself stored.
+EXPECT = 0x7F00
 HANDLER = 0x30000
 IF, TF = 1 << 9, 1 << 8
+SEV_ES_STATUS = MSR_AMD64_SEV_ENABLED | MSR_AMD64_SEV_ES_ENABLED
 #: A 64-bit frame with an error code, below the 16-byte aligned stack top.
 FRAME = 6 * 8
 HANDLER_SOURCE = f"""
@@ -44,7 +51,7 @@ HANDLER_SOURCE = f"""
     mov rsi, {RECORD}
     mov rax, [rsi]
     inc qword ptr [rsi]
-    shl rax, 5
+    imul rax, rax, 40
     add rsi, rax
     mov rax, [rsp + 16]
     mov [rsi + 8], rax          /* the handler's RFLAGS */
@@ -54,6 +61,8 @@ HANDLER_SOURCE = f"""
     mov [rsi + 24], rax         /* the frame's RIP */
     lea rax, [rsp + 24]
     mov [rsi + 32], rax         /* where the frame lies */
+    mov rax, [rsp + 24]
+    mov [rsi + 40], rax         /* the error code */
     add qword ptr [rsp + 32], 2 /* past the CPUID */
     pop rsi
     pop rax
@@ -83,7 +92,7 @@ def runs(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     return counts
 
 
-def _run(body: str, **image_args) -> tuple[GuestRun, list[tuple[int, int, int, int]]]:
+def _run(body: str, **image_args) -> tuple[GuestRun, list[tuple[int, int, int, int, int]]]:
     result = run_guest(body + TERMINATE, enable=["msr_protocol"], idt={29: HANDLER},
                        ist_vectors=frozenset({29}), data={HANDLER: assemble(HANDLER_SOURCE,
                        HANDLER)}, **image_args)  # fmt: skip
@@ -91,10 +100,11 @@ def _run(body: str, **image_args) -> tuple[GuestRun, list[tuple[int, int, int, i
     return result, _records(result)
 
 
-def _records(result: GuestRun) -> list[tuple[int, int, int, int]]:
+def _records(result: GuestRun) -> list[tuple[int, int, int, int, int]]:
+    """(handler's RFLAGS, frame's RFLAGS, frame's RIP, frame address, error code) per #VC."""
     memory = result.vm.memory
     count = struct.unpack("<Q", memory.read(RECORD, 8))[0]
-    return [struct.unpack("<4Q", memory.read(RECORD + 8 + 32 * i, 32)) for i in range(count)]
+    return [struct.unpack("<5Q", memory.read(RECORD + 8 + 40 * i, 40)) for i in range(count)]
 
 
 def _cpuid_loop(count: int) -> str:
@@ -143,11 +153,11 @@ def test_the_frame_holds_the_flags_the_code_left_and_the_handler_runs_with_if_tf
                           result.vm.memory.read(EXPECT, 16 * len(FLAG_CASES)))  # fmt: skip
     for i, name in enumerate(FLAG_CASES):
         before, after = flags[2 * i], flags[2 * i + 1]
-        handler, frame, _, _ = records[1 + i]
+        handler, frame, *_ = records[1 + i]
         assert (name, hex(frame), hex(after)) == (name, hex(before), hex(before))
         assert (name, hex(handler)) == (name, hex(before & ~IF))
     assert flags[2 * list(FLAG_CASES).index("interrupts-on")] & IF
-    assert not any(handler & (IF | TF) for handler, _, _, _ in records)
+    assert not any(handler & (IF | TF) for handler, *_ in records)
 
 
 def test_later_vcs_take_no_stop(runs):
@@ -158,8 +168,9 @@ def test_later_vcs_take_no_stop(runs):
         result, records = _run(_cpuid_loop(count))
         assert len(records) == 1 + count
         loop_rip = records[1][2]
-        assert [rip for _, _, rip, _ in records[1:]] == [loop_rip] * count
-        assert {frame for _, _, _, frame in records} == {IST1_TOP - FRAME}
+        assert [rip for _, _, rip, _, _ in records[1:]] == [loop_rip] * count
+        assert {frame for _, _, _, frame, _ in records} == {IST1_TOP - FRAME}
+        assert {error for *_, error in records} == {SvmExit.CPUID}
         # Every #VC reached the trace, the ones delivered inside the hook too.
         assert sum("#VC SVM_EXIT_CPUID" in line for line in result.trace.lines) == 1 + count
         started.append(runs["engine"])
@@ -208,7 +219,7 @@ def test_a_frame_on_a_page_code_ran_from_takes_the_stop(runs):
             + _cpuid_loop(count)
         )
         assert len(records) == 1 + count
-        assert {frame for _, _, _, frame in records} == {top - FRAME}
+        assert {frame for _, _, _, frame, _ in records} == {top - FRAME}
         started.append(runs["engine"])
     assert started[1] - started[0] >= 36  # (and code dropped, translated again)
 
@@ -243,3 +254,77 @@ def test_the_first_run_stops_before_unicorn_reports_blocks():
     assert isinstance(result.exit, SystemEvent), result.trace.lines[-8:]
     assert struct.unpack("<Q", result.vm.memory.read(RECORD, 8))[0] == 1
     assert any("#VC SVM_EXIT_CPUID" in line for line in result.trace.lines)
+
+
+def _answered_loop(count: int) -> str:
+    """``count`` rounds of what the CPU answers itself (GHCB MSR, SEV_STATUS, CR8),
+    each round's values stored at EXPECT (the last round's remain)."""
+    return f"""
+        mov eax, 9
+        mov cr8, rax                /* a CR8 write trap: an exit */
+        mov ecx, 0xC0010130
+        mov eax, 0x5000
+        mov edx, 0x12
+        wrmsr                       /* the GHCB MSR, taken in the hook */
+        cpuid                       /* a first #VC, before Unicorn reports blocks */
+        mov r8d, {count}
+        mov rdi, {EXPECT}
+    again:
+        mov ecx, 0xC0010130
+        rdmsr
+        mov [rdi], eax
+        mov [rdi + 4], edx
+        mov ecx, 0xC0010131
+        rdmsr
+        mov [rdi + 8], eax
+        mov [rdi + 12], edx
+        mov rbx, cr8
+        mov [rdi + 16], rbx
+        dec r8d
+        jnz again
+    """
+
+
+def test_what_the_cpu_answers_itself_is_retired_without_a_stop(runs):
+    """Under SEV-ES the CPU answers RDMSR of the GHCB MSR and SEV_STATUS and MOV from
+    CR8 without an exit: the model retires them from the hook (registers set, RIP
+    moved on), and the run goes on."""
+    started = []
+    for count in (4, 40):
+        runs["engine"] = 0
+        result = run_guest(_answered_loop(count) + TERMINATE,
+                           enable=["msr_protocol", "crtraps"], idt={29: HANDLER},
+                           ist_vectors=frozenset({29}),
+                           data={HANDLER: assemble(HANDLER_SOURCE, HANDLER)})  # fmt: skip
+        assert isinstance(result.exit, SystemEvent), result.trace.lines[-8:]
+        ghcb, status, cr8 = struct.unpack("<QQQ", result.vm.memory.read(EXPECT, 24))
+        assert (hex(ghcb), status, cr8) == (
+            hex(0x12_0000_5000),
+            MSR_AMD64_SEV_ENABLED | MSR_AMD64_SEV_ES_ENABLED,
+            9,
+        )
+        started.append(runs["engine"])
+    assert started[0] == started[1]
+
+
+def test_an_intercepted_msr_raises_its_vc_without_a_stop(runs):
+    """RDMSR and WRMSR of an MSR the permission map intercepts: #VC(MSR) from the
+    hook, in front of the instruction, like any other #VC."""
+    started = []
+    for count in (4, 20):
+        runs["engine"] = 0
+        _, records = _run(f"""
+            cpuid
+            mov r8d, {count}
+        again:
+            mov ecx, 0x1a0
+            rdmsr
+            wrmsr
+            dec r8d
+            jnz again
+        """)
+        assert [error for *_, error in records[1:]] == [SvmExit.MSR] * (2 * count)
+        rdmsr_at = records[1][2]
+        assert [rip for _, _, rip, _, _ in records[1:]] == [rdmsr_at, rdmsr_at + 2] * count
+        started.append(runs["engine"])
+    assert started[0] == started[1]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from enum import IntFlag
 
-from sevsim.arch.layout import Layout
+from sevsim.arch.layout import FieldReader, Layout
 
 # fmt: off
 VMCB_CONTROL = Layout.build("vmcb_control_area", 1024, [
@@ -46,9 +46,10 @@ VMCB_INT_STATE = VMCB_CONTROL.group("int_state")
 VMCB_GHCB_GPA = VMCB_CONTROL.group("ghcb_gpa")
 VMCB_EVENT_INJ = VMCB_CONTROL.group("event_inj", "event_inj_err")
 VMCB_ASID = VMCB_CONTROL.group("asid")
-VMCB_VMSA_PA = VMCB_CONTROL.group("vmsa_pa")
-VMCB_NESTED_CTL = VMCB_CONTROL.group("nested_ctl")
-VMCB_MSRPM_BASE_PA = VMCB_CONTROL.group("msrpm_base_pa")
+#: Everything VMRUN reads of the control area, in one struct, in this order.
+VMCB_VMRUN = FieldReader(VMCB_CONTROL[name] for name in (
+    "intercepts", "msrpm_base_pa", "int_ctl", "nested_ctl", "ghcb_gpa", "event_inj",
+    "event_inj_err", "vmsa_pa"))  # fmt: skip
 
 
 class NestedCtl(IntFlag):

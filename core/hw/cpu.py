@@ -207,7 +207,7 @@ class GuestCpu:
         self.regs = Registers(uc, self.engine.env)
         self.mmu = Mmu(uc, memory, cbit, self.regs.cpl)
         self.delivery = Delivery(self.regs, self.mmu)
-        self.interceptor = Interceptor(self.engine, self.mmu, self.bits, self._at_site,
+        self.interceptor = Interceptor(self.engine, self.mmu, self.regs.code_bits, self._at_site,
                                        self._retranslate)  # fmt: skip
         engine = self.engine
         engine.hook_add(UC_HOOK_TLB_FILL, self.mmu.tlb_fill)
@@ -355,14 +355,18 @@ class GuestCpu:
         return False
 
     def _at_site(self, address: int, site: Sensitive) -> None:
-        """A sensitive instruction is about to run: stop in front of it, or let it run.
+        """A sensitive instruction is about to run: stop in front of it, let it run, or
+        finish it here.
 
-        Runs inside Unicorn (a code hook), so whatever can be decided without changing
-        RIP is decided here: a GHCB MSR write is taken and the instruction then runs
-        natively (Unicorn drops writes to MSRs it does not know), as do instructions
-        the VMCB does not intercept. Before an INVLPG, or an INVLPGA the VMCB lets run,
-        the MMU drops the fills it keeps; Unicorn then drops its own entry for the page
-        (or, for INVLPG outside CPL 0, raises the #GP).
+        Runs inside Unicorn (a code hook), so whatever needs no #VMEXIT is done here: a
+        GHCB MSR write is taken and the instruction then runs natively (Unicorn drops
+        writes to MSRs it does not know), as do instructions the VMCB does not
+        intercept. Before an INVLPG, or an INVLPGA the VMCB lets run, the MMU drops the
+        fills it keeps; Unicorn then drops its own entry for the page (or, for INVLPG
+        outside CPL 0, raises the #GP). Where a hook may move RIP (:meth:`_in_run_ok`),
+        the usual #VC enters the guest's handler and the instructions the CPU answers
+        itself (RDMSR of the GHCB MSR or SEV_STATUS, a CR8 read) are retired, the run
+        going on. Everything else stops the run in front of the instruction.
         """
         action = site.action
         if action is _REAL_MODE_IRET:
@@ -374,13 +378,17 @@ class GuestCpu:
             self._halt(fault)
             return
         if action is _NAE:
-            if self.intercepted(site.exit_code) and not self._raise_vc_in_run(site.exit_code):
+            if not self.intercepted(site.exit_code):
+                if site.exit_code == _INVLPGA:
+                    self.mmu.forget_fills()
+            elif not self._raise_vc_in_run(site.exit_code):
                 self._halt(_AtSite(site, address))
-            elif site.exit_code == _INVLPGA:
-                self.mmu.forget_fills()
             return
         if action is _TLB_INVALIDATION:
             self.mmu.forget_fills()
+            return
+        if action is _CR8_READ and self._in_run_ok():
+            self._read_cr8(site, in_run=True)
             return
         if action is _HARDWARE_MSR:
             ecx = self.regs.read(x86.UC_X86_REG_RCX) & 0xFFFF_FFFF
@@ -388,10 +396,24 @@ class GuestCpu:
             if ecx == M.MSR_AMD64_SEV_ES_GHCB and write:
                 self.ghcb_msr = self._edx_eax()
                 return
-            native = ecx not in _HARDWARE_MSRS and not self.msr_intercepted(ecx, write)
-            if native and not (write and ecx == M.MSR_EFER):  # EFER: checked by the model
+            if ecx in _HARDWARE_MSRS:
+                if self._in_run_ok():
+                    self._hardware_msr(ecx, write, site.length, in_run=True)
+                    return
+            elif not self.msr_intercepted(ecx, write):
+                if not (write and ecx == M.MSR_EFER):  # EFER: checked by the model
+                    return
+            elif self._raise_vc_in_run(SvmExit.MSR):
                 return
         self._halt(_AtSite(site, address))
+
+    def _in_run_ok(self) -> bool:
+        """Whether a hook may move RIP itself and let the run go on: not in a counted
+        run (the instruction the hook is in front of would count as retired), and not
+        before Unicorn reports new blocks (a block left by a RIP write does not count as
+        one that ran to its end, so the block it leads to would go undecoded:
+        :mod:`sevsim.hw.intercept`)."""
+        return self.budget is None and self.interceptor.reporting
 
     def _edx_eax(self) -> int:
         regs = self.regs
@@ -564,24 +586,40 @@ class GuestCpu:
             insn = b""
         return address, insn, self.bits()
 
-    def _retire(self, length: int) -> None:
-        """The model completed the instruction at RIP: move past it. It was the one an
-        STI or MOV SS shadow covered, if any, so the shadow is over (QEMU ends it only
-        when it executes the instruction itself)."""
+    def _retire(self, length: int, in_run: bool = False) -> None:
+        """The model completed the instruction at RIP: move past it, in place between
+        runs, through the API from a hook (``in_run``: the engine then leaves the block
+        and goes on there). It was the one an STI or MOV SS shadow covered, if any, so
+        the shadow is over (QEMU ends it only when it executes the instruction itself)."""
         regs = self.regs
-        regs.set_rip_between_runs(regs.rip + length)  # the engine is stopped here
+        if in_run:
+            regs.rip = regs.rip + length
+        else:
+            regs.set_rip_between_runs(regs.rip + length)
         regs.end_interrupt_shadow()
 
+    def _read_cr8(self, site: Sensitive, in_run: bool = False) -> None:
+        """MOV from CR8: the TPR the model keeps (writes trap to the hypervisor)."""
+        self.regs.set_gpr(GPR_OF[site.operand], self.tpr)
+        self._retire(site.length, in_run)
+
+    def _hardware_msr(self, ecx: int, write: bool, length: int, in_run: bool = False) -> None:
+        """RDMSR of the GHCB MSR or SEV_STATUS, which the CPU answers itself under
+        SEV-ES; WRMSR to SEV_STATUS is ignored (the register is read-only)."""
+        if not write:
+            value = self.ghcb_msr if ecx == M.MSR_AMD64_SEV_ES_GHCB else self.sev_status
+            self.regs.set_gpr("rax", value & 0xFFFF_FFFF)
+            self.regs.set_gpr("rdx", value >> 32)
+        self._retire(length, in_run)
+
     def _handle_site(self, site: Sensitive, address: int) -> HwExit | None:
-        regs = self.regs
         self._last_site = (address, site.length)
         action = site.action
         if action is _AUTOMATIC_EXIT:  # VMGEXIT, HLT: trap-like, RIP moves on
             self._retire(site.length)
             return HwExit(site.exit_code)
         if action is _CR8_READ:
-            regs.set_gpr(GPR_OF[site.operand], self.tpr)
-            self._retire(site.length)
+            self._read_cr8(site)
             return None
         if action is _CR_WRITE:
             return self._write_cr(site)
@@ -621,12 +659,7 @@ class GuestCpu:
         ecx = regs.read(x86.UC_X86_REG_RCX) & 0xFFFF_FFFF
         write = site.mnemonic == "wrmsr"
         if ecx in _HARDWARE_MSRS:
-            if not write:
-                value = self.ghcb_msr if ecx == M.MSR_AMD64_SEV_ES_GHCB else self.sev_status
-                regs.set_gpr("rax", value & 0xFFFF_FFFF)
-                regs.set_gpr("rdx", value >> 32)
-            # WRMSR to SEV_STATUS is ignored: the register is read-only.
-            self._retire(site.length)
+            self._hardware_msr(ecx, write, site.length)
             return None
         if ecx == M.MSR_EFER and write and not self.msr_intercepted(ecx, True):
             return self._write_efer(self._edx_eax(), site.length)
@@ -715,12 +748,9 @@ class GuestCpu:
         """:meth:`raise_vc` from the code hook in front of the instruction, without
         stopping the run: the usual #VC (no modeled handler, its vector's delivery
         plan holding, :meth:`Delivery.deliver_in_run`) enters the handler and the
-        engine goes on there. False, with nothing done, for anything else, which the
-        caller stops for. Counted runs always stop: the instruction the hook is in
-        front of would be counted as retired. So does a run before Unicorn reports
-        new blocks: a block left by a RIP write does not count as one that ran to its
-        end, and the handler's first block would go undecoded (:mod:`sevsim.hw.intercept`)."""
-        if self.vc_model is not None or self.budget is not None or not self.interceptor.reporting:
+        engine goes on there, where a hook may move RIP (:meth:`_in_run_ok`). False,
+        with nothing done, for anything else, which the caller stops for."""
+        if self.vc_model is not None or not self._in_run_ok():
             return False
         rip = self.regs.rip
         code = self._code_bytes(rip) if self._on_vc is not None else b""

@@ -109,17 +109,14 @@ def _frame(word: int, count: int) -> struct.Struct:
     return struct.Struct(f"<{count}{ {8: 'Q', 4: 'I', 2: 'H'}[word]}")
 
 
-_Table = tuple[int, int, int, int]
-
-
 @frozen
 class _Plan:
     """One vector's delivery from CPL 0 in 64-bit mode to a CPL 0 handler under the
     same CS, decoded, and what it was decoded from (see the module doc)."""
 
     #: What it was decoded under: the CS selector delivered from (which the gate
-    #: also names), IDTR, GDTR and TR.
-    key: tuple[int, _Table, _Table, _Table]
+    #: also names), and TR, GDTR and IDTR (:meth:`Registers.system_tables`).
+    key: tuple[int, bytes]
     #: The guest-physical space the pages below lie in.
     memory: GuestMemory
     #: Each page the delivery reads: (linear page, the physical page the TLB gave).
@@ -197,10 +194,9 @@ class Delivery:
         if regs.cpl():  # the TLB probes below answer for CPL 0 only
             return False
         cs, rip, rflags, old_sp, ss = regs.interrupt_frame(in_run)
-        table = regs.table
         plan = self._plans.get(vector)
         if plan is None or not (
-            plan.key == (cs, table(_IDTR), table(_GDTR), table(_TR))
+            plan.key == (cs, regs.system_tables())
             and plan.memory is mmu.memory and mmu.mode.efer & _LMA
             and mmu.tlb_maps(plan.pages)
             # The guest may rewrite them at any time, no flush needed.
@@ -270,7 +266,7 @@ class Delivery:
             if ist_found is None:
                 return None
             ist_view, ist_at = ist_found
-        return _Plan((cs, idtr, gdtr, tr), mmu.memory, tuple(pages.items()), raw_gate,
+        return _Plan((cs, self.regs.system_tables()), mmu.memory, tuple(pages.items()), raw_gate,
                      gate_view, gate_at, access_view, access_at, ist_view, ist_at, target,
                      _CLEARED | (_IF if gate_type in (0xE, 0x6) else 0))  # fmt: skip
 

@@ -60,6 +60,7 @@ MSR_FIELDS = {
 }  # fmt: skip
 _RIP, _RFLAGS = x86.UC_X86_REG_RIP, x86.UC_X86_REG_RFLAGS
 _RSP, _CS, _SS = x86.UC_X86_REG_RSP, x86.UC_X86_REG_CS, x86.UC_X86_REG_SS
+_TR, _GDTR, _IDTR = x86.UC_X86_REG_TR, x86.UC_X86_REG_GDTR, x86.UC_X86_REG_IDTR
 _RFLAGS_IF = 1 << 9
 #: Descriptor-table registers, with the limit bits ``uc_reg_read`` reports.
 _TABLE_IDS = {x86.UC_X86_REG_GDTR: 0xFFFF, x86.UC_X86_REG_IDTR: 0xFFFF,
@@ -70,8 +71,8 @@ class Registers:
     """Register access for one Unicorn engine."""
 
     __slots__ = ("_buf", "_cells", "_context", "_eflags", "_gprs", "_handle", "_hflags", "_mmr",
-                 "_mmr_ref", "_read", "_ref", "_selectors", "_state", "_tables", "_view", "_write",
-                 "uc")  # fmt: skip
+                 "_mmr_ref", "_read", "_ref", "_selectors", "_state", "_system_tables", "_tables",
+                 "_view", "_write", "uc")  # fmt: skip
 
     def __init__(self, uc: Uc, env: int) -> None:
         self.uc = uc
@@ -114,6 +115,9 @@ class Registers:
         #: GDTR, IDTR, TR, LDTR: register id -> (offset of QEMU's SegmentCache, limit mask).
         self._tables = live.tables
         self._view = memoryview((ctypes.c_char * live.size).from_address(env)).cast("B")
+        offsets = [live.tables[reg][0] for reg in (_TR, _GDTR, _IDTR)]
+        #: The bytes of CPUX86State holding TR, GDTR and IDTR (adjacent in QEMU).
+        self._system_tables = slice(min(offsets), max(offsets) + _SEGMENT_CACHE.size)
 
     def read(self, reg_id: int) -> int:
         cell = self._cells.get(reg_id)
@@ -247,6 +251,11 @@ class Registers:
         if limit_mask == 0xFFFF:
             return 0, base, limit & 0xFFFF, 0
         return selector & 0xFFFF, base, limit, flags
+
+    def system_tables(self) -> bytes:
+        """TR, GDTR and IDTR as the CPU holds them, raw, in one value: equal exactly
+        while none of them changed (what exception delivery keys its plans on)."""
+        return self._view[self._system_tables].tobytes()
 
     def msr(self, index: int) -> int:
         return self.uc.msr_read(index)

@@ -20,15 +20,11 @@ from attrs import define, field, frozen
 from sevsim.arch import msr as M
 from sevsim.arch.exits import SvmExit
 from sevsim.arch.vmcb import (
-    VMCB_CONTROL,
     VMCB_EVENT_INJ,
     VMCB_EXIT,
     VMCB_GHCB_GPA,
-    VMCB_INT_CTL,
     VMCB_INT_STATE,
-    VMCB_MSRPM_BASE_PA,
-    VMCB_NESTED_CTL,
-    VMCB_VMSA_PA,
+    VMCB_VMRUN,
     EventInj,
     IntState,
     NestedCtl,
@@ -242,8 +238,9 @@ class Svm:
         (guest time) for the host timer's next tick (an INTR exit). Returns what the
         run used.
         """
-        vmsa = self.pages.vmsa_at(VMCB_VMSA_PA.get(vmcb)[0])
-        nested = VMCB_NESTED_CTL.get(vmcb)[0]
+        entry = VMCB_VMRUN.get(vmcb)
+        nested, vmsa_pa = entry[3], entry[7]  # (VMCB_VMRUN's order)
+        vmsa = self.pages.vmsa_at(vmsa_pa)
         # VmsaPage's checks, inline where they are one comparison (every VMRUN):
         # protected, sealed_with, and integrity_ok's fast case.
         if vmsa is None or vmsa._cipher is None or nested & _SEV_ES != _SEV_ES:
@@ -259,7 +256,7 @@ class Svm:
         cpu = vmsa.cpu
         before = (cpu.guest_ns, cpu.retired) if cpu is not None else (0, 0)
         try:
-            hw_exit = self._run(vmcb, memory, vmsa, key, deadline, budget, guest_ns)
+            hw_exit = self._run(vmcb, entry, memory, vmsa, key, deadline, budget, guest_ns)
         except FOREIGN_FAULTS as exc:  # nothing a guest does may take the host down
             hw_exit = HwExit(SvmExit.SHUTDOWN, why=f"simulator fault: {type(exc).__name__}: {exc}")
         self._record(vmcb, vmsa, hw_exit)
@@ -269,9 +266,11 @@ class Svm:
         return Usage(cpu.guest_ns - before[0], cpu.retired - before[1])
 
     def _run(
-        self, vmcb: bytearray, memory: GuestMemory, vmsa: VmsaPage, key: bytes | None,
-        deadline: float | None, budget: int | None, guest_ns: int | None,
+        self, vmcb: bytearray, entry: tuple[Any, ...], memory: GuestMemory, vmsa: VmsaPage,
+        key: bytes | None, deadline: float | None, budget: int | None, guest_ns: int | None,
     ) -> HwExit:  # fmt: skip
+        """VMRUN proper, ``entry`` being the control fields read (:data:`VMCB_VMRUN`)."""
+        intercepts, msrpm_pa, int_ctl, _, ghcb_gpa, event_inj, event_inj_err, _ = entry
         cpu = vmsa.cpu
         if cpu is None:
             cpu = vmsa.cpu = self._new_cpu(memory, vmsa)
@@ -283,12 +282,11 @@ class Svm:
         cpu.deadline = deadline
         cpu.budget = budget
         cpu.guest_limit = None if guest_ns is None else cpu.guest_ns + guest_ns
-        cpu.ghcb_msr = VMCB_GHCB_GPA.get(vmcb)[0]
-        intercepted = self._intercepted_codes(VMCB_CONTROL.get(vmcb, "intercepts"))
+        cpu.ghcb_msr = ghcb_gpa
+        intercepted = self._intercepted_codes(intercepts)
         cpu.intercepted = intercepted.__contains__
-        cpu.msr_intercepted = self._msr_test(VMCB_MSRPM_BASE_PA.get(vmcb)[0])
-        cpu.virq_pending = bool(VMCB_INT_CTL.get(vmcb)[0] & V_IRQ) and _VINTR in intercepted
-        event_inj, event_inj_err = VMCB_EVENT_INJ.get(vmcb)
+        cpu.msr_intercepted = self._msr_test(msrpm_pa)
+        cpu.virq_pending = bool(int_ctl & V_IRQ) and _VINTR in intercepted
         VMCB_EVENT_INJ.set(vmcb, 0, event_inj_err)
         injected = cpu.inject(event_inj, event_inj_err) if event_inj & EventInj.VALID else None
         hw_exit = injected or cpu.run()
