@@ -1,13 +1,24 @@
-"""Arming the host timer wakes its thread only for a new earliest deadline.
+"""Arming the host timer wakes its thread only for a new earliest deadline, and a vCPU
+queues each deadline once.
 
 The thread sleeps until the earliest queued deadline; a vCPU that arms a later one at
 every entry (a guest-time slice) must not make it wake (and take the GIL) each time.
+A vCPU that re-enters the guest towards the same deadline after each exit of a
+KVM_RUN does not queue it again, unless it has passed (its entry may have fired while
+nothing ran).
 """
 
 import threading
 import time
 
+from unicorn import UcError
+
+from sevsim.guest.snippets import TERMINATE
 from sevsim.hw import watchdog
+from sevsim.hw.engine import TIMER_ERROR
+from sevsim.hw.inspect import cpu_of
+from sevsim.kvm.exits import RunFailed, SystemEvent
+from sevsim.testing import run_guest
 
 
 class _Target:
@@ -44,3 +55,53 @@ def test_a_deadline_armed_behind_a_later_one_still_fires():
     timer.arm(soon, now + 0.05)  # earliest: wakes the thread, which waits less
     assert soon.stopped.wait(5)
     assert soon.calls and not late.calls
+
+
+# -- the CPU's use of it: one entry per deadline ----------------------------------------
+
+
+def test_a_kvm_run_queues_its_deadline_once_however_many_exits(monkeypatch):
+    """50 CR8 write traps (exits) in one KVM_RUN: every VMRUN runs towards the same
+    deadline, which the timer holds from the first."""
+    armed: list[float] = []
+    arm = watchdog.arm
+
+    def counted(cpu: object, deadline: float) -> None:
+        armed.append(deadline)
+        arm(cpu, deadline)
+
+    monkeypatch.setattr(watchdog, "arm", counted)
+    traps = "mov cr8, rax\n" * 50
+    run = run_guest(f"mov eax, 2\n{traps}{TERMINATE}", enable=["msr_protocol", "crtraps"],
+                    timeout=30)  # fmt: skip
+    assert isinstance(run.exit, SystemEvent), run.exit
+    assert run.vm.vcpus[0].plugin_states["crtraps"].cr8 == 2
+    assert len(armed) == 1
+
+
+def test_a_deadline_that_passed_between_runs_still_ends_the_next_one():
+    """The timer fired while the CPU was between runs (nothing to stop) and the CPU
+    then enters the guest towards that same deadline: the run must still end."""
+    run = run_guest("spin:\njmp spin", timeout=0.05)
+    assert isinstance(run.exit, RunFailed) and run.exit.errno == "EINTR", run.exit
+    cpu = cpu_of(run.vm.vcpus[0].vmsa)
+    assert cpu is not None
+    cpu.deadline = cpu._armed = time.monotonic() - 1  # queued, and fired while nothing ran
+    done = threading.Event()
+    errors: list[int] = []
+
+    def emulate() -> None:
+        try:
+            cpu._emulate(cpu.regs.rip)
+        except UcError as err:  # how the timer's stop ends a run (GuestCpu.run takes it)
+            errors.append(err.errno)
+        finally:
+            done.set()
+
+    threading.Thread(target=emulate, daemon=True).start()
+    try:
+        assert done.wait(5), "the run went on past its deadline"
+    finally:
+        if not done.is_set():
+            cpu.engine.interrupt()
+    assert errors == [TIMER_ERROR]

@@ -231,8 +231,10 @@ class GuestCpu:
         self.budget: int | None = None
         #: The value of :attr:`guest_ns` at which the host takes the CPU back, if any.
         self.guest_limit: int | None = None
-        #: The wall-clock deadline the host's timer holds for the run in progress.
+        #: The wall-clock deadline the host's timer holds for the run in progress, and
+        #: the last one this CPU queued with the timer.
         self._run_deadline: float | None = None
+        self._armed: float | None = None
         #: What the CPU spent in guest mode: host nanoseconds on guest code (the
         #: simulator's own work inside a run left out: :mod:`sevsim.hw.run_clock`),
         #: and instructions retired in counted runs (a performance counter of the host).
@@ -465,11 +467,16 @@ class GuestCpu:
             at = time.monotonic() + left / 1e9
             deadline = at if deadline is None else min(deadline, at)
         self._run_deadline = deadline
-        if deadline is not None:
-            watchdog.arm(self, deadline)
-        count = 0 if self.budget is None else max(self.budget, 1)
         with self._stop_lock:
             self._running = True
+        # From here on the timer stops this run when the deadline passes (time_is_up,
+        # again and again until the engine has started). After each exit of a KVM_RUN
+        # the CPU comes back towards the same deadline: its entry is still queued,
+        # unless the deadline has passed and the entry fired while nothing ran.
+        if deadline is not None and (deadline != self._armed or time.monotonic() >= deadline):
+            watchdog.arm(self, deadline)
+            self._armed = deadline
+        count = 0 if self.budget is None else max(self.budget, 1)
         clock = self.engine.clock
         mark = clock.begin()
         try:
