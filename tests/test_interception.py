@@ -8,13 +8,14 @@ checks that the #VC arrived in front of exactly that instruction.
 import struct
 
 import pytest
+from guests import guest, launch
 from test_fidelity_kvm import table_without_rdtscp
 
 from sevsim.arch.exits import SvmExit
 from sevsim.guest.asm import assemble
 from sevsim.guest.snippets import TERMINATE
 from sevsim.hw.inspect import cpu_of
-from sevsim.kvm.exits import SystemEvent
+from sevsim.kvm.exits import Hlt, SystemEvent
 from sevsim.testing import run_guest
 
 RECORD = 0x7900  # in the shared GHCB page, beyond what the tests use of the GHCB
@@ -133,3 +134,43 @@ def test_mmio_npf_records_the_access_kind_like_a_reserved_bit_npt_fault(source, 
     assert isinstance(run.exit, SystemEvent), run.trace.lines
     cpu = cpu_of(run.vm.vcpus[0].vmsa)  # white box: the CPU model's record
     assert cpu.guest_exit == (SvmExit.NPF, info1, 0xD000_0000)
+
+
+#: Counts #VCs at RECORD and skips the 2-byte CPUID.
+VC_SKIPPER = assemble(f"""
+    push rsi
+    mov rsi, {RECORD}
+    inc qword ptr [rsi]
+    pop rsi
+    add qword ptr [rsp + 8], 2
+    add rsp, 8
+    iretq
+""", HANDLER)  # fmt: skip
+KEPT, REWRITTEN_BLOCK = 0x36000, 0x38FFE  # the second's CPUID is at 0x39000, a page on
+
+
+def test_a_site_rewritten_away_loses_its_hook_on_whichever_page_of_its_block():
+    """Hooks follow the sensitive instructions the guest really runs: a CPUID rewritten
+    into NOPs loses its hook when Unicorn reports its block again, also when the block
+    starts on the page before; the CPUID elsewhere keeps its hook and its #VC."""
+    vm = launch(guest(f"""
+        xor r15, r15
+    again:                      /* twice, stopping at the same HLT each time */
+        mov rax, {KEPT}; call rax
+        mov rax, {REWRITTEN_BLOCK}; call rax
+        hlt
+        mov rdi, {REWRITTEN_BLOCK + 2}; mov word ptr [rdi], 0x9090
+        inc r15
+        cmp r15, 2
+        jb again
+        {TERMINATE}
+    """, idt={29: HANDLER},
+        data={HANDLER: VC_SKIPPER, KEPT: b"\x0f\xa2\xc3",
+              REWRITTEN_BLOCK: b"\x90\x90\x0f\xa2\xc3"}))  # fmt: skip
+    vcpu = vm.vcpus[0]
+    assert isinstance(vcpu.run(timeout=30), Hlt)
+    hooks = cpu_of(vcpu.vmsa).interceptor.hook_count
+    assert isinstance(vcpu.run(timeout=30), Hlt)
+    assert cpu_of(vcpu.vmsa).interceptor.hook_count == hooks - 1
+    assert struct.unpack("<Q", vm.memory.read(RECORD, 8))[0] == 3  # KEPT twice, the other once
+    assert isinstance(vcpu.run(timeout=30), SystemEvent)

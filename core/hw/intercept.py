@@ -66,7 +66,10 @@ class Interceptor:
         self._retranslate = retranslate
         #: Address -> (code size it was decoded at, what it is, or None: not sensitive).
         self._sites: dict[int, tuple[int, Sensitive | None]] = {}
+        #: Hooked address -> its hook; linear page -> its hooked addresses (a block's
+        #: hooks are found on its own pages, whatever number the guest has elsewhere).
         self._hooks: dict[int, int] = {}
+        self._hooked_pages: dict[int, set[int]] = {}
         #: Blocks translated before their hooks existed, to drop from the cache.
         self.stale_blocks: list[tuple[int, int]] = []
         #: Unicorn reports new blocks (a block has run to its end since the engine
@@ -126,16 +129,25 @@ class Interceptor:
             self._sites[addr] = (bits, site)
             if addr not in self._hooks:
                 self._hooks[addr] = self.engine.hook_add(UC_HOOK_CODE, self._on_hit, addr, addr)
+                self._hooked_pages.setdefault(addr >> 12, set()).add(addr)
                 added = True
         return added
 
     def _forget(self, start: int, end: int, keep: set[int] | tuple[()]) -> None:
         """Hooked addresses inside a block that are no longer sensitive lose their hook."""
-        if not self._hooks:
+        pages = self._hooked_pages
+        if not pages:
             return
-        for addr in [a for a in self._hooks if start <= a < end and a not in keep]:
-            self.uc.hook_del(self._hooks.pop(addr))
-            self._sites.pop(addr, None)
+        for page in range(start >> 12, ((end - 1) >> 12) + 1):
+            hooked = pages.get(page)
+            if hooked is None:
+                continue
+            for addr in [a for a in hooked if start <= a < end and a not in keep]:
+                hooked.discard(addr)
+                self.uc.hook_del(self._hooks.pop(addr))
+                self._sites.pop(addr, None)
+            if not hooked:
+                del pages[page]
 
     def _on_hit(self, uc: Uc, address: int, _size: int, _data: Any) -> None:
         bits = self._bits()
