@@ -18,11 +18,13 @@ import pytest
 from guests import guest, launch, watched_kvm
 
 from sevsim.arch.exits import SvmExit
+from sevsim.arch.msr import CR0_WP
 from sevsim.arch.vmcb import VMCB_CONTROL
 from sevsim.guest.asm import assemble
-from sevsim.guest.image import GHCB_GPA, PT
+from sevsim.guest.image import CODE, GHCB_GPA, PT
 from sevsim.guest.snippets import TERMINATE
 from sevsim.guest.vc_native import vc_image_args
+from sevsim.hw import mmu as mmu_module
 from sevsim.hw.mmu import Mmu
 from sevsim.kvm.exits import SystemEvent
 from sevsim.testing import GuestRun, SimLog, run_guest
@@ -293,3 +295,58 @@ def test_a_pte_mapped_used_and_cleared_before_a_cr3_reload_is_gone_after_it():
     assert _results(run, 2) == (NEW_VALUE, 0)  # the second read never completed
     vector, _ = _results(run, 2, RECORD)
     assert vector == 14
+
+
+def _wp_toggles(rounds: int) -> str:
+    """PAGE mapped read-only; ``rounds`` times: clear CR0.WP, write the round's number
+    into PAGE (allowed at CPL 0), read it back into its result slot, set CR0.WP again;
+    then one more write, which must fault."""
+    return f"""
+        {_set_pte(PRIVATE_PTE & ~0x2 | OLD)}
+        {RELOAD_CR3}
+        mov r12, 1
+    again:
+        mov rax, cr0
+        and eax, {~CR0_WP & 0xFFFF_FFFF}
+        mov cr0, rax
+        mov rdi, {PAGE}
+        mov [rdi], r12
+        mov rax, [rdi]
+        mov rdi, {OUT}
+        mov [rdi + 8 * r12 - 8], rax
+        mov rax, cr0
+        or eax, {CR0_WP}
+        mov cr0, rax
+        inc r12
+        cmp r12, {rounds}
+        jbe again
+        mov rdi, {PAGE}
+    fault:
+        mov [rdi], r12
+    """
+
+
+def test_cr0_wp_toggled_back_and_forth_keeps_each_modes_walks_and_their_faults(monkeypatch):
+    """OVMF clears CR0.WP around each page-table write and sets it again. A write to
+    a read-only page at CPL 0 goes through while WP is clear and faults once it is set,
+    however often the two modes alternate; each mode's walks are remembered for it
+    (no more walks for 8 rounds than for 2), never used in the other."""
+    walks: list[int] = []
+    walk = mmu_module.walk
+
+    def counted(mode: Any, vaddr: int, *args: Any) -> Any:
+        walks.append(vaddr)
+        return walk(mode, vaddr, *args)
+
+    monkeypatch.setattr(mmu_module, "walk", counted)
+    counts = []
+    for rounds in (2, 8):
+        walks.clear()
+        run = run_guest(_wp_toggles(rounds) + TERMINATE, enable=["msr_protocol", "crtraps"],
+                        shared=SHARED, idt=IDT, data=DATA)  # fmt: skip
+        assert _results(run, rounds) == tuple(range(1, rounds + 1))
+        source = _wp_toggles(rounds)
+        fault_at = CODE + len(assemble(source[: source.index("fault:")], CODE))
+        assert _results(run, 2, RECORD) == (14, fault_at)
+        counts.append(len(walks))
+    assert counts[0] == counts[1]

@@ -145,9 +145,10 @@ class _TableNpf(Exception):
 _vmem_translate = ctypes.PyDLL(uclib._name, handle=uclib._handle).uc_vmem_translate
 _INT_ADDRESSES = 1 << 31
 
-#: Remembered walks, and fills kept since a flush, at most (a guest touching more pages
-#: starts over).
+#: Remembered walks per paging mode, and fills kept since a flush, at most (a guest
+#: touching more pages starts over); paging modes whose walks are kept.
 _WALKS_KEPT = _FILLS_KEPT = 1 << 16
+_MODES_KEPT = 2
 #: An address's offset in its page.
 _IN_PAGE = PAGE_SIZE - 1
 #: Unicorn's access type -> the walk's.
@@ -178,8 +179,11 @@ class Mmu:
     def __init__(self, uc: Uc, memory: GuestMemory, cbit: int, cpl: Any) -> None:
         self.uc = uc
         self.memory = memory
-        #: Walks since the paging mode last changed, by (page, access, CPL 3).
+        #: Walks in the current paging mode, by (page, access, CPL 3); those of the
+        #: last modes, kept per mode (OVMF clears CR0.WP around each page-table write
+        #: and sets it again: two modes, back and forth, thousands of times a boot).
         self._walks: dict[tuple[int, int, bool], _Walk] = {}
+        self._walks_by_mode: dict[PagingMode, dict[tuple[int, int, bool], _Walk]] = {}
         #: Each table page the fills since the last flush read, as it was at the first
         #: of them: while every one is unchanged, the TLB holds no stale translation.
         self._tables: dict[int, tuple[memoryview, int, bytes]] = {}
@@ -190,6 +194,7 @@ class Mmu:
         #: page, permissions before the code-page protocol), since the last flush.
         self._filled: dict[int, tuple[int, int]] = {}
         self._mode = PagingMode(0, 0, 0, 0, cbit)
+        self._walks_by_mode[self._mode] = self._walks
         self.kid = SHARED
         #: Reads the current privilege level (the CPU knows how).
         self._cpl = cpl
@@ -221,7 +226,14 @@ class Mmu:
     @mode.setter
     def mode(self, mode: PagingMode) -> None:
         if mode != self._mode:
-            self._walks.clear()
+            # A walk is remembered for the mode it ran in, and used again only in that
+            # mode with every table entry it read unchanged (_remembered).
+            walks = self._walks_by_mode.get(mode)
+            if walks is None:
+                if len(self._walks_by_mode) >= _MODES_KEPT:
+                    self._walks_by_mode.clear()
+                walks = self._walks_by_mode[mode] = {}
+            self._walks = walks
             # Also for changes that do not flush (EFER.NXE, CR0.TS): refills walk
             # under the new mode, as they did before fills were kept.
             self._filled.clear()
@@ -230,7 +242,8 @@ class Mmu:
     def forget_walks(self) -> None:
         """Another guest-physical space: remembered walks and fills name regions of the
         old one."""
-        self._walks.clear()
+        for walks in self._walks_by_mode.values():
+            walks.clear()
         self._filled.clear()
 
     def forget_fills(self) -> None:
