@@ -25,6 +25,7 @@ from guests import guest, launch
 from test_vc_native import done
 from test_vc_native import run as run_native
 
+from sevsim import hookimpl
 from sevsim.arch.exits import SvmExit
 from sevsim.arch.msr import MSR_AMD64_SEV_ENABLED, MSR_AMD64_SEV_ES_ENABLED
 from sevsim.guest.asm import assemble
@@ -32,7 +33,7 @@ from sevsim.guest.image import IST1_TOP, TSS
 from sevsim.guest.snippets import TERMINATE
 from sevsim.hw import cpu as cpu_module
 from sevsim.hw import engine as engine_module
-from sevsim.kvm.exits import RunFailed, SystemEvent
+from sevsim.kvm.exits import RunFailed, Shutdown, SystemEvent
 from sevsim.testing import GuestRun, run_guest
 
 #: In the shared GHCB page: a count, then 40 bytes per #VC (room for 44).
@@ -328,3 +329,29 @@ def test_an_intercepted_msr_raises_its_vc_without_a_stop(runs):
         assert [rip for _, _, rip, _, _ in records[1:]] == [rdmsr_at, rdmsr_at + 2] * count
         started.append(runs["engine"])
     assert started[0] == started[1]
+
+
+def test_an_observer_failing_on_a_vc_from_the_hook_ends_the_run_naming_that_instruction():
+    """The #VC event is emitted from inside the hook: an observer that raises there ends
+    the vCPU in a simulator fault, as between runs, and the trace names the CPUID whose
+    #VC it was, not the one the run last stopped at."""
+
+    class Loud:
+        seen = 0
+
+        @hookimpl
+        def sevsim_sim_vc(self, rip: int) -> None:
+            self.seen += 1
+            if self.seen == 3:
+                raise ValueError(f"cannot show {rip:#x}")
+
+    loud = Loud()
+    result = run_guest(_cpuid_loop(5) + TERMINATE, {"loud": loud}, enable=["msr_protocol"],
+                       idt={29: HANDLER}, ist_vectors=frozenset({29}),
+                       data={HANDLER: assemble(HANDLER_SOURCE, HANDLER)})  # fmt: skip
+    assert isinstance(result.exit, Shutdown), result.exit
+    first, second = (line for line in result.trace.lines if "#VC SVM_EXIT_CPUID" in line)
+    loop_cpuid = second.split(" at ")[1].split()[0]  # the loop's CPUID; the first is at CODE
+    fault = next(line for line in result.trace.lines if "SHUTDOWN" in line)
+    assert f"@{loop_cpuid} " in fault and "cannot show" in fault, fault
+    assert loop_cpuid != first.split(" at ")[1].split()[0]

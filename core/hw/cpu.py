@@ -383,7 +383,7 @@ class GuestCpu:
             if not self.intercepted(site.exit_code):
                 if site.exit_code == _INVLPGA:
                     self.mmu.forget_fills()
-            elif not self._raise_vc_in_run(site.exit_code):
+            elif not self._raise_vc_in_run(site.exit_code, address, site.length):
                 self._halt(_AtSite(site, address))
             return
         if action is _TLB_INVALIDATION:
@@ -405,7 +405,7 @@ class GuestCpu:
             elif not self.msr_intercepted(ecx, write):
                 if not (write and ecx == M.MSR_EFER):  # EFER: checked by the model
                     return
-            elif self._raise_vc_in_run(SvmExit.MSR):
+            elif self._raise_vc_in_run(SvmExit.MSR, address, site.length):
                 return
         self._halt(_AtSite(site, address))
 
@@ -751,12 +751,14 @@ class GuestCpu:
         self._vc_run = self.vc_model(GuestView(self), exit_code)
         return self._continue_vc()
 
-    def _raise_vc_in_run(self, exit_code: int) -> bool:
-        """:meth:`raise_vc` from the code hook in front of the instruction, without
-        stopping the run: the usual #VC (no modeled handler, its vector's delivery
-        plan holding, :meth:`Delivery.deliver_in_run`) enters the handler and the
-        engine goes on there, where a hook may move RIP (:meth:`_in_run_ok`). False,
-        with nothing done, for anything else, which the caller stops for."""
+    def _raise_vc_in_run(self, exit_code: int, address: int, length: int) -> bool:
+        """:meth:`raise_vc` from the code hook in front of the instruction at
+        ``address``, without stopping the run: the usual #VC (no modeled handler, its
+        vector's delivery plan holding, :meth:`Delivery.deliver_in_run`) enters the
+        handler and the engine goes on there, where a hook may move RIP
+        (:meth:`_in_run_ok`). False, with nothing done, for anything else, which the
+        caller stops for. Should the observer of #VCs fail, the run ends in a
+        simulator fault that names this instruction (:meth:`exit_site`)."""
         if self.vc_model is not None or not self._in_run_ok():
             return False
         rip = self.regs.rip
@@ -765,7 +767,9 @@ class GuestCpu:
             return False
         self.guest_exit = (exit_code, 0, 0)
         if self._on_vc is not None:
+            last, self._last_site = self._last_site, (address, length)
             self._on_vc(exit_code, rip, code, self.bits())
+            self._last_site = last
         return True
 
     def _code_bytes(self, rip: int) -> bytes:
