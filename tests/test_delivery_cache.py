@@ -89,6 +89,24 @@ def _gate_low(target: int) -> int:
     return struct.unpack("<Q", gate(target, ist=1)[:8])[0]
 
 
+def _copy_to_spare_2(table: int, size: int) -> str:
+    """Copy ``size`` bytes of the table at ``table`` to SPARE_2."""
+    return f"""
+        mov rsi, {table}
+        mov rdi, {SPARE_2}
+        mov ecx, {size // 8}
+        rep movsq
+    """
+
+
+#: Make SPARE_2 a copy of the IDT whose #VC gate names HANDLER_B.
+IDT_COPY_WITH_GATE_B = _copy_to_spare_2(IDT, 0x1000) + f"""
+        mov rax, {_gate_low(HANDLER_B)}
+        mov rdi, {SPARE_2 + 29 * 16}
+        mov [rdi], rax
+    """
+
+
 def test_a_rewritten_gate_sends_the_next_vc_to_the_new_handler():
     result, records = _run(f"""
         cpuid
@@ -173,13 +191,7 @@ def test_an_idt_page_remapped_and_invlpg_sends_the_next_vc_through_the_new_gate(
     result, records = _run(f"""
         cpuid
         cpuid
-        mov rsi, {IDT}
-        mov rdi, {SPARE_2}
-        mov ecx, 512
-        rep movsq
-        mov rax, {_gate_low(HANDLER_B)}
-        mov rdi, {SPARE_2 + 29 * 16}
-        mov [rdi], rax
+        {IDT_COPY_WITH_GATE_B}
         mov rax, {SPARE_2 | C_BIT | PAGE_FLAGS}
         mov rdi, {PT + (IDT >> 12) * 8}
         mov [rdi], rax
@@ -201,13 +213,7 @@ def test_a_new_idtr_sends_the_next_vc_through_the_new_table():
         f"""
         cpuid
         cpuid
-        mov rsi, {IDT}
-        mov rdi, {SPARE_2}
-        mov ecx, 512
-        rep movsq
-        mov rax, {_gate_low(HANDLER_B)}
-        mov rdi, {SPARE_2 + 29 * 16}
-        mov [rdi], rax
+        {IDT_COPY_WITH_GATE_B}
         mov rdi, {SPARE_1}
         lidt [rdi]
         cpuid
@@ -227,10 +233,7 @@ def test_a_new_gdtr_whose_cs_is_not_present_makes_the_next_vc_a_triple_fault():
         f"""
         cpuid
         cpuid
-        mov rsi, {GDT}
-        mov rdi, {SPARE_2}
-        mov ecx, {GDT_SIZE // 8}
-        rep movsq
+        {_copy_to_spare_2(GDT, GDT_SIZE)}
         mov rdi, {SPARE_2 + 8 + 5}
         and byte ptr [rdi], 0x7f
         mov rdi, {SPARE_1}
@@ -256,10 +259,7 @@ def test_a_new_tss_moves_the_next_frame_to_its_ist():
         f"""
         cpuid
         cpuid
-        mov rsi, {GDT}
-        mov rdi, {SPARE_2}
-        mov ecx, {GDT_SIZE // 8}
-        rep movsq
+        {_copy_to_spare_2(GDT, GDT_SIZE)}
         mov rdi, {SPARE_1}
         lgdt [rdi]
         mov ax, {GDT_SIZE}

@@ -165,14 +165,12 @@ class Registers:
         between runs (:meth:`set_rip_between_runs`) and through ``uc_reg_write`` inside
         a hook (``in_run``), which makes the engine leave the block and go on at RIP."""
         self._gprs[_RSP].value = rsp & 0xFFFF_FFFF_FFFF_FFFF
-        buf, ref = self._buf, self._ref
-        buf.value = rflags & 0xFFFF_FFFF_FFFF_FFFF
-        self._write(self._handle, _RFLAGS, ref)
+        self._buf.value = rflags & 0xFFFF_FFFF_FFFF_FFFF
+        self._write(self._handle, _RFLAGS, self._ref)
         if in_run:
-            buf.value = rip & 0xFFFF_FFFF_FFFF_FFFF
-            self._write(self._handle, _RIP, ref)
+            self.rip = rip
         else:
-            self._cells[_RIP].value = rip & 0xFFFF_FFFF_FFFF_FFFF
+            self.set_rip_between_runs(rip)
 
     def set_rip_between_runs(self, rip: int) -> None:
         """Write RIP in place while the engine is stopped. What ``uc_reg_write`` adds to

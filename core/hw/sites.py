@@ -2,10 +2,11 @@
 
 An SEV-ES guest's sensitive instructions (CPUID, IN/OUT/INS/OUTS, RDMSR/WRMSR, MOV
 to a control register, VMGEXIT, HLT, ...) each end in a #VC, an automatic exit, or
-a write the CPU model must retire itself; INVLPG in none of these, but the model must
-see it before Unicorn runs it (:attr:`Action.TLB_INVALIDATION`). This module only decides *what* an
-instruction is; :mod:`sevsim.hw.intercept` decides where to look (at the exact
-instruction boundaries of every block Unicorn translates) and stops the CPU there.
+a write the CPU model must retire itself. INVLPG ends in none of these, but the model
+must see it before Unicorn runs it (:attr:`Action.TLB_INVALIDATION`). This module only
+decides *what* an instruction is; :mod:`sevsim.hw.intercept` decides where to look (at
+the exact instruction boundaries of every block Unicorn translates) and stops the CPU
+there.
 
 :func:`candidates` gives a cheap byte filter: a run of code in which it finds nothing
 holds no sensitive instruction, so most translated blocks are never decoded.
