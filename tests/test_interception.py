@@ -35,6 +35,7 @@ BLOBS = {
     TARGET: b"\x90\x0f\xa2\xf4",
     0x32FFE: b"\x90\x0f\xa2\xf4",  # CPUID at 0x32fff spans two pages
     0x35000: b"\x90\x90\xc3",  # nop; nop; ret: rewritten into CPUID after it ran
+    0x37000: b"\xb8\x90\x0f\xa2\xf4\xc3",  # mov eax, 0xf4a20f90; ret: CPUID in the imm32
 }
 
 PATHS = {
@@ -50,6 +51,8 @@ PATHS = {
     "self-written": ("mov rdi, 0x34000; mov eax, 0xf4a20f; mov [rdi], eax; jmp rdi", 0x34000),
     "rewritten-after-running": ("mov rax, 0x35000; call rax; mov rdi, rax; "
                                 "mov word ptr [rdi], 0xa20f; call rdi", 0x35000),
+    # The MOV runs first (its block holds no CPUID), then a jump lands inside it.
+    "into-an-immediate": ("mov rax, 0x37000; call rax; mov rax, 0x37002; jmp rax", 0x37002),
 }  # fmt: skip
 
 
@@ -86,7 +89,8 @@ def test_every_nae_event_becomes_a_vc_with_its_exit_code(insn, code):
 @pytest.mark.parametrize(
     "insn",
     ["rdtsc", "mov rax, cr0", "mov ecx, 0xc0000080; rdmsr", "mov ecx, 0x277; rdmsr; wrmsr",
-     "rdrand rax", "mov ecx, 0xc0000100; rdmsr", "rdtscp"],
+     "rdrand rax", "mov ecx, 0xc0000100; rdmsr", "rdtscp",
+     "mov rax, 0x37000; call rax"],  # CPUID's bytes inside an immediate that only runs as one
 )
 def test_what_is_not_intercepted_runs_natively(insn):
     run = run_guest(insn + "\nhlt", enable=["msr_protocol"], idt={29: HANDLER}, data=BLOBS)
