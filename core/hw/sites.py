@@ -146,21 +146,22 @@ def _records(code: bytes, address: int, bits: int) -> bytes:
 _Span = tuple[int, int, tuple[bytes, int] | None]
 
 
-def _decode(code: bytes, address: int, bits: int) -> Iterator[_Span]:
+def _decode(code: bytes, address: int, bits: int) -> list[_Span]:
     """The instructions through ``code`` from ``address``, going on past each RDPRU
     (which capstone stops at) and ending at the first byte nothing decodes."""
+    spans: list[_Span] = []
     offset = 0
     while offset < len(code):
         records = _records(code[offset:] if offset else code, address + offset, bits)
-        at = 0
-        for insn_address, size in _ADDRESS_SIZE.iter_unpack(records):
-            yield insn_address, size, (records, at)
-            at += _RECORD
-            offset = insn_address - address + size
+        spans += [(insn_address, size, (records, index * _RECORD)) for index, (insn_address, size)
+                  in enumerate(_ADDRESS_SIZE.iter_unpack(records))]  # fmt: skip
+        if spans:
+            offset = spans[-1][0] - address + spans[-1][1]
         if code[offset : offset + len(RDPRU)] != RDPRU:
-            return
-        yield address + offset, len(RDPRU), None
+            break
+        spans.append((address + offset, len(RDPRU), None))
         offset += len(RDPRU)
+    return spans
 
 
 def _text(span: _Span) -> _Insn:
@@ -192,8 +193,8 @@ def _may_be_sensitive(code: bytes, offset: int, size: int, bits: int) -> bool:
 
 def classify(code: bytes, bits: int) -> Sensitive | None:
     """Decode the instruction at the start of ``code`` and say if the hardware cares."""
-    span = next(_decode(code[:MAX_INSN], 0, bits), None)
-    return None if span is None else _sensitive(_text(span), code, bits)
+    spans = _decode(code[:MAX_INSN], 0, bits)
+    return _sensitive(_text(spans[0]), code, bits) if spans else None
 
 
 def sensitive_in(code: bytes, address: int, bits: int) -> list[tuple[int, Sensitive]]:
@@ -206,8 +207,12 @@ def _sites(spans: Iterable[_Span], code: bytes, address: int,
            bits: int) -> list[tuple[int, Sensitive]]:  # fmt: skip
     """The sensitive ones among ``spans``, decoded from ``code`` (at ``address``)."""
     found = []
+    first, skip = _FIRST[bits], _SKIP[bits]
     for span in spans:
         offset = span[0] - address
+        byte = code[offset]  # most instructions are ruled out by their first byte
+        if byte not in first and byte not in skip:
+            continue
         if _may_be_sensitive(code, offset, span[1], bits):
             site = _sensitive(_text(span), code[offset : offset + MAX_INSN], bits)
             if site is not None:
