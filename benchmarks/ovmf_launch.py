@@ -4,7 +4,7 @@ Both sides start from the file and end with the SEV-ES launch digest of the same
 number (:data:`VCPUS`) of EPYC-v4 vCPUs. What each timer covers:
 
 - sevsim: read the file and parse its OVMF footer table; create the platform and the
-  VM (KVM_CREATE_VM, its ASID, the flash slot: the file mapped copy-on-write),
+  VM (KVM_CREATE_VM, its ASID, the flash slot), write the image into guest memory,
   create the vCPUs in their reset state; LAUNCH_START (and ACTIVATE),
   LAUNCH_UPDATE_DATA over the whole image (measured, and made private: its
   ciphertext is derived only if the host reads it, as for every private page),

@@ -37,7 +37,6 @@ from sevsim.vmm.firmware import (
     FirmwareImage,
     GpaRange,
     SevSectionType,
-    add_firmware_slot,
     build_firmware_image,
     load_firmware,
     parse_firmware,
@@ -315,47 +314,6 @@ def test_bad_metadata_is_reported():
     image = parse_firmware(build_firmware_image(0xFFFF_F000, b"", entries=[entry]), "m.fd")
     with pytest.raises(FirmwareError, match="points outside the 0x10000-byte image"):
         image.sev_metadata()
-
-
-def test_a_loaded_file_backs_its_slot_copy_on_write(synthetic_path):
-    """The flash slot is the file mapped privately: it starts with the file's bytes,
-    and writes into it never reach the file."""
-    image = load_firmware(synthetic_path)
-    assert image.source is not None and image.source.size == SYNTH_SIZE
-    vm = Kvm().create_vm()
-    add_firmware_slot(vm, image, "flash")
-    assert vm.memory.read(image.gpa, image.size) == image.data
-    vm.memory.write(image.gpa + 0x1000, b"\xa5" * 0x2000)
-    assert vm.memory.read(image.gpa + 0x1000, 0x2000) == b"\xa5" * 0x2000
-    assert synthetic_path.read_bytes() == image.data
-    vm.destroy()
-
-
-def test_a_firmware_file_changed_after_loading_is_not_mapped(tmp_path):
-    """The bytes launched must be the bytes parsed: a file rewritten in between is
-    refused by name, not mapped with its new contents."""
-    path = tmp_path / "fw.fd"
-    path.write_bytes(synthetic_image())
-    image = load_firmware(path)
-    path.write_bytes(bytes(SYNTH_SIZE))
-    with pytest.raises(GuestMemoryError, match=f"{path} changed since it was read"):
-        launch_firmware(Kvm(), image)
-
-
-def test_an_image_from_bytes_is_copied_into_its_slot():
-    image = parse_firmware(synthetic_image(), "built")
-    assert image.source is None
-    vm = launch_firmware(Kvm(), image)
-    assert vm.memory.ram[-1].gpa == image.gpa
-    vm.launch_measure()
-    assert vm.launch_digest() == our_digest(image, 1, "EPYC-v4")
-
-
-def test_a_backing_file_must_be_the_slots_size(synthetic_path):
-    backing = load_firmware(synthetic_path).source
-    vm = Kvm().create_vm()
-    with pytest.raises(GuestMemoryError, match=f"is 0x30000 bytes; {synthetic_path} is 0x20000"):
-        vm.add_ram(0, 0x30000, "flash", backing=backing)
 
 
 def test_load_firmware_names_a_missing_file(tmp_path):

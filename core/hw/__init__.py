@@ -35,8 +35,8 @@ from attrs import frozen
 from sevsim.arch.vmcb import VMCB_ASID
 from sevsim.arch.vmsa import VMSA_PAGE_SIZE
 from sevsim.errors import GuestMemoryError
-from sevsim.hw.memory import FileImage, MmioHole
 from sevsim.hw.memory import GuestMemory as _GuestMemory
+from sevsim.hw.memory import MmioHole
 from sevsim.hw.psp import GuestStatus, LaunchMeasurement, LaunchSession, PlatformStatus
 from sevsim.hw.psp import Psp as _Psp
 from sevsim.hw.sev_api import Policy
@@ -53,7 +53,6 @@ __all__ = [
     "MSRPM_SIZE",
     "SIM_EVENTS",
     "CpuidLeaf",
-    "FileImage",
     "GuestMemoryView",
     "GuestStatus",
     "LaunchMeasurement",
@@ -146,11 +145,9 @@ class GuestMemoryView(_Handle):
     def __init__(self) -> None:
         super().__init__(_GuestMemory())
 
-    def add_ram(self, gpa: int, size: int, name: str = "ram", readonly: bool = False,
-                backing: FileImage | None = None) -> RamInfo:  # fmt: skip
-        """A RAM slot; ``readonly``: a ROM device's memory (guest writes exit as MMIO);
-        ``backing``: a file whose bytes it starts with, mapped copy-on-write."""
-        region = _behind(self).add_ram(gpa, size, name, readonly, backing)
+    def add_ram(self, gpa: int, size: int, name: str = "ram", readonly: bool = False) -> RamInfo:
+        """A RAM slot; ``readonly``: a ROM device's memory (guest writes exit as MMIO)."""
+        region = _behind(self).add_ram(gpa, size, name, readonly)
         return RamInfo(region.gpa, region.size, region.name, region.readonly)
 
     def add_mmio(self, gpa: int, size: int, name: str) -> MmioHole:

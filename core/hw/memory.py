@@ -20,10 +20,6 @@ C=1 shows the decryption of its ciphertext under the wrong key; reading a fresh 
 through C=1 shows the decryption of zeros. That is what real hardware shows, because
 every view is derived from the same DRAM contents.
 
-A region may start from a file's bytes (a firmware image): the file is mapped
-copy-on-write, so its pages come straight from the host's page cache and stay
-shared with it until someone writes them; the file itself never changes.
-
 A region may be a read-only memory slot (a flash chip's ROM view, as QEMU maps
 pflash for an SEV-ES guest): guest reads are served from memory, guest writes exit
 as MMIO. In "device mode" (a flash command in progress) reads exit too.
@@ -38,7 +34,6 @@ from __future__ import annotations
 import bisect
 import ctypes
 import mmap
-import os
 import sys
 from array import array
 from collections.abc import Callable, Iterator, Sequence
@@ -75,38 +70,6 @@ _BYTES = Change.BYTES  # bound once: an Enum class attribute costs more than a g
 
 
 @frozen
-class FileImage:
-    """A file as it was when its bytes were read: what a region mapped from it must
-    still find there. Mapping a file that changed since would put other bytes in the
-    guest than the ones the VMM parsed (and the owner expects to be measured)."""
-
-    path: str
-    size: int
-    device: int
-    inode: int
-    mtime_ns: int
-
-    @classmethod
-    def of(cls, path: str, st: os.stat_result) -> FileImage:
-        return cls(path, st.st_size, st.st_dev, st.st_ino, st.st_mtime_ns)
-
-    def open_checked(self) -> int:
-        """An open descriptor of the file, refused if it is no longer this image."""
-        try:
-            fd = os.open(self.path, os.O_RDONLY)
-        except OSError as exc:
-            raise GuestMemoryError(f"cannot map {self.path}: {exc.strerror}") from exc
-        now = FileImage.of(self.path, os.fstat(fd))
-        if now != self:
-            os.close(fd)
-            raise GuestMemoryError(
-                f"{self.path} changed since it was read (size {self.size}, mtime_ns "
-                f"{self.mtime_ns}; now size {now.size}, mtime_ns {now.mtime_ns}): read it again"
-            )
-        return fd
-
-
-@frozen
 class MmioHole:
     """A guest-physical range with no RAM behind it: accesses go to devices."""
 
@@ -120,21 +83,17 @@ class MmioHole:
 
 
 class RamRegion:
-    """One RAM region: a lazily committed host mapping plus each page's owner.
-
-    With ``backing`` (a file of exactly ``size`` bytes) the mapping starts as the
-    file's contents, mapped privately: no zeroed pages to fill and no copy."""
+    """One RAM region: a lazily committed host mapping plus each page's owner."""
 
     __slots__ = ("_anchor", "_map", "address", "gpa", "name", "owner", "readonly", "romd",
                  "size", "view")  # fmt: skip
 
-    def __init__(self, gpa: int, size: int, name: str, readonly: bool = False,
-                 backing: FileImage | None = None) -> None:  # fmt: skip
+    def __init__(self, gpa: int, size: int, name: str, readonly: bool = False) -> None:
         self.gpa, self.size, self.name = gpa, size, name
         #: Guest writes exit as MMIO (a ROM device); ``romd`` False: reads exit too.
         self.readonly = readonly
         self.romd = True
-        self._map = _private_map(size, name, backing)
+        self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
         self._anchor = ctypes.c_char.from_buffer(self._map)
         #: Host address of the mapping, for ``Uc.mem_map_ptr``.
         self.address = ctypes.addressof(self._anchor)
@@ -170,21 +129,6 @@ class RamRegion:
         self._map.close()
 
 
-def _private_map(size: int, name: str, backing: FileImage | None) -> mmap.mmap:
-    if backing is None:
-        return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
-    if backing.size != size:
-        raise GuestMemoryError(
-            f"RAM region {name!r} is {size:#x} bytes; {backing.path} is {backing.size:#x}"
-        )
-    fd = backing.open_checked()
-    try:
-        return mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE,
-                         prot=mmap.PROT_READ | mmap.PROT_WRITE)  # fmt: skip
-    finally:
-        os.close(fd)
-
-
 def _check_range(what: str, gpa: int, size: int) -> None:
     if gpa % PAGE_SIZE or size % PAGE_SIZE or size <= 0:
         raise GuestMemoryError(
@@ -213,11 +157,10 @@ class GuestMemory:
 
     # -- layout -------------------------------------------------------------------
 
-    def add_ram(self, gpa: int, size: int, name: str = "ram", readonly: bool = False,
-                backing: FileImage | None = None) -> RamRegion:  # fmt: skip
+    def add_ram(self, gpa: int, size: int, name: str = "ram", readonly: bool = False) -> RamRegion:
         _check_range(f"RAM region {name!r}", gpa, size)
         self._refuse_overlap(name, gpa, size)
-        region = RamRegion(gpa, size, name, readonly, backing)
+        region = RamRegion(gpa, size, name, readonly)
         at = bisect.bisect(self._starts, gpa)
         self._ram.insert(at, region)
         self._starts.insert(at, gpa)

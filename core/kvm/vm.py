@@ -15,7 +15,7 @@ from attrs import frozen
 
 from sevsim.arch import ghcb_msr
 from sevsim.errors import FOREIGN_FAULTS, SevFirmwareError, VcpuError
-from sevsim.hw import FileImage, LaunchMeasurement, LaunchSession, Platform, Policy
+from sevsim.hw import LaunchMeasurement, LaunchSession, Platform, Policy
 from sevsim.kvm.asid import AsidAllocator
 from sevsim.kvm.buses import EmptyBus, EmptyMsrBus, GuestBus, MsrBus
 from sevsim.kvm.compat import era as compat_era
@@ -159,12 +159,10 @@ class Vm:
 
     # -- memory and vCPUs ------------------------------------------------------------
 
-    def add_ram(self, gpa: int, size: int, name: str = "ram", readonly: bool = False,
-                backing: FileImage | None = None) -> None:  # fmt: skip
+    def add_ram(self, gpa: int, size: int, name: str = "ram", readonly: bool = False) -> None:
         """KVM_SET_USER_MEMORY_REGION for a new RAM slot (``readonly``: KVM_MEM_READONLY,
-        guest writes exit as MMIO). With ``backing`` the VMM's memory behind the slot is
-        that file mapped privately, as a VMM may map a ROM image rather than copy it."""
-        self.memory.add_ram(gpa, size, name, readonly, backing)
+        guest writes exit as MMIO)."""
+        self.memory.add_ram(gpa, size, name, readonly)
 
     def add_mmio(self, gpa: int, size: int, name: str) -> None:
         """A guest-physical range left without RAM, for the VMM's devices."""

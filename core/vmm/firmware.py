@@ -12,22 +12,16 @@ the reset vector, since the hypervisor can no longer set their registers).
 
 from __future__ import annotations
 
-import os
 import struct
 from collections.abc import Mapping, Sequence
 from enum import IntEnum
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING
 from uuid import UUID
 
 from attrs import field, frozen
 
 from sevsim.errors import SevsimError
-from sevsim.hw import FileImage
-
-if TYPE_CHECKING:
-    from sevsim.kvm.vm import Vm
 
 FOUR_GIB = 1 << 32
 #: pflash images must be a whole number of 4 KiB sectors.
@@ -86,8 +80,6 @@ class FirmwareImage:
     name: str
     data: bytes = field(repr=False)
     table: Mapping[UUID, bytes] = field(repr=False)
-    #: The file ``data`` was read from, as it was then (None: built from bytes).
-    source: FileImage | None = field(default=None, repr=False)
 
     @property
     def size(self) -> int:
@@ -222,36 +214,21 @@ def _trailer(data: bytes, end: int) -> tuple[int, UUID]:
     return size, UUID(bytes_le=bytes(data[end - 16 : end]))
 
 
-def parse_firmware(
-    data: bytes, name: str = "<bytes>", source: FileImage | None = None
-) -> FirmwareImage:
+def parse_firmware(data: bytes, name: str = "<bytes>") -> FirmwareImage:
     """A firmware image from its bytes; ``name`` labels it in error messages."""
     _check_size(name, len(data))
     table = parse_footer_table(name, data)
-    return FirmwareImage(name, bytes(data), MappingProxyType(table), source)
+    return FirmwareImage(name, bytes(data), MappingProxyType(table))
 
 
 def load_firmware(path: str | Path) -> FirmwareImage:
     """Read a firmware file (e.g. OVMF_CODE.fd) as QEMU would map it."""
     path = Path(path)
     try:
-        with path.open("rb") as file:
-            source = FileImage.of(str(path), os.fstat(file.fileno()))
-            data = file.read()
+        data = path.read_bytes()
     except OSError as exc:
         raise FirmwareError(f"cannot read firmware {path}: {exc.strerror}") from exc
-    return parse_firmware(data, str(path), source if len(data) == source.size else None)
-
-
-def add_firmware_slot(vm: Vm, firmware: FirmwareImage, name: str, readonly: bool = False) -> None:
-    """The memory slot that ends at 4 GiB holding ``firmware``'s bytes: its file mapped
-    copy-on-write when it came from one (no copy; refused if the file changed since it
-    was read), else a copy of the bytes."""
-    if firmware.source is not None:
-        vm.add_ram(firmware.gpa, firmware.size, name, readonly, backing=firmware.source)
-        return
-    vm.add_ram(firmware.gpa, firmware.size, name, readonly)
-    vm.memory.write(firmware.gpa, firmware.data)
+    return parse_firmware(data, str(path))
 
 
 def _entry(guid: UUID, data: bytes) -> bytes:

@@ -15,7 +15,7 @@ from sevsim.hw import Policy
 from sevsim.hw.vc_model import VcModel
 from sevsim.kvm.vm import Kvm, Vm
 from sevsim.vmm.cpu_types import vcpu_signature
-from sevsim.vmm.firmware import FirmwareImage, add_firmware_slot
+from sevsim.vmm.firmware import FirmwareImage
 from sevsim.vmm.machine import Devices
 from sevsim.vmm.reset import firmware_reset_states
 
@@ -40,7 +40,8 @@ def launch_firmware(
     vm = kvm.create_vm(**vm_args)
     if ram_size:
         vm.add_ram(0, ram_size, "ram")
-    add_firmware_slot(vm, firmware, f"flash {firmware.name}")
+    vm.add_ram(firmware.gpa, firmware.size, f"flash {firmware.name}")
+    vm.memory.write(firmware.gpa, firmware.data)
     for state in firmware_reset_states(firmware, vcpus, signature):
         vm.create_vcpu().set_state(state)
     vm.launch_start(policy)

@@ -53,7 +53,7 @@ from sevsim.vmm.bus import Bus, report_accesses
 from sevsim.vmm.clock import MachineClock
 from sevsim.vmm.cmos import RTC_IRQ, RTC_PORT, RTC_PORTS, Mc146818Rtc
 from sevsim.vmm.devices import COM1, DEBUG_PORT, POST_PORT, DebugPort, PostPort, Uart16550
-from sevsim.vmm.firmware import FOUR_GIB, FirmwareImage, add_firmware_slot
+from sevsim.vmm.firmware import FOUR_GIB, FirmwareImage
 from sevsim.vmm.fw_cfg import FW_CFG_IO_BASE, FW_CFG_IO_SIZE, FwCfg, i440fx_ram_ranges
 from sevsim.vmm.irq import IrqLine
 from sevsim.vmm.lapic import DEFAULT_BASE, MMIO_SIZE, ApicBus, LocalApic, is_apic_msr
@@ -239,7 +239,8 @@ class PcMachine:
         ``vars_store``, unit 1 right below it. The image is written to its slot but not
         launched (:func:`sevsim.vmm.boot.launch_pc`)."""
         code_gpa = firmware.gpa
-        add_firmware_slot(vm, firmware, f"flash0 {firmware.name}", readonly=True)
+        vm.add_ram(code_gpa, firmware.size, f"flash0 {firmware.name}", readonly=True)
+        vm.memory.write(code_gpa, firmware.data)
         self.flash.append(self._flash(vm, code_gpa, firmware.size, "system.flash0", None, True))
         if vars_store is not None:
             vars_gpa = code_gpa - vars_size
