@@ -75,7 +75,7 @@ class FieldReader:
     ``get(buf)`` is the struct's own ``unpack_from`` (no Python frame), its values in the
     order of ``names``: the fields' order, which must be their order in the buffer."""
 
-    __slots__ = ("get", "names")
+    __slots__ = ("codec", "get", "names")
 
     def __init__(self, fields: Iterable[Field]) -> None:
         fmt, cursor, names = "<", 0, []
@@ -89,8 +89,9 @@ class FieldReader:
             cursor = f.offset + f.size
             names.append(f.name)
         self.names = tuple(names)
-        self.get: Callable[[bytes | bytearray | memoryview], tuple[Any, ...]] = struct.Struct(
-            fmt).unpack_from  # fmt: skip
+        self.codec = struct.Struct(fmt)
+        self.get: Callable[[bytes | bytearray | memoryview], tuple[Any, ...]] = (
+            self.codec.unpack_from)
 
     def __repr__(self) -> str:
         return f"FieldReader(names={self.names!r})"
@@ -107,6 +108,8 @@ class Layout:
     #: name -> (offset, size, compiled struct or None): what get/set need, looked up
     #: once (they run several times per VMRUN).
     _codecs: Mapping[str, tuple[int, int, struct.Struct | None]] = field(repr=False, eq=False)
+    #: Every named (non-reserved) field at once, for :meth:`unpack`.
+    _named: FieldReader = field(repr=False, eq=False)
 
     @classmethod
     def build(
@@ -140,7 +143,8 @@ class Layout:
             raise LayoutError(f"{name}: fields end at {cursor:#x}, expected size {size:#x}")
         codecs = {f.name: (f.offset, f.size, struct.Struct(f.fmt) if f.fmt else None)
                   for f in fields}  # fmt: skip
-        return cls(name, size, tuple(fields), {f.name: f for f in fields}, codecs)
+        named = FieldReader(f for f in fields if not f.name.startswith("reserved"))
+        return cls(name, size, tuple(fields), {f.name: f for f in fields}, codecs, named)
 
     def __getitem__(self, name: str) -> Field:
         try:
@@ -203,8 +207,5 @@ class Layout:
 
     def unpack(self, buf: bytes | bytearray | memoryview, base: int = 0) -> dict[str, Any]:
         """Every named (non-reserved) field of the structure at ``base``."""
-        return {
-            f.name: self.get(buf, f.name, base)
-            for f in self.fields
-            if not f.name.startswith("reserved")
-        }
+        named = self._named
+        return dict(zip(named.names, named.codec.unpack_from(buf, base), strict=True))
