@@ -96,6 +96,19 @@ def test_memory_model_unit_rules():
         mem.launch_encrypt(0x1000, 0x1000, new_key())
 
 
+def test_launched_whole_pages_come_back_as_a_read_only_view():
+    """A firmware image's pages are measured from a view of the buffer, not a copy; the
+    firmware gets no way to write guest plaintext through it."""
+    mem = GuestMemory()
+    mem.add_ram(0, 0x4000)
+    mem.host_write(0x1000, PAGE * 2)
+    launched = mem.launch_encrypt(0x1000, 0x2000, new_key())
+    assert isinstance(launched, memoryview) and launched.readonly
+    assert launched == PAGE * 2
+    with pytest.raises(TypeError):
+        launched[0] = 0
+
+
 def test_a_page_launched_in_part_shows_only_the_launched_bytes_as_plaintext():
     # The host places 16 measured bytes and 16 unmeasured ones in one page; only the
     # measured ones may reach the guest intact (no way around the launch digest).

@@ -236,7 +236,7 @@ class _Launch:
     def __init__(self, memory: _GuestMemory) -> None:
         self._memory = memory
 
-    def launch_encrypt(self, gpa: int, length: int, key: bytes) -> bytes:
+    def launch_encrypt(self, gpa: int, length: int, key: bytes) -> bytes | memoryview:
         return self._memory.launch_encrypt(gpa, length, key)
 
 

@@ -396,7 +396,7 @@ class GuestMemory:
 
     # -- the SEV firmware's launch path ----------------------------------------------
 
-    def launch_encrypt(self, gpa: int, length: int, key: bytes) -> bytes:
+    def launch_encrypt(self, gpa: int, length: int, key: bytes) -> bytes | memoryview:
         """LAUNCH_UPDATE_DATA: return the bytes the host placed there, encrypted in place.
 
         Only the launched bytes are measured, so only they may reach the guest as
@@ -407,7 +407,8 @@ class GuestMemory:
         Whole SHARED pages need no cipher at all: DRAM will hold their encryption, which
         is derived only if the host reads them (lazily), and the buffer keeps the
         plaintext the guest sees. So a range of them in one region (a firmware image)
-        costs one copy of its bytes and one store of its owners.
+        costs one store of its owners, and its bytes come back as a view of the buffer
+        (no copy): the firmware measures them before anything runs.
         """
         kid = self.key_id(key)
         whole = self._launch_shared(gpa, length, kid)
@@ -434,7 +435,7 @@ class GuestMemory:
             self._changed(page, Change.VIEW)
         return bytes(measured)
 
-    def _launch_shared(self, gpa: int, length: int, kid: int) -> bytes | None:
+    def _launch_shared(self, gpa: int, length: int, kid: int) -> memoryview | None:
         """:meth:`launch_encrypt` of whole pages, inside one region and all SHARED, at
         once: the launched bytes. None, with nothing done, for any other range (it goes
         page by page)."""
@@ -444,7 +445,7 @@ class GuestMemory:
                 or not self._all_shared(region, gpa, end)):  # fmt: skip
             return None
         first, count = (gpa - region.gpa) // PAGE_SIZE, length // PAGE_SIZE
-        launched = bytes(region.view[gpa - region.gpa : end - region.gpa])
+        launched = region.view[gpa - region.gpa : end - region.gpa].toreadonly()
         region.owner[first : first + count] = array("I", (kid,)) * count
         self._changed_range(gpa, end, Change.VIEW)
         return launched

@@ -61,9 +61,10 @@ LAUNCH_UPDATE_CHUNK = 256 << 10
 class LaunchMemory(Protocol):
     """Guest memory as LAUNCH_UPDATE_DATA sees it."""
 
-    def launch_encrypt(self, gpa: int, length: int, key: bytes) -> bytes:
-        """Return the plaintext of ``[gpa, gpa+length)`` as the host wrote it and make
-        those pages private under ``key``; raise GuestMemoryError for a range outside RAM.
+    def launch_encrypt(self, gpa: int, length: int, key: bytes) -> bytes | memoryview:
+        """Return the plaintext of ``[gpa, gpa+length)`` as the host wrote it (a view is
+        measured at once, before the memory can change) and make those pages private
+        under ``key``; raise GuestMemoryError for a range outside RAM.
 
         LAUNCH_UPDATE_DATA calls it for consecutive pieces of its range, in order."""
         ...
