@@ -49,6 +49,9 @@ def test_a_decimal_immediate_is_its_value(value):
         ("mov eax, 0x1234; mov ebx, 0b1010; mov ecx, 0755; shl eax, 4",
          "mov eax, 0x1234; mov ebx, 0b1010; mov ecx, 0755; shl eax, 4"),
         ('.ascii "room 101"', '.ascii "room 101"'),
+        # A quote inside a comment starts no string: what follows is still rewritten.
+        ('/* a 3.5" disk */ mov rcx, 16384 # 12" \nmov rdx, 100',
+         '/* a 3.5" disk */ mov rcx, 0x4000 # 12" \nmov rdx, 0x64'),
     ],
 )
 def test_radix_dependent_numbers_are_written_in_hex(source, expected):

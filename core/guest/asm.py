@@ -42,19 +42,21 @@ class AssemblyError(SevsimError):
     """Keystone refused the source; the message names the line it stopped at."""
 
 
-#: A string literal (left alone), or a number keystone would read by its radix: a
-#: decimal of two digits or more, or hex with an ``h`` suffix. Not part of a name
-#: (``r15``, ``label10``), of a ``0x``/``0b`` literal, of a float or a macro argument.
+#: A comment or a string literal (left alone: a quote inside a comment starts no
+#: string), or a number keystone would read by its radix: a decimal of two digits or
+#: more, or hex with an ``h`` suffix. Not part of a name (``r15``, ``label10``), of a
+#: ``0x``/``0b`` literal, of a float or a macro argument.
 _NUMBER = re.compile(
-    r'("(?:\\.|[^"\\])*")'
-    r"|(?<![\w.$@\\])(?:([1-9][0-9]+)|([0-9][0-9a-fA-F]*)[hH])(?![\w.$])"
+    r'(/\*.*?\*/|#[^\n]*|"(?:\\.|[^"\\\n])*")'
+    r"|(?<![\w.$@\\])(?:([1-9][0-9]+)|([0-9][0-9a-fA-F]*)[hH])(?![\w.$])",
+    re.DOTALL,
 )
 
 
 def _in_hex(match: re.Match[str]) -> str:
-    string, decimal, suffixed = match.groups()
-    if string is not None:
-        return string
+    kept, decimal, suffixed = match.groups()
+    if kept is not None:
+        return kept
     return hex(int(decimal)) if decimal is not None else hex(int(suffixed, 16))
 
 
