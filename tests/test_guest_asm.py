@@ -52,6 +52,7 @@ def test_a_decimal_immediate_is_its_value(value):
         # A quote inside a comment starts no string: what follows is still rewritten.
         ('/* a 3.5" disk */ mov rcx, 16384 # 12" \nmov rdx, 100',
          '/* a 3.5" disk */ mov rcx, 0x4000 # 12" \nmov rdx, 0x64'),
+        ("mov al, '\"'; mov rcx, 16384", "mov al, '\"'; mov rcx, 0x4000"),
     ],
 )
 def test_radix_dependent_numbers_are_written_in_hex(source, expected):

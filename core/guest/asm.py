@@ -42,12 +42,12 @@ class AssemblyError(SevsimError):
     """Keystone refused the source; the message names the line it stopped at."""
 
 
-#: A comment or a string literal (left alone: a quote inside a comment starts no
-#: string), or a number keystone would read by its radix: a decimal of two digits or
-#: more, or hex with an ``h`` suffix. Not part of a name (``r15``, ``label10``), of a
-#: ``0x``/``0b`` literal, of a float or a macro argument.
+#: A comment, a string or a character literal (left alone: a quote inside a comment
+#: starts no string), or a number keystone would read by its radix: a decimal of two
+#: digits or more, or hex with an ``h`` suffix. Not part of a name (``r15``,
+#: ``label10``), of a ``0x``/``0b`` literal, of a float or a macro argument.
 _NUMBER = re.compile(
-    r'(/\*.*?\*/|#[^\n]*|"(?:\\.|[^"\\\n])*")'
+    r'(/\*.*?\*/|#[^\n]*|"(?:\\.|[^"\\\n])*"|\'(?:\\.|[^\'\\\n])\')'
     r"|(?<![\w.$@\\])(?:([1-9][0-9]+)|([0-9][0-9a-fA-F]*)[hH])(?![\w.$])",
     re.DOTALL,
 )
