@@ -107,6 +107,9 @@ _RESUME = O.Resume
 _Validated = tuple["ExitHandler | None", "GhcbErr | None", "Ghcb | None"]
 #: ``int_ctl``: a virtual interrupt is pending (V_IRQ), used for the interrupt window.
 _V_IRQ = 1 << 8
+#: ``int_state``'s bits as plain ints: ``int & IntFlag`` builds a flag member through
+#: the Enum machinery, and they are tested before every entry.
+_GUEST_IF, _SHADOW = int(IntState.GUEST_INTERRUPT_MASK), int(IntState.INTERRUPT_SHADOW)
 #: Enum members every exit compares with, bound once: reading a member as an attribute
 #: of its Enum class costs several times a module global (CPython 3.11).
 _VMGEXIT, _SHUTDOWN, _ERR = SvmExit.VMGEXIT, SvmExit.SHUTDOWN, SvmExit.ERR
@@ -511,15 +514,14 @@ class Vcpu:
     def if_flag(self) -> bool:
         """``kvm_run.if_flag``: the guest's RFLAGS.IF, which for SEV-ES KVM knows only
         from the VMCB's int_state (``svm_get_if_flag``)."""
-        return bool(VMCB_INT_STATE.get(self.vmcb)[0] & IntState.GUEST_INTERRUPT_MASK)
+        return bool(VMCB_INT_STATE.get(self.vmcb)[0] & _GUEST_IF)
 
     @property
     def ready_for_interrupt_injection(self) -> bool:
         """``kvm_vcpu_ready_for_interrupt_injection``: interrupts allowed (IF, no
         interrupt shadow) and nothing queued already."""
         int_state = VMCB_INT_STATE.get(self.vmcb)[0]
-        allowed = int_state & IntState.GUEST_INTERRUPT_MASK and not (
-            int_state & IntState.INTERRUPT_SHADOW)  # fmt: skip
+        allowed = int_state & _GUEST_IF and not int_state & _SHADOW
         return bool(allowed) and self._interrupt is None and not self._event_pending()
 
     def interrupt(self, vector: int) -> None:
@@ -586,9 +588,13 @@ class Vcpu:
 
     def _set_vintr(self) -> None:
         """``svm_set_vintr``: a virtual interrupt (V_IRQ) with the VINTR intercept, so the
-        CPU exits when the guest can take an interrupt."""
-        VMCB_CONTROL.set(self.vmcb, "int_ctl", VMCB_CONTROL.get(self.vmcb, "int_ctl") | _V_IRQ)
+        CPU exits when the guest can take an interrupt. Asked before every entry while
+        the VMM waits for the window: once both are set, there is nothing to write."""
+        int_ctl = VMCB_CONTROL.get(self.vmcb, "int_ctl")
         intercepts = int.from_bytes(VMCB_CONTROL.get(self.vmcb, "intercepts"), "little")
+        if int_ctl & _V_IRQ and intercepts >> VINTR_BIT & 1:
+            return
+        VMCB_CONTROL.set(self.vmcb, "int_ctl", int_ctl | _V_IRQ)
         VMCB_CONTROL.set(self.vmcb, "intercepts",
                          (intercepts | 1 << VINTR_BIT).to_bytes(24, "little"))  # fmt: skip
 
