@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -174,6 +174,8 @@ class Vcpu:
         self.plugin_states = {part.name: part.vcpu_state() for part in vm.extensions.parts
                               if part.vcpu_state is not None}  # fmt: skip
         self._views: dict[str | None, VcpuView] = {}
+        #: Lifecycle hook -> (plugin, its function, its view) of each implementer.
+        self._hook_calls: dict[str, tuple[tuple[str, Callable[..., Any], VcpuView], ...]] = {}
         #: Whether any plugin injects events before VMRUN: asked before every entry.
         self._injects = bool(vm.extensions.implementing("vcpu_events"))
         #: The per-exit events an observer listens to, asked once: a VM's observers are
@@ -470,17 +472,20 @@ class Vcpu:
     def _lifecycle(self, hook: str, **args: Any) -> list[Any]:
         """Call ``hook`` of every plugin that implements it, with its own view; a plugin
         that fails ends this VM, naming it."""
-        parts = self.vm.extensions.implementing(hook)
-        if not parts:
+        calls = self._hook_calls.get(hook)
+        if calls is None:  # each plugin's function and view, found once per hook
+            calls = self._hook_calls[hook] = tuple(
+                (part.name, part.lifecycle[hook], self.view(part.name))
+                for part in self.vm.extensions.implementing(hook))  # fmt: skip
+        if not calls:
             return []
         results = []
-        for part in parts:
+        for name, function, view in calls:
             try:
-                results.append(run_foreign(part.lifecycle[hook], vcpu=self.view(part.name),
-                                           **args))  # fmt: skip
+                results.append(run_foreign(function, vcpu=view, **args))
             except FOREIGN_FAULTS as exc:
-                self.vm.terminate(f"plugin {part.name!r} failed in sevsim_{hook}: "
-                                  f"{type(exc).__name__}: {exc}", part.name)  # fmt: skip
+                self.vm.terminate(f"plugin {name!r} failed in sevsim_{hook}: "
+                                  f"{type(exc).__name__}: {exc}", name)  # fmt: skip
                 results.append(None)
         return results
 
