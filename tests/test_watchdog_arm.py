@@ -5,7 +5,8 @@ The thread sleeps until the earliest queued deadline; a vCPU that arms a later o
 every entry (a guest-time slice) must not make it wake (and take the GIL) each time.
 A vCPU that re-enters the guest towards the same deadline after each exit of a
 KVM_RUN does not queue it again, unless it has passed (its entry may have fired while
-nothing ran).
+nothing ran); nor does one that re-enters towards a later deadline: its queued entry
+hands that deadline on when it fires.
 """
 
 import threading
@@ -105,3 +106,50 @@ def test_a_deadline_that_passed_between_runs_still_ends_the_next_one():
         if not done.is_set():
             cpu.engine.interrupt()
     assert errors == [TIMER_ERROR]
+
+
+def test_a_later_deadline_is_handed_on_by_the_queued_entry_not_queued_again(monkeypatch):
+    """With a guest-time slice every entry computes a later wall deadline. The CPU keeps
+    its one queued entry; when that fires during a run towards a later deadline, the
+    run goes on and that deadline is queued then, and the run stops there."""
+    run = run_guest("spin:\njmp spin", timeout=0.05)
+    cpu = cpu_of(run.vm.vcpus[0].vmsa)
+    assert cpu is not None
+    armed: list[tuple[float, str]] = []
+    arm = watchdog.arm
+
+    def counted(target: object, deadline: float) -> None:
+        armed.append((deadline, threading.current_thread().name))
+        arm(target, deadline)
+
+    monkeypatch.setattr(watchdog, "arm", counted)
+    now = time.monotonic()
+    early, late = now + 0.2, now + 0.5
+    watchdog.arm(cpu, early)  # what an earlier run left queued
+    cpu._armed, cpu.deadline, cpu.guest_limit = early, late, None
+    done = threading.Event()
+    ended: list[tuple[int, float]] = []
+    started: list[float] = []
+
+    def emulate() -> None:
+        started.append(time.monotonic())
+        try:
+            cpu._emulate(cpu.regs.rip)
+        except UcError as err:
+            ended.append((err.errno, time.monotonic()))
+        finally:
+            done.set()
+
+    threading.Thread(target=emulate, name="run", daemon=True).start()
+    try:
+        assert done.wait(5), "the run went on past its deadline"
+    finally:
+        if not done.is_set():
+            cpu.engine.interrupt()
+    ((errno, at),) = ended
+    assert errno == TIMER_ERROR
+    assert at >= late - 0.01, f"stopped {late - at:.3f} s before its own deadline"
+    assert {deadline for deadline, _ in armed} == {early, late}
+    if started[0] < early:  # the early entry was still queued when the run began:
+        assert [who for _, who in armed if who == "run"] == []  # it queued nothing
+        assert (late, "sevsim-host-timer") in armed  # the timer handed the deadline on

@@ -231,8 +231,8 @@ class GuestCpu:
         self.budget: int | None = None
         #: The value of :attr:`guest_ns` at which the host takes the CPU back, if any.
         self.guest_limit: int | None = None
-        #: The wall-clock deadline the host's timer holds for the run in progress, and
-        #: the last one this CPU queued with the timer.
+        #: The wall-clock deadline of the run in progress, and the earliest one this
+        #: CPU has queued with the host's timer and not yet seen fire (None: none).
         self._run_deadline: float | None = None
         self._armed: float | None = None
         #: What the CPU spent in guest mode: host nanoseconds on guest code (the
@@ -466,16 +466,23 @@ class GuestCpu:
             left = max(self.guest_limit - self.guest_ns, _MIN_RUN_NS)
             at = time.monotonic() + left / 1e9
             deadline = at if deadline is None else min(deadline, at)
-        self._run_deadline = deadline
-        with self._stop_lock:
-            self._running = True
         # From here on the timer stops this run when the deadline passes (time_is_up,
-        # again and again until the engine has started). After each exit of a KVM_RUN
-        # the CPU comes back towards the same deadline: its entry is still queued,
-        # unless the deadline has passed and the entry fired while nothing ran.
-        if deadline is not None and (deadline != self._armed or time.monotonic() >= deadline):
-            watchdog.arm(self, deadline)
-            self._armed = deadline
+        # again and again until the engine has started). The CPU keeps one entry
+        # queued: after each exit of a KVM_RUN it comes back towards the same deadline,
+        # and with a guest-time slice towards a later one at every entry (guest time
+        # runs slower than the wall clock), which the queued entry hands on to when it
+        # fires (time_is_up). Only an earlier deadline, or one queued after the last
+        # entry fired, is queued anew.
+        queue = None
+        with self._stop_lock:
+            self._run_deadline = deadline
+            self._running = True
+            armed = self._armed
+            if deadline is not None and (
+                    armed is None or deadline < armed or time.monotonic() >= armed):  # fmt: skip
+                self._armed = queue = deadline
+        if queue is not None:
+            watchdog.arm(self, queue)
         count = 0 if self.budget is None else max(self.budget, 1)
         clock = self.engine.clock
         mark = clock.begin()
@@ -508,13 +515,21 @@ class GuestCpu:
         return self.deadline is not None and time.monotonic() >= self.deadline
 
     def time_is_up(self, deadline: float) -> bool:
-        """Called by the host timer: stop the guest if it is still running towards
-        ``deadline``."""
+        """Called by the host timer when ``deadline`` passes: stop the guest if it is
+        still running towards it (True: the timer looks again soon). A run towards a
+        later deadline goes on, and that deadline is queued in its place."""
         with self._stop_lock:
-            overdue = self._running and self._run_deadline == deadline
+            later = self._run_deadline if self._running else None
+            overdue = later == deadline
             if overdue:
                 self.engine.interrupt()
-            return overdue
+            elif later is not None and later > deadline:
+                self._armed = later
+            else:
+                later = None
+        if later is not None and not overdue:
+            watchdog.arm(self, later)
+        return overdue
 
     def run(self) -> HwExit:
         """Run the guest until something the hypervisor must see (a #VMEXIT)."""
