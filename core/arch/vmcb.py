@@ -85,11 +85,18 @@ class EventInj:
         return value
 
 
-class IntState(IntFlag):
-    """``int_state``: bit 1 is the guest's IF for SEV-ES guests (``svm_get_if_flag``)."""
+class IntState:
+    """``int_state``: bit 1 is the guest's IF for SEV-ES guests (``svm_get_if_flag``).
+
+    Plain ints, not an IntFlag: VMRUN writes them and KVM tests them before every
+    entry, and ``int & IntFlag`` builds a flag member through the Enum machinery."""
 
     INTERRUPT_SHADOW = 1 << 0
     GUEST_INTERRUPT_MASK = 1 << 1
+
+
+#: ``int_ctl``: a virtual interrupt is pending (V_IRQ), KVM's interrupt window.
+V_IRQ = 1 << 8
 
 
 class TlbCtl:

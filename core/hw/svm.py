@@ -20,6 +20,7 @@ from attrs import define, field, frozen
 from sevsim.arch import msr as M
 from sevsim.arch.exits import SvmExit
 from sevsim.arch.vmcb import (
+    V_IRQ,
     VMCB_EVENT_INJ,
     VMCB_EXIT,
     VMCB_GHCB_GPA,
@@ -48,8 +49,6 @@ _INTERCEPT_BIT = {
     SvmExit.RDPRU: 142, SvmExit.EFER_WRITE_TRAP: 143,
     **{SvmExit.CR0_WRITE_TRAP + cr: 144 + cr for cr in range(16)},
 }  # fmt: skip
-#: ``int_ctl``: a virtual interrupt is pending (V_IRQ).
-V_IRQ = 1 << 8
 
 #: MSR permission map ranges: (first MSR, byte offset of its 2-bit entries).
 _MSRPM_RANGES = ((0x0000_0000, 0x000), (0xC000_0000, 0x800), (0xC001_0000, 0x1000))
@@ -293,8 +292,8 @@ class Svm:
         VMCB_GHCB_GPA.set(vmcb, cpu.ghcb_msr)
         # SEV-ES: the hardware tells the hypervisor the guest's IF in int_state, beside
         # the interrupt shadow (KVM's svm_interrupt_blocked reads both).
-        int_state = (_GUEST_IF if cpu.interrupts_enabled() else 0) | (
-            _SHADOW if cpu.interrupt_shadow() else 0)  # fmt: skip
+        int_state = (IntState.GUEST_INTERRUPT_MASK if cpu.interrupts_enabled() else 0) | (
+            IntState.INTERRUPT_SHADOW if cpu.interrupt_shadow() else 0)  # fmt: skip
         VMCB_INT_STATE.set(vmcb, int_state)
         return hw_exit
 
@@ -346,7 +345,6 @@ class Svm:
                           bits=bits, why=hw_exit.why)  # fmt: skip
 
 
-_GUEST_IF, _SHADOW = int(IntState.GUEST_INTERRUPT_MASK), int(IntState.INTERRUPT_SHADOW)
 _VINTR = SvmExit.VINTR  # bound once: an Enum class attribute costs more than a global
 #: ``nested_ctl`` bits an SEV-ES guest's VMCB must have.
 _SEV_ES = int(NestedCtl.SEV_ENABLE | NestedCtl.SEV_ES_ENABLE)

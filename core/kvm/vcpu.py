@@ -33,6 +33,7 @@ from sevsim.arch.ghcb import (
 )
 from sevsim.arch.ghcb_msr import GHCB_MSR_INFO_MASK
 from sevsim.arch.vmcb import (
+    V_IRQ,
     VMCB_CONTROL,
     VMCB_EVENT_INJ,
     VMCB_EXIT,
@@ -105,11 +106,6 @@ _RESUME = O.Resume
 #: What validation found: the handler, or the GHCB error to answer; and the snapshot a
 #: handler's ``requires`` was given, if one ran.
 _Validated = tuple["ExitHandler | None", "GhcbErr | None", "Ghcb | None"]
-#: ``int_ctl``: a virtual interrupt is pending (V_IRQ), used for the interrupt window.
-_V_IRQ = 1 << 8
-#: ``int_state``'s bits as plain ints: ``int & IntFlag`` builds a flag member through
-#: the Enum machinery, and they are tested before every entry.
-_GUEST_IF, _SHADOW = int(IntState.GUEST_INTERRUPT_MASK), int(IntState.INTERRUPT_SHADOW)
 #: Enum members every exit compares with, bound once: reading a member as an attribute
 #: of its Enum class costs several times a module global (CPython 3.11).
 _VMGEXIT, _SHUTDOWN, _ERR = SvmExit.VMGEXIT, SvmExit.SHUTDOWN, SvmExit.ERR
@@ -519,14 +515,15 @@ class Vcpu:
     def if_flag(self) -> bool:
         """``kvm_run.if_flag``: the guest's RFLAGS.IF, which for SEV-ES KVM knows only
         from the VMCB's int_state (``svm_get_if_flag``)."""
-        return bool(VMCB_INT_STATE.get(self.vmcb)[0] & _GUEST_IF)
+        return bool(VMCB_INT_STATE.get(self.vmcb)[0] & IntState.GUEST_INTERRUPT_MASK)
 
     @property
     def ready_for_interrupt_injection(self) -> bool:
         """``kvm_vcpu_ready_for_interrupt_injection``: interrupts allowed (IF, no
         interrupt shadow) and nothing queued already."""
         int_state = VMCB_INT_STATE.get(self.vmcb)[0]
-        allowed = int_state & _GUEST_IF and not int_state & _SHADOW
+        allowed = int_state & IntState.GUEST_INTERRUPT_MASK and not (
+            int_state & IntState.INTERRUPT_SHADOW)  # fmt: skip
         return bool(allowed) and self._interrupt is None and not self._event_pending()
 
     def interrupt(self, vector: int) -> None:
@@ -597,14 +594,14 @@ class Vcpu:
         the VMM waits for the window: once both are set, there is nothing to write."""
         int_ctl = VMCB_CONTROL.get(self.vmcb, "int_ctl")
         intercepts = int.from_bytes(VMCB_CONTROL.get(self.vmcb, "intercepts"), "little")
-        if int_ctl & _V_IRQ and intercepts >> VINTR_BIT & 1:
+        if int_ctl & V_IRQ and intercepts >> VINTR_BIT & 1:
             return
-        VMCB_CONTROL.set(self.vmcb, "int_ctl", int_ctl | _V_IRQ)
+        VMCB_CONTROL.set(self.vmcb, "int_ctl", int_ctl | V_IRQ)
         VMCB_CONTROL.set(self.vmcb, "intercepts",
                          (intercepts | 1 << VINTR_BIT).to_bytes(24, "little"))  # fmt: skip
 
     def _clear_vintr(self) -> None:
-        VMCB_CONTROL.set(self.vmcb, "int_ctl", VMCB_CONTROL.get(self.vmcb, "int_ctl") & ~_V_IRQ)
+        VMCB_CONTROL.set(self.vmcb, "int_ctl", VMCB_CONTROL.get(self.vmcb, "int_ctl") & ~V_IRQ)
         intercepts = int.from_bytes(VMCB_CONTROL.get(self.vmcb, "intercepts"), "little")
         VMCB_CONTROL.set(self.vmcb, "intercepts",
                          (intercepts & ~(1 << VINTR_BIT)).to_bytes(24, "little"))  # fmt: skip
