@@ -117,7 +117,7 @@ def test_rip_written_between_runs_is_where_the_next_run_starts():
     uc.reg_write(x86.UC_X86_REG_RAX, 0)
     uc.reg_write(x86.UC_X86_REG_RBX, 0)
     uc.emu_start(0x1000, 0x1100, count=1)  # inc rax
-    regs.set_rip_between_runs(regs.rip + 3)  # skip inc rbx
+    regs.set_rip(regs.rip + 3)  # skip inc rbx
     regs.enter(0x8000, 0x202, regs.rip)
     assert uc.reg_read(x86.UC_X86_REG_RIP) == 0x1006
     assert uc.reg_read(x86.UC_X86_REG_RSP) == 0x8000

@@ -519,17 +519,15 @@ class GuestCpu:
         still running towards it (True: the timer looks again soon). A run towards a
         later deadline goes on, and that deadline is queued in its place."""
         with self._stop_lock:
-            later = self._run_deadline if self._running else None
-            overdue = later == deadline
-            if overdue:
+            running_to = self._run_deadline if self._running else None
+            if running_to == deadline:
                 self.engine.interrupt()
-            elif later is not None and later > deadline:
-                self._armed = later
-            else:
-                later = None
-        if later is not None and not overdue:
-            watchdog.arm(self, later)
-        return overdue
+                return True
+            if running_to is None or running_to < deadline:
+                return False  # not running, or towards an earlier deadline, queued itself
+            self._armed = running_to
+        watchdog.arm(self, running_to)
+        return False
 
     def run(self) -> HwExit:
         """Run the guest until something the hypervisor must see (a #VMEXIT)."""
@@ -614,10 +612,7 @@ class GuestCpu:
         and goes on there). It was the one an STI or MOV SS shadow covered, if any, so
         the shadow is over (QEMU ends it only when it executes the instruction itself)."""
         regs = self.regs
-        if in_run:
-            regs.rip = regs.rip + length
-        else:
-            regs.set_rip_between_runs(regs.rip + length)
+        regs.set_rip(regs.rip + length, in_run)
         regs.end_interrupt_shadow()
 
     def _read_cr8(self, site: Sensitive, in_run: bool = False) -> None:

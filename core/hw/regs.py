@@ -161,23 +161,23 @@ class Registers:
 
     def enter(self, rsp: int, rflags: int, rip: int, in_run: bool = False) -> None:
         """Load RSP, RFLAGS and RIP as an interrupt entering its handler does: RFLAGS
-        through ``uc_reg_write`` (see the module doc), RSP in place, RIP in place
-        between runs (:meth:`set_rip_between_runs`) and through ``uc_reg_write`` inside
-        a hook (``in_run``), which makes the engine leave the block and go on at RIP."""
+        through ``uc_reg_write`` (see the module doc), RSP in place, RIP as
+        :meth:`set_rip` writes it (``in_run``: from a hook, the engine going on at RIP)."""
         self._gprs[_RSP].value = rsp & 0xFFFF_FFFF_FFFF_FFFF
         self._buf.value = rflags & 0xFFFF_FFFF_FFFF_FFFF
         self._write(self._handle, _RFLAGS, self._ref)
-        if in_run:
-            self.rip = rip
-        else:
-            self.set_rip_between_runs(rip)
+        self.set_rip(rip, in_run)
 
-    def set_rip_between_runs(self, rip: int) -> None:
-        """Write RIP in place while the engine is stopped. What ``uc_reg_write`` adds to
-        the store, a request to leave the translation block being run, matters only
-        inside a run: the next run starts at the address it is given (RIP) and clears
-        the request. Inside a hook, write :attr:`rip`."""
-        self._cells[_RIP].value = rip & 0xFFFF_FFFF_FFFF_FFFF
+    def set_rip(self, rip: int, in_run: bool = False) -> None:
+        """Write RIP: in place while the engine is stopped, through ``uc_reg_write`` from
+        a hook (``in_run``). What ``uc_reg_write`` adds to the store, a request to leave
+        the translation block being run, matters only inside a run, where it makes the
+        engine go on at RIP; between runs the next run starts at the address it is given
+        (RIP) and clears the request."""
+        if in_run:
+            self.write(_RIP, rip)
+        else:
+            self._cells[_RIP].value = rip & 0xFFFF_FFFF_FFFF_FFFF
 
     def rflags_between_runs(self) -> int:
         """RFLAGS while the engine is stopped, read in place: leaving a run folds QEMU's
