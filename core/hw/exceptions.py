@@ -195,15 +195,16 @@ class Delivery:
             return False
         cs, rip, rflags, old_sp, ss = regs.interrupt_frame(in_run)
         plan = self._plans.get(vector)
+        key = (cs, regs.system_tables())
         if plan is None or not (
-            plan.key == (cs, regs.system_tables())
+            plan.key == key
             and plan.memory is mmu.memory and mmu.mode.efer & _LMA
             and mmu.tlb_maps(plan.pages)
             # The guest may rewrite them at any time, no flush needed.
             and plan.gate_view[plan.gate_at : plan.gate_at + 16] == plan.gate
             and plan.access_view[plan.access_at] & _PRESENT_DPL == _PRESENT_DPL0
         ):  # fmt: skip
-            plan = self._plan(vector, cs)
+            plan = self._plan(vector, key)
             if plan is None:
                 return False
             self._plans[vector] = plan
@@ -227,12 +228,13 @@ class Delivery:
         regs.enter(sp, rflags & ~plan.cleared, plan.target, in_run)
         return True
 
-    def _plan(self, vector: int, cs: int) -> _Plan | None:
-        """Decode the delivery of ``vector`` from CPL 0 under ``cs`` in 64-bit mode;
-        None if it is not the planned case (see :class:`_Plan`) or one of its reads
-        would not go through the TLB to RAM in one page (the full path then says what
-        happens)."""
+    def _plan(self, vector: int, key: tuple[int, bytes]) -> _Plan | None:
+        """Decode the delivery of ``vector`` from CPL 0 in 64-bit mode under ``key``'s
+        CS and system tables (:attr:`_Plan.key`); None if it is not the planned case
+        (see :class:`_Plan`) or one of its reads would not go through the TLB to RAM in
+        one page (the full path then says what happens)."""
         mmu = self.mmu
+        cs = key[0]
         if not mmu.mode.efer & _LMA or cs & 3:
             return None
         table = self.regs.table
@@ -266,7 +268,7 @@ class Delivery:
             if ist_found is None:
                 return None
             ist_view, ist_at = ist_found
-        return _Plan((cs, self.regs.system_tables()), mmu.memory, tuple(pages.items()), raw_gate,
+        return _Plan(key, mmu.memory, tuple(pages.items()), raw_gate,
                      gate_view, gate_at, access_view, access_at, ist_view, ist_at, target,
                      _CLEARED | (_IF if gate_type in (0xE, 0x6) else 0))  # fmt: skip
 
