@@ -12,10 +12,12 @@ hands that deadline on when it fires.
 import threading
 import time
 
+from attrs import frozen
 from unicorn import UcError
 
 from sevsim.guest.snippets import TERMINATE
 from sevsim.hw import watchdog
+from sevsim.hw.cpu import GuestCpu
 from sevsim.hw.engine import TIMER_ERROR
 from sevsim.hw.inspect import cpu_of
 from sevsim.kvm.exits import RunFailed, SystemEvent
@@ -80,41 +82,62 @@ def test_a_kvm_run_queues_its_deadline_once_however_many_exits(monkeypatch):
     assert len(armed) == 1
 
 
-def test_a_deadline_that_passed_between_runs_still_ends_the_next_one():
-    """The timer fired while the CPU was between runs (nothing to stop) and the CPU
-    then enters the guest towards that same deadline: the run must still end."""
+def spinning_cpu() -> GuestCpu:
+    """The CPU of a guest that spins for ever (its KVM_RUN already ended by timeout)."""
     run = run_guest("spin:\njmp spin", timeout=0.05)
     assert isinstance(run.exit, RunFailed) and run.exit.errno == "EINTR", run.exit
     cpu = cpu_of(run.vm.vcpus[0].vmsa)
     assert cpu is not None
-    cpu.deadline = cpu._armed = time.monotonic() - 1  # queued, and fired while nothing ran
+    return cpu
+
+
+@frozen
+class Stop:
+    """How a run on its own thread ended: when it began and ended (time.monotonic)."""
+
+    errno: int
+    began: float
+    ended: float
+
+
+def run_until_stopped(cpu: GuestCpu) -> Stop:
+    """One run of ``cpu`` (its deadline set by the caller) on a thread named "run"; it
+    must end within 5 s, through the timer's stop (GuestCpu.run takes that error)."""
     done = threading.Event()
-    errors: list[int] = []
+    stops: list[Stop] = []
 
     def emulate() -> None:
+        began = time.monotonic()
         try:
             cpu._emulate(cpu.regs.rip)
-        except UcError as err:  # how the timer's stop ends a run (GuestCpu.run takes it)
-            errors.append(err.errno)
+        except UcError as err:
+            stops.append(Stop(err.errno, began, time.monotonic()))
         finally:
             done.set()
 
-    threading.Thread(target=emulate, daemon=True).start()
+    threading.Thread(target=emulate, name="run", daemon=True).start()
     try:
         assert done.wait(5), "the run went on past its deadline"
     finally:
         if not done.is_set():
             cpu.engine.interrupt()
-    assert errors == [TIMER_ERROR]
+    (stop,) = stops
+    return stop
+
+
+def test_a_deadline_that_passed_between_runs_still_ends_the_next_one():
+    """The timer fired while the CPU was between runs (nothing to stop) and the CPU
+    then enters the guest towards that same deadline: the run must still end."""
+    cpu = spinning_cpu()
+    cpu.deadline = cpu._armed = time.monotonic() - 1  # queued, and fired while nothing ran
+    assert run_until_stopped(cpu).errno == TIMER_ERROR
 
 
 def test_a_later_deadline_is_handed_on_by_the_queued_entry_not_queued_again(monkeypatch):
     """With a guest-time slice every entry computes a later wall deadline. The CPU keeps
     its one queued entry; when that fires during a run towards a later deadline, the
     run goes on and that deadline is queued then, and the run stops there."""
-    run = run_guest("spin:\njmp spin", timeout=0.05)
-    cpu = cpu_of(run.vm.vcpus[0].vmsa)
-    assert cpu is not None
+    cpu = spinning_cpu()
     armed: list[tuple[float, str]] = []
     arm = watchdog.arm
 
@@ -127,29 +150,10 @@ def test_a_later_deadline_is_handed_on_by_the_queued_entry_not_queued_again(monk
     early, late = now + 0.2, now + 0.5
     watchdog.arm(cpu, early)  # what an earlier run left queued
     cpu._armed, cpu.deadline, cpu.guest_limit = early, late, None
-    done = threading.Event()
-    ended: list[tuple[int, float]] = []
-    started: list[float] = []
-
-    def emulate() -> None:
-        started.append(time.monotonic())
-        try:
-            cpu._emulate(cpu.regs.rip)
-        except UcError as err:
-            ended.append((err.errno, time.monotonic()))
-        finally:
-            done.set()
-
-    threading.Thread(target=emulate, name="run", daemon=True).start()
-    try:
-        assert done.wait(5), "the run went on past its deadline"
-    finally:
-        if not done.is_set():
-            cpu.engine.interrupt()
-    ((errno, at),) = ended
-    assert errno == TIMER_ERROR
-    assert at >= late - 0.01, f"stopped {late - at:.3f} s before its own deadline"
+    stop = run_until_stopped(cpu)
+    assert stop.errno == TIMER_ERROR
+    assert stop.ended >= late - 0.01, f"stopped {late - stop.ended:.3f} s before its own deadline"
     assert {deadline for deadline, _ in armed} == {early, late}
-    if started[0] < early:  # the early entry was still queued when the run began:
+    if stop.began < early:  # the early entry was still queued when the run began:
         assert [who for _, who in armed if who == "run"] == []  # it queued nothing
         assert (late, "sevsim-host-timer") in armed  # the timer handed the deadline on
